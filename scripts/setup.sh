@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One-command set-up: installs what Debian 12 / Ubuntu 24.04 lack to build
+# nccl-moe, checks for the CUDA toolkit and NCCL, then configures and builds
+# build/. Idempotent: a second run only rebuilds what changed.
+# Usage: scripts/setup.sh [extra meson options...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "setup: run as root or install sudo" >&2; exit 1; }
+  SUDO="sudo"
+fi
+
+# --- system packages ---------------------------------------------------------
+pkgs=(meson ninja-build pkg-config gcc g++ check libsubunit-dev libibverbs-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if ! command -v apt-get >/dev/null; then
+    echo "setup: missing packages ${missing[*]} and no apt-get: install them by hand" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# --- CUDA toolkit and NCCL ---------------------------------------------------
+for d in "${CUDA_HOME:-}" /usr/local/cuda; do
+  if [ -n "$d" ] && [ -x "$d/bin/nvcc" ]; then export PATH="$d/bin:$PATH"; break; fi
+done
+if ! command -v nvcc >/dev/null; then
+  cat >&2 <<'MSG'
+setup: the CUDA toolkit (nvcc) was not found.
+  Install CUDA 12.x or 13.x (https://developer.nvidia.com/cuda-downloads) and put
+  its bin/ on PATH, or set CUDA_HOME to its prefix (e.g. /usr/local/cuda).
+MSG
+  exit 1
+fi
+nccl_found=""
+for d in "${NCCL_HOME:-}" "${CUDA_HOME:-}" /usr/local/cuda /usr; do
+  if [ -n "$d" ] && [ -f "$d/include/nccl.h" ]; then nccl_found="$d"; break; fi
+done
+if [ -z "$nccl_found" ] && ! pkg-config --exists nccl 2>/dev/null; then
+  cat >&2 <<'MSG'
+setup: NCCL (nccl.h, libnccl.so) was not found.
+  Install libnccl2 and libnccl-dev from NVIDIA's CUDA repository, or unpack NCCL
+  and set NCCL_HOME to its prefix (NCCL_HOME/include/nccl.h, NCCL_HOME/lib/libnccl.so).
+MSG
+  exit 1
+fi
+
+# --- configure and build -----------------------------------------------------
+if [ -f build/build.ninja ]; then
+  [ "$#" -gt 0 ] && meson configure build "$@"
+else
+  meson setup build "$@"
+fi
+ninja -C build
+echo "setup: built build/ (tests: meson test -C build --print-errorlogs)"
