@@ -129,6 +129,21 @@ typedef struct ncclMoeComm* ncclMoeComm_t;
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfig_t* config,
                                              ncclMoeComm_t* comm_p);
 
+/* Testing and single-GPU development: creates `nRanks` communicators of one
+ * process on one `device` ("virtual ranks"), each with its own buffers,
+ * running the same kernels through the same peer-table path as ranks of
+ * separate processes. comms[r] is rank r. Drive each rank from its own host
+ * thread and stream (exact-mode dispatch waits on its stream; ranks wait on
+ * each other on the GPU). Destroy all of them together.
+ * Set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process first uses CUDA (and
+ * use at most 32 streams): with fewer hardware queues than streams, a rank's
+ * waiting kernel can sit in front of a peer's kernel in the same queue and
+ * the two time out. Do not allocate or free device memory while the ranks'
+ * kernels run (cudaMalloc/cudaFree serialize streams). */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtual(int nRanks, int device,
+                                                    const ncclMoeConfig_t* config,
+                                                    ncclMoeComm_t* comms);
+
 /* Frees every resource of `comm`. Waits for work enqueued by this library on
  * the comm's streams; callers must not destroy a comm with a dispatch or
  * combine still running on their stream. Not collective, but peers that still

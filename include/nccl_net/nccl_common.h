@@ -6,6 +6,8 @@
 
 #include <stdint.h>
 
+#include <nccl.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -40,6 +42,11 @@ typedef enum {
 
 typedef void (*ncclDebugLogger_t)(ncclDebugLogLevel level, unsigned long flags,
                                   const char* file, int line, const char* fmt, ...);
+
+/* The callback a net plugin may use to report its own events to NCCL's
+ * profiler (net ABI v10 and later). We accept it and do not call it. */
+typedef ncclResult_t (*ncclProfilerCallback_t)(void** eHandle, int type, void* pHandle,
+                                               int64_t pluginId, void* extData);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,412 @@
+/* Intranode expert-parallel kernels (high-throughput mode): layout, notify,
+ * dispatch, combine. Senders write each token straight into the receiver's
+ * comm-owned output rows (no intermediate ring), once per destination rank;
+ * combine pulls every copy back from the peers and reduces in fp32 in rank
+ * order. See moe_intranode.h for the buffer layout and notify message. */
+#include "moe_fp8.cuh"
+#include "moe_intranode.h"
+#include "moe_sync.cuh"
+
+#define MOE_WARP 32
+#define MOE_FULL_MASK 0xffffffffu
+#define MOE_LAYOUT_THREADS 1024
+#define MOE_NOTIFY_THREADS 256
+/* 16-byte vectors each lane keeps in flight per destination pass. */
+#define MOE_COPY_UNROLL 4
+#define MOE_COMBINE_UNROLL 4
+#define MOE_VEC_BF16 8 /* BF16 values in one 16-byte vector */
+#define MOE_FP8_VECS_PER_BLOCK (NCCL_MOE_FP8_BLOCK / MOE_VEC_BF16) /* 16 lanes per 128 channels */
+
+/* ------------------------------------------------------------------ layout */
+/* One block per rank: per-expert counts in shared memory, and for each
+ * destination rank an exclusive scan over tokens (warp ballots, then a scan
+ * over warps) giving each token's index among the tokens sent there. */
+__global__ void __launch_bounds__(MOE_LAYOUT_THREADS)
+moe_layout_kernel(moe_rank_ctx_t c, const int64_t* __restrict__ idx, int T, int K, int E,
+                  int* tokensPerRank, int* tokensPerExpert, uint8_t* inRank, int* pos) {
+  extern __shared__ int sh[];
+  const int N = c.nRanks, L = c.numLocalExperts;
+  int* cntE = sh;
+  int* warpCnt = sh + E;                       /* [warps][N] */
+  int* carry = warpCnt + (blockDim.x / MOE_WARP) * N;
+  const int lane = threadIdx.x % MOE_WARP, warp = threadIdx.x / MOE_WARP;
+  const int nWarps = blockDim.x / MOE_WARP;
+  for (int i = threadIdx.x; i < E; i += blockDim.x) cntE[i] = 0;
+  for (int i = threadIdx.x; i < N; i += blockDim.x) carry[i] = 0;
+  __syncthreads();
+  int bad = 0;
+  for (int t0 = 0; t0 < T; t0 += blockDim.x) {
+    const int t = t0 + threadIdx.x;
+    unsigned long long mask = 0;
+    if (t < T) {
+      for (int k = 0; k < K; k++) {
+        int64_t e = idx[(size_t)t * K + k];
+        if (e == -1) continue;
+        if (e < -1 || e >= E) { bad = 1; continue; } /* never used as an address */
+        atomicAdd(&cntE[e], 1);
+        mask |= 1ull << (e / L);
+      }
+    }
+    for (int r = 0; r < N; r++) {
+      unsigned b = __ballot_sync(MOE_FULL_MASK, (mask >> r) & 1ull);
+      if (lane == 0) warpCnt[warp * N + r] = __popc(b);
+    }
+    __syncthreads();
+    if (threadIdx.x < N) {
+      int run = carry[threadIdx.x];
+      for (int w = 0; w < nWarps; w++) {
+        int v = warpCnt[w * N + threadIdx.x];
+        warpCnt[w * N + threadIdx.x] = run;
+        run += v;
+      }
+      carry[threadIdx.x] = run;
+    }
+    __syncthreads();
+    const unsigned lowerLanes = (1u << lane) - 1u;
+    for (int r = 0; r < N; r++) {
+      unsigned b = __ballot_sync(MOE_FULL_MASK, (mask >> r) & 1ull);
+      if (t < T) {
+        int in = (int)((mask >> r) & 1ull);
+        if (pos != NULL) pos[(size_t)t * N + r] = in ? warpCnt[warp * N + r] + __popc(b & lowerLanes) : -1;
+        if (inRank != NULL) inRank[(size_t)t * N + r] = (uint8_t)in;
+      }
+    }
+    __syncthreads(); /* warpCnt is rewritten by the next chunk */
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) moe_record_error(c, MOE_KERR_BAD_EXPERT);
+  for (int i = threadIdx.x; i < N; i += blockDim.x) tokensPerRank[i] = carry[i];
+  for (int i = threadIdx.x; i < E; i += blockDim.x) tokensPerExpert[i] = cntE[i];
+}
+
+extern "C" cudaError_t moe_layout_launch(const moe_rank_ctx_t* ctx, const int64_t* topkIdx,
+                                         int numTokens, int topk, int numExperts,
+                                         int* tokensPerRank, int* tokensPerExpert,
+                                         uint8_t* isTokenInRank, int* pos, cudaStream_t stream) {
+  size_t shmem = sizeof(int) * (numExperts + (MOE_LAYOUT_THREADS / MOE_WARP) * ctx->nRanks + ctx->nRanks);
+  moe_layout_kernel<<<1, MOE_LAYOUT_THREADS, shmem, stream>>>(*ctx, topkIdx, numTokens, topk,
+                                                             numExperts, tokensPerRank,
+                                                             tokensPerExpert, isTokenInRank, pos);
+  return cudaGetLastError();
+}
+
+/* ------------------------------------------------------------------ notify */
+__global__ void __launch_bounds__(MOE_NOTIFY_THREADS)
+moe_notify_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_notify_args_t a) {
+  __shared__ int proceed;
+  const int N = c.nRanks, L = c.numLocalExperts, M = c.layout.notifyInts;
+  if (threadIdx.x == 0) proceed = !moe_comm_broken(c);
+  __syncthreads();
+  if (!proceed) return;
+  if (a.notify) {
+    for (int i = threadIdx.x; i < N * M; i += blockDim.x) {
+      const int r = i / M, j = i % M;
+      int v;
+      if (j < N) v = rt.tokensPerRank[j];
+      else if (j == MOE_NOTIFY_CAPACITY(N)) v = a.capacity;
+      else if (j == MOE_NOTIFY_HIDDEN(N)) v = a.hidden;
+      else if (j == MOE_NOTIFY_TYPE(N)) v = a.sendType;
+      else if (j == MOE_NOTIFY_TOPK(N)) v = a.topk;
+      else v = rt.tokensPerExpert[r * L + (j - MOE_NOTIFY_EXPERTS(N))];
+      volatile int* dst = reinterpret_cast<int*>(c.peers.base[r] + c.layout.notify) + (size_t)c.rank * M + j;
+      *dst = v;
+    }
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) proceed = moe_barrier(c);
+  __syncthreads();
+  if (!proceed || !a.notify) return;
+
+  /* Every source's message to this rank is here: derive the routing. */
+  const volatile int* msg = reinterpret_cast<const int*>(c.peers.base[c.rank] + c.layout.notify);
+  int fault = 0;
+  for (int r = threadIdx.x; r < N; r += blockDim.x) {
+    int before = 0, total = 0;
+    for (int s = 0; s < N; s++) {
+      int v = msg[s * M + r];
+      if (v < 0) fault = MOE_KERR_BAD_NOTIFY;
+      if (s < c.rank) before += v;
+      total += v;
+    }
+    const int cap = msg[r * M + MOE_NOTIFY_CAPACITY(N)];
+    rt.base[r] = before;
+    rt.cap[r] = cap;
+    if (total > cap) fault = MOE_KERR_CAPACITY; /* some rank overflows: every rank learns it */
+  }
+  for (int s = threadIdx.x; s < N; s += blockDim.x) {
+    if (msg[s * M + MOE_NOTIFY_HIDDEN(N)] != a.hidden || msg[s * M + MOE_NOTIFY_TYPE(N)] != a.sendType ||
+        msg[s * M + MOE_NOTIFY_TOPK(N)] != a.topk)
+      fault = MOE_KERR_MISMATCH;
+  }
+  const int align = a.expertAlignment;
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    int sum = 0;
+    for (int s = 0; s < N; s++) sum += msg[s * M + MOE_NOTIFY_EXPERTS(N) + l];
+    rt.recvPerExpert[l] = (sum + align - 1) / align * align;
+  }
+  if (threadIdx.x == 0) {
+    int total = 0;
+    for (int s = 0; s < N; s++) total += msg[s * M + c.rank];
+    *rt.recvCount = total;
+  }
+  if (fault) moe_record_error(c, fault);
+}
+
+extern "C" cudaError_t moe_notify_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
+                                         const moe_notify_args_t* args, cudaStream_t stream) {
+  moe_notify_kernel<<<1, MOE_NOTIFY_THREADS, 0, stream>>>(*ctx, *route, *args);
+  return cudaGetLastError();
+}
+
+/* ---------------------------------------------------------------- dispatch */
+__device__ __forceinline__ uint4 moe_ld_nc(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+/* Lane r (< nRanks) gets the receiver row of token t at rank r, or -1. */
+__device__ __forceinline__ int moe_dest_row(const moe_route_t& rt, const int* sBase,
+                                            const int* sCap, int t, int N, int lane) {
+  int row = -1;
+  if (lane < N) {
+    int p = rt.pos[(size_t)t * N + lane];
+    if (p >= 0) {
+      row = sBase[lane] + p;
+      if (row >= sCap[lane]) row = -1; /* over capacity: dropped (error recorded by notify) */
+    }
+  }
+  return row;
+}
+
+/* The token's expert ids mapped to rank r's local experts, and its weights. */
+__device__ __forceinline__ void moe_write_topk(const moe_rank_ctx_t& c, char* peer, int row, int r,
+                                               int K, int lane, int64_t e, float w, bool withWeights) {
+  if (lane >= K) return;
+  const int L = c.numLocalExperts;
+  int64_t local = (e >= (int64_t)r * L && e < (int64_t)(r + 1) * L) ? e - (int64_t)r * L : -1;
+  reinterpret_cast<int64_t*>(peer + c.layout.recvTopkIdx)[(size_t)row * K + lane] = local;
+  if (withWeights)
+    reinterpret_cast<float*>(peer + c.layout.recvTopkWeights)[(size_t)row * K + lane] = local >= 0 ? w : 0.0f;
+}
+
+/* Copies `nvec` 16-byte vectors of one row to every destination in dmask. */
+__device__ __forceinline__ void moe_copy_row(const moe_rank_ctx_t& c, const uint4* src, int nvec,
+                                             unsigned dmask, int row, int lane) {
+  for (int v0 = 0; v0 < nvec; v0 += MOE_WARP * MOE_COPY_UNROLL) {
+    uint4 buf[MOE_COPY_UNROLL];
+#pragma unroll
+    for (int u = 0; u < MOE_COPY_UNROLL; u++) {
+      int v = v0 + u * MOE_WARP + lane;
+      if (v < nvec) buf[u] = moe_ld_nc(src + v);
+    }
+    for (unsigned m = dmask; m != 0; m &= m - 1) {
+      const int r = __ffs(m) - 1;
+      const int drow = __shfl_sync(MOE_FULL_MASK, row, r);
+      uint4* dst = reinterpret_cast<uint4*>(c.peers.base[r] + c.layout.recvX) + (size_t)drow * nvec;
+#pragma unroll
+      for (int u = 0; u < MOE_COPY_UNROLL; u++) {
+        int v = v0 + u * MOE_WARP + lane;
+        if (v < nvec) dst[v] = buf[u];
+      }
+    }
+  }
+}
+
+/* Casts one BF16 row to FP8 (a half-warp per 128-channel block) and writes
+ * codes and scales to every destination in dmask. */
+__device__ __forceinline__ void moe_cast_row(const moe_rank_ctx_t& c, const uint4* src, int hidden,
+                                             int pow2, unsigned dmask, int row, int lane) {
+  const int nGroups = hidden / NCCL_MOE_FP8_BLOCK;
+  const int half = lane / MOE_FP8_VECS_PER_BLOCK, sub = lane % MOE_FP8_VECS_PER_BLOCK;
+  for (int g0 = 0; g0 < nGroups; g0 += 2 * MOE_COPY_UNROLL) {
+    uint2 code[MOE_COPY_UNROLL];
+    float scale[MOE_COPY_UNROLL];
+#pragma unroll
+    for (int u = 0; u < MOE_COPY_UNROLL; u++) {
+      const int g = g0 + 2 * u + half;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (g < nGroups) v = moe_ld_nc(src + (size_t)g * MOE_FP8_VECS_PER_BLOCK + sub);
+      float amax = moe_bf16x8_amax(v);
+#pragma unroll
+      for (int m = MOE_FP8_VECS_PER_BLOCK / 2; m > 0; m >>= 1)
+        amax = fmaxf(amax, __shfl_xor_sync(MOE_FULL_MASK, amax, m, MOE_FP8_VECS_PER_BLOCK));
+      scale[u] = moe_fp8_block_scale_dev(amax, pow2);
+      code[u] = moe_fp8_encode8_dev(v, 1.0f / scale[u]);
+    }
+    for (unsigned m = dmask; m != 0; m &= m - 1) {
+      const int r = __ffs(m) - 1;
+      const int drow = __shfl_sync(MOE_FULL_MASK, row, r);
+      char* peer = c.peers.base[r];
+      uint2* dst = reinterpret_cast<uint2*>(peer + c.layout.recvX) + (size_t)drow * (hidden / 8);
+      float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nGroups;
+#pragma unroll
+      for (int u = 0; u < MOE_COPY_UNROLL; u++) {
+        const int g = g0 + 2 * u + half;
+        if (g < nGroups) {
+          dst[(size_t)g * MOE_FP8_VECS_PER_BLOCK + sub] = code[u];
+          if (sub == 0) dscale[g] = scale[u];
+        }
+      }
+    }
+  }
+}
+
+__global__ void moe_dispatch_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_dispatch_args_t a) {
+  __shared__ int sBase[NCCL_MOE_MAX_RANKS], sCap[NCCL_MOE_MAX_RANKS];
+  __shared__ int proceed;
+  const int N = c.nRanks, K = a.topk;
+  for (int r = threadIdx.x; r < N; r += blockDim.x) {
+    sBase[r] = rt.base[r];
+    sCap[r] = rt.cap[r];
+  }
+  if (threadIdx.x == 0) proceed = !moe_comm_broken(c);
+  __syncthreads();
+  if (!proceed) return;
+  const int lane = threadIdx.x % MOE_WARP;
+  const int warpsPerBlock = blockDim.x / MOE_WARP;
+  const int nScales = a.hidden / NCCL_MOE_FP8_BLOCK;
+  const int inBytes = a.hidden * (a.xIsFp8 ? 1 : 2), outBytes = a.hidden * (a.sendFp8 ? 1 : 2);
+  const bool withWeights = a.topkWeights != NULL;
+  for (int t = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP; t < a.numTokens;
+       t += gridDim.x * warpsPerBlock) {
+    const int row = moe_dest_row(rt, sBase, sCap, t, N, lane);
+    const unsigned dmask = __ballot_sync(MOE_FULL_MASK, row >= 0);
+    if (dmask == 0) continue;
+    int64_t e = -1;
+    float w = 0.0f;
+    if (lane < K) {
+      e = a.topkIdx[(size_t)t * K + lane];
+      if (withWeights) w = a.topkWeights[(size_t)t * K + lane];
+    }
+    for (unsigned m = dmask; m != 0; m &= m - 1) {
+      const int r = __ffs(m) - 1;
+      const int drow = __shfl_sync(MOE_FULL_MASK, row, r);
+      char* peer = c.peers.base[r];
+      moe_write_topk(c, peer, drow, r, K, lane, e, w, withWeights);
+      if (a.xIsFp8) {
+        float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nScales;
+        for (int j = lane; j < nScales; j += MOE_WARP) dscale[j] = a.xScales[(size_t)t * nScales + j];
+      }
+    }
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const char*>(a.x) + (size_t)t * inBytes);
+    if (a.sendFp8 && !a.xIsFp8) moe_cast_row(c, src, a.hidden, a.pow2Scales, dmask, row, lane);
+    else moe_copy_row(c, src, outBytes / 16, dmask, row, lane);
+  }
+  moe_grid_done_barrier(c);
+}
+
+extern "C" cudaError_t moe_dispatch_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
+                                           const moe_dispatch_args_t* args, cudaStream_t stream) {
+  moe_dispatch_kernel<<<args->numBlocks, args->threads, 0, stream>>>(*ctx, *route, *args);
+  return cudaGetLastError();
+}
+
+/* ----------------------------------------------------------------- combine */
+__device__ __forceinline__ void moe_acc_bf16x8(float* acc, uint4 v) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    float2 f = __bfloat1622float2(p[i]);
+    acc[2 * i] += f.x;
+    acc[2 * i + 1] += f.y;
+  }
+}
+
+__device__ __forceinline__ uint4 moe_pack_bf16x8(const float* acc) {
+  uint4 v;
+  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; i++) p[i] = __float22bfloat162_rn(make_float2(acc[2 * i], acc[2 * i + 1]));
+  return v;
+}
+
+__global__ void moe_combine_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_combine_args_t a) {
+  __shared__ int sBase[NCCL_MOE_MAX_RANKS], sCap[NCCL_MOE_MAX_RANKS];
+  __shared__ int proceed;
+  const int N = c.nRanks, K = a.topk;
+  for (int r = threadIdx.x; r < N; r += blockDim.x) {
+    sBase[r] = rt.base[r];
+    sCap[r] = rt.cap[r];
+  }
+  if (threadIdx.x == 0) proceed = !moe_comm_broken(c);
+  __syncthreads();
+  if (!proceed) return;
+  const int lane = threadIdx.x % MOE_WARP;
+  const int warpsPerBlock = blockDim.x / MOE_WARP;
+  const int nvec = a.hidden / MOE_VEC_BF16;
+  for (int t = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP; t < a.numTokens;
+       t += gridDim.x * warpsPerBlock) {
+    const int row = moe_dest_row(rt, sBase, sCap, t, N, lane);
+    const unsigned dmask = __ballot_sync(MOE_FULL_MASK, row >= 0);
+    uint4* out = reinterpret_cast<uint4*>(a.out) + (size_t)t * nvec;
+    for (int v0 = 0; v0 < nvec; v0 += MOE_WARP * MOE_COMBINE_UNROLL) {
+      float acc[MOE_COMBINE_UNROLL][MOE_VEC_BF16];
+#pragma unroll
+      for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
+#pragma unroll
+        for (int i = 0; i < MOE_VEC_BF16; i++) acc[u][i] = 0.0f;
+      /* Rank order, ascending: the same sum bit for bit on every run. */
+      for (unsigned m = dmask; m != 0; m &= m - 1) {
+        const int r = __ffs(m) - 1;
+        const int drow = __shfl_sync(MOE_FULL_MASK, row, r);
+        const uint4* src = reinterpret_cast<const uint4*>(c.peers.base[r] + c.layout.combineX) + (size_t)drow * nvec;
+        uint4 buf[MOE_COMBINE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
+          int v = v0 + u * MOE_WARP + lane;
+          if (v < nvec) buf[u] = moe_ld_nc(src + v);
+        }
+#pragma unroll
+        for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
+          if (v0 + u * MOE_WARP + lane < nvec) moe_acc_bf16x8(acc[u], buf[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
+        int v = v0 + u * MOE_WARP + lane;
+        if (v < nvec) out[v] = moe_pack_bf16x8(acc[u]);
+      }
+    }
+    if (a.withWeights) {
+      float sum = 0.0f;
+      for (unsigned m = dmask; m != 0; m &= m - 1) {
+        const int r = __ffs(m) - 1;
+        const int drow = __shfl_sync(MOE_FULL_MASK, row, r);
+        if (lane < K)
+          sum += reinterpret_cast<const float*>(c.peers.base[r] + c.layout.combineWeights)[(size_t)drow * K + lane];
+      }
+      if (lane < K) a.outTopkWeights[(size_t)t * K + lane] = sum;
+    }
+  }
+  moe_grid_done_barrier(c);
+}
+
+extern "C" cudaError_t moe_combine_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
+                                          const moe_combine_args_t* args, cudaStream_t stream) {
+  moe_combine_kernel<<<args->numBlocks, args->threads, 0, stream>>>(*ctx, *route, *args);
+  return cudaGetLastError();
+}
+
+/* Copies the caller's expert outputs into this rank's combine buffers; the
+ * row count is read on the device (capacity mode never syncs the host). */
+__global__ void moe_combine_stage_kernel(moe_rank_ctx_t c, moe_route_t rt, const uint4* x,
+                                         const float* weights, int hidden, int K) {
+  const int rows = min(*rt.recvCount, rt.cap[c.rank]);
+  const size_t nvec = x != NULL ? (size_t)rows * hidden / MOE_VEC_BF16 : 0;
+  uint4* dst = reinterpret_cast<uint4*>(c.peers.base[c.rank] + c.layout.combineX);
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < nvec; i += stride) dst[i] = moe_ld_nc(x + i);
+  if (weights != NULL) {
+    float* dw = reinterpret_cast<float*>(c.peers.base[c.rank] + c.layout.combineWeights);
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)rows * K; i += stride) dw[i] = weights[i];
+  }
+}
+
+extern "C" cudaError_t moe_combine_stage_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
+                                                const void* x, const float* weights, int hidden,
+                                                int topk, cudaStream_t stream) {
+  moe_combine_stage_kernel<<<256, 512, 0, stream>>>(*ctx, *route, (const uint4*)x, weights, hidden, topk);
+  return cudaGetLastError();
+}

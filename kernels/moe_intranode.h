@@ -1,0 +1,121 @@
+/* Plain structs shared by the host and the intranode kernels, and their launch
+ * functions. A kernel reaches peers only through moe_peers_t: one base pointer
+ * per rank (the same pointer for virtual ranks in one process, a CUDA IPC
+ * mapping for processes on one node), with every rank's buffer laid out by
+ * the same moe_layout_t. */
+#ifndef MOE_INTRANODE_H_
+#define MOE_INTRANODE_H_
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "nccl_moe.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Byte offsets of the regions of one rank's shared (peer-visible) buffer. */
+typedef struct {
+  size_t signals;        /* uint64 [MAX_RANKS]: barrier epoch written by each peer */
+  size_t notify;         /* int32 [nRanks][notifyInts]: the notify message of each source */
+  size_t recvX;          /* [maxRecv, hidden] of the send type */
+  size_t recvScales;     /* fp32 [maxRecv, hidden / 128] */
+  size_t recvTopkIdx;    /* int64 [maxRecv, topk] */
+  size_t recvTopkWeights;/* fp32 [maxRecv, topk] */
+  size_t combineX;       /* BF16 [maxRecv, hidden] */
+  size_t combineWeights; /* fp32 [maxRecv, topk] */
+  size_t total;
+  int notifyInts;        /* ints of one notify message (see MOE_NOTIFY_*) */
+} moe_layout_t;
+
+/* One notify message (from a source rank, into each peer's notify area):
+ * [tokens to rank 0 .. nRanks-1][capacity][hidden][sendType][topk]
+ * [tokens per expert of the receiving rank, numLocalExperts]. */
+#define MOE_NOTIFY_CAPACITY(n) (n)
+#define MOE_NOTIFY_HIDDEN(n) ((n) + 1)
+#define MOE_NOTIFY_TYPE(n) ((n) + 2)
+#define MOE_NOTIFY_TOPK(n) ((n) + 3)
+#define MOE_NOTIFY_EXPERTS(n) ((n) + 4)
+
+typedef struct {
+  char* base[NCCL_MOE_MAX_RANKS];
+} moe_peers_t;
+
+/* Error codes the kernels record in the comm's host-mapped error word. */
+enum {
+  MOE_KERR_NONE = 0,
+  MOE_KERR_TIMEOUT = 1,      /* a peer did not arrive in time */
+  MOE_KERR_BAD_EXPERT = 2,   /* a topk id outside [-1, numExperts) */
+  MOE_KERR_CAPACITY = 3,     /* a rank received more than its capacity */
+  MOE_KERR_MISMATCH = 4,     /* ranks disagree on hidden / type / topk */
+  MOE_KERR_BAD_NOTIFY = 5,   /* a notify message with impossible counts */
+};
+
+/* What every kernel of one rank needs to find its peers and report. */
+typedef struct {
+  moe_peers_t peers;
+  moe_layout_t layout;
+  int rank, nRanks, numLocalExperts;
+  volatile int* error;        /* host-mapped error word */
+  unsigned long long* epoch;  /* this rank's barrier counter (device) */
+  unsigned int* blocksDone;   /* grid-completion counter (device) */
+  long long timeoutNs;
+} moe_rank_ctx_t;
+
+/* Routing kept by a handle (device arrays, owned by the handle). */
+typedef struct {
+  int* pos;            /* [numTokens, nRanks]: index among the tokens sent to that rank, -1 none */
+  int* base;           /* [nRanks]: first row of this rank's tokens in each receiver's buffer */
+  int* cap;            /* [nRanks]: each receiver's capacity (rows) */
+  int* recvCount;      /* [1] rows received by this rank */
+  int* recvPerExpert;  /* [numLocalExperts], rounded up to the alignment */
+  int* tokensPerRank;  /* [nRanks] scratch of the layout */
+  int* tokensPerExpert;/* [numExperts] scratch of the layout */
+} moe_route_t;
+
+cudaError_t moe_layout_launch(const moe_rank_ctx_t* ctx, const int64_t* topkIdx, int numTokens,
+                              int topk, int numExperts, int* tokensPerRank, int* tokensPerExpert,
+                              uint8_t* isTokenInRank, int* pos, cudaStream_t stream);
+
+/* Sends this rank's counts to every peer (unless reuse), waits for all peers
+ * (a barrier), then computes the handle's base/cap/recvCount/recvPerExpert.
+ * With notify == 0 it is a bare barrier. */
+typedef struct {
+  int notify;
+  int capacity, hidden, sendType, topk, expertAlignment;
+} moe_notify_args_t;
+cudaError_t moe_notify_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
+                              const moe_notify_args_t* args, cudaStream_t stream);
+
+typedef struct {
+  const void* x;
+  const float* xScales;
+  const int64_t* topkIdx;
+  const float* topkWeights;
+  int numTokens, hidden, topk;
+  int xIsFp8, sendFp8, pow2Scales;
+  int numBlocks, threads;
+} moe_dispatch_args_t;
+cudaError_t moe_dispatch_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
+                                const moe_dispatch_args_t* args, cudaStream_t stream);
+
+typedef struct {
+  void* out;
+  float* outTopkWeights;
+  int numTokens, hidden, topk, withWeights;
+  int numBlocks, threads;
+} moe_combine_args_t;
+cudaError_t moe_combine_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
+                               const moe_combine_args_t* args, cudaStream_t stream);
+
+/* Copies rows [0, *recvCount) of x (BF16 [.., hidden]) and optional weights
+ * into this rank's combine buffers. */
+cudaError_t moe_combine_stage_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
+                                     const void* x, const float* weights, int hidden, int topk,
+                                     cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

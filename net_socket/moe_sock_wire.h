@@ -1,0 +1,96 @@
+/* What the socket backend puts on the wire, and the parsers that check it.
+ *
+ * Everything that arrives from a peer (the handle, the per-socket hello, the
+ * per-message header) is decoded by a function here that validates every
+ * field before anything uses it; a malformed or truncated blob is
+ * ncclInvalidArgument / ncclRemoteError with a message, never a crash. All
+ * integers are little-endian. The fuzz target (tests/fuzz) drives these. */
+#ifndef MOE_SOCK_WIRE_H_
+#define MOE_SOCK_WIRE_H_
+
+#include <netinet/in.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include <nccl.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_SOCK_WIRE_VERSION 1
+/* Data streams per connection at most (NCCL_SOCKET_NTHREADS x NCCL_NSOCKS_PERTHREAD is clamped to this). */
+#define MOE_SOCK_MAX_STREAMS 64
+
+/* --- handle: what listen() writes and connect() reads --------------------- */
+#define MOE_SOCK_HANDLE_MAGIC 0x484f454du /* "MOEH" */
+/* Bytes [0, MOE_SOCK_HANDLE_WIRE_BYTES) travel to the peer; the connector
+ * keeps its retry state in [MOE_SOCK_HANDLE_SCRATCH_OFF, +SCRATCH_BYTES) of
+ * its own copy (NCCL hands the same handle memory to every connect() retry),
+ * and the listener leaves that range zero. */
+#define MOE_SOCK_HANDLE_WIRE_BYTES 44
+#define MOE_SOCK_HANDLE_SCRATCH_OFF 64
+#define MOE_SOCK_HANDLE_SCRATCH_BYTES 16
+
+typedef struct {
+  struct sockaddr_storage addr; /* AF_INET or AF_INET6 with the port */
+  socklen_t addr_len;
+  uint64_t nonce;               /* the listener's random id; hellos must carry it */
+} moe_sock_handle_t;
+
+/* Writes the wire part of a handle into `buf` (`len` >= 128 bytes, zeroed first). */
+ncclResult_t moe_sock_handle_encode(const moe_sock_handle_t* h, void* buf, size_t len);
+/* Parses `len` bytes. Checks magic, version, backend, family, port, nonce,
+ * checksum and that every unused byte of the wire part is zero. */
+ncclResult_t moe_sock_handle_decode(const void* buf, size_t len, moe_sock_handle_t* h_p);
+
+/* The same layout with another backend byte (the verbs backend's handle is
+ * the address of its TCP side channel). */
+ncclResult_t moe_net_addr_handle_encode(int kind, const moe_sock_handle_t* h, void* buf, size_t len);
+ncclResult_t moe_net_addr_handle_decode(int kind, const void* buf, size_t len, moe_sock_handle_t* h_p);
+
+/* --- hello: the first bytes the connector sends on every socket ----------- */
+#define MOE_SOCK_HELLO_MAGIC 0x434f454du /* "MOEC" */
+#define MOE_SOCK_HELLO_BYTES 32
+typedef struct {
+  uint64_t nonce;     /* must equal the listener's */
+  uint64_t conn_id;   /* groups the sockets of one connection; never 0 */
+  int index;          /* -1: the control socket, else the data stream index */
+  int nstreams;       /* data streams of this connection, [1, MOE_SOCK_MAX_STREAMS] */
+} moe_sock_hello_t;
+
+void moe_sock_hello_encode(const moe_sock_hello_t* h, uint8_t buf[MOE_SOCK_HELLO_BYTES]);
+ncclResult_t moe_sock_hello_decode(const uint8_t* buf, size_t len, moe_sock_hello_t* h_p);
+
+/* --- message header: precedes every message on the control socket --------- */
+#define MOE_SOCK_HDR_MAGIC 0x484du /* "MH" */
+#define MOE_SOCK_HDR_BYTES 32
+typedef enum { MOE_SOCK_OP_MSG = 1, MOE_SOCK_OP_WRITE = 2 } moe_sock_op_t;
+#define MOE_SOCK_HDR_FLAG_IMM 0x1u
+
+typedef struct {
+  int op;            /* moe_sock_op_t */
+  unsigned flags;    /* MOE_SOCK_HDR_FLAG_* (writes only) */
+  int tag;           /* messages: the sender's tag */
+  uint64_t size;     /* payload bytes, <= MOE_NET_MAX_MSG_BYTES */
+  uint64_t offset;   /* writes: byte offset into the target region */
+  uint32_t key;      /* writes: the target region's id */
+  uint32_t imm;      /* writes with MOE_SOCK_HDR_FLAG_IMM: the immediate */
+} moe_sock_hdr_t;
+
+void moe_sock_hdr_encode(const moe_sock_hdr_t* h, uint8_t buf[MOE_SOCK_HDR_BYTES]);
+ncclResult_t moe_sock_hdr_decode(const uint8_t* buf, size_t len, moe_sock_hdr_t* h_p);
+
+/* --- splitting a large message over the data streams ---------------------- */
+/* Messages up to this size travel inline on the control socket. */
+#define MOE_SOCK_INLINE_MAX ((size_t)512 << 10)
+/* No chunk on a data stream is smaller than this (except a message's tail). */
+#define MOE_SOCK_MIN_CHUNK ((size_t)1 << 20)
+/* Both sides compute the same split from the size and the stream count. */
+void moe_sock_split(size_t size, int nstreams, int* nchunks_p, size_t* chunk_p);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

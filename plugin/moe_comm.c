@@ -1,0 +1,340 @@
+/* MoE communicator: configuration, buffers, peer mapping (CUDA IPC between
+ * processes, plain pointers between virtual ranks of one process), teardown. */
+#include "moe_comm.h"
+
+#include <cuda_runtime_api.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "moe_check.h"
+#include "moe_env.h"
+#include "moe_log.h"
+
+#define MOE_REGION_ALIGN 256
+#define MOE_DEFAULT_TOPK 8
+#define MOE_MAX_TOKENS_PER_RANK (1 << 20)
+#define MOE_MAX_HIDDEN 65536
+#define MOE_AUTO_BLOCKS_PER_GPU_RANK 24 /* SMs one rank takes when it has its GPU alone */
+#define MOE_BLOCKS_PER_SM 2
+#define MOE_HOST_NAME_MAX 64
+
+static size_t moe_align_up(size_t v) { return (v + MOE_REGION_ALIGN - 1) / MOE_REGION_ALIGN * MOE_REGION_ALIGN; }
+
+ncclResult_t moe_config_resolve(const ncclMoeConfig_t* config, int nRanks, ncclMoeConfig_t* out_p) {
+  MOE_ARG_CHECK(config != NULL, "config is NULL (use NCCL_MOE_CONFIG_INITIALIZER)");
+  MOE_ARG_CHECK(config->magic == NCCL_MOE_CONFIG_MAGIC && config->size == sizeof(ncclMoeConfig_t),
+                "config was not initialized with NCCL_MOE_CONFIG_INITIALIZER (magic 0x%x, size %zu)",
+                config->magic, config->size);
+  MOE_ARG_CHECK(nRanks >= 1 && nRanks <= NCCL_MOE_MAX_RANKS, "%d ranks: at most %d are supported",
+                nRanks, NCCL_MOE_MAX_RANKS);
+  ncclMoeConfig_t c = *config;
+  MOE_ARG_CHECK(c.maxTokensPerRank >= 1 && c.maxTokensPerRank <= MOE_MAX_TOKENS_PER_RANK,
+                "config.maxTokensPerRank = %d: must be in [1, %d]", c.maxTokensPerRank, MOE_MAX_TOKENS_PER_RANK);
+  MOE_ARG_CHECK(c.hidden >= 8 && c.hidden <= MOE_MAX_HIDDEN && c.hidden % 8 == 0,
+                "config.hidden = %d: must be a multiple of 8 in [8, %d]", c.hidden, MOE_MAX_HIDDEN);
+  MOE_ARG_CHECK(c.numExperts >= nRanks && c.numExperts <= NCCL_MOE_MAX_EXPERTS && c.numExperts % nRanks == 0,
+                "config.numExperts = %d: must be a multiple of the %d ranks, at most %d", c.numExperts,
+                nRanks, NCCL_MOE_MAX_EXPERTS);
+  if (c.maxTopk == 0) c.maxTopk = MOE_DEFAULT_TOPK;
+  MOE_ARG_CHECK(c.maxTopk >= 1 && c.maxTopk <= NCCL_MOE_MAX_TOPK, "config.maxTopk = %d: must be in [1, %d]",
+                c.maxTopk, NCCL_MOE_MAX_TOPK);
+  long long allRecv = (long long)nRanks * c.maxTokensPerRank;
+  if (c.maxRecvTokens == 0) c.maxRecvTokens = allRecv > INT_MAX ? INT_MAX : (int)allRecv;
+  MOE_ARG_CHECK(c.maxRecvTokens >= 1, "config.maxRecvTokens = %d: must be >= 1 (0 = default)", c.maxRecvTokens);
+  MOE_ARG_CHECK(c.numSMs >= 0, "config.numSMs = %d: must be >= 0 (0 = automatic)", c.numSMs);
+  MOE_ARG_CHECK(c.timeoutMs >= 0, "config.timeoutMs = %d: must be >= 0 (0 = NCCL_MOE_TIMEOUT_MS)", c.timeoutMs);
+  if (c.timeoutMs == 0) c.timeoutMs = moe_env()->timeout_ms;
+  *out_p = c;
+  return ncclSuccess;
+}
+
+static void moe_layout_compute(const ncclMoeConfig_t* c, int nRanks, moe_layout_t* l) {
+  size_t rows = (size_t)c->maxRecvTokens, off = 0;
+  int L = c->numExperts / nRanks;
+  l->notifyInts = MOE_NOTIFY_EXPERTS(nRanks) + L;
+#define MOE_REGION(field, bytes) do { l->field = off; off = moe_align_up(off + (bytes)); } while (0)
+  MOE_REGION(signals, sizeof(unsigned long long) * NCCL_MOE_MAX_RANKS);
+  MOE_REGION(notify, sizeof(int) * (size_t)nRanks * l->notifyInts);
+  MOE_REGION(recvX, rows * c->hidden * 2);
+  MOE_REGION(recvScales, rows * ((c->hidden + NCCL_MOE_FP8_BLOCK - 1) / NCCL_MOE_FP8_BLOCK) * sizeof(float));
+  MOE_REGION(recvTopkIdx, rows * c->maxTopk * sizeof(int64_t));
+  MOE_REGION(recvTopkWeights, rows * c->maxTopk * sizeof(float));
+  MOE_REGION(combineX, rows * c->hidden * 2);
+  MOE_REGION(combineWeights, rows * c->maxTopk * sizeof(float));
+#undef MOE_REGION
+  l->total = off;
+}
+
+/* Rank, sizes and config set: allocate this rank's own memory. */
+static ncclResult_t moe_comm_alloc(ncclMoeComm_t comm) {
+  moe_layout_compute(&comm->config, comm->nRanks, &comm->layout);
+  comm->numLocalExperts = comm->config.numExperts / comm->nRanks;
+  comm->maxRecv = comm->config.maxRecvTokens;
+  cudaError_t err = cudaMalloc((void**)&comm->buffer, comm->layout.total);
+  if (err != cudaSuccess)
+    return MOE_ERROR(ncclUnhandledCudaError,
+                     "cannot allocate %zu bytes of communication buffers on device %d (%s): lower "
+                     "config.maxRecvTokens, maxTokensPerRank or hidden",
+                     comm->layout.total, comm->device, cudaGetErrorString(err));
+  MOE_CUDA_CHECK(cudaMemset(comm->buffer, 0, comm->layout.signals + sizeof(unsigned long long) * NCCL_MOE_MAX_RANKS));
+  return ncclSuccess;
+}
+
+ncclResult_t moe_comm_finish(ncclMoeComm_t comm) {
+  size_t scratchBytes = 64 + sizeof(int) * ((size_t)comm->nRanks + comm->config.numExperts);
+  MOE_CUDA_CHECK(cudaMalloc(&comm->scratch, scratchBytes));
+  MOE_CUDA_CHECK(cudaMemset(comm->scratch, 0, scratchBytes));
+  MOE_CUDA_CHECK(cudaHostAlloc((void**)&comm->hostError, sizeof(int), cudaHostAllocMapped));
+  *comm->hostError = MOE_KERR_NONE;
+  MOE_CUDA_CHECK(cudaHostAlloc((void**)&comm->hostCounts, sizeof(int) * (1 + (size_t)comm->numLocalExperts),
+                               cudaHostAllocDefault));
+  int* devError = NULL;
+  MOE_CUDA_CHECK(cudaHostGetDevicePointer((void**)&devError, comm->hostError, 0));
+
+  moe_rank_ctx_t* ctx = &comm->ctx;
+  ctx->layout = comm->layout;
+  ctx->rank = comm->rank;
+  ctx->nRanks = comm->nRanks;
+  ctx->numLocalExperts = comm->numLocalExperts;
+  ctx->error = devError;
+  ctx->epoch = (unsigned long long*)comm->scratch;
+  ctx->blocksDone = (unsigned int*)((char*)comm->scratch + 8);
+  ctx->timeoutNs = (long long)comm->config.timeoutMs * 1000000LL;
+  comm->tokensPerRank = (int*)((char*)comm->scratch + 64);
+  comm->tokensPerExpert = comm->tokensPerRank + comm->nRanks;
+
+  int sms = 0;
+  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, comm->device));
+  int blocks = moe_env()->num_sms > 0 ? moe_env()->num_sms : comm->config.numSMs;
+  if (blocks == 0) {
+    /* Virtual ranks share one GPU: split it between them. */
+    blocks = comm->isVirtual ? MOE_BLOCKS_PER_SM * sms / comm->nRanks : MOE_AUTO_BLOCKS_PER_GPU_RANK;
+    if (blocks < 1) blocks = 1;
+  }
+  comm->numBlocks = blocks;
+  MOE_INFO(NCCL_INIT, "rank %d/%d on device %d: %zu bytes of buffers, %d blocks, max %d rows received",
+           comm->rank, comm->nRanks, comm->device, comm->layout.total, blocks, comm->maxRecv);
+  return ncclSuccess;
+}
+
+/* Frees what one rank owns; safe on a partly built comm. */
+static void moe_comm_free(ncclMoeComm_t comm) {
+  if (comm == NULL) return;
+  int prev = -1;
+  cudaGetDevice(&prev);
+  cudaSetDevice(comm->device);
+  for (int r = 0; r < comm->nRanks; r++)
+    if (comm->peerIpc[r]) cudaIpcCloseMemHandle(comm->ctx.peers.base[r]);
+  if (comm->hostCounts) cudaFreeHost(comm->hostCounts);
+  if (comm->hostError) cudaFreeHost(comm->hostError);
+  if (comm->scratch) cudaFree(comm->scratch);
+  if (comm->buffer) cudaFree(comm->buffer);
+  free(comm);
+  if (prev >= 0) cudaSetDevice(prev);
+}
+
+ncclResult_t moe_comm_error(ncclMoeComm_t comm) {
+  switch (__atomic_load_n(comm->hostError, __ATOMIC_ACQUIRE)) {
+    case MOE_KERR_NONE: return ncclSuccess;
+    case MOE_KERR_TIMEOUT:
+      return MOE_ERROR(ncclSystemError, "rank %d: a peer did not answer within %d ms (NCCL_MOE_TIMEOUT_MS); the comm is unusable",
+                       comm->rank, comm->config.timeoutMs);
+    case MOE_KERR_BAD_EXPERT:
+      return MOE_ERROR(ncclInvalidArgument, "rank %d: topkIdx held an expert id outside [-1, %d)", comm->rank,
+                       comm->config.numExperts);
+    case MOE_KERR_CAPACITY:
+      return MOE_ERROR(ncclInvalidArgument, "a rank received more tokens than its capacity; the extra tokens were dropped");
+    case MOE_KERR_MISMATCH:
+      return MOE_ERROR(ncclInvalidArgument, "ranks called dispatch with different hidden, sendType or topk");
+    default:
+      return MOE_ERROR(ncclRemoteError, "rank %d: a peer sent an invalid notify message", comm->rank);
+  }
+}
+
+/* ------------------------------------------------------------ public API */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommGetAsyncError(ncclMoeComm_t comm, ncclResult_t* error_p) {
+  MOE_ARG_CHECK(comm != NULL && error_p != NULL, "ncclMoeCommGetAsyncError: comm or error_p is NULL");
+  *error_p = moe_comm_error(comm);
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommBufferBytes(ncclMoeComm_t comm, size_t* bytes_p) {
+  MOE_ARG_CHECK(comm != NULL && bytes_p != NULL, "ncclMoeCommBufferBytes: comm or bytes_p is NULL");
+  *bytes_p = comm->layout.total;
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm) {
+  MOE_ARG_CHECK(comm != NULL, "ncclMoeCommDestroy: comm is NULL");
+  int prev = -1;
+  cudaGetDevice(&prev);
+  cudaSetDevice(comm->device);
+  cudaDeviceSynchronize(); /* no kernel of ours may still touch the buffers */
+  if (prev >= 0) cudaSetDevice(prev);
+  moe_comm_free(comm);
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtual(int nRanks, int device, const ncclMoeConfig_t* config,
+                                                    ncclMoeComm_t* comms) {
+  MOE_ARG_CHECK(comms != NULL, "ncclMoeCommInitVirtual: comms is NULL");
+  ncclMoeConfig_t c;
+  MOE_CHECK(moe_config_resolve(config, nRanks, &c));
+  int prev = -1, ndev = 0;
+  MOE_CUDA_CHECK(cudaGetDeviceCount(&ndev));
+  MOE_ARG_CHECK(device >= 0 && device < ndev, "device %d: this process sees %d CUDA devices", device, ndev);
+  const char* conn = getenv("CUDA_DEVICE_MAX_CONNECTIONS");
+  if (nRanks > 1 && (conn == NULL || atoi(conn) < nRanks + 1))
+    MOE_WARN("virtual ranks: set CUDA_DEVICE_MAX_CONNECTIONS=32 before CUDA starts, or ranks whose streams "
+             "share a hardware queue can time out waiting for each other");
+  MOE_CUDA_CHECK(cudaGetDevice(&prev));
+  MOE_CUDA_CHECK(cudaSetDevice(device));
+  ncclResult_t res = ncclSuccess;
+  for (int r = 0; r < nRanks; r++) comms[r] = NULL;
+  for (int r = 0; r < nRanks && res == ncclSuccess; r++) {
+    comms[r] = calloc(1, sizeof(struct ncclMoeComm));
+    if (comms[r] == NULL) { res = MOE_ERROR(ncclSystemError, "out of host memory"); break; }
+    comms[r]->rank = r;
+    comms[r]->nRanks = nRanks;
+    comms[r]->device = device;
+    comms[r]->config = c;
+    comms[r]->isVirtual = 1;
+    res = moe_comm_alloc(comms[r]);
+  }
+  for (int r = 0; r < nRanks && res == ncclSuccess; r++) {
+    for (int p = 0; p < nRanks; p++) comms[r]->ctx.peers.base[p] = comms[p]->buffer;
+    res = moe_comm_finish(comms[r]);
+  }
+  if (res != ncclSuccess) {
+    for (int r = 0; r < nRanks; r++) {
+      moe_comm_free(comms[r]);
+      comms[r] = NULL;
+    }
+  }
+  cudaSetDevice(prev);
+  return res;
+}
+
+/* What each rank tells the others at init (one ncclAllGather). */
+typedef struct {
+  char host[MOE_HOST_NAME_MAX];
+  char bootId[40];
+  int pid, device;
+  unsigned long long ptr;
+  cudaIpcMemHandle_t ipc;
+  ncclMoeConfig_t config;
+} moe_peer_info_t;
+
+static void moe_host_identity(moe_peer_info_t* info) {
+  gethostname(info->host, sizeof(info->host) - 1);
+  FILE* f = fopen("/proc/sys/kernel/random/boot_id", "r");
+  if (f != NULL) {
+    if (fgets(info->bootId, sizeof(info->bootId), f) == NULL) info->bootId[0] = '\0';
+    fclose(f);
+  }
+}
+
+static ncclResult_t moe_exchange(ncclComm_t nccl, moe_peer_info_t* all, int rank, int nRanks) {
+  ncclResult_t res = ncclSuccess;
+  char* dev = NULL;
+  cudaStream_t stream = NULL;
+  size_t bytes = sizeof(moe_peer_info_t);
+  MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), res, out);
+  MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&dev, bytes * nRanks), res, out_stream);
+  MOE_CUDA_CHECK_GOTO(cudaMemcpy(dev + bytes * rank, &all[rank], bytes, cudaMemcpyHostToDevice), res, out_free);
+  MOE_NCCL_CHECK_GOTO(ncclAllGather(dev + bytes * rank, dev, bytes, ncclChar, nccl, stream), res, out_free);
+  MOE_CUDA_CHECK_GOTO(cudaStreamSynchronize(stream), res, out_free);
+  MOE_CUDA_CHECK_GOTO(cudaMemcpy(all, dev, bytes * nRanks, cudaMemcpyDeviceToHost), res, out_free);
+out_free:
+  cudaFree(dev);
+out_stream:
+  cudaStreamDestroy(stream);
+out:
+  return res;
+}
+
+/* Maps every peer's buffer: a pointer within this process, else CUDA IPC. */
+static ncclResult_t moe_map_peers(ncclMoeComm_t comm, const moe_peer_info_t* all) {
+  const moe_peer_info_t* me = &all[comm->rank];
+  for (int r = 0; r < comm->nRanks; r++) {
+    const moe_peer_info_t* p = &all[r];
+    if (strcmp(p->host, me->host) != 0 || strcmp(p->bootId, me->bootId) != 0)
+      return MOE_ERROR(ncclInvalidUsage, "rank %d is on host %s and rank %d on host %s: ranks on several hosts "
+                       "(internode dispatch) are not supported yet", comm->rank, me->host, r, p->host);
+    if (memcmp(&p->config, &me->config, sizeof(ncclMoeConfig_t)) != 0)
+      return MOE_ERROR(ncclInvalidArgument, "rank %d and rank %d passed different configs to ncclMoeCommInit",
+                       comm->rank, r);
+    if (r == comm->rank) {
+      comm->ctx.peers.base[r] = comm->buffer;
+      continue;
+    }
+    if (p->device != comm->device) {
+      int can = 0;
+      MOE_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, comm->device, p->device));
+      if (!can || moe_env()->p2p_disable)
+        return MOE_ERROR(ncclInvalidUsage, "device %d cannot map device %d's memory (no NVLink/PCIe peer access, "
+                         "or NCCL_MOE_P2P_DISABLE=1); the transport path is not available yet", comm->device, p->device);
+    }
+    if (p->pid == me->pid) {
+      if (p->device != comm->device) {
+        cudaError_t e = cudaDeviceEnablePeerAccess(p->device, 0);
+        if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled)
+          return MOE_ERROR(ncclUnhandledCudaError, "cudaDeviceEnablePeerAccess(%d): %s", p->device, cudaGetErrorString(e));
+        cudaGetLastError();
+      }
+      comm->ctx.peers.base[r] = (char*)(uintptr_t)p->ptr;
+    } else {
+      void* mapped = NULL;
+      cudaError_t e = cudaIpcOpenMemHandle(&mapped, p->ipc, cudaIpcMemLazyEnablePeerAccess);
+      if (e != cudaSuccess)
+        return MOE_ERROR(ncclUnhandledCudaError, "cannot map rank %d's buffer with CUDA IPC: %s", r, cudaGetErrorString(e));
+      comm->ctx.peers.base[r] = mapped;
+      comm->peerIpc[r] = 1;
+    }
+  }
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfig_t* config, ncclMoeComm_t* comm_p) {
+  MOE_ARG_CHECK(nccl != NULL && comm_p != NULL, "ncclMoeCommInit: nccl or comm_p is NULL");
+  int rank = 0, nRanks = 0, device = 0, prev = -1;
+  MOE_CHECK(ncclCommUserRank(nccl, &rank));
+  MOE_CHECK(ncclCommCount(nccl, &nRanks));
+  MOE_CHECK(ncclCommCuDevice(nccl, &device));
+  ncclMoeConfig_t c;
+  MOE_CHECK(moe_config_resolve(config, nRanks, &c));
+  MOE_CUDA_CHECK(cudaGetDevice(&prev));
+  MOE_CUDA_CHECK(cudaSetDevice(device));
+
+  ncclResult_t res = ncclSuccess;
+  moe_peer_info_t* all = NULL;
+  ncclMoeComm_t comm = calloc(1, sizeof(struct ncclMoeComm));
+  if (comm == NULL) { res = MOE_ERROR(ncclSystemError, "out of host memory"); goto out; }
+  comm->rank = rank;
+  comm->nRanks = nRanks;
+  comm->device = device;
+  comm->config = c;
+  MOE_CHECK_GOTO(moe_comm_alloc(comm), res, out_comm);
+  all = calloc(nRanks, sizeof(moe_peer_info_t));
+  if (all == NULL) { res = MOE_ERROR(ncclSystemError, "out of host memory"); goto out_comm; }
+  moe_host_identity(&all[rank]);
+  all[rank].pid = getpid();
+  all[rank].device = device;
+  all[rank].ptr = (unsigned long long)(uintptr_t)comm->buffer;
+  all[rank].config = c;
+  MOE_CUDA_CHECK_GOTO(cudaIpcGetMemHandle(&all[rank].ipc, comm->buffer), res, out_comm);
+  MOE_CHECK_GOTO(moe_exchange(nccl, all, rank, nRanks), res, out_comm);
+  MOE_CHECK_GOTO(moe_map_peers(comm, all), res, out_comm);
+  MOE_CHECK_GOTO(moe_comm_finish(comm), res, out_comm);
+  *comm_p = comm;
+  goto out;
+out_comm:
+  moe_comm_free(comm);
+out:
+  free(all);
+  cudaSetDevice(prev);
+  return res;
+}

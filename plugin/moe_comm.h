@@ -1,0 +1,50 @@
+/* The MoE communicator and handle (internal). */
+#ifndef MOE_COMM_H_
+#define MOE_COMM_H_
+
+#include "moe_intranode.h"
+#include "nccl_moe.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct ncclMoeComm {
+  int rank, nRanks, device, numLocalExperts;
+  ncclMoeConfig_t config;      /* validated, defaults filled in */
+  int maxRecv;                 /* rows of every receive buffer */
+  int numBlocks;               /* dispatch/combine blocks (the SM budget) */
+  int isVirtual;               /* peers are pointers of this process */
+  moe_layout_t layout;
+  char* buffer;                /* this rank's peer-visible buffer */
+  int peerIpc[NCCL_MOE_MAX_RANKS]; /* 1: peers.base[r] came from cudaIpcOpenMemHandle */
+  void* scratch;               /* private device memory: epoch, counters, layout scratch */
+  int* hostError;              /* host-mapped error word the kernels write */
+  int* hostCounts;             /* pinned: recvCount then per-expert counts (exact mode) */
+  moe_rank_ctx_t ctx;
+  int* tokensPerRank;          /* layout scratch (device) */
+  int* tokensPerExpert;
+};
+
+struct ncclMoeHandle {
+  ncclMoeComm_t comm;
+  moe_route_t route;
+  void* mem;
+  int valid;                   /* holds the routing of a finished dispatch */
+  int numTokens, capacity, hidden, topk;
+};
+
+/* Builds the comm of one rank once peers are known: allocates scratch and
+ * host memory and fills ctx. `comm` has rank/nRanks/device/config/buffer. */
+ncclResult_t moe_comm_finish(ncclMoeComm_t comm);
+
+/* Validates `config` for nRanks and fills defaults into *out_p. */
+ncclResult_t moe_config_resolve(const ncclMoeConfig_t* config, int nRanks, ncclMoeConfig_t* out_p);
+
+/* The comm's async error as ncclResult_t (ncclSuccess when none). */
+ncclResult_t moe_comm_error(ncclMoeComm_t comm);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,229 @@
+/* ncclMoe layout / dispatch / combine and handles: argument checks, then the
+ * kernels of kernels/intranode.cu in stream order. */
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "moe_check.h"
+#include "moe_comm.h"
+#include "moe_log.h"
+
+#define MOE_DISPATCH_THREADS 512
+#define MOE_MAX_EXPERT_ALIGNMENT (1 << 16)
+#define MOE_SEND_BF16 0
+#define MOE_SEND_FP8 1
+
+/* A pointer the kernels will dereference: device (or managed) memory, with
+ * the alignment its accesses need. */
+static ncclResult_t moe_check_device_ptr(const void* p, size_t align, const char* what) {
+  MOE_ARG_CHECK(p != NULL, "%s is NULL", what);
+  MOE_ARG_CHECK(((uintptr_t)p) % align == 0, "%s (%p) is not %zu-byte aligned", what, p, align);
+  struct cudaPointerAttributes attr;
+  cudaError_t e = cudaPointerGetAttributes(&attr, p);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return MOE_ERROR(ncclInvalidArgument, "%s (%p) is not CUDA memory", what, p);
+  }
+  MOE_ARG_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
+                "%s (%p) is not device memory", what, p);
+  return ncclSuccess;
+}
+
+/* Checks shared by every operation: the comm is healthy. */
+static ncclResult_t moe_comm_ready(ncclMoeComm_t comm) {
+  MOE_ARG_CHECK(comm != NULL, "comm is NULL");
+  return moe_comm_error(comm);
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHandle_t* handle_p) {
+  MOE_ARG_CHECK(comm != NULL && handle_p != NULL, "ncclMoeHandleCreate: comm or handle_p is NULL");
+  struct ncclMoeHandle* h = calloc(1, sizeof(*h));
+  if (h == NULL) return MOE_ERROR(ncclSystemError, "out of host memory");
+  const int N = comm->nRanks, L = comm->numLocalExperts;
+  size_t ints = (size_t)comm->config.maxTokensPerRank * N + 3 * (size_t)N + 1 + L;
+  int prev = -1;
+  cudaGetDevice(&prev);
+  cudaSetDevice(comm->device);
+  cudaError_t e = cudaMalloc(&h->mem, ints * sizeof(int));
+  if (prev >= 0) cudaSetDevice(prev);
+  if (e != cudaSuccess) {
+    free(h);
+    return MOE_ERROR(ncclUnhandledCudaError, "cannot allocate a handle: %s", cudaGetErrorString(e));
+  }
+  int* p = h->mem;
+  h->route.pos = p;
+  p += (size_t)comm->config.maxTokensPerRank * N;
+  h->route.base = p;
+  p += N;
+  h->route.cap = p;
+  p += N;
+  h->route.recvCount = p;
+  p += 1;
+  h->route.recvPerExpert = p;
+  h->route.tokensPerRank = comm->tokensPerRank;
+  h->route.tokensPerExpert = comm->tokensPerExpert;
+  h->comm = comm;
+  *handle_p = h;
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle) {
+  MOE_ARG_CHECK(handle != NULL, "ncclMoeHandleDestroy: handle is NULL");
+  cudaFree(handle->mem);
+  free(handle);
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const int64_t* topkIdx, int numTokens,
+                                                      int topk, int* numTokensPerRank, int* numTokensPerExpert,
+                                                      uint8_t* isTokenInRank, cudaStream_t stream) {
+  MOE_CHECK(moe_comm_ready(comm));
+  MOE_ARG_CHECK(numTokens >= 0 && numTokens <= comm->config.maxTokensPerRank,
+                "numTokens = %d: must be in [0, config.maxTokensPerRank = %d]", numTokens, comm->config.maxTokensPerRank);
+  MOE_ARG_CHECK(topk >= 1 && topk <= comm->config.maxTopk, "topk = %d: must be in [1, config.maxTopk = %d]", topk,
+                comm->config.maxTopk);
+  if (numTokens > 0) MOE_CHECK(moe_check_device_ptr(topkIdx, sizeof(int64_t), "topkIdx"));
+  MOE_CHECK(moe_check_device_ptr(numTokensPerRank, sizeof(int), "numTokensPerRank"));
+  MOE_CHECK(moe_check_device_ptr(numTokensPerExpert, sizeof(int), "numTokensPerExpert"));
+  if (isTokenInRank != NULL && numTokens > 0) MOE_CHECK(moe_check_device_ptr(isTokenInRank, 1, "isTokenInRank"));
+  MOE_CUDA_CHECK(moe_layout_launch(&comm->ctx, topkIdx, numTokens, topk, comm->config.numExperts,
+                                   numTokensPerRank, numTokensPerExpert, isTokenInRank, NULL, stream));
+  return ncclSuccess;
+}
+
+static ncclResult_t moe_dispatch_check(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t* a, ncclMoeHandle_t handle) {
+  const ncclMoeConfig_t* c = &comm->config;
+  MOE_ARG_CHECK(a != NULL, "dispatch args is NULL");
+  MOE_ARG_CHECK(handle != NULL && handle->comm == comm, "handle is NULL or belongs to another comm");
+  MOE_ARG_CHECK(a->xType == ncclBfloat16 || a->xType == ncclFloat8e4m3,
+                "xType = %d: must be ncclBfloat16 or ncclFloat8e4m3", (int)a->xType);
+  MOE_ARG_CHECK(a->sendType == ncclBfloat16 || a->sendType == ncclFloat8e4m3,
+                "sendType = %d: must be ncclBfloat16 or ncclFloat8e4m3", (int)a->sendType);
+  MOE_ARG_CHECK(!(a->xType == ncclFloat8e4m3 && a->sendType == ncclBfloat16), "FP8 x must be sent as FP8");
+  MOE_ARG_CHECK(a->scaleFormat == ncclMoeScaleFloat || a->scaleFormat == ncclMoeScalePow2,
+                "scaleFormat = %d: unknown", (int)a->scaleFormat);
+  MOE_ARG_CHECK(a->numTokens >= 0 && a->numTokens <= c->maxTokensPerRank,
+                "numTokens = %d: must be in [0, config.maxTokensPerRank = %d]", a->numTokens, c->maxTokensPerRank);
+  MOE_ARG_CHECK(a->hidden >= 1 && a->hidden <= c->hidden, "hidden = %d: must be in [1, config.hidden = %d]",
+                a->hidden, c->hidden);
+  int fp8 = a->xType == ncclFloat8e4m3 || a->sendType == ncclFloat8e4m3;
+  MOE_ARG_CHECK(!fp8 || a->hidden % NCCL_MOE_FP8_BLOCK == 0, "hidden = %d: FP8 needs a multiple of %d", a->hidden,
+                NCCL_MOE_FP8_BLOCK);
+  MOE_ARG_CHECK(a->hidden % 8 == 0, "hidden = %d: BF16 rows must be a multiple of 8 channels (16 bytes)", a->hidden);
+  MOE_ARG_CHECK(a->topk >= 1 && a->topk <= c->maxTopk, "topk = %d: must be in [1, config.maxTopk = %d]", a->topk,
+                c->maxTopk);
+  MOE_ARG_CHECK(a->capacity >= 0 && a->capacity <= comm->maxRecv,
+                "capacity = %d: must be 0 (exact mode) or in [1, config.maxRecvTokens = %d]", a->capacity, comm->maxRecv);
+  MOE_ARG_CHECK(a->expertAlignment >= 0 && a->expertAlignment <= MOE_MAX_EXPERT_ALIGNMENT,
+                "expertAlignment = %d: must be in [0, %d]", a->expertAlignment, MOE_MAX_EXPERT_ALIGNMENT);
+  if (a->reuseHandle) {
+    MOE_ARG_CHECK(handle->valid, "reuseHandle = 1 but the handle holds no routing (no dispatch filled it)");
+    MOE_ARG_CHECK(handle->numTokens == a->numTokens && handle->capacity == a->capacity &&
+                      handle->hidden == a->hidden && handle->topk == a->topk,
+                  "reuseHandle = 1 but numTokens/capacity/hidden/topk differ from the dispatch that filled the handle");
+  }
+  if (a->numTokens > 0) {
+    MOE_CHECK(moe_check_device_ptr(a->x, NCCL_MOE_ALIGN, "x"));
+    if (a->xType == ncclFloat8e4m3) MOE_CHECK(moe_check_device_ptr(a->xScales, sizeof(float), "xScales"));
+    MOE_CHECK(moe_check_device_ptr(a->topkIdx, sizeof(int64_t), "topkIdx"));
+    if (a->topkWeights != NULL) MOE_CHECK(moe_check_device_ptr(a->topkWeights, sizeof(float), "topkWeights"));
+  }
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t* args,
+                                             ncclMoeHandle_t handle, ncclMoeDispatchResult_t* result_p,
+                                             cudaStream_t stream) {
+  MOE_CHECK(moe_comm_ready(comm));
+  MOE_ARG_CHECK(result_p != NULL, "result_p is NULL");
+  MOE_CHECK(moe_dispatch_check(comm, args, handle));
+  const ncclMoeDispatchArgs_t* a = args;
+  const int exact = a->capacity == 0;
+  const int sendFp8 = a->sendType == ncclFloat8e4m3;
+  moe_route_t* rt = &handle->route;
+
+  handle->valid = 0;
+  if (!a->reuseHandle)
+    MOE_CUDA_CHECK(moe_layout_launch(&comm->ctx, a->topkIdx, a->numTokens, a->topk, comm->config.numExperts,
+                                     rt->tokensPerRank, rt->tokensPerExpert, NULL, rt->pos, stream));
+  moe_notify_args_t n = {.notify = !a->reuseHandle,
+                         .capacity = exact ? comm->maxRecv : a->capacity,
+                         .hidden = a->hidden,
+                         .sendType = sendFp8 ? MOE_SEND_FP8 : MOE_SEND_BF16,
+                         .topk = a->topk,
+                         .expertAlignment = a->expertAlignment > 0 ? a->expertAlignment : 1};
+  MOE_CUDA_CHECK(moe_notify_launch(&comm->ctx, rt, &n, stream));
+  if (exact) {
+    MOE_CUDA_CHECK(cudaMemcpyAsync(comm->hostCounts, rt->recvCount, sizeof(int), cudaMemcpyDeviceToHost, stream));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(comm->hostCounts + 1, rt->recvPerExpert, sizeof(int) * comm->numLocalExperts,
+                                   cudaMemcpyDeviceToHost, stream));
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  moe_dispatch_args_t d = {.x = a->x, .xScales = a->xScales, .topkIdx = a->topkIdx, .topkWeights = a->topkWeights,
+                           .numTokens = a->numTokens, .hidden = a->hidden, .topk = a->topk,
+                           .xIsFp8 = a->xType == ncclFloat8e4m3, .sendFp8 = sendFp8,
+                           .pow2Scales = a->scaleFormat == ncclMoeScalePow2,
+                           .numBlocks = comm->numBlocks, .threads = MOE_DISPATCH_THREADS};
+  MOE_CUDA_CHECK(moe_dispatch_launch(&comm->ctx, rt, &d, stream));
+
+  handle->valid = 1;
+  handle->numTokens = a->numTokens;
+  handle->capacity = a->capacity;
+  handle->hidden = a->hidden;
+  handle->topk = a->topk;
+  char* buf = comm->buffer;
+  ncclMoeDispatchResult_t r = {
+      .recvX = buf + comm->layout.recvX,
+      .recvScales = sendFp8 ? (float*)(buf + comm->layout.recvScales) : NULL,
+      .recvTopkIdx = (int64_t*)(buf + comm->layout.recvTopkIdx),
+      .recvTopkWeights = a->topkWeights != NULL ? (float*)(buf + comm->layout.recvTopkWeights) : NULL,
+      .recvCount = rt->recvCount,
+      .recvTokensPerExpert = rt->recvPerExpert,
+      .numRecv = exact ? comm->hostCounts[0] : -1,
+      .hostRecvTokensPerExpert = exact ? comm->hostCounts + 1 : NULL};
+  if (exact) {
+    /* The notify result is known: report a bad batch now (the kernels above
+     * still ran, so every peer stays in step). */
+    MOE_CHECK(moe_comm_error(comm));
+  }
+  *result_p = r;
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeGetCombineBuffer(ncclMoeComm_t comm, void** buffer_p, size_t* bytes_p) {
+  MOE_ARG_CHECK(comm != NULL && buffer_p != NULL, "ncclMoeGetCombineBuffer: comm or buffer_p is NULL");
+  *buffer_p = comm->buffer + comm->layout.combineX;
+  if (bytes_p != NULL) *bytes_p = (size_t)comm->maxRecv * comm->config.hidden * 2;
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* args,
+                                            ncclMoeHandle_t handle, cudaStream_t stream) {
+  MOE_CHECK(moe_comm_ready(comm));
+  MOE_ARG_CHECK(args != NULL, "combine args is NULL");
+  MOE_ARG_CHECK(handle != NULL && handle->comm == comm, "handle is NULL or belongs to another comm");
+  MOE_ARG_CHECK(handle->valid, "the handle holds no routing: pass the handle of a dispatch");
+  const ncclMoeCombineArgs_t* a = args;
+  MOE_ARG_CHECK(a->hidden == handle->hidden, "hidden = %d: the dispatch of this handle used %d", a->hidden,
+                handle->hidden);
+  MOE_CHECK(moe_check_device_ptr(a->x, NCCL_MOE_ALIGN, "x"));
+  if (handle->numTokens > 0) MOE_CHECK(moe_check_device_ptr(a->out, NCCL_MOE_ALIGN, "out"));
+  if (a->topkWeights != NULL) {
+    MOE_CHECK(moe_check_device_ptr(a->topkWeights, sizeof(float), "topkWeights"));
+    MOE_ARG_CHECK(a->outTopkWeights != NULL, "topkWeights given but outTopkWeights is NULL");
+    if (handle->numTokens > 0) MOE_CHECK(moe_check_device_ptr(a->outTopkWeights, sizeof(float), "outTopkWeights"));
+  }
+  moe_route_t* rt = &handle->route;
+  const void* combineX = comm->buffer + comm->layout.combineX;
+  const int zeroCopy = a->x == combineX;
+  if (!zeroCopy || a->topkWeights != NULL)
+    MOE_CUDA_CHECK(moe_combine_stage_launch(&comm->ctx, rt, zeroCopy ? NULL : a->x, a->topkWeights, a->hidden,
+                                            handle->topk, stream));
+  moe_notify_args_t barrier = {.notify = 0};
+  MOE_CUDA_CHECK(moe_notify_launch(&comm->ctx, rt, &barrier, stream));
+  moe_combine_args_t c = {.out = a->out, .outTopkWeights = a->outTopkWeights, .numTokens = handle->numTokens,
+                          .hidden = a->hidden, .topk = handle->topk, .withWeights = a->topkWeights != NULL,
+                          .numBlocks = comm->numBlocks, .threads = MOE_DISPATCH_THREADS};
+  MOE_CUDA_CHECK(moe_combine_launch(&comm->ctx, rt, &c, stream));
+  return ncclSuccess;
+}

@@ -1,0 +1,584 @@
+/* Intranode dispatch / combine with N virtual ranks on one GPU, against a
+ * plain CPU reference on fresh random inputs. Each virtual rank runs on its
+ * own host thread and stream, through the public API. */
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "moe_comm.h"
+#include "moe_fp8.h"
+#include "nccl_moe.h"
+#include "test_common.h"
+
+#define MAXR 8
+
+typedef enum { ROUTE_UNIFORM, ROUTE_ONE_RANK, ROUTE_SKEWED } route_kind_t;
+
+typedef struct {
+  int nRanks, hidden, topk, numExperts;
+  int tokens[MAXR];          /* per rank; 0 allowed */
+  int xFp8, sendFp8, pow2;   /* input FP8 / send FP8 / power-of-two scales */
+  int capacity;              /* 0 exact, else capacity mode */
+  int alignment;
+  int weights;               /* pass topk weights */
+  int reuse;                 /* second dispatch reuses the handle */
+  int graphReplays;          /* capacity mode: capture and replay */
+  int zeroCopy;              /* combine from the comm's combine buffer */
+  int dropProb;              /* 1/dropProb of top-k entries are -1 (0: none) */
+  route_kind_t route;
+  int overflow;              /* capacity too small: every rank reports it */
+} case_t;
+
+/* Host-side data of one rank. */
+typedef struct {
+  int T;
+  uint16_t* x;      /* BF16 [T, H] */
+  uint8_t* xq;      /* FP8 [T, H] (host-quantized) */
+  float* xs;        /* [T, H/128] */
+  int64_t* idx;     /* [T, K] */
+  float* w;         /* [T, K] */
+  uint16_t* y;      /* combine input [cap rows, H] */
+  /* device */
+  void *dx, *dxs, *didx, *dw, *dy, *dout, *doutw;
+} rank_data_t;
+
+typedef struct {
+  const case_t* cs;
+  ncclMoeComm_t comm;
+  ncclMoeHandle_t handle;
+  cudaStream_t stream;
+  rank_data_t* d;
+  int rank;
+  ncclResult_t res;
+  char err[256];
+  ncclMoeDispatchResult_t result;
+  int recvRowsDevice;
+} worker_t;
+
+static void gen_routing(moe_rng_t* rng, const case_t* cs, int T, int64_t* idx) {
+  const int E = cs->numExperts, K = cs->topk, L = E / cs->nRanks;
+  for (int t = 0; t < T; t++) {
+    for (int k = 0; k < K; k++) {
+      int64_t e;
+      int dup;
+      do {
+        if (cs->route == ROUTE_ONE_RANK) e = moe_rng_below(rng, L);            /* rank 0's experts */
+        else if (cs->route == ROUTE_SKEWED && moe_rng_below(rng, 4) != 0) e = moe_rng_below(rng, E / 4 > 0 ? E / 4 : 1);
+        else e = moe_rng_below(rng, E);
+        dup = 0;
+        for (int j = 0; j < k; j++) dup |= idx[(size_t)t * K + j] == e;
+      } while (dup && K <= (cs->route == ROUTE_ONE_RANK ? L : E) / 2);
+      if (cs->dropProb && moe_rng_below(rng, cs->dropProb) == 0) e = -1;
+      idx[(size_t)t * K + k] = e;
+    }
+  }
+}
+
+/* Row of (src s, token t) at rank r in the reference order, or -1. */
+static int* ref_rows(const case_t* cs, rank_data_t* d, int* counts) {
+  const int N = cs->nRanks, K = cs->topk, L = cs->numExperts / N;
+  int maxT = 0;
+  for (int s = 0; s < N; s++) if (d[s].T > maxT) maxT = d[s].T;
+  int* rows = malloc(sizeof(int) * N * (maxT + 1) * N);
+  for (int r = 0; r < N; r++) {
+    int next = 0;
+    for (int s = 0; s < N; s++)
+      for (int t = 0; t < d[s].T; t++) {
+        int in = 0;
+        for (int k = 0; k < K; k++) {
+          int64_t e = d[s].idx[(size_t)t * K + k];
+          in |= e >= 0 && e / L == r;
+        }
+        rows[((size_t)s * maxT + t) * N + r] = in ? next++ : -1;
+      }
+    counts[r] = next;
+  }
+  return rows;
+}
+
+static void* worker(void* arg) {
+  worker_t* w = arg;
+  const case_t* cs = w->cs;
+  rank_data_t* d = &w->d[w->rank];
+  ncclMoeComm_t comm = w->comm;
+  /* No allocation in here: a cudaMalloc or cudaFree while peers' kernels
+   * spin would serialize the streams they need. */
+  cudaStream_t stream = w->stream;
+  ncclMoeHandle_t handle = w->handle;
+  ncclResult_t res = ncclSuccess;
+  cudaSetDevice(0);
+  ncclMoeDispatchArgs_t a = {
+      .x = d->dx, .xType = cs->xFp8 ? ncclFloat8e4m3 : ncclBfloat16,
+      .xScales = cs->xFp8 ? d->dxs : NULL, .sendType = cs->sendFp8 ? ncclFloat8e4m3 : ncclBfloat16,
+      .scaleFormat = cs->pow2 ? ncclMoeScalePow2 : ncclMoeScaleFloat, .numTokens = d->T,
+      .hidden = cs->hidden, .topk = cs->topk, .topkIdx = d->didx, .topkWeights = cs->weights ? d->dw : NULL,
+      .capacity = cs->capacity, .expertAlignment = cs->alignment};
+  void* combineBuf = NULL;
+  ncclMoeGetCombineBuffer(comm, &combineBuf, NULL);
+  ncclMoeCombineArgs_t c = {.x = cs->zeroCopy ? combineBuf : d->dy, .hidden = cs->hidden,
+                            .topkWeights = NULL, .out = d->dout, .outTopkWeights = cs->weights ? d->doutw : NULL};
+  int rounds = cs->reuse ? 2 : 1;
+  cudaGraphExec_t exec = NULL;
+  for (int round = 0; round < rounds && res == ncclSuccess; round++) {
+    a.reuseHandle = round > 0;
+    if (cs->graphReplays > 0) {
+      cudaGraph_t graph;
+      cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
+      res = ncclMoeDispatch(comm, &a, handle, &w->result, stream);
+      c.topkWeights = cs->weights ? w->result.recvTopkWeights : NULL;
+      if (res == ncclSuccess) res = ncclMoeCombine(comm, &c, handle, stream);
+      cudaError_t ce = cudaStreamEndCapture(stream, &graph);
+      if (res == ncclSuccess && ce == cudaSuccess) ce = cudaGraphInstantiate(&exec, graph, 0);
+      if (ce != cudaSuccess && res == ncclSuccess) {
+        res = ncclUnhandledCudaError;
+        snprintf(w->err, sizeof(w->err), "graph: %s", cudaGetErrorString(ce));
+      }
+      if (res == ncclSuccess && cs->zeroCopy) cudaMemcpyAsync(combineBuf, d->dy, (size_t)cs->capacity * cs->hidden * 2, cudaMemcpyDeviceToDevice, stream);
+      for (int i = 0; i < cs->graphReplays && res == ncclSuccess; i++) {
+        cudaMemsetAsync(d->dout, 0xFF, (size_t)d->T * cs->hidden * 2 + 16, stream);
+        if (cudaGraphLaunch(exec, stream) != cudaSuccess) res = ncclUnhandledCudaError;
+      }
+      cudaGraphDestroy(graph);
+    } else {
+      res = ncclMoeDispatch(comm, &a, handle, &w->result, stream);
+      if (res == ncclSuccess) {
+        int rows = w->result.numRecv >= 0 ? w->result.numRecv : cs->capacity;
+        if (cs->zeroCopy) cudaMemcpyAsync(combineBuf, d->dy, (size_t)rows * cs->hidden * 2, cudaMemcpyDeviceToDevice, stream);
+        c.topkWeights = cs->weights ? w->result.recvTopkWeights : NULL;
+        cudaMemsetAsync(d->dout, 0xFF, (size_t)d->T * cs->hidden * 2 + 16, stream);
+        res = ncclMoeCombine(comm, &c, handle, stream);
+      }
+    }
+    if (cudaStreamSynchronize(stream) != cudaSuccess && res == ncclSuccess) res = ncclUnhandledCudaError;
+  }
+  if (res == ncclSuccess) {
+    ncclResult_t async;
+    ncclMoeCommGetAsyncError(comm, &async);
+    res = async;
+  }
+  if (res != ncclSuccess && w->err[0] == '\0') snprintf(w->err, sizeof(w->err), "%s", ncclMoeGetLastError());
+  cudaMemcpy(&w->recvRowsDevice, w->result.recvCount, sizeof(int), cudaMemcpyDeviceToHost);
+  if (exec) cudaGraphExecDestroy(exec);
+  w->res = res;
+  return NULL;
+}
+
+static float bf16f(uint16_t v) { return moe_bf16_to_float(v); }
+
+static void run_case(const case_t* cs) {
+  const int N = cs->nRanks, H = cs->hidden, K = cs->topk, E = cs->numExperts, L = E / N;
+  const int nS = H / NCCL_MOE_FP8_BLOCK;
+  moe_rng_t rng;
+  moe_rng_init(&rng, moe_test_seed() ^ ((uint64_t)N << 40) ^ ((uint64_t)H << 20) ^ (uint64_t)(K * 131 + E));
+  int maxT = 1;
+  for (int r = 0; r < N; r++) if (cs->tokens[r] > maxT) maxT = cs->tokens[r];
+  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
+  cfg.maxTokensPerRank = maxT;
+  cfg.hidden = H;
+  cfg.numExperts = E;
+  cfg.maxTopk = K;
+  cfg.timeoutMs = 5000;
+  ncclMoeComm_t comms[MAXR];
+  ck_assert_int_eq(cudaSetDevice(0), cudaSuccess);
+  ncclResult_t ir = ncclMoeCommInitVirtual(N, 0, &cfg, comms);
+  ck_assert_msg(ir == ncclSuccess, "init: %s", ncclMoeGetLastError());
+
+  rank_data_t d[MAXR];
+  memset(d, 0, sizeof(d));
+  for (int r = 0; r < N; r++) {
+    rank_data_t* p = &d[r];
+    p->T = cs->tokens[r];
+    size_t T = p->T > 0 ? p->T : 1;
+    p->x = malloc(T * H * 2);
+    p->xq = malloc(T * H);
+    p->xs = malloc(T * nS * 4 + 4);
+    p->idx = malloc(T * K * 8);
+    p->w = malloc(T * K * 4);
+    for (size_t i = 0; i < (size_t)p->T * H; i++) p->x[i] = moe_float_to_bf16(moe_rng_normal(&rng) * 3.0f);
+    if (nS > 0) moe_fp8_quantize_ref(p->x, p->T, H, cs->pow2, p->xq, p->xs);
+    gen_routing(&rng, cs, p->T, p->idx);
+    for (size_t i = 0; i < (size_t)p->T * K; i++) p->w[i] = moe_rng_uniform(&rng, 0.0f, 1.0f);
+    cudaMalloc(&p->dx, T * H * 2);
+    cudaMalloc(&p->dxs, T * nS * 4 + 4);
+    cudaMalloc(&p->didx, T * K * 8);
+    cudaMalloc(&p->dw, T * K * 4);
+    cudaMalloc(&p->dout, T * H * 2 + 16);
+    cudaMalloc(&p->doutw, T * K * 4);
+    if (cs->xFp8) cudaMemcpy(p->dx, p->xq, (size_t)p->T * H, cudaMemcpyHostToDevice);
+    else cudaMemcpy(p->dx, p->x, (size_t)p->T * H * 2, cudaMemcpyHostToDevice);
+    cudaMemcpy(p->dxs, p->xs, (size_t)p->T * nS * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(p->didx, p->idx, (size_t)p->T * K * 8, cudaMemcpyHostToDevice);
+    cudaMemcpy(p->dw, p->w, (size_t)p->T * K * 4, cudaMemcpyHostToDevice);
+  }
+  int counts[MAXR];
+  int* rows = ref_rows(cs, d, counts);
+  for (int r = 0; r < N; r++) {
+    /* Combine input: fresh random rows, one per received row. */
+    int cap = cs->capacity ? cs->capacity : (counts[r] > 0 ? counts[r] : 1);
+    d[r].y = malloc((size_t)cap * H * 2);
+    for (size_t i = 0; i < (size_t)cap * H; i++) d[r].y[i] = moe_float_to_bf16(moe_rng_normal(&rng));
+    cudaMalloc(&d[r].dy, (size_t)cap * H * 2);
+    cudaMemcpy(d[r].dy, d[r].y, (size_t)cap * H * 2, cudaMemcpyHostToDevice);
+    /* Poison the comm-owned outputs. */
+    struct ncclMoeComm* cm = comms[r];
+    cudaMemset(cm->buffer + cm->layout.recvX, 0xA5, cm->layout.recvScales - cm->layout.recvX);
+    cudaMemset(cm->buffer + cm->layout.recvScales, 0xA5, cm->layout.combineX - cm->layout.recvScales);
+  }
+  cudaDeviceSynchronize();
+
+  worker_t w[MAXR];
+  pthread_t th[MAXR];
+  memset(w, 0, sizeof(w));
+  for (int r = 0; r < N; r++) {
+    w[r] = (worker_t){.cs = cs, .comm = comms[r], .d = d, .rank = r};
+    ck_assert_int_eq(ncclMoeHandleCreate(comms[r], &w[r].handle), ncclSuccess);
+    ck_assert_int_eq(cudaStreamCreateWithFlags(&w[r].stream, cudaStreamNonBlocking), cudaSuccess);
+  }
+  for (int r = 0; r < N; r++) {
+    pthread_create(&th[r], NULL, worker, &w[r]);
+  }
+  for (int r = 0; r < N; r++) pthread_join(th[r], NULL);
+  for (int r = 0; r < N; r++) {
+    ncclResult_t want = cs->overflow ? ncclInvalidArgument : ncclSuccess;
+    ck_assert_msg(w[r].res == want, "rank %d: %d (want %d) %s", r, w[r].res, want, w[r].err);
+  }
+
+  const int esz = cs->sendFp8 ? 1 : 2;
+  for (int r = 0; r < N; r++) {
+    const ncclMoeDispatchResult_t* res = &w[r].result;
+    int cap = cs->capacity ? cs->capacity : counts[r];
+    if (cs->capacity == 0) ck_assert_int_eq(res->numRecv, counts[r]);
+    else ck_assert_int_eq(res->numRecv, -1);
+    ck_assert_int_eq(w[r].recvRowsDevice, counts[r]);
+    int got = counts[r] < cap ? counts[r] : cap;
+    /* Per-expert counts, padded. */
+    int* perExpert = calloc(L, sizeof(int));
+    for (int s = 0; s < N; s++)
+      for (int t = 0; t < d[s].T; t++)
+        for (int k = 0; k < K; k++) {
+          int64_t e = d[s].idx[(size_t)t * K + k];
+          if (e >= 0 && e / L == r) perExpert[e % L]++;
+        }
+    int* gotPerExpert = malloc(L * sizeof(int));
+    cudaMemcpy(gotPerExpert, res->recvTokensPerExpert, L * sizeof(int), cudaMemcpyDeviceToHost);
+    int align = cs->alignment > 0 ? cs->alignment : 1;
+    for (int l = 0; l < L; l++) {
+      int want = (perExpert[l] + align - 1) / align * align;
+      ck_assert_msg(gotPerExpert[l] == want, "rank %d expert %d: %d rows, want %d", r, l, gotPerExpert[l], want);
+      if (cs->capacity == 0) ck_assert_int_eq(res->hostRecvTokensPerExpert[l], want);
+    }
+    free(perExpert);
+    free(gotPerExpert);
+    if (got == 0) continue;
+    uint8_t* rx = malloc((size_t)got * H * esz);
+    float* rs = malloc((size_t)got * nS * 4 + 4);
+    int64_t* ri = malloc((size_t)got * K * 8);
+    float* rw = malloc((size_t)got * K * 4);
+    cudaMemcpy(rx, res->recvX, (size_t)got * H * esz, cudaMemcpyDeviceToHost);
+    if (cs->sendFp8) cudaMemcpy(rs, res->recvScales, (size_t)got * nS * 4, cudaMemcpyDeviceToHost);
+    cudaMemcpy(ri, res->recvTopkIdx, (size_t)got * K * 8, cudaMemcpyDeviceToHost);
+    if (cs->weights) cudaMemcpy(rw, res->recvTopkWeights, (size_t)got * K * 4, cudaMemcpyDeviceToHost);
+    for (int s = 0; s < N; s++)
+      for (int t = 0; t < d[s].T; t++) {
+        int row = rows[((size_t)s * maxT + t) * N + r];
+        if (row < 0 || row >= got) continue;
+        const void* want = cs->sendFp8 ? (const void*)(d[s].xq + (size_t)t * H) : (const void*)(d[s].x + (size_t)t * H);
+        ck_assert_msg(memcmp(rx + (size_t)row * H * esz, want, (size_t)H * esz) == 0,
+                      "rank %d row %d (src %d token %d): payload differs", r, row, s, t);
+        if (cs->sendFp8)
+          ck_assert_msg(memcmp(rs + (size_t)row * nS, d[s].xs + (size_t)t * nS, nS * 4) == 0,
+                        "rank %d row %d: scales differ", r, row);
+        for (int k = 0; k < K; k++) {
+          int64_t e = d[s].idx[(size_t)t * K + k];
+          int64_t local = (e >= 0 && e / L == r) ? e % L : -1;
+          ck_assert_msg(ri[(size_t)row * K + k] == local, "rank %d row %d k %d: id %lld want %lld", r, row, k,
+                        (long long)ri[(size_t)row * K + k], (long long)local);
+          if (cs->weights) ck_assert_float_eq(rw[(size_t)row * K + k], local >= 0 ? d[s].w[(size_t)t * K + k] : 0.0f);
+        }
+      }
+    free(rx), free(rs), free(ri), free(rw);
+  }
+  /* Combine: fp32 sum in rank order, rounded to BF16 once. */
+  for (int s = 0; s < N; s++) {
+    if (d[s].T == 0) continue;
+    uint16_t* out = malloc((size_t)d[s].T * H * 2);
+    float* ow = malloc((size_t)d[s].T * K * 4);
+    cudaMemcpy(out, d[s].dout, (size_t)d[s].T * H * 2, cudaMemcpyDeviceToHost);
+    if (cs->weights) cudaMemcpy(ow, d[s].doutw, (size_t)d[s].T * K * 4, cudaMemcpyDeviceToHost);
+    for (int t = 0; t < d[s].T; t++) {
+      for (int h = 0; h < H; h++) {
+        float acc = 0.0f;
+        for (int r = 0; r < N; r++) {
+          int row = rows[((size_t)s * maxT + t) * N + r];
+          int cap = cs->capacity ? cs->capacity : counts[r];
+          if (row >= 0 && row < cap) acc += bf16f(d[r].y[(size_t)row * H + h]);
+        }
+        uint16_t want = moe_float_to_bf16(acc);
+        ck_assert_msg(out[(size_t)t * H + h] == want, "src %d token %d ch %d: 0x%04x want 0x%04x", s, t, h,
+                      out[(size_t)t * H + h], want);
+      }
+      if (cs->weights)
+        for (int k = 0; k < K; k++) {
+          int64_t e = d[s].idx[(size_t)t * K + k];
+          ck_assert_float_eq(ow[(size_t)t * K + k], e >= 0 ? d[s].w[(size_t)t * K + k] : 0.0f);
+        }
+    }
+    free(out), free(ow);
+  }
+  free(rows);
+  for (int r = 0; r < N; r++) {
+    free(d[r].x), free(d[r].xq), free(d[r].xs), free(d[r].idx), free(d[r].w), free(d[r].y);
+    cudaFree(d[r].dx), cudaFree(d[r].dxs), cudaFree(d[r].didx), cudaFree(d[r].dw), cudaFree(d[r].dy);
+    cudaFree(d[r].dout), cudaFree(d[r].doutw);
+  }
+  for (int r = 0; r < N; r++) {
+    ncclMoeHandleDestroy(w[r].handle);
+    cudaStreamDestroy(w[r].stream);
+  }
+  for (int r = 0; r < N; r++) ck_assert_int_eq(ncclMoeCommDestroy(comms[r]), ncclSuccess);
+}
+
+static case_t base_case(int N, int T, int H, int K, int E) {
+  case_t c;
+  memset(&c, 0, sizeof(c));
+  c.nRanks = N, c.hidden = H, c.topk = K, c.numExperts = E, c.weights = 1;
+  for (int r = 0; r < N; r++) c.tokens[r] = T;
+  return c;
+}
+
+START_TEST(test_bf16_exact_2ranks) {
+  case_t c = base_case(2, 97, 2048, 4, 8);
+  c.dropProb = 7;
+  run_case(&c);
+}
+END_TEST
+
+START_TEST(test_fp8_exact_4ranks) {
+  case_t c = base_case(4, 300, 7168, 8, 64);
+  c.xFp8 = 1, c.sendFp8 = 1, c.dropProb = 5, c.alignment = 32;
+  run_case(&c);
+}
+END_TEST
+
+START_TEST(test_cast_8ranks_default_shape) {
+  case_t c = base_case(8, 256, 7168, 8, 256);
+  c.sendFp8 = 1;
+  run_case(&c);
+}
+END_TEST
+
+START_TEST(test_pow2_cast_and_zero_tokens) {
+  case_t c = base_case(8, 130, 4096, 9, 288);
+  c.sendFp8 = 1, c.pow2 = 1, c.tokens[0] = 0, c.tokens[5] = 0, c.tokens[3] = 1;
+  run_case(&c);
+}
+END_TEST
+
+START_TEST(test_all_to_one_rank) {
+  case_t c = base_case(4, 200, 1024, 2, 16);
+  c.route = ROUTE_ONE_RANK;
+  run_case(&c);
+}
+END_TEST
+
+START_TEST(test_odd_hidden_bf16_topk1) {
+  case_t c = base_case(4, 150, 2056, 1, 8); /* 2056 is not a multiple of 128 */
+  c.route = ROUTE_SKEWED, c.weights = 0;
+  run_case(&c);
+}
+END_TEST
+
+START_TEST(test_all_dropped) {
+  case_t c = base_case(2, 64, 512, 3, 8);
+  c.dropProb = 1; /* every entry -1: no rank receives anything */
+  run_case(&c);
+}
+END_TEST
+
+START_TEST(test_reuse_handle_zero_copy) {
+  case_t c = base_case(4, 333, 3072, 6, 32);
+  c.sendFp8 = 1, c.reuse = 1, c.zeroCopy = 1, c.dropProb = 9;
+  run_case(&c);
+}
+END_TEST
+
+START_TEST(test_capacity_graph_replays) {
+  case_t c = base_case(8, 128, 2048, 8, 64);
+  c.xFp8 = 1, c.sendFp8 = 1, c.capacity = 8 * 128, c.graphReplays = 10, c.route = ROUTE_SKEWED;
+  run_case(&c);
+}
+END_TEST
+
+START_TEST(test_capacity_overflow_is_an_error) {
+  case_t c = base_case(4, 100, 1024, 4, 16);
+  c.route = ROUTE_ONE_RANK, c.capacity = 150, c.overflow = 1; /* rank 0 gets 400 rows */
+  run_case(&c);
+}
+END_TEST
+
+START_TEST(test_capacity_graph_zero_copy_bf16) {
+  case_t c = base_case(2, 100, 1024, 4, 16);
+  c.capacity = 200, c.graphReplays = 3, c.zeroCopy = 1;
+  run_case(&c);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- errors */
+static ncclMoeComm_t g_comms[2];
+
+static void make_comms(int timeoutMs) {
+  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
+  cfg.maxTokensPerRank = 64, cfg.hidden = 1024, cfg.numExperts = 8, cfg.maxTopk = 4, cfg.timeoutMs = timeoutMs;
+  ck_assert_int_eq(ncclMoeCommInitVirtual(2, 0, &cfg, g_comms), ncclSuccess);
+}
+
+START_TEST(test_timeout_when_peer_never_arrives) {
+  make_comms(300);
+  ncclMoeHandle_t h;
+  ck_assert_int_eq(ncclMoeHandleCreate(g_comms[0], &h), ncclSuccess);
+  void *x, *idx;
+  cudaMalloc(&x, 64 * 1024 * 2);
+  cudaMalloc(&idx, 64 * 4 * 8);
+  cudaMemset(idx, 0, 64 * 4 * 8);
+  ncclMoeDispatchArgs_t a = {.x = x, .xType = ncclBfloat16, .sendType = ncclBfloat16, .numTokens = 64,
+                             .hidden = 1024, .topk = 4, .topkIdx = idx, .capacity = 128};
+  ncclMoeDispatchResult_t r;
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  ck_assert_int_eq(ncclMoeDispatch(g_comms[0], &a, h, &r, 0), ncclSuccess); /* capacity: no host wait */
+  ck_assert_int_eq(cudaDeviceSynchronize(), cudaSuccess);                  /* kernels end, no trap */
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+  ck_assert_msg(s < 10.0, "timeout took %.1f s", s);
+  ncclResult_t async;
+  ck_assert_int_eq(ncclMoeCommGetAsyncError(g_comms[0], &async), ncclSuccess);
+  ck_assert_int_eq(async, ncclSystemError);
+  ck_assert_int_eq(ncclMoeDispatch(g_comms[0], &a, h, &r, 0), ncclSystemError);
+  ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "did not answer"));
+  ncclMoeHandleDestroy(h);
+  ncclMoeCommDestroy(g_comms[0]);
+  ncclMoeCommDestroy(g_comms[1]);
+}
+END_TEST
+
+START_TEST(test_bad_arguments) {
+  make_comms(2000);
+  ncclMoeComm_t comm = g_comms[0];
+  ncclMoeHandle_t h;
+  ck_assert_int_eq(ncclMoeHandleCreate(comm, &h), ncclSuccess);
+  char *x, *idx;
+  cudaMalloc((void**)&x, 64 * 1024 * 2 + 64);
+  cudaMalloc((void**)&idx, 64 * 4 * 8);
+  ncclMoeDispatchResult_t r;
+  ncclMoeDispatchArgs_t good = {.x = x, .xType = ncclBfloat16, .sendType = ncclBfloat16, .numTokens = 64,
+                                .hidden = 1024, .topk = 4, .topkIdx = (int64_t*)idx, .capacity = 128};
+  struct { const char* what; ncclMoeDispatchArgs_t a; const char* msg; } bad[12];
+  int n = 0;
+#define BAD(field, value, text) do { bad[n].a = good; bad[n].a.field = value; bad[n].what = #field; bad[n].msg = text; n++; } while (0)
+  BAD(x, NULL, "x is NULL");
+  BAD(x, x + 8, "aligned");
+  BAD(topkIdx, NULL, "topkIdx is NULL");
+  BAD(capacity, 1000, "capacity");
+  BAD(hidden, 2048, "hidden");
+  BAD(hidden, 1004, "multiple");
+  BAD(topk, 0, "topk");
+  BAD(numTokens, 65, "numTokens");
+  BAD(xType, ncclFloat, "xType");
+  BAD(x, (char*)&good, "not device memory");
+#undef BAD
+  bad[n].a = good, bad[n].a.xType = ncclFloat8e4m3, bad[n].a.sendType = ncclFloat8e4m3, bad[n].what = "xScales";
+  bad[n++].msg = "xScales";
+  bad[n].a = good, bad[n].a.reuseHandle = 1, bad[n].what = "reuse", bad[n++].msg = "no routing";
+  for (int i = 0; i < n; i++) {
+    ncclResult_t res = ncclMoeDispatch(comm, &bad[i].a, h, &r, 0);
+    ck_assert_msg(res == ncclInvalidArgument, "%s: got %d", bad[i].what, res);
+    ck_assert_msg(strstr(ncclMoeGetLastError(), bad[i].msg) != NULL, "%s: message '%s'", bad[i].what,
+                  ncclMoeGetLastError());
+  }
+  ck_assert_int_eq(ncclMoeDispatch(comm, NULL, h, &r, 0), ncclInvalidArgument);
+  ck_assert_int_eq(ncclMoeDispatch(comm, &good, NULL, &r, 0), ncclInvalidArgument);
+  ck_assert_int_eq(ncclMoeDispatch(comm, &good, h, NULL, 0), ncclInvalidArgument);
+  ncclMoeCombineArgs_t c = {.x = x, .hidden = 1024, .out = x};
+  ck_assert_int_eq(ncclMoeCombine(comm, &c, h, 0), ncclInvalidArgument); /* no dispatch yet */
+  ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "no routing"));
+  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
+  ncclMoeComm_t more[3];
+  cfg.maxTokensPerRank = 8, cfg.hidden = 128, cfg.numExperts = 8;
+  ck_assert_int_eq(ncclMoeCommInitVirtual(3, 0, &cfg, more), ncclInvalidArgument); /* 8 % 3 */
+  ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "multiple of the 3 ranks"));
+  cfg.size = 4;
+  ck_assert_int_eq(ncclMoeCommInitVirtual(2, 0, &cfg, more), ncclInvalidArgument);
+  ncclMoeHandleDestroy(h);
+  ncclMoeCommDestroy(g_comms[0]);
+  ncclMoeCommDestroy(g_comms[1]);
+}
+END_TEST
+
+START_TEST(test_bad_expert_id_is_reported) {
+  make_comms(5000);
+  ncclMoeHandle_t h[2];
+  int64_t* idx[2];
+  void* x[2];
+  for (int r = 0; r < 2; r++) {
+    ncclMoeHandleCreate(g_comms[r], &h[r]);
+    cudaMalloc((void**)&idx[r], 16 * 4 * 8);
+    cudaMalloc(&x[r], 16 * 1024 * 2);
+    int64_t host[64];
+    for (int i = 0; i < 64; i++) host[i] = i % 8;
+    if (r == 1) host[5] = 8; /* out of range */
+    cudaMemcpy(idx[r], host, sizeof(host), cudaMemcpyHostToDevice);
+  }
+  cudaStream_t s[2];
+  cudaStreamCreate(&s[0]);
+  cudaStreamCreate(&s[1]);
+  ncclMoeDispatchResult_t res;
+  for (int r = 0; r < 2; r++) {
+    ncclMoeDispatchArgs_t a = {.x = x[r], .xType = ncclBfloat16, .sendType = ncclBfloat16, .numTokens = 16,
+                               .hidden = 1024, .topk = 4, .topkIdx = idx[r], .capacity = 64};
+    ck_assert_int_eq(ncclMoeDispatch(g_comms[r], &a, h[r], &res, s[r]), ncclSuccess);
+  }
+  cudaDeviceSynchronize();
+  ncclResult_t async;
+  ncclMoeCommGetAsyncError(g_comms[1], &async);
+  ck_assert_int_eq(async, ncclInvalidArgument);
+  ncclMoeCommGetAsyncError(g_comms[0], &async);
+  ck_assert_int_eq(async, ncclSuccess); /* rank 0's batch was fine; the protocol completed */
+  for (int r = 0; r < 2; r++) ncclMoeHandleDestroy(h[r]);
+  ncclMoeCommDestroy(g_comms[0]);
+  ncclMoeCommDestroy(g_comms[1]);
+}
+END_TEST
+
+int main(void) {
+  /* Virtual ranks wait on each other across streams: each stream needs its
+   * own hardware queue, or a spinning kernel blocks a peer queued behind it. */
+  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+  moe_test_require_gpus(1);
+  moe_test_seed();
+  Suite* s = suite_create("intranode");
+  TCase* tc = tcase_create("dispatch_combine");
+  tcase_set_timeout(tc, 300);
+  tcase_add_test(tc, test_bf16_exact_2ranks);
+  tcase_add_test(tc, test_fp8_exact_4ranks);
+  tcase_add_test(tc, test_cast_8ranks_default_shape);
+  tcase_add_test(tc, test_pow2_cast_and_zero_tokens);
+  tcase_add_test(tc, test_all_to_one_rank);
+  tcase_add_test(tc, test_odd_hidden_bf16_topk1);
+  tcase_add_test(tc, test_all_dropped);
+  tcase_add_test(tc, test_reuse_handle_zero_copy);
+  tcase_add_test(tc, test_capacity_graph_replays);
+  tcase_add_test(tc, test_capacity_graph_zero_copy_bf16);
+  tcase_add_test(tc, test_capacity_overflow_is_an_error);
+  suite_add_tcase(s, tc);
+  TCase* te = tcase_create("errors");
+  tcase_set_timeout(te, 120);
+  tcase_add_test(te, test_timeout_when_peer_never_arrives);
+  tcase_add_test(te, test_bad_arguments);
+  tcase_add_test(te, test_bad_expert_id_is_reported);
+  suite_add_tcase(s, te);
+  return moe_test_run(s);
+}

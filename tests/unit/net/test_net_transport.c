@@ -1,0 +1,169 @@
+/* The internal transport interface directly (what the MoE internode path
+ * uses): backend selection and one-sided writes with immediates on the
+ * socket backend, interleaved with two-sided messages. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "moe_env.h"
+#include "net_test_util.h"
+#include "test_common.h"
+#include "transport/moe_transport.h"
+
+static const moe_transport_t* t;
+
+static void setup(void) {
+  net_test_env();
+  moe_env_reload();
+  ck_assert_int_eq(moe_transport_select(&t), ncclSuccess);
+  ck_assert_str_eq(t->name, "socket");
+}
+
+static void teardown(void) { t->fini(); }
+
+static void pair(moe_net_comm_t** send, moe_net_comm_t** recv, moe_net_comm_t** listen) {
+  uint8_t handle[MOE_NET_HANDLE_BYTES] = {0};
+  ck_assert_int_eq(t->listen(0, handle, listen), ncclSuccess);
+  *send = *recv = NULL;
+  moe_net_conn_config_t cfg = {.traffic_class = NCCL_NET_TRAFFIC_CLASS_UNDEF};
+  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (*send == NULL || *recv == NULL) {
+    if (*send == NULL) ck_assert_int_eq(t->connect(0, &cfg, handle, send), ncclSuccess);
+    if (*recv == NULL) ck_assert_int_eq(t->accept(*listen, recv), ncclSuccess);
+    ck_assert(net_now_ms() < deadline);
+  }
+}
+
+static void wait_req(moe_net_request_t* req) {
+  int done = 0;
+  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (!done) {
+    ck_assert_int_eq(t->test(req, &done, NULL), ncclSuccess);
+    ck_assert(net_now_ms() < deadline);
+  }
+}
+
+START_TEST(test_write_with_imm) {
+  moe_net_comm_t *send, *recv, *listen;
+  pair(&send, &recv, &listen);
+  enum { REGION = 3 << 20 };
+  char* region = malloc(REGION);
+  memset(region, 0, REGION);
+  void* rmr = NULL;
+  ck_assert_int_eq(t->reg_mr(recv, region, REGION, NCCL_PTR_HOST, -1, 0, &rmr), ncclSuccess);
+  moe_net_rkey_t key;
+  ck_assert_int_eq(t->mr_key(rmr, &key), ncclSuccess);
+  ck_assert_uint_eq(key.size, REGION);
+  /* Three writes at different offsets (one large), then a message, then a write. */
+  char* src = malloc(REGION);
+  net_fill(src, REGION, 11);
+  const uint64_t off[3] = {0, 4096, 1 << 20};
+  const size_t len[3] = {100, 4000, 2 << 20};
+  moe_net_request_t* wreq[4];
+  for (int i = 0; i < 3; i++)
+    ck_assert_int_eq(t->write(send, src + off[i], len[i], NULL, &key, off[i], 1, 0xA000 + i, &wreq[i]), ncclSuccess);
+  char msg[64] = "interleaved message", got[64] = {0};
+  moe_net_request_t *sreq, *rreq;
+  ck_assert_int_eq(t->isend(send, msg, sizeof(msg), 5, NULL, &sreq), ncclSuccess);
+  ck_assert_int_eq(t->write(send, src, 8, NULL, &key, REGION - 8, 0, 0, &wreq[3]), ncclSuccess);
+  for (int i = 0; i < 4; i++) wait_req(wreq[i]);
+  wait_req(sreq);
+  /* The receiver sees immediates in order, each after its bytes landed. */
+  uint32_t imms[3];
+  int n = 0;
+  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (n < 3) {
+    int got_imm = 0;
+    ck_assert_int_eq(t->poll_imm(recv, &imms[n], &got_imm), ncclSuccess);
+    if (got_imm) {
+      ck_assert_int_eq(memcmp(region + off[n], src + off[n], len[n]), 0);
+      n++;
+    }
+    ck_assert(net_now_ms() < deadline);
+  }
+  for (int i = 0; i < 3; i++) ck_assert_uint_eq(imms[i], 0xA000 + (uint32_t)i);
+  void* data[1] = {got};
+  size_t cap[1] = {sizeof(got)};
+  int tag[1] = {5};
+  ck_assert_int_eq(t->irecv(recv, 1, data, cap, tag, NULL, &rreq), ncclSuccess);
+  ck_assert_ptr_nonnull(rreq);
+  wait_req(rreq);
+  ck_assert_str_eq(got, msg);
+  /* The write without immediate landed too (it followed the message). */
+  deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (memcmp(region + REGION - 8, src, 8) != 0) {
+    uint32_t imm;
+    int got_imm = 0;
+    ck_assert_int_eq(t->poll_imm(recv, &imm, &got_imm), ncclSuccess);
+    ck_assert_int_eq(got_imm, 0);
+    ck_assert(net_now_ms() < deadline);
+  }
+  /* Out-of-bounds writes are refused at the sender. */
+  moe_net_request_t* bad = NULL;
+  ck_assert_int_eq(t->write(send, src, 16, NULL, &key, REGION - 8, 0, 0, &bad), ncclInvalidArgument);
+  ck_assert_int_eq(t->write(send, src, 1, NULL, &key, (uint64_t)-1, 0, 0, &bad), ncclInvalidArgument);
+  ck_assert_int_eq(t->dereg_mr(recv, rmr), ncclSuccess);
+  ck_assert_int_eq(t->close(send), ncclSuccess);
+  ck_assert_int_eq(t->close(recv), ncclSuccess);
+  ck_assert_int_eq(t->close(listen), ncclSuccess);
+  free(src);
+  free(region);
+}
+END_TEST
+
+START_TEST(test_write_to_deregistered_region_is_error) {
+  moe_net_comm_t *send, *recv, *listen;
+  pair(&send, &recv, &listen);
+  char region[256];
+  void* rmr = NULL;
+  ck_assert_int_eq(t->reg_mr(recv, region, sizeof(region), NCCL_PTR_HOST, -1, 0, &rmr), ncclSuccess);
+  moe_net_rkey_t key;
+  ck_assert_int_eq(t->mr_key(rmr, &key), ncclSuccess);
+  ck_assert_int_eq(t->dereg_mr(recv, rmr), ncclSuccess);
+  /* A stale key must not reach memory that is no longer registered. */
+  moe_net_request_t* w = NULL;
+  ck_assert_int_eq(t->write(send, region, 8, NULL, &key, 0, 1, 1, &w), ncclSuccess);
+  wait_req(w);
+  ncclResult_t res = ncclSuccess;
+  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (res == ncclSuccess) {
+    uint32_t imm;
+    int got = 0;
+    res = t->poll_imm(recv, &imm, &got);
+    ck_assert_int_eq(got, 0);
+    ck_assert(net_now_ms() < deadline);
+  }
+  ck_assert_int_eq(res, ncclRemoteError);
+  /* Registering GPU memory on the socket backend is refused clearly. */
+  void* mr = NULL;
+  ck_assert_int_eq(t->reg_mr(send, region, 8, NCCL_PTR_CUDA, -1, 0, &mr), ncclInvalidArgument);
+  ck_assert_int_eq(t->close(send), ncclSuccess);
+  ck_assert_int_eq(t->close(recv), ncclSuccess);
+  ck_assert_int_eq(t->close(listen), ncclSuccess);
+}
+END_TEST
+
+START_TEST(test_forced_ib_without_device) {
+  setenv("NCCL_MOE_NET_BACKEND", "ib", 1);
+  moe_env_reload();
+  const moe_transport_t* other = NULL;
+  ck_assert_int_ne(moe_transport_select(&other), ncclSuccess);
+  ck_assert_ptr_null(other);
+  setenv("NCCL_MOE_NET_BACKEND", "auto", 1);
+  moe_env_reload();
+  ck_assert_int_eq(moe_transport_select(&other), ncclSuccess);
+  ck_assert_str_eq(other->name, "socket");
+  other->fini();
+}
+END_TEST
+
+int main(void) {
+  Suite* s = suite_create("net_transport");
+  TCase* tc = tcase_create("socket");
+  tcase_add_checked_fixture(tc, setup, teardown);
+  tcase_set_timeout(tc, 60);
+  tcase_add_test(tc, test_write_with_imm);
+  tcase_add_test(tc, test_write_to_deregistered_region_is_error);
+  tcase_add_test(tc, test_forced_ib_without_device);
+  suite_add_tcase(s, tc);
+  return moe_test_run(s);
+}

@@ -1,0 +1,108 @@
+/* nccl-moe-netcheck: loads the net plugin into a real NCCL and runs an
+ * all-reduce over every visible GPU (one process, ncclCommInitAll), checking
+ * the result. With NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 and 2+ GPUs all
+ * traffic crosses the plugin; with one GPU it proves NCCL loads the plugin
+ * (run with NCCL_DEBUG=INFO and look for "Loaded net plugin MoE").
+ * Before NCCL starts, it lists the plugin's devices through the v11 struct.
+ *
+ *   nccl-moe-netcheck [--plugin PATH]      exit 0 ok, 1 failure, 77 no GPU */
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+#include <libgen.h>
+#include <limits.h>
+#include <nccl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "nccl_net/net.h"
+
+#define CHECK_MAX_GPUS 16
+#define CHECK_COUNT (1 << 20)
+
+static const char* default_plugin(void) {
+  static char path[PATH_MAX + 32];
+  char exe[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (n <= 0) return "libnccl-net-moe.so";
+  exe[n] = '\0';
+  snprintf(path, sizeof(path), "%s/../../libnccl-net-moe.so", dirname(exe));
+  return access(path, R_OK) == 0 ? path : "libnccl-net-moe.so";
+}
+
+static int list_devices(const char* path) {
+  void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (lib == NULL) {
+    fprintf(stderr, "netcheck: dlopen(%s): %s\n", path, dlerror());
+    return 1;
+  }
+  ncclNet_v11_t* net = (ncclNet_v11_t*)dlsym(lib, "ncclNetPlugin_v11");
+  void* ctx = NULL;
+  int ndev = 0;
+  if (net == NULL || net->init(&ctx, 0, NULL, NULL, NULL) != ncclSuccess || net->devices(&ndev) != ncclSuccess) {
+    fprintf(stderr, "netcheck: the plugin did not start\n");
+    return 1;
+  }
+  for (int d = 0; d < ndev; d++) {
+    ncclNetProperties_v11_t p;
+    if (net->getProperties(d, &p) != ncclSuccess) return 1;
+    printf("netcheck: plugin %s device %d: %s pci=%s ptrSupport=0x%x speed=%d Mbps port=%d maxRecvs=%d\n", net->name,
+           d, p.name, p.pciPath ? p.pciPath : "-", p.ptrSupport, p.speed, p.port, p.maxRecvs);
+  }
+  net->finalize(ctx);
+  dlclose(lib);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  const char* plugin = argc == 3 && strcmp(argv[1], "--plugin") == 0 ? argv[2] : default_plugin();
+  int ngpus = 0;
+  if (cudaGetDeviceCount(&ngpus) != cudaSuccess || ngpus == 0) {
+    printf("netcheck: no GPU, skipped\n");
+    return 77;
+  }
+  if (ngpus > CHECK_MAX_GPUS) ngpus = CHECK_MAX_GPUS;
+  if (list_devices(plugin) != 0) return 1;
+  setenv("NCCL_NET_PLUGIN", plugin, 0);
+  int devs[CHECK_MAX_GPUS];
+  ncclComm_t comms[CHECK_MAX_GPUS];
+  float* bufs[CHECK_MAX_GPUS];
+  cudaStream_t streams[CHECK_MAX_GPUS];
+  for (int i = 0; i < ngpus; i++) devs[i] = i;
+  ncclResult_t res = ncclCommInitAll(comms, ngpus, devs);
+  if (res != ncclSuccess) {
+    fprintf(stderr, "netcheck: ncclCommInitAll: %s\n", ncclGetErrorString(res));
+    return 1;
+  }
+  float* host = malloc(CHECK_COUNT * sizeof(float));
+  for (int i = 0; i < ngpus; i++) {
+    cudaSetDevice(i);
+    cudaStreamCreate(&streams[i]);
+    cudaMalloc((void**)&bufs[i], CHECK_COUNT * sizeof(float));
+    for (int k = 0; k < CHECK_COUNT; k++) host[k] = (float)((k % 97) + i);
+    cudaMemcpy(bufs[i], host, CHECK_COUNT * sizeof(float), cudaMemcpyHostToDevice);
+  }
+  ncclGroupStart();
+  for (int i = 0; i < ngpus; i++)
+    ncclAllReduce(bufs[i], bufs[i], CHECK_COUNT, ncclFloat, ncclSum, comms[i], streams[i]);
+  res = ncclGroupEnd();
+  int bad = res != ncclSuccess;
+  for (int i = 0; i < ngpus && !bad; i++) {
+    cudaSetDevice(i);
+    cudaStreamSynchronize(streams[i]);
+    cudaMemcpy(host, bufs[i], CHECK_COUNT * sizeof(float), cudaMemcpyDeviceToHost);
+    for (int k = 0; k < CHECK_COUNT && !bad; k++) {
+      float want = (float)(ngpus * (k % 97) + ngpus * (ngpus - 1) / 2);
+      bad = host[k] != want;
+    }
+  }
+  for (int i = 0; i < ngpus; i++) {
+    cudaSetDevice(i);
+    cudaFree(bufs[i]);
+    ncclCommDestroy(comms[i]);
+  }
+  free(host);
+  printf("netcheck: all-reduce over %d GPU(s): %s\n", ngpus, bad ? "WRONG" : "OK");
+  return bad;
+}

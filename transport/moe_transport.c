@@ -1,0 +1,65 @@
+#include "transport/moe_transport.h"
+
+#include <fcntl.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "moe_check.h"
+#include "moe_env.h"
+
+uint64_t moe_net_now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t moe_net_random_u64(void) {
+  uint64_t v = 0;
+  while (v == 0) {
+    if (getrandom(&v, sizeof(v), GRND_NONBLOCK) != (ssize_t)sizeof(v)) {
+      /* No entropy yet (early boot): ids only need to differ, not be secret. */
+      static uint64_t counter = 0;
+      uint64_t c = __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED);
+      v = moe_net_now_ns() ^ ((uint64_t)getpid() << 32) ^ (c * 0x9E3779B97F4A7C15ull);
+    }
+  }
+  return v;
+}
+
+/* auto: the ib backend when it starts and finds an active port. */
+static ncclResult_t moe_transport_try_ib(int forced, const moe_transport_t** transport_p) {
+  ncclResult_t res = moe_transport_ib.init();
+  if (res != ncclSuccess) {
+    if (forced) return MOE_ERROR(res, "NCCL_MOE_NET_BACKEND=ib: the verbs backend failed to start");
+    return res;
+  }
+  int ndev = 0;
+  res = moe_transport_ib.devices(&ndev);
+  if (res == ncclSuccess && ndev > 0) {
+    *transport_p = &moe_transport_ib;
+    return ncclSuccess;
+  }
+  moe_transport_ib.fini();
+  if (forced) return MOE_ERROR(ncclSystemError, "NCCL_MOE_NET_BACKEND=ib: no active verbs port found (NCCL_IB_HCA=\"%s\")",
+                               moe_env()->ib_hca);
+  return ncclSystemError;
+}
+
+ncclResult_t moe_transport_select(const moe_transport_t** transport_p) {
+  int backend = moe_env()->net_backend;
+  const moe_transport_t* chosen = NULL;
+  if (backend == MOE_NET_BACKEND_IB) {
+    MOE_CHECK(moe_transport_try_ib(1, &chosen));
+  } else if (backend == MOE_NET_BACKEND_AUTO && moe_transport_try_ib(0, &chosen) != ncclSuccess) {
+    moe_clear_last_error();
+    MOE_INFO(NCCL_INIT | NCCL_NET, "no usable verbs device; using the socket backend");
+    chosen = NULL;
+  }
+  if (chosen == NULL) {
+    MOE_CHECK(moe_transport_socket.init());
+    chosen = &moe_transport_socket;
+  }
+  *transport_p = chosen;
+  return ncclSuccess;
+}

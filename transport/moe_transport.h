@@ -1,0 +1,165 @@
+/* The one internal network-transport interface.
+ *
+ * Both the NCCL net plugin (plugin/net/) and the MoE internode path talk to
+ * the network only through a moe_transport_t: a table of functions that each
+ * backend (net_socket/, net_ib/) fills in. Semantics follow NCCL's net plugin
+ * contract so the plugin layer stays a thin adapter:
+ *
+ *  - listen() writes an opaque handle (at most MOE_NET_HANDLE_BYTES) that the
+ *    peer passes to connect(). connect() and accept() never block: they
+ *    succeed with *comm_p == NULL and expect to be called again (connect with
+ *    the same handle memory, which it may use as scratch). Handles come from
+ *    the network: backends validate them before use.
+ *  - isend()/irecv() return a request or, when the comm's request slots are
+ *    full, NULL ("try again later"). Sends and receives match in posting order;
+ *    one irecv may cover up to MOE_NET_MAX_RECVS buffers, each message picking
+ *    its buffer by tag. A message longer than the buffer it matched is an
+ *    error on the receiving side (truncation), never silent.
+ *  - test() completes a request; sizes_p (may be NULL) receives one size per
+ *    buffer of the request.
+ *  - write() is one-sided: it copies local bytes into a peer region that the
+ *    peer registered and described with mr_key(); with `imm` the receiving
+ *    side sees the value through poll_imm() once the bytes landed. Immediates
+ *    must be below 2^31 (the ib backend uses the top bit to tell them from
+ *    message completions).
+ *
+ * Every wait on a peer is bounded by NCCL_MOE_TIMEOUT_MS: a dead peer gives an
+ * error, never a hang. Comms are used by one thread at a time each; different
+ * comms may be used from different threads at once. */
+#ifndef MOE_TRANSPORT_H_
+#define MOE_TRANSPORT_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "nccl_net/net.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_NET_HANDLE_BYTES NCCL_NET_HANDLE_MAXSIZE
+/* Requests in flight per comm (NCCL never posts more). */
+#define MOE_NET_MAX_REQUESTS NCCL_NET_MAX_REQUESTS
+/* Buffers one irecv may cover (NCCL's grouped receives). */
+#define MOE_NET_MAX_RECVS 8
+/* Largest single message: test() reports sizes as int, so stay below 2 GiB. */
+#define MOE_NET_MAX_MSG_BYTES ((size_t)1 << 30)
+/* Devices a backend exposes at most. */
+#define MOE_NET_MAX_DEVS 16
+#define MOE_NET_NAME_MAX 64
+#define MOE_NET_PATH_MAX 256
+
+/* Wire identifiers of the backends (also the handle's backend byte). */
+typedef enum { MOE_NET_KIND_IB = 1, MOE_NET_KIND_SOCKET = 2 } moe_net_kind_t;
+
+typedef struct {
+  char name[MOE_NET_NAME_MAX];      /* "eth0", "mlx5_0" */
+  char pci_path[MOE_NET_PATH_MAX];  /* realpath in /sys, "" when virtual */
+  uint64_t guid;
+  int ptr_support;                  /* NCCL_PTR_* */
+  int reg_is_global;
+  int force_flush;
+  int speed_mbps;
+  int port;
+  float latency_us;
+  int max_comms;
+  int max_recvs;
+  size_t max_p2p_bytes;
+} moe_net_props_t;
+
+typedef struct {
+  int traffic_class;  /* NCCL_NET_TRAFFIC_CLASS_UNDEF: the backend's default */
+} moe_net_conn_config_t;
+
+typedef struct moe_transport moe_transport_t;
+
+/* Every backend's comm and request starts with these headers, so the plugin
+ * layer can check a pointer it is handed and find the transport. */
+#define MOE_NET_COMM_MAGIC 0x6d6f6543u /* "moeC" */
+#define MOE_NET_REQ_MAGIC 0x6d6f6552u  /* "moeR" */
+typedef enum { MOE_NET_COMM_LISTEN = 1, MOE_NET_COMM_SEND = 2, MOE_NET_COMM_RECV = 3 } moe_net_comm_type_t;
+
+typedef struct {
+  uint32_t magic;
+  uint32_t type; /* moe_net_comm_type_t */
+  const moe_transport_t* transport;
+} moe_net_comm_t;
+
+typedef struct {
+  uint32_t magic;
+  uint32_t nsizes; /* buffers covered: entries test() writes */
+  const moe_transport_t* transport;
+} moe_net_request_t;
+
+/* What a peer needs to write() into a registered region. */
+typedef struct {
+  uint64_t addr;  /* the region's base as the owner sees it */
+  uint64_t size;
+  uint32_t key;   /* backend-specific: rkey (ib), region id (socket) */
+  uint32_t reserved;
+} moe_net_rkey_t;
+
+struct moe_transport {
+  const char* name;
+  moe_net_kind_t kind;
+  /* Process-wide setup, reference counted by the caller; idempotent. */
+  ncclResult_t (*init)(void);
+  void (*fini)(void);
+  ncclResult_t (*devices)(int* ndev_p);
+  ncclResult_t (*get_properties)(int dev, moe_net_props_t* props_p);
+
+  ncclResult_t (*listen)(int dev, void* handle, moe_net_comm_t** listen_p);
+  ncclResult_t (*connect)(int dev, const moe_net_conn_config_t* config, void* handle,
+                          moe_net_comm_t** send_p);
+  ncclResult_t (*accept)(moe_net_comm_t* listen, moe_net_comm_t** recv_p);
+  ncclResult_t (*close)(moe_net_comm_t* comm);
+
+  /* type: NCCL_PTR_HOST or NCCL_PTR_CUDA; dmabuf_fd -1 when not dma-buf. */
+  ncclResult_t (*reg_mr)(moe_net_comm_t* comm, void* data, size_t size, int type, int dmabuf_fd,
+                         uint64_t dmabuf_offset, void** mr_p);
+  ncclResult_t (*dereg_mr)(moe_net_comm_t* comm, void* mr);
+  ncclResult_t (*mr_key)(void* mr, moe_net_rkey_t* key_p);
+
+  ncclResult_t (*isend)(moe_net_comm_t* send, void* data, size_t size, int tag, void* mr,
+                        moe_net_request_t** req_p);
+  ncclResult_t (*irecv)(moe_net_comm_t* recv, int n, void** data, const size_t* sizes, const int* tags,
+                        void** mrs, moe_net_request_t** req_p);
+  /* Makes received GPU data visible to the GPU; *req_p NULL when nothing to do. */
+  ncclResult_t (*iflush)(moe_net_comm_t* recv, int n, void** data, const int* sizes, void** mrs,
+                         moe_net_request_t** req_p);
+  ncclResult_t (*test)(moe_net_request_t* req, int* done_p, size_t* sizes_p);
+
+  /* One-sided: copies [local, local+size) to remote->addr + offset. */
+  ncclResult_t (*write)(moe_net_comm_t* send, void* local, size_t size, void* mr,
+                        const moe_net_rkey_t* remote, uint64_t offset, int with_imm, uint32_t imm,
+                        moe_net_request_t** req_p);
+  /* Receiving side of write(): progresses the comm and returns the next
+   * immediate that arrived (*got_p = 1) or nothing yet (*got_p = 0). */
+  ncclResult_t (*poll_imm)(moe_net_comm_t* recv, uint32_t* imm_p, int* got_p);
+};
+
+/* The backends compiled in. */
+extern const moe_transport_t moe_transport_socket;
+extern const moe_transport_t moe_transport_ib;
+
+/* Picks the backend for NCCL_MOE_NET_BACKEND (auto: ib when an active verbs
+ * port exists, else socket) and initializes it. A forced backend that cannot
+ * start is an error; auto falls back to the socket backend with an INFO line. */
+ncclResult_t moe_transport_select(const moe_transport_t** transport_p);
+
+/* Monotonic clock in nanoseconds. */
+uint64_t moe_net_now_ns(void);
+/* A random 64-bit value that is never zero (connection ids, cookies). */
+uint64_t moe_net_random_u64(void);
+
+/* Checks that `comm` carries our header and the expected type. */
+static inline int moe_net_comm_ok(const void* comm, moe_net_comm_type_t type) {
+  const moe_net_comm_t* c = (const moe_net_comm_t*)comm;
+  return c != NULL && c->magic == MOE_NET_COMM_MAGIC && c->type == (uint32_t)type && c->transport != NULL;
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif
