@@ -410,3 +410,18 @@ extern "C" cudaError_t moe_combine_stage_launch(const moe_rank_ctx_t* ctx, const
   moe_combine_stage_kernel<<<256, 512, 0, stream>>>(*ctx, *route, (const uint4*)x, weights, hidden, topk);
   return cudaGetLastError();
 }
+
+/* CUDA loads kernels lazily, at their first launch, and that load waits for
+ * the device: a first launch while a peer's kernel spins at a barrier would
+ * stall until the timeout. Comm init loads every kernel up front. */
+extern "C" cudaError_t moe_intranode_preload(void) {
+  const void* kernels[] = {(const void*)moe_layout_kernel, (const void*)moe_notify_kernel,
+                           (const void*)moe_dispatch_kernel, (const void*)moe_combine_kernel,
+                           (const void*)moe_combine_stage_kernel};
+  for (size_t i = 0; i < sizeof(kernels) / sizeof(kernels[0]); i++) {
+    cudaFuncAttributes attr;
+    cudaError_t e = cudaFuncGetAttributes(&attr, kernels[i]);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}

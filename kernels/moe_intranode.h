@@ -115,6 +115,9 @@ cudaError_t moe_combine_stage_launch(const moe_rank_ctx_t* ctx, const moe_route_
                                      const void* x, const float* weights, int hidden, int topk,
                                      cudaStream_t stream);
 
+/* Loads every intranode kernel now (see intranode.cu: lazy loading). */
+cudaError_t moe_intranode_preload(void);
+
 #ifdef __cplusplus
 }
 #endif

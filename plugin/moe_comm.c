@@ -106,6 +106,7 @@ ncclResult_t moe_comm_finish(ncclMoeComm_t comm) {
   comm->tokensPerRank = (int*)((char*)comm->scratch + 64);
   comm->tokensPerExpert = comm->tokensPerRank + comm->nRanks;
 
+  MOE_CUDA_CHECK(moe_intranode_preload());
   int sms = 0;
   MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, comm->device));
   int blocks = moe_env()->num_sms > 0 ? moe_env()->num_sms : comm->config.numSMs;

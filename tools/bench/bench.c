@@ -166,6 +166,7 @@ int main(int argc, char** argv) {
   if (o.ranks < 1 || o.ranks > MAXR || o.iters < 1 || o.tokens < 1) { usage(); return 2; }
   /* One hardware queue per rank's stream (see ncclMoeCommInitVirtual). */
   setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+  setvbuf(stdout, NULL, _IOLBF, 0);
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
     fprintf(stderr, "nccl-moe-bench: no CUDA device\n");

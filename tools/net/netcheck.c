@@ -27,7 +27,7 @@ static const char* default_plugin(void) {
   ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
   if (n <= 0) return "libnccl-net-moe.so";
   exe[n] = '\0';
-  snprintf(path, sizeof(path), "%s/../../libnccl-net-moe.so", dirname(exe));
+  snprintf(path, sizeof(path), "%s/libnccl-net-moe.so", dirname(exe));
   return access(path, R_OK) == 0 ? path : "libnccl-net-moe.so";
 }
 
