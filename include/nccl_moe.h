@@ -154,10 +154,14 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm);
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommBufferBytes(ncclMoeComm_t comm, size_t* bytes_p);
 
 /* ncclSuccess, or the first error a kernel of this comm recorded (a timeout
- * waiting for a peer: ncclSystemError; an expert id out of range or a receive
- * capacity exceeded in capacity mode: ncclInvalidArgument). Does not
- * synchronize: it reads host-mapped memory the kernels write. Once set, the
- * error stays; later calls on the comm return it. */
+ * waiting for a peer: ncclSystemError; an expert id out of range, a receive
+ * capacity exceeded, or ranks disagreeing on hidden/sendType/topk:
+ * ncclInvalidArgument). Does not synchronize: it reads host-mapped memory
+ * the kernels write. Once set, the error stays. After a timeout the comm is
+ * unusable and every later call returns the error; after a bad batch the
+ * calls go on (every rank must keep calling in step) and that batch's
+ * outputs are partial: tokens over capacity and bad expert ids were dropped,
+ * never written out of bounds. Check it after each step you care about. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommGetAsyncError(ncclMoeComm_t comm, ncclResult_t* error_p);
 
 /* ------------------------------------------------------------------ layout */

@@ -29,10 +29,15 @@ static ncclResult_t moe_check_device_ptr(const void* p, size_t align, const char
   return ncclSuccess;
 }
 
-/* Checks shared by every operation: the comm is healthy. */
+/* Checks shared by every operation: the comm can still run collectives.
+ * Only a timeout (or a corrupt notify) breaks it; a bad batch (expert id out
+ * of range, capacity exceeded, mismatched shapes) is reported through
+ * ncclMoeCommGetAsyncError while every rank keeps calling in step, since a
+ * rank that skipped a call would leave its peers waiting. */
 static ncclResult_t moe_comm_ready(ncclMoeComm_t comm) {
   MOE_ARG_CHECK(comm != NULL, "comm is NULL");
-  return moe_comm_error(comm);
+  int e = __atomic_load_n(comm->hostError, __ATOMIC_ACQUIRE);
+  return (e == MOE_KERR_TIMEOUT || e == MOE_KERR_BAD_NOTIFY) ? moe_comm_error(comm) : ncclSuccess;
 }
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHandle_t* handle_p) {
@@ -179,13 +184,8 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDi
       .recvTopkWeights = a->topkWeights != NULL ? (float*)(buf + comm->layout.recvTopkWeights) : NULL,
       .recvCount = rt->recvCount,
       .recvTokensPerExpert = rt->recvPerExpert,
-      .numRecv = exact ? comm->hostCounts[0] : -1,
+      .numRecv = exact ? (comm->hostCounts[0] < comm->maxRecv ? comm->hostCounts[0] : comm->maxRecv) : -1,
       .hostRecvTokensPerExpert = exact ? comm->hostCounts + 1 : NULL};
-  if (exact) {
-    /* The notify result is known: report a bad batch now (the kernels above
-     * still ran, so every peer stays in step). */
-    MOE_CHECK(moe_comm_error(comm));
-  }
   *result_p = r;
   return ncclSuccess;
 }
