@@ -52,12 +52,16 @@ enum {
   MOE_KERR_BAD_NOTIFY = 5,   /* a notify message with impossible counts */
 };
 
+/* The host-mapped error record: the code, then for a timeout the barrier
+ * (this rank's epoch), the peer that had not arrived, and the epoch it had. */
+enum { MOE_ERR_CODE = 0, MOE_ERR_EPOCH = 1, MOE_ERR_PEER = 2, MOE_ERR_PEER_EPOCH = 3, MOE_ERR_WORDS = 4 };
+
 /* What every kernel of one rank needs to find its peers and report. */
 typedef struct {
   moe_peers_t peers;
   moe_layout_t layout;
   int rank, nRanks, numLocalExperts;
-  volatile int* error;        /* host-mapped error word */
+  volatile int* error;        /* host-mapped: [MOE_ERR_*], see below */
   unsigned long long* epoch;  /* this rank's barrier counter (device) */
   unsigned int* blocksDone;   /* grid-completion counter (device) */
   long long timeoutNs;

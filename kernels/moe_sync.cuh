@@ -24,14 +24,14 @@ __device__ __forceinline__ long long moe_now_ns(void) {
 }
 
 __device__ __forceinline__ void moe_record_error(const moe_rank_ctx_t& c, int code) {
-  if (*c.error == MOE_KERR_NONE) *c.error = code;
+  if (c.error[MOE_ERR_CODE] == MOE_KERR_NONE) c.error[MOE_ERR_CODE] = code;
   __threadfence_system();
 }
 
 /* True when an earlier wait of this rank timed out: the epochs of the ranks
  * no longer agree, so every later kernel of the comm does nothing. */
 __device__ __forceinline__ bool moe_comm_broken(const moe_rank_ctx_t& c) {
-  return *c.error == MOE_KERR_TIMEOUT;
+  return c.error[MOE_ERR_CODE] == MOE_KERR_TIMEOUT;
 }
 
 __device__ __forceinline__ unsigned long long* moe_signal_slot(const moe_rank_ctx_t& c, int owner,
@@ -52,6 +52,11 @@ __device__ bool moe_barrier(const moe_rank_ctx_t& c) {
     const unsigned long long* slot = moe_signal_slot(c, c.rank, r);
     while (moe_ld_acquire_sys(slot) < e) {
       if (moe_now_ns() - start > c.timeoutNs) {
+        if (c.error[MOE_ERR_CODE] == MOE_KERR_NONE) {
+          c.error[MOE_ERR_EPOCH] = (int)e;
+          c.error[MOE_ERR_PEER] = r;
+          c.error[MOE_ERR_PEER_EPOCH] = (int)moe_ld_acquire_sys(slot);
+        }
         moe_record_error(c, MOE_KERR_TIMEOUT);
         return false;
       }

@@ -87,8 +87,8 @@ ncclResult_t moe_comm_finish(ncclMoeComm_t comm) {
   size_t scratchBytes = 64 + sizeof(int) * ((size_t)comm->nRanks + comm->config.numExperts);
   MOE_CUDA_CHECK(cudaMalloc(&comm->scratch, scratchBytes));
   MOE_CUDA_CHECK(cudaMemset(comm->scratch, 0, scratchBytes));
-  MOE_CUDA_CHECK(cudaHostAlloc((void**)&comm->hostError, sizeof(int), cudaHostAllocMapped));
-  *comm->hostError = MOE_KERR_NONE;
+  MOE_CUDA_CHECK(cudaHostAlloc((void**)&comm->hostError, sizeof(int) * MOE_ERR_WORDS, cudaHostAllocMapped));
+  memset(comm->hostError, 0, sizeof(int) * MOE_ERR_WORDS);
   MOE_CUDA_CHECK(cudaHostAlloc((void**)&comm->hostCounts, sizeof(int) * (1 + (size_t)comm->numLocalExperts),
                                cudaHostAllocDefault));
   int* devError = NULL;
@@ -141,8 +141,11 @@ ncclResult_t moe_comm_error(ncclMoeComm_t comm) {
   switch (__atomic_load_n(comm->hostError, __ATOMIC_ACQUIRE)) {
     case MOE_KERR_NONE: return ncclSuccess;
     case MOE_KERR_TIMEOUT:
-      return MOE_ERROR(ncclSystemError, "rank %d: a peer did not answer within %d ms (NCCL_MOE_TIMEOUT_MS); the comm is unusable",
-                       comm->rank, comm->config.timeoutMs);
+      return MOE_ERROR(ncclSystemError,
+                       "rank %d: a peer did not answer within %d ms (NCCL_MOE_TIMEOUT_MS): at barrier %d, rank %d "
+                       "was at barrier %d; the comm is unusable",
+                       comm->rank, comm->config.timeoutMs, comm->hostError[MOE_ERR_EPOCH],
+                       comm->hostError[MOE_ERR_PEER], comm->hostError[MOE_ERR_PEER_EPOCH]);
     case MOE_KERR_BAD_EXPERT:
       return MOE_ERROR(ncclInvalidArgument, "rank %d: topkIdx held an expert id outside [-1, %d)", comm->rank,
                        comm->config.numExperts);
