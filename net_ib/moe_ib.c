@@ -44,7 +44,6 @@
 #define MOE_IB_MAX_PENDING 1024
 #define MOE_IB_MAX_INCOMING 64
 #define MOE_IB_ASYNC_CHECK_EVERY 1024
-#define MOE_IB_IMM_RING 1024
 #define MOE_IB_MAX_CHUNK ((size_t)1 << 30) /* one work request moves at most this */
 /* wr_id of a sender's closing write: this bit | the message number. Flush
  * reads and one-sided writes carry their request's address (bit 63 clear in
@@ -387,8 +386,7 @@ struct moe_ib_comm {
   uint64_t qp_done[MOE_IB_MAX_QPS];      /* immediates (messages) delivered per QP */
   uint32_t imm_of[MOE_IB_FIFO_DEPTH];
   moe_ib_req_t* recv_of[MOE_IB_FIFO_DEPTH];
-  uint32_t imm_ring[MOE_IB_IMM_RING];
-  uint32_t imm_head, imm_count;
+  moe_imm_ring_t imms;
   char flush_buf[64];
   struct ibv_mr* flush_mr;
 };
@@ -941,10 +939,10 @@ static ncclResult_t moe_ib_poll(moe_ib_comm_t* c) {
       if (q == c->nqps) return moe_ib_fail(c, MOE_ERROR(ncclInternalError, "ib: completion for an unknown QP"));
       MOE_CHECK(moe_ib_post_recv(c, q));
       if (imm & MOE_IB_IMM_WRITE_BIT) {
-        if (c->imm_count == MOE_IB_IMM_RING)
+        if (moe_imm_ring_full(&c->imms))
           return moe_ib_fail(c, MOE_ERROR(ncclInternalError, "ib: immediates not polled (ring of %d full)",
-                                          MOE_IB_IMM_RING));
-        c->imm_ring[(c->imm_head + c->imm_count++) % MOE_IB_IMM_RING] = imm & ~MOE_IB_IMM_WRITE_BIT;
+                                          MOE_IMM_RING));
+        moe_imm_ring_push(&c->imms, imm & ~MOE_IB_IMM_WRITE_BIT);
         continue;
       }
       uint64_t r = c->qp_done[q]++;
@@ -1162,12 +1160,7 @@ static ncclResult_t moe_ib_poll_imm(moe_net_comm_t* comm, uint32_t* imm_p, int* 
   *got_p = 0;
   pthread_mutex_lock(&c->lock);
   ncclResult_t res = moe_ib_poll(c);
-  if (res == ncclSuccess && c->imm_count > 0) {
-    *imm_p = c->imm_ring[c->imm_head];
-    c->imm_head = (c->imm_head + 1) % MOE_IB_IMM_RING;
-    c->imm_count--;
-    *got_p = 1;
-  }
+  if (res == ncclSuccess) *got_p = moe_imm_ring_pop(&c->imms, imm_p);
   pthread_mutex_unlock(&c->lock);
   return res;
 }

@@ -40,7 +40,6 @@
 #define MOE_SOCK_MAX_PENDING 4096
 #define MOE_SOCK_PENDING_MAGIC 0x504f454du /* "MOEP" */
 /* Immediates received but not yet polled, per comm. */
-#define MOE_SOCK_IMM_RING 1024
 /* Registered regions in the process at most (one-sided writes address them by id). */
 #define MOE_SOCK_MAX_MRS 4096
 #define MOE_SOCK_MR_MAGIC 0x524d4f4du /* "MOMR" */
@@ -144,8 +143,7 @@ struct moe_sock_comm {
   int rslot;
   int rimm_pending;     /* a write's immediate to publish once its bytes landed */
   uint32_t rimm;
-  uint32_t imm_ring[MOE_SOCK_IMM_RING];
-  uint32_t imm_head, imm_count;
+  moe_imm_ring_t imms;
   uint64_t ctrl_stall_since_ns;
   moe_sock_worker_t* workers;
   moe_sock_stream_t* streams;
@@ -1019,10 +1017,6 @@ static ncclResult_t moe_sock_match(moe_sock_comm_t* comm, moe_sock_req_t* req) {
   return moe_sock_dispatch(comm, req, s->buf, h->size);
 }
 
-static void moe_sock_imm_push(moe_sock_comm_t* comm, uint32_t imm) {
-  comm->imm_ring[(comm->imm_head + comm->imm_count++) % MOE_SOCK_IMM_RING] = imm;
-}
-
 /* Reads headers and inline payloads; dispatches large payloads. */
 static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm) {
   for (;;) {
@@ -1031,8 +1025,8 @@ static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm) {
       MOE_CHECK(moe_sock_ctrl_read(comm, comm->rdst, &comm->rleft, &more));
       if (more) return moe_sock_ctrl_stall(comm, 1);
       if (comm->rimm_pending) {
-        if (comm->imm_count == MOE_SOCK_IMM_RING) return ncclSuccess; /* backpressure until poll_imm drains */
-        moe_sock_imm_push(comm, comm->rimm);
+        if (moe_imm_ring_full(&comm->imms)) return ncclSuccess; /* backpressure until poll_imm drains */
+        moe_imm_ring_push(&comm->imms, comm->rimm);
         comm->rimm_pending = 0;
       }
       comm->rreq = NULL;
@@ -1195,12 +1189,7 @@ static ncclResult_t moe_sock_poll_imm(moe_net_comm_t* c, uint32_t* imm_p, int* g
   *got_p = 0;
   pthread_mutex_lock(&comm->lock);
   res = moe_sock_progress(comm);
-  if (res == ncclSuccess && comm->imm_count > 0) {
-    *imm_p = comm->imm_ring[comm->imm_head];
-    comm->imm_head = (comm->imm_head + 1) % MOE_SOCK_IMM_RING;
-    comm->imm_count--;
-    *got_p = 1;
-  }
+  if (res == ncclSuccess) *got_p = moe_imm_ring_pop(&comm->imms, imm_p);
   pthread_mutex_unlock(&comm->lock);
   return res;
 }

@@ -159,6 +159,29 @@ static inline int moe_net_comm_ok(const void* comm, moe_net_comm_type_t type) {
   return c != NULL && c->magic == MOE_NET_COMM_MAGIC && c->type == (uint32_t)type && c->transport != NULL;
 }
 
+/* Immediates of one-sided writes that arrived and wait for poll_imm: a FIFO
+ * both backends share. The owner serializes access (its comm lock). */
+#define MOE_IMM_RING 1024
+typedef struct {
+  uint32_t v[MOE_IMM_RING];
+  uint32_t head, count;
+} moe_imm_ring_t;
+
+static inline int moe_imm_ring_full(const moe_imm_ring_t* r) { return r->count == MOE_IMM_RING; }
+
+static inline void moe_imm_ring_push(moe_imm_ring_t* r, uint32_t imm) {
+  r->v[(r->head + r->count++) % MOE_IMM_RING] = imm;
+}
+
+/* 1 and the oldest immediate in *imm_p, or 0 when empty. */
+static inline int moe_imm_ring_pop(moe_imm_ring_t* r, uint32_t* imm_p) {
+  if (r->count == 0) return 0;
+  *imm_p = r->v[r->head];
+  r->head = (r->head + 1) % MOE_IMM_RING;
+  r->count--;
+  return 1;
+}
+
 #ifdef __cplusplus
 }
 #endif
