@@ -50,6 +50,7 @@ enum {
   MOE_KERR_CAPACITY = 3,     /* a rank received more than its capacity */
   MOE_KERR_MISMATCH = 4,     /* ranks disagree on hidden / type / topk */
   MOE_KERR_BAD_NOTIFY = 5,   /* a notify message with impossible counts */
+  MOE_KERR_NET = 6,          /* the network proxy failed (transport error, bad peer data) */
 };
 
 /* The host-mapped error record: the code, then for a timeout the barrier

@@ -42,7 +42,7 @@ __device__ __forceinline__ unsigned long long* moe_signal_slot(const moe_rank_ct
 /* All-to-all barrier, run by ONE thread. Ranks run the same sequence of
  * barriers, so a per-rank counter names each one (graph replays included);
  * a peer already at a later barrier satisfies ">= epoch" too. */
-__device__ bool moe_barrier(const moe_rank_ctx_t& c) {
+__device__ inline bool moe_barrier(const moe_rank_ctx_t& c) {
   unsigned long long e = *c.epoch + 1;
   *c.epoch = e;
   __threadfence_system();
@@ -68,7 +68,7 @@ __device__ bool moe_barrier(const moe_rank_ctx_t& c) {
 /* Called by every thread of every block at the end of a kernel that wrote to
  * (or read from) peers: the last block to finish runs the barrier, so the
  * kernel completes only when every peer has finished the same phase. */
-__device__ void moe_grid_done_barrier(const moe_rank_ctx_t& c) {
+__device__ inline void moe_grid_done_barrier(const moe_rank_ctx_t& c) {
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {

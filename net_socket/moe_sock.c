@@ -778,16 +778,23 @@ static void moe_sock_accept_progress(moe_sock_listen_t* l, int* ready_p) {
                       moe_sock_group_add(l, in->fd, &h, &group) != ncclSuccess;
     if (drop) close(in->fd);
     l->incoming[i] = l->incoming[--l->nincoming];
-    if (group >= 0 && *ready_p < 0) *ready_p = group;
+    (void)group;
   }
-  for (int g = 0; g < l->ngroups; g++)
-    if (g != *ready_p && now - l->groups[g].since_ns > moe_sock_timeout_ns()) {
-      MOE_WARN("socket accept: connection %llx incomplete after %d ms; dropped",
-               (unsigned long long)l->groups[g].conn_id, moe_env()->timeout_ms);
-      moe_sock_group_drop(l, g);
-      if (*ready_p == l->ngroups) *ready_p = g; /* the ready group moved into g */
-      g--;
-    }
+  /* Groups opened above are younger than `now`: read the clock again, or the
+   * unsigned age of a group just opened would wrap and drop it at once. */
+  now = moe_net_now_ns();
+  for (int g = 0; g < l->ngroups; g++) {
+    const moe_sock_group_t* grp = &l->groups[g];
+    if (grp->have == 1 + grp->nstreams || now - grp->since_ns <= moe_sock_timeout_ns()) continue;
+    MOE_WARN("socket accept: connection %llx incomplete after %d ms; dropped", (unsigned long long)grp->conn_id,
+             moe_env()->timeout_ms);
+    moe_sock_group_drop(l, g);
+    g--;
+  }
+  /* Several connections can complete in one call: each later call hands out
+   * the next complete one. */
+  for (int g = 0; g < l->ngroups && *ready_p < 0; g++)
+    if (l->groups[g].have == 1 + l->groups[g].nstreams) *ready_p = g;
 }
 
 static ncclResult_t moe_sock_accept(moe_net_comm_t* listen, moe_net_comm_t** recv_p) {
@@ -972,17 +979,19 @@ static ncclResult_t moe_sock_send_progress(moe_sock_comm_t* comm) {
   return moe_sock_ctrl_stall(comm, 0);
 }
 
-/* Reads control bytes into [dst, dst+*left); 1 in *more_p while bytes remain. */
-static ncclResult_t moe_sock_ctrl_read(moe_sock_comm_t* comm, char* dst, size_t* left, int* more_p) {
+/* Reads control bytes into [*dst, *dst + *left), advancing both, so a read
+ * that stops part-way resumes where it stopped; 1 in *more_p while bytes
+ * remain. */
+static ncclResult_t moe_sock_ctrl_read(moe_sock_comm_t* comm, char** dst, size_t* left, int* more_p) {
   while (*left > 0) {
     size_t n = 0;
-    ncclResult_t res = moe_sock_io(comm->ctrl_fd, 0, dst, *left, &n);
+    ncclResult_t res = moe_sock_io(comm->ctrl_fd, 0, *dst, *left, &n);
     if (res != ncclSuccess) return moe_sock_fail(comm, res);
     if (n == 0) {
       *more_p = 1;
       return ncclSuccess;
     }
-    dst += n;
+    *dst += n;
     *left -= n;
     comm->ctrl_stall_since_ns = 0;
   }
@@ -1022,7 +1031,7 @@ static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm) {
   for (;;) {
     int more = 0;
     if (comm->rleft > 0 || comm->rimm_pending) {
-      MOE_CHECK(moe_sock_ctrl_read(comm, comm->rdst, &comm->rleft, &more));
+      MOE_CHECK(moe_sock_ctrl_read(comm, &comm->rdst, &comm->rleft, &more));
       if (more) return moe_sock_ctrl_stall(comm, 1);
       if (comm->rimm_pending) {
         if (moe_imm_ring_full(&comm->imms)) return ncclSuccess; /* backpressure until poll_imm drains */
@@ -1033,7 +1042,8 @@ static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm) {
     }
     if (!comm->rhdr_valid) {
       size_t left = MOE_SOCK_HDR_BYTES - comm->rhdr_got;
-      MOE_CHECK(moe_sock_ctrl_read(comm, (char*)comm->rhdr + comm->rhdr_got, &left, &more));
+      char* dst = (char*)comm->rhdr + comm->rhdr_got;
+      MOE_CHECK(moe_sock_ctrl_read(comm, &dst, &left, &more));
       comm->rhdr_got = MOE_SOCK_HDR_BYTES - left;
       if (more) return moe_sock_ctrl_stall(comm, comm->rhdr_got > 0);
       ncclResult_t res = moe_sock_hdr_decode(comm->rhdr, MOE_SOCK_HDR_BYTES, &comm->rh);

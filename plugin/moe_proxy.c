@@ -1,0 +1,430 @@
+/* The network proxy of one rank (see moe_proxy.h and kernels/moe_internode.h).
+ *
+ * Set-up: every rank listens once; it connects to the peer with its local
+ * index on every other node and sends a hello naming itself, so the peer can
+ * tell its accepted connections apart; once a peer's hello arrived, the rank
+ * registers its receive region on that connection and sends the peer the
+ * region's key. Both messages travel on the connection pair of the two ranks
+ * (my send comm carries what the peer's recv comm expects, in order).
+ *
+ * Steady state: one thread per rank polls the counters the GPU writes, posts
+ * one write (with an immediate) per ready slab, and polls immediates. Each
+ * (channel, peer) has at most one data write and one credit in flight, and a
+ * slab is written only after the peer returned the credit of the previous
+ * one, so a slow receiver is never overwritten. Every value that arrives from
+ * the network is checked before it becomes a counter the GPU trusts. */
+#include "moe_proxy.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "moe_check.h"
+#include "moe_intranode.h"
+
+#define MOE_PROXY_MSG_MAGIC 0x6d6f6550u /* "moeP" */
+#define MOE_PROXY_TAG_HELLO 1
+#define MOE_PROXY_TAG_KEY 2
+#define MOE_PROXY_IDLE_SPINS 4096   /* empty polls before the thread naps */
+#define MOE_PROXY_NAP_NS 20000
+#define MOE_PROXY_ERR_MAX 256
+
+typedef struct {
+  uint32_t magic, tag;
+  int32_t rank, node;
+  uint64_t regionBytes;
+  moe_net_rkey_t key;
+} moe_proxy_msg_t;
+
+/* An accepted connection whose peer has not said who it is yet. */
+typedef struct {
+  moe_net_comm_t* comm;
+  void* mr;
+  moe_net_request_t* req;
+  moe_proxy_msg_t msg;
+} moe_proxy_incoming_t;
+
+typedef struct {
+  char handle[MOE_NET_HANDLE_BYTES]; /* the peer's listen handle, connect()'s scratch */
+  int handleCopied;
+  moe_net_comm_t* send;
+  moe_net_comm_t* recv;
+  void* sendMr;       /* the send region on `send` */
+  void* recvMr;       /* the receive region on `recv` */
+  void* sendMsgMr;    /* the hello/key messages on `send` */
+  void* recvMsgMr;
+  moe_net_rkey_t remote; /* the peer's receive region */
+  moe_proxy_msg_t out[2], in;
+  moe_net_request_t* sendReq;
+  moe_net_request_t* recvReq;
+  int helloSent, keyPosted, keySent, haveKey;
+  /* steady state */
+  unsigned long long issued[MOE_NET_CHANNELS], creditIn[MOE_NET_CHANNELS], creditOut[MOE_NET_CHANNELS];
+  unsigned long long arrived[MOE_NET_CHANNELS];
+  moe_net_request_t* dataReq[MOE_NET_CHANNELS];
+  moe_net_request_t* creditReq[MOE_NET_CHANNELS];
+} moe_proxy_peer_t;
+
+struct moe_proxy {
+  moe_proxy_args_t a;
+  moe_net_comm_t* listen;
+  moe_proxy_peer_t peer[MOE_MAX_NODES];
+  moe_proxy_incoming_t incoming[MOE_MAX_NODES];
+  int nIncoming, nIdentified;
+  long long deadlineNs;
+  pthread_t thread;
+  int threadStarted;
+  atomic_int stop;
+  char err[MOE_PROXY_ERR_MAX];
+};
+
+static long long moe_proxy_now_ns(void) { return (long long)moe_net_now_ns(); }
+
+static ncclResult_t moe_proxy_fail(moe_proxy_t* p, ncclResult_t res) {
+  if (p->err[0] == '\0') snprintf(p->err, sizeof(p->err), "%s", ncclMoeGetLastError());
+  if (p->a.error[MOE_ERR_CODE] == MOE_KERR_NONE) p->a.error[MOE_ERR_CODE] = MOE_KERR_NET;
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  return res;
+}
+
+ncclResult_t moe_proxy_create(const moe_proxy_args_t* args, void* handle, moe_proxy_t** proxy_p) {
+  MOE_ARG_CHECK(args != NULL && handle != NULL && proxy_p != NULL, "moe_proxy_create: NULL argument");
+  MOE_ARG_CHECK(args->nNodes >= 2 && args->nNodes <= MOE_MAX_NODES && args->node >= 0 && args->node < args->nNodes,
+                "proxy: node %d of %d", args->node, args->nNodes);
+  moe_proxy_t* p = calloc(1, sizeof(*p));
+  if (p == NULL) return MOE_ERROR(ncclSystemError, "out of host memory for the network proxy");
+  p->a = *args;
+  ncclResult_t res = args->transport->listen(args->dev, handle, &p->listen);
+  if (res != ncclSuccess) {
+    free(p);
+    return res;
+  }
+  *proxy_p = p;
+  return ncclSuccess;
+}
+
+/* ------------------------------------------------------------------ set-up */
+static ncclResult_t moe_proxy_test(const moe_transport_t* t, moe_net_request_t** req, int* done_p) {
+  *done_p = 0;
+  if (*req == NULL) return ncclSuccess;
+  MOE_CHECK(t->test(*req, done_p, NULL));
+  if (*done_p) *req = NULL;
+  return ncclSuccess;
+}
+
+static ncclResult_t moe_proxy_check_msg(const moe_proxy_t* p, const moe_proxy_msg_t* m, uint32_t tag) {
+  if (m->magic != MOE_PROXY_MSG_MAGIC || m->tag != tag || m->node < 0 || m->node >= p->a.nNodes ||
+      m->node == p->a.node || m->rank != p->a.peerRank[m->node])
+    return MOE_ERROR(ncclRemoteError, "rank %d: unexpected set-up message (magic 0x%x, tag %u, rank %d, node %d)",
+                     p->a.rank, m->magic, m->tag, m->rank, m->node);
+  if (tag == MOE_PROXY_TAG_KEY && (m->regionBytes != p->a.geom.total || m->key.size < p->a.geom.total))
+    return MOE_ERROR(ncclRemoteError, "rank %d: rank %d's receive region has %llu bytes, expected %zu (configs differ?)",
+                     p->a.rank, m->rank, (unsigned long long)m->regionBytes, p->a.geom.total);
+  return ncclSuccess;
+}
+
+/* My side of the connection to node m: connect, hello, then (once the peer
+ * has said hello on its connection) the key of my receive region. */
+static ncclResult_t moe_proxy_progress_send(moe_proxy_t* p, int m, const char* handle) {
+  const moe_transport_t* t = p->a.transport;
+  moe_proxy_peer_t* q = &p->peer[m];
+  int done = 0;
+  if (q->send == NULL) {
+    moe_net_conn_config_t cfg = {.traffic_class = NCCL_NET_TRAFFIC_CLASS_UNDEF};
+    /* connect() keeps its progress in the handle: copy it once, then pass
+     * the same copy on every call. */
+    if (!q->handleCopied) {
+      memcpy(q->handle, handle, sizeof(q->handle));
+      q->handleCopied = 1;
+    }
+    MOE_CHECK(t->connect(p->a.dev, &cfg, q->handle, &q->send));
+    if (q->send == NULL) return ncclSuccess;
+    MOE_CHECK(t->reg_mr(q->send, p->a.sendBuf, p->a.geom.total, p->a.bufType, -1, 0, &q->sendMr));
+    MOE_CHECK(t->reg_mr(q->send, q->out, sizeof(q->out), NCCL_PTR_HOST, -1, 0, &q->sendMsgMr));
+  }
+  MOE_CHECK(moe_proxy_test(t, &q->sendReq, &done));
+  if (q->sendReq != NULL) return ncclSuccess;
+  if (!q->helloSent) {
+    q->out[0] = (moe_proxy_msg_t){.magic = MOE_PROXY_MSG_MAGIC, .tag = MOE_PROXY_TAG_HELLO, .rank = p->a.rank,
+                                  .node = p->a.node};
+    MOE_CHECK(t->isend(q->send, &q->out[0], sizeof(q->out[0]), MOE_PROXY_TAG_HELLO, q->sendMsgMr, &q->sendReq));
+    if (q->sendReq != NULL) q->helloSent = 1;
+    return ncclSuccess;
+  }
+  if (!q->keyPosted && q->recv != NULL) {
+    q->out[1] = (moe_proxy_msg_t){.magic = MOE_PROXY_MSG_MAGIC, .tag = MOE_PROXY_TAG_KEY, .rank = p->a.rank,
+                                  .node = p->a.node, .regionBytes = p->a.geom.total};
+    MOE_CHECK(t->mr_key(q->recvMr, &q->out[1].key));
+    MOE_CHECK(t->isend(q->send, &q->out[1], sizeof(q->out[1]), MOE_PROXY_TAG_KEY, q->sendMsgMr, &q->sendReq));
+    if (q->sendReq != NULL) q->keyPosted = 1;
+    return ncclSuccess;
+  }
+  if (q->keyPosted) q->keySent = 1;
+  return ncclSuccess;
+}
+
+/* Accepted connections: read each one's hello, then the key that follows. */
+static ncclResult_t moe_proxy_progress_accept(moe_proxy_t* p) {
+  const moe_transport_t* t = p->a.transport;
+  if (p->nIncoming < p->a.nNodes - 1) {
+    moe_net_comm_t* recv = NULL;
+    MOE_CHECK(t->accept(p->listen, &recv));
+    if (recv != NULL) {
+      moe_proxy_incoming_t* in = &p->incoming[p->nIncoming++];
+      in->comm = recv;
+      MOE_CHECK(t->reg_mr(recv, &in->msg, sizeof(in->msg), NCCL_PTR_HOST, -1, 0, &in->mr));
+    }
+  }
+  for (int i = 0; i < p->nIncoming; i++) {
+    moe_proxy_incoming_t* in = &p->incoming[i];
+    if (in->comm == NULL) continue; /* identified */
+    int done = 0;
+    if (in->req == NULL) {
+      void* data = &in->msg;
+      size_t size = sizeof(in->msg);
+      int tag = MOE_PROXY_TAG_HELLO;
+      MOE_CHECK(t->irecv(in->comm, 1, &data, &size, &tag, &in->mr, &in->req));
+      continue;
+    }
+    MOE_CHECK(moe_proxy_test(t, &in->req, &done));
+    if (!done) continue;
+    MOE_CHECK(moe_proxy_check_msg(p, &in->msg, MOE_PROXY_TAG_HELLO));
+    moe_proxy_peer_t* q = &p->peer[in->msg.node];
+    if (q->recv != NULL)
+      return MOE_ERROR(ncclRemoteError, "rank %d: two connections claim to come from rank %d", p->a.rank, in->msg.rank);
+    q->recv = in->comm;
+    q->recvMsgMr = in->mr;
+    in->comm = NULL;
+    p->nIdentified++;
+    MOE_CHECK(t->reg_mr(q->recv, p->a.recvBuf, p->a.geom.total, p->a.bufType, -1, 0, &q->recvMr));
+  }
+  for (int m = 0; m < p->a.nNodes; m++) {
+    moe_proxy_peer_t* q = &p->peer[m];
+    if (m == p->a.node || q->recv == NULL || q->haveKey) continue;
+    int done = 0;
+    if (q->recvReq == NULL) {
+      void* data = &q->in;
+      size_t size = sizeof(q->in);
+      int tag = MOE_PROXY_TAG_KEY;
+      MOE_CHECK(t->irecv(q->recv, 1, &data, &size, &tag, &q->recvMsgMr, &q->recvReq));
+      continue;
+    }
+    MOE_CHECK(moe_proxy_test(t, &q->recvReq, &done));
+    if (!done) continue;
+    MOE_CHECK(moe_proxy_check_msg(p, &q->in, MOE_PROXY_TAG_KEY));
+    if (q->in.node != m)
+      return MOE_ERROR(ncclRemoteError, "rank %d: key message of node %d on node %d's connection", p->a.rank,
+                       q->in.node, m);
+    q->remote = q->in.key;
+    q->haveKey = 1;
+  }
+  return ncclSuccess;
+}
+
+ncclResult_t moe_proxy_connect(moe_proxy_t* p, const char* handles, int* done_p) {
+  MOE_ARG_CHECK(p != NULL && handles != NULL && done_p != NULL, "moe_proxy_connect: NULL argument");
+  *done_p = 0;
+  if (p->deadlineNs == 0) p->deadlineNs = moe_proxy_now_ns() + (long long)p->a.timeoutMs * 1000000LL;
+  int all = 1;
+  for (int m = 0; m < p->a.nNodes; m++) {
+    if (m == p->a.node) continue;
+    MOE_CHECK(moe_proxy_progress_send(p, m, handles + (size_t)m * MOE_NET_HANDLE_BYTES));
+    if (!p->peer[m].keySent) all = 0;
+  }
+  MOE_CHECK(moe_proxy_progress_accept(p));
+  for (int m = 0; m < p->a.nNodes; m++)
+    if (m != p->a.node && !p->peer[m].haveKey) all = 0;
+  if (all) {
+    *done_p = 1;
+    return ncclSuccess;
+  }
+  if (moe_proxy_now_ns() > p->deadlineNs) {
+    for (int m = 0; m < p->a.nNodes; m++)
+      if (m != p->a.node && (!p->peer[m].keySent || !p->peer[m].haveKey))
+        return MOE_ERROR(ncclSystemError, "rank %d: rank %d (node %d) did not connect within %d ms (NCCL_MOE_TIMEOUT_MS): "
+                         "connected %d, hello sent %d, key sent %d, its connection identified %d, its key received %d "
+                         "(%d of %d connections accepted, %d identified)",
+                         p->a.rank, p->a.peerRank[m], m, p->a.timeoutMs, p->peer[m].send != NULL,
+                         p->peer[m].helloSent, p->peer[m].keySent, p->peer[m].recv != NULL, p->peer[m].haveKey,
+                         p->nIncoming, p->a.nNodes - 1, p->nIdentified);
+  }
+  return ncclSuccess;
+}
+
+/* ------------------------------------------------------------ steady state */
+static unsigned long long moe_proxy_load(const volatile unsigned long long* v) {
+  return __atomic_load_n((const unsigned long long*)v, __ATOMIC_ACQUIRE);
+}
+
+static void moe_proxy_store(volatile unsigned long long* v, unsigned long long x) {
+  __atomic_store_n((unsigned long long*)v, x, __ATOMIC_RELEASE);
+}
+
+/* Full operation number from the low bits an immediate carries, given the
+ * last one seen: the next value with those low bits. */
+static unsigned long long moe_proxy_widen(unsigned long long last, uint32_t low) {
+  return last + (((unsigned long long)low - last) & MOE_IMM_SEQ_MASK);
+}
+
+/* Sends slab `ready` of channel c to node m when its credit is back. */
+static ncclResult_t moe_proxy_send_data(moe_proxy_t* p, int m, int c, int* progress) {
+  const moe_transport_t* t = p->a.transport;
+  moe_proxy_peer_t* q = &p->peer[m];
+  moe_net_flags_t* f = p->a.flags;
+  int done = 0;
+  if (q->dataReq[c] != NULL) {
+    MOE_CHECK(moe_proxy_test(t, &q->dataReq[c], &done));
+    if (done) {
+      moe_proxy_store(&f->sent[c][m], q->issued[c]);
+      *progress = 1;
+    }
+    return ncclSuccess;
+  }
+  unsigned long long ready = moe_proxy_load(&f->ready[c][m]);
+  if (ready == q->issued[c]) return ncclSuccess;
+  if (ready != q->issued[c] + 1)
+    return MOE_ERROR(ncclInternalError, "rank %d: channel %d slab for node %d jumped from %llu to %llu", p->a.rank, c,
+                     m, q->issued[c], ready);
+  if (q->creditIn[c] + 1 < ready) return ncclSuccess; /* the peer still reads the previous slab */
+  const unsigned long long bytes = f->bytes[c][m];
+  if (bytes > p->a.geom.slab[c])
+    return MOE_ERROR(ncclInternalError, "rank %d: channel %d slab of %llu bytes exceeds %zu", p->a.rank, c, bytes,
+                     p->a.geom.slab[c]);
+  /* The peer's receive region holds one slab per source node: ours is p->a.node. */
+  const size_t off = moe_net_slab_offset(&p->a.geom, c, m);
+  const size_t remoteOff = moe_net_slab_offset(&p->a.geom, c, p->a.node);
+  MOE_CHECK(t->write(q->send, p->a.sendBuf + off, bytes, q->sendMr, &q->remote, remoteOff, 1,
+                     moe_imm_encode(c, ready), &q->dataReq[c]));
+  if (q->dataReq[c] != NULL) {
+    q->issued[c] = ready;
+    *progress = 1;
+  }
+  return ncclSuccess;
+}
+
+/* Returns the GPU's "slab read" of channel c from node m as a credit. */
+static ncclResult_t moe_proxy_send_credit(moe_proxy_t* p, int m, int c, int* progress) {
+  const moe_transport_t* t = p->a.transport;
+  moe_proxy_peer_t* q = &p->peer[m];
+  int done = 0;
+  if (q->creditReq[c] != NULL) {
+    MOE_CHECK(moe_proxy_test(t, &q->creditReq[c], &done));
+    if (done) *progress = 1;
+    return ncclSuccess;
+  }
+  unsigned long long consumed = moe_proxy_load(&p->a.flags->consumed[c][m]);
+  if (consumed <= q->creditOut[c]) return ncclSuccess;
+  MOE_CHECK(t->write(q->send, p->a.sendBuf, 0, q->sendMr, &q->remote, 0, 1, moe_imm_encode(MOE_IMM_CREDIT + c, consumed),
+                     &q->creditReq[c]));
+  if (q->creditReq[c] != NULL) {
+    q->creditOut[c] = consumed;
+    *progress = 1;
+  }
+  return ncclSuccess;
+}
+
+static ncclResult_t moe_proxy_receive(moe_proxy_t* p, int m, int* progress) {
+  moe_proxy_peer_t* q = &p->peer[m];
+  for (;;) {
+    uint32_t imm = 0;
+    int got = 0;
+    MOE_CHECK(p->a.transport->poll_imm(q->recv, &imm, &got));
+    if (!got) return ncclSuccess;
+    *progress = 1;
+    const int kind = (int)(imm >> MOE_IMM_SEQ_BITS);
+    const uint32_t low = imm & MOE_IMM_SEQ_MASK;
+    if (kind < MOE_NET_CHANNELS) {
+      const unsigned long long k = q->arrived[kind] + 1;
+      if ((k & MOE_IMM_SEQ_MASK) != low)
+        return MOE_ERROR(ncclRemoteError, "rank %d: rank %d sent channel %d slab %u, expected %llu", p->a.rank,
+                         p->a.peerRank[m], kind, low, k);
+      q->arrived[kind] = k;
+      moe_proxy_store(&p->a.flags->arrived[kind][m], k);
+    } else if (kind >= MOE_IMM_CREDIT && kind < MOE_IMM_CREDIT + MOE_NET_CHANNELS) {
+      const int c = kind - MOE_IMM_CREDIT;
+      const unsigned long long k = moe_proxy_widen(q->creditIn[c], low);
+      if (k == q->creditIn[c] || k > q->issued[c])
+        return MOE_ERROR(ncclRemoteError, "rank %d: rank %d returned credit %llu of channel %d, only %llu were sent",
+                         p->a.rank, p->a.peerRank[m], k, c, q->issued[c]);
+      q->creditIn[c] = k;
+    } else {
+      return MOE_ERROR(ncclRemoteError, "rank %d: rank %d sent an unknown immediate 0x%x", p->a.rank,
+                       p->a.peerRank[m], imm);
+    }
+  }
+}
+
+static ncclResult_t moe_proxy_step(moe_proxy_t* p, int* progress) {
+  for (int m = 0; m < p->a.nNodes; m++) {
+    if (m == p->a.node) continue;
+    MOE_CHECK(moe_proxy_receive(p, m, progress));
+    for (int c = 0; c < MOE_NET_CHANNELS; c++) {
+      MOE_CHECK(moe_proxy_send_data(p, m, c, progress));
+      MOE_CHECK(moe_proxy_send_credit(p, m, c, progress));
+    }
+  }
+  return ncclSuccess;
+}
+
+static void* moe_proxy_main(void* arg) {
+  moe_proxy_t* p = arg;
+  int idle = 0;
+  while (!atomic_load(&p->stop)) {
+    int progress = 0;
+    ncclResult_t res = moe_proxy_step(p, &progress);
+    if (res != ncclSuccess) {
+      moe_proxy_fail(p, res);
+      MOE_WARN("rank %d: network proxy stopped: %s", p->a.rank, p->err);
+      break;
+    }
+    if (progress) {
+      idle = 0;
+    } else if (++idle > MOE_PROXY_IDLE_SPINS) {
+      struct timespec nap = {0, MOE_PROXY_NAP_NS};
+      nanosleep(&nap, NULL);
+    }
+  }
+  return NULL;
+}
+
+ncclResult_t moe_proxy_start(moe_proxy_t* p) {
+  MOE_ARG_CHECK(p != NULL, "moe_proxy_start: proxy is NULL");
+  if (pthread_create(&p->thread, NULL, moe_proxy_main, p) != 0)
+    return MOE_ERROR(ncclSystemError, "rank %d: cannot start the network proxy thread", p->a.rank);
+  p->threadStarted = 1;
+  return ncclSuccess;
+}
+
+const char* moe_proxy_error(const moe_proxy_t* p) { return p == NULL ? "" : p->err; }
+
+void moe_proxy_destroy(moe_proxy_t* p) {
+  if (p == NULL) return;
+  const moe_transport_t* t = p->a.transport;
+  if (p->threadStarted) {
+    atomic_store(&p->stop, 1);
+    pthread_join(p->thread, NULL);
+  }
+  for (int i = 0; i < p->nIncoming; i++) {
+    if (p->incoming[i].comm == NULL) continue;
+    if (p->incoming[i].mr != NULL) t->dereg_mr(p->incoming[i].comm, p->incoming[i].mr);
+    t->close(p->incoming[i].comm);
+  }
+  for (int m = 0; m < p->a.nNodes; m++) {
+    moe_proxy_peer_t* q = &p->peer[m];
+    if (q->send != NULL) {
+      if (q->sendMr != NULL) t->dereg_mr(q->send, q->sendMr);
+      if (q->sendMsgMr != NULL) t->dereg_mr(q->send, q->sendMsgMr);
+      t->close(q->send);
+    }
+    if (q->recv != NULL) {
+      if (q->recvMr != NULL) t->dereg_mr(q->recv, q->recvMr);
+      if (q->recvMsgMr != NULL) t->dereg_mr(q->recv, q->recvMsgMr);
+      t->close(q->recv);
+    }
+  }
+  if (p->listen != NULL) t->close(p->listen);
+  free(p);
+}

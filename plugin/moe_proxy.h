@@ -1,0 +1,65 @@
+/* The network proxy of one rank: connections to the rank with the same local
+ * index on every other node, made through the internal transport interface,
+ * and a thread that turns slabs the GPU marks ready into one-sided writes,
+ * turns arriving immediates into counters the GPU polls, and returns credits
+ * so that a sender never overwrites a slab its receiver has not read. See
+ * kernels/moe_internode.h for the protocol. Nothing here touches CUDA: the
+ * regions and counters are plain pointers (host-mapped memory in production,
+ * malloc'ed memory in the unit tests). */
+#ifndef MOE_PROXY_H_
+#define MOE_PROXY_H_
+
+#include "moe_internode.h"
+#include "transport/moe_transport.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moe_proxy moe_proxy_t;
+
+typedef struct {
+  const moe_transport_t* transport;
+  int dev;                 /* the transport's device */
+  int rank, node, nNodes;
+  int peerRank[MOE_MAX_NODES]; /* global rank of the peer on each node (own node: this rank) */
+  char* sendBuf;           /* geom.total bytes: slabs this rank sends */
+  char* recvBuf;           /* geom.total bytes: slabs peers write */
+  int bufType;             /* NCCL_PTR_HOST or NCCL_PTR_CUDA */
+  moe_net_geom_t geom;
+  moe_net_flags_t* flags;  /* counters shared with the GPU */
+  volatile int* error;     /* the comm's error record (MOE_ERR_*); the proxy sets MOE_KERR_NET */
+  int timeoutMs;           /* bound on connection set-up */
+} moe_proxy_args_t;
+
+/* Listens and writes the handle peers connect to (MOE_NET_HANDLE_BYTES). */
+ncclResult_t moe_proxy_create(const moe_proxy_args_t* args, void* handle, moe_proxy_t** proxy_p);
+
+/* Connects to every peer and identifies every accepted connection; never
+ * blocks. handles[m * MOE_NET_HANDLE_BYTES] is the handle of the peer on node
+ * m. Call until *done_p; ranks of one process are progressed in turn. A peer
+ * that does not finish within timeoutMs of the first call is an error. */
+ncclResult_t moe_proxy_connect(moe_proxy_t* proxy, const char* handles, int* done_p);
+
+/* Starts the proxy thread (after moe_proxy_connect finished). */
+ncclResult_t moe_proxy_start(moe_proxy_t* proxy);
+
+/* Stops the thread, closes connections, frees everything. NULL is a no-op. */
+void moe_proxy_destroy(moe_proxy_t* proxy);
+
+/* The message of the error that stopped the thread ("" if none). */
+const char* moe_proxy_error(const moe_proxy_t* proxy);
+
+/* Immediates: the kind (channel, or 4 + channel for a credit) in bits 24..27,
+ * the low 24 bits of the operation number below. */
+#define MOE_IMM_SEQ_BITS 24
+#define MOE_IMM_SEQ_MASK ((1u << MOE_IMM_SEQ_BITS) - 1u)
+#define MOE_IMM_CREDIT 4
+static inline uint32_t moe_imm_encode(int kind, unsigned long long seq) {
+  return ((uint32_t)kind << MOE_IMM_SEQ_BITS) | ((uint32_t)seq & MOE_IMM_SEQ_MASK);
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,291 @@
+/* The internode network proxy on the socket transport over loopback, with
+ * host memory standing in for the GPU: test threads play each rank's
+ * kernels (fill a slab, mark it ready; wait for arrival, check, mark it
+ * consumed). Covers set-up between several nodes, many operations on every
+ * channel with random slab sizes, flow control (a receiver that has not
+ * consumed a slab is never overwritten), and a peer that disappears. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "moe_env.h"
+#include "moe_intranode.h"
+#include "moe_proxy.h"
+#include "net_test_util.h"
+#include "test_common.h"
+
+#define MAX_TEST_NODES 4
+#define SLAB_BYTES (256 << 10)
+#define OPS 24
+
+typedef struct {
+  moe_proxy_t* proxy;
+  char* sendBuf;
+  char* recvBuf;
+  moe_net_flags_t flags;
+  volatile int error[MOE_ERR_WORDS];
+  char handle[MOE_NET_HANDLE_BYTES];
+} node_t;
+
+typedef struct {
+  node_t node[MAX_TEST_NODES];
+  int nNodes;
+  moe_net_geom_t geom;
+  const moe_transport_t* t;
+} cluster_t;
+
+static void geom_init(moe_net_geom_t* g, int nNodes) {
+  size_t off = 0;
+  for (int c = 0; c < MOE_NET_CHANNELS; c++) {
+    g->slab[c] = SLAB_BYTES;
+    g->off[c] = off;
+    off += SLAB_BYTES * (size_t)nNodes;
+  }
+  g->total = off;
+}
+
+static void cluster_up(cluster_t* cl, int nNodes) {
+  net_test_env();
+  moe_env_reload();
+  memset(cl, 0, sizeof(*cl));
+  cl->nNodes = nNodes;
+  geom_init(&cl->geom, nNodes);
+  ck_assert_int_eq(moe_transport_select(&cl->t), ncclSuccess);
+  char handles[MAX_TEST_NODES * MOE_NET_HANDLE_BYTES];
+  for (int n = 0; n < nNodes; n++) {
+    node_t* nd = &cl->node[n];
+    nd->sendBuf = calloc(1, cl->geom.total);
+    nd->recvBuf = calloc(1, cl->geom.total);
+    moe_proxy_args_t a = {.transport = cl->t, .dev = 0, .rank = n, .node = n, .nNodes = nNodes,
+                          .sendBuf = nd->sendBuf, .recvBuf = nd->recvBuf, .bufType = NCCL_PTR_HOST,
+                          .geom = cl->geom, .flags = &nd->flags, .error = nd->error, .timeoutMs = NET_TEST_DEADLINE_MS / 2};
+    for (int m = 0; m < nNodes; m++) a.peerRank[m] = m;
+    ck_assert_int_eq(moe_proxy_create(&a, nd->handle, &nd->proxy), ncclSuccess);
+    memcpy(handles + (size_t)n * MOE_NET_HANDLE_BYTES, nd->handle, MOE_NET_HANDLE_BYTES);
+  }
+  int done[MAX_TEST_NODES] = {0}, all = 0;
+  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (!all) {
+    all = 1;
+    for (int n = 0; n < nNodes; n++) {
+      if (!done[n]) {
+        ncclResult_t res = moe_proxy_connect(cl->node[n].proxy, handles, &done[n]);
+        ck_assert_msg(res == ncclSuccess, "rank %d: set-up failed: %s", n, ncclMoeGetLastError());
+      }
+      all &= done[n];
+    }
+    ck_assert(net_now_ms() < deadline);
+  }
+  for (int n = 0; n < nNodes; n++) ck_assert_int_eq(moe_proxy_start(cl->node[n].proxy), ncclSuccess);
+}
+
+static void cluster_down(cluster_t* cl) {
+  for (int n = 0; n < cl->nNodes; n++) {
+    moe_proxy_destroy(cl->node[n].proxy);
+    free(cl->node[n].sendBuf);
+    free(cl->node[n].recvBuf);
+  }
+}
+
+static unsigned long long load(const volatile unsigned long long* v) {
+  return __atomic_load_n((const unsigned long long*)v, __ATOMIC_ACQUIRE);
+}
+static void store(volatile unsigned long long* v, unsigned long long x) {
+  __atomic_store_n((unsigned long long*)v, x, __ATOMIC_RELEASE);
+}
+
+/* Waits until *v >= want; 0 on timeout. */
+static int wait_ge(const volatile unsigned long long* v, unsigned long long want, int ms) {
+  uint64_t deadline = net_now_ms() + ms;
+  while (load(v) < want)
+    if (net_now_ms() > deadline) return 0;
+  return 1;
+}
+
+static size_t slab_size(uint64_t seed, int k, int src, int dst, int c) {
+  moe_rng_t r;
+  moe_rng_init(&r, seed ^ ((uint64_t)k << 32) ^ ((uint64_t)src << 16) ^ ((uint64_t)dst << 8) ^ (uint64_t)c);
+  /* Sometimes empty, sometimes tiny, sometimes the whole slab. */
+  switch (moe_rng_below(&r, 4)) {
+    case 0: return 0;
+    case 1: return 1 + moe_rng_below(&r, 64);
+    case 2: return SLAB_BYTES;
+    default: return moe_rng_below(&r, SLAB_BYTES);
+  }
+}
+
+static uint64_t pattern_seed(uint64_t seed, int k, int src, int dst, int c) {
+  return seed * 31 + (uint64_t)k * 1000003 + (uint64_t)src * 101 + (uint64_t)dst * 7 + (uint64_t)c;
+}
+
+typedef struct {
+  cluster_t* cl;
+  int me;
+  uint64_t seed;
+  int ok;
+  char why[160];
+} rank_arg_t;
+
+#define RANK_FAIL(a, ...)                                   \
+  do {                                                      \
+    snprintf((a)->why, sizeof((a)->why), __VA_ARGS__);      \
+    return NULL;                                            \
+  } while (0)
+
+/* One rank's "GPU": every op sends a slab to each peer on each channel, then
+ * reads the slab of each peer and returns it. */
+static void* rank_main(void* p) {
+  rank_arg_t* a = p;
+  node_t* nd = &a->cl->node[a->me];
+  const moe_net_geom_t* g = &a->cl->geom;
+  a->ok = 0;
+  for (int k = 1; k <= OPS; k++) {
+    for (int c = 0; c < MOE_NET_CHANNELS; c++) {
+      for (int m = 0; m < a->cl->nNodes; m++) {
+        if (m == a->me) continue;
+        if (!wait_ge(&nd->flags.sent[c][m], k - 1, NET_TEST_DEADLINE_MS))
+          RANK_FAIL(a, "op %d channel %d: slab %d to node %d never sent", k, c, k - 1, m);
+        size_t bytes = slab_size(a->seed, k, a->me, m, c);
+        net_fill(nd->sendBuf + moe_net_slab_offset(g, c, m), bytes, pattern_seed(a->seed, k, a->me, m, c));
+        nd->flags.bytes[c][m] = bytes;
+        store(&nd->flags.ready[c][m], k);
+      }
+    }
+    for (int c = 0; c < MOE_NET_CHANNELS; c++) {
+      for (int m = 0; m < a->cl->nNodes; m++) {
+        if (m == a->me) continue;
+        if (!wait_ge(&nd->flags.arrived[c][m], k, NET_TEST_DEADLINE_MS))
+          RANK_FAIL(a, "op %d channel %d: slab from node %d never arrived", k, c, m);
+        if (load(&nd->flags.arrived[c][m]) != (unsigned long long)k)
+          RANK_FAIL(a, "op %d channel %d: slab from node %d ahead of its credit", k, c, m);
+        size_t bytes = slab_size(a->seed, k, m, a->me, c);
+        if (!net_check(nd->recvBuf + moe_net_slab_offset(g, c, m), bytes, pattern_seed(a->seed, k, m, a->me, c)))
+        {
+          const char* got = nd->recvBuf + moe_net_slab_offset(g, c, m);
+          size_t firstBad = 0;
+          char* ref = malloc(bytes + 1);
+          net_fill(ref, bytes, pattern_seed(a->seed, k, m, a->me, c));
+          while (firstBad < bytes && ref[firstBad] == got[firstBad]) firstBad++;
+          int prev = net_check(got, slab_size(a->seed, k + 1, m, a->me, c) < bytes ? slab_size(a->seed, k + 1, m, a->me, c) : bytes, pattern_seed(a->seed, k + 1, m, a->me, c));
+          free(ref);
+          int which = -1;
+          for (int kk = 0; kk <= OPS; kk++)
+            for (int cc = 0; cc < 3; cc++)
+              if (net_check(got, 64, pattern_seed(a->seed, kk, m, a->me, cc))) which = kk * 10 + cc;
+          unsigned long long w0;
+          memcpy(&w0, got, 8);
+          RANK_FAIL(a, "op %d channel %d: slab from node %d corrupt (%zu bytes, first bad %zu, next op %d, matches %d, word %llx)", k, c, m,
+                    bytes, firstBad, prev, which, w0);
+        }
+        store(&nd->flags.consumed[c][m], k);
+      }
+    }
+  }
+  a->ok = 1;
+  return NULL;
+}
+
+static void run_ops(int nNodes) {
+  cluster_t cl;
+  cluster_up(&cl, nNodes);
+  uint64_t seed = moe_test_seed();
+  pthread_t th[MAX_TEST_NODES];
+  rank_arg_t args[MAX_TEST_NODES];
+  for (int n = 0; n < nNodes; n++) {
+    args[n] = (rank_arg_t){.cl = &cl, .me = n, .seed = seed};
+    ck_assert_int_eq(pthread_create(&th[n], NULL, rank_main, &args[n]), 0);
+  }
+  for (int n = 0; n < nNodes; n++) pthread_join(th[n], NULL);
+  for (int n = 0; n < nNodes; n++)
+    for (int c = 0; c < MOE_NET_CHANNELS && !args[n].ok; c++)
+      for (int m = 0; m < nNodes; m++)
+        fprintf(stderr, "node %d ch %d peer %d: ready %llu sent %llu arrived %llu consumed %llu\n", n, c, m,
+                load(&cl.node[n].flags.ready[c][m]), load(&cl.node[n].flags.sent[c][m]),
+                load(&cl.node[n].flags.arrived[c][m]), load(&cl.node[n].flags.consumed[c][m]));
+  for (int n = 0; n < nNodes; n++)
+    if (!args[n].ok) fprintf(stderr, "rank %d: %s\n", n, args[n].why);
+  for (int n = 0; n < nNodes; n++) {
+    ck_assert_msg(args[n].ok, "rank %d: %s (proxy error: %s)", n, args[n].why, moe_proxy_error(cl.node[n].proxy));
+    ck_assert_int_eq(cl.node[n].error[MOE_ERR_CODE], MOE_KERR_NONE);
+  }
+  cluster_down(&cl);
+}
+
+START_TEST(test_two_nodes) { run_ops(2); }
+END_TEST
+
+START_TEST(test_four_nodes) { run_ops(4); }
+END_TEST
+
+/* Node 1 does not consume slab 1: node 0's slab 2 must wait at node 0. */
+START_TEST(test_credit_holds_back_second_slab) {
+  cluster_t cl;
+  cluster_up(&cl, 2);
+  node_t *s = &cl.node[0], *r = &cl.node[1];
+  const int c = MOE_CH_DISPATCH;
+  const size_t soff = moe_net_slab_offset(&cl.geom, c, 1), roff = moe_net_slab_offset(&cl.geom, c, 0);
+  net_fill(s->sendBuf + soff, 4096, 1);
+  s->flags.bytes[c][1] = 4096;
+  store(&s->flags.ready[c][1], 1);
+  ck_assert(wait_ge(&r->flags.arrived[c][0], 1, NET_TEST_DEADLINE_MS));
+  ck_assert(wait_ge(&s->flags.sent[c][1], 1, NET_TEST_DEADLINE_MS));
+  net_fill(s->sendBuf + soff, 4096, 2);
+  store(&s->flags.ready[c][1], 2);
+  struct timespec pause = {0, 300 * 1000 * 1000};
+  nanosleep(&pause, NULL);
+  ck_assert_uint_eq(load(&r->flags.arrived[c][0]), 1);
+  ck_assert(net_check(r->recvBuf + roff, 4096, 1)); /* untouched */
+  store(&r->flags.consumed[c][0], 1);
+  ck_assert(wait_ge(&r->flags.arrived[c][0], 2, NET_TEST_DEADLINE_MS));
+  ck_assert(net_check(r->recvBuf + roff, 4096, 2));
+  cluster_down(&cl);
+}
+END_TEST
+
+/* A peer whose proxy goes away: the survivor records MOE_KERR_NET. */
+START_TEST(test_dead_peer_is_an_error) {
+  cluster_t cl;
+  cluster_up(&cl, 2);
+  moe_proxy_destroy(cl.node[1].proxy);
+  cl.node[1].proxy = NULL;
+  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (cl.node[0].error[MOE_ERR_CODE] == MOE_KERR_NONE) ck_assert(net_now_ms() < deadline);
+  ck_assert_int_eq(cl.node[0].error[MOE_ERR_CODE], MOE_KERR_NET);
+  ck_assert(strlen(moe_proxy_error(cl.node[0].proxy)) > 0);
+  cluster_down(&cl);
+}
+END_TEST
+
+/* A slab size beyond the slab (a corrupt counter) stops the proxy with an
+ * error instead of writing past the peer's slab. */
+START_TEST(test_oversized_slab_is_an_error) {
+  cluster_t cl;
+  cluster_up(&cl, 2);
+  node_t* s = &cl.node[0];
+  s->flags.bytes[MOE_CH_COMBINE][1] = SLAB_BYTES + 1;
+  store(&s->flags.ready[MOE_CH_COMBINE][1], 1);
+  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (s->error[MOE_ERR_CODE] == MOE_KERR_NONE) ck_assert(net_now_ms() < deadline);
+  ck_assert_uint_eq(load(&cl.node[1].flags.arrived[MOE_CH_COMBINE][0]), 0);
+  cluster_down(&cl);
+}
+END_TEST
+
+static void add_case(Suite* s, const char* name, const TTest* test) {
+  TCase* tc = tcase_create(name);
+  tcase_set_timeout(tc, 120);
+  _tcase_add_test(tc, test, 0, 0, 0, 1);
+  suite_add_tcase(s, tc);
+}
+
+int main(void) {
+  Suite* s = suite_create("proxy");
+  add_case(s, "two_nodes", test_two_nodes);
+  add_case(s, "four_nodes", test_four_nodes);
+  add_case(s, "credit", test_credit_holds_back_second_slab);
+  add_case(s, "dead_peer", test_dead_peer_is_an_error);
+  add_case(s, "oversized_slab", test_oversized_slab_is_an_error);
+  return moe_test_run(s);
+}
