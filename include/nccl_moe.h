@@ -77,6 +77,11 @@ typedef enum {
   /* scale rounded up to a power of two (stored as fp32): decoding is exact
    * exponent arithmetic, as DeepGEMM's UE8M0 recipes expect. */
   ncclMoeScalePow2 = 1,
+  /* Low-latency dispatch only: power-of-two scales delivered packed as UE8M0
+   * bytes (the fp32 exponent field: scale = 2^(byte - 127)), four per 32-bit
+   * word, block j in byte j % 4 (little-endian) of word j / 4; unused bytes of
+   * a row's last word are 0. The layout DeepGEMM's UE8M0 kernels read. */
+  ncclMoeScaleUE8M0 = 2,
 } ncclMoeScaleFormat_t;
 
 /* ----------------------------------------------------------------- config */
@@ -109,10 +114,18 @@ typedef struct {
   int numSMs;
   /* Bound on every wait for a peer, in ms. 0 = NCCL_MOE_TIMEOUT_MS. */
   int timeoutMs;
+  /* Low-latency mode: most tokens any rank passes to one
+   * ncclMoeLowLatencyDispatch (0 <= numTokens <= this), at most
+   * NCCL_MOE_LL_MAX_TOKENS. 0 (the default): no low-latency buffers are
+   * allocated and the ncclMoeLowLatency* calls fail. The buffers (two sets)
+   * grow with this times numExperts times hidden: see
+   * ncclMoeLowLatencyBufferBytes. A comm used only in low-latency mode may set
+   * maxTokensPerRank to 1 to keep the normal-mode buffers small. */
+  int llMaxTokensPerRank;
 } ncclMoeConfig_t;
 
 #define NCCL_MOE_CONFIG_INITIALIZER \
-  { sizeof(ncclMoeConfig_t), NCCL_MOE_CONFIG_MAGIC, NCCL_MOE_VERSION_CODE, 0, 0, 0, 0, 0, 0, 0 }
+  { sizeof(ncclMoeConfig_t), NCCL_MOE_CONFIG_MAGIC, NCCL_MOE_VERSION_CODE, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 /* ------------------------------------------------------------ communicator */
 typedef struct ncclMoeComm* ncclMoeComm_t;
@@ -123,8 +136,17 @@ typedef struct ncclMoeComm* ncclMoeComm_t;
  * ncclMoeCommBufferBytes), exchanges CUDA IPC handles and host identity with
  * one ncclAllGather on `nccl` (which therefore must be usable: no other
  * operation pending on it from this thread), and maps the peers' buffers.
- * All ranks must be on one host (intranode); ranks on several hosts get
- * ncclInvalidUsage. The caller's current CUDA device is left unchanged.
+ * Ranks are grouped into nodes: the ranks of one host whose GPUs can map each
+ * other's memory (NVLink or PCIe peer access). Inside a node tokens move by
+ * peer stores; between nodes through the network transport of the NCCL
+ * plugin (NCCL_MOE_NET_BACKEND), once per destination node, to the rank with
+ * the same local index there, which forwards them inside its node. With
+ * NCCL_MOE_P2P_DISABLE=1, or on a host where some GPUs cannot map each other,
+ * every rank is a node of its own. Every node must hold the same number of
+ * ranks (at most 32); ranks need not be numbered node by node. Internode
+ * comms also pin host memory for the network slabs: about
+ * 4 x nodes x maxTokensPerRank x (2 x hidden + 256) bytes per rank.
+ * The caller's current CUDA device is left unchanged.
  * `nccl` must outlive the MoE communicator. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfig_t* config,
                                              ncclMoeComm_t* comm_p);
@@ -143,6 +165,17 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfi
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtual(int nRanks, int device,
                                                     const ncclMoeConfig_t* config,
                                                     ncclMoeComm_t* comms);
+
+/* Testing and single-GPU development of the internode path: like
+ * ncclMoeCommInitVirtual, but the ranks form nRanks / ranksPerNode "virtual
+ * nodes" of consecutive ranks. Ranks of one virtual node map each other's
+ * buffers; ranks of different ones talk only through the network transport
+ * (the socket backend on loopback unless NCCL_MOE_NET_BACKEND says
+ * otherwise), with the same kernels, proxy and protocol as ranks on several
+ * hosts. ranksPerNode == nRanks is ncclMoeCommInitVirtual. */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtualNodes(int nRanks, int ranksPerNode, int device,
+                                                         const ncclMoeConfig_t* config,
+                                                         ncclMoeComm_t* comms);
 
 /* Frees every resource of `comm`. Waits for work enqueued by this library on
  * the comm's streams; callers must not destroy a comm with a dispatch or
@@ -309,41 +342,176 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCom
                                             ncclMoeHandle_t handle, cudaStream_t stream);
 
 /* ------------------------------------------------------------ low latency */
-/* Decode-time dispatch/combine with fixed slots per (local expert, source
- * rank), no host synchronization, two buffer sets used in turn, and send and
- * receive halves callable separately. Declared here so the API is designed
- * as a whole; NCCL_MOE_HAS_LOW_LATENCY says whether this build provides it
- * (not yet: the functions below are not in the library until it is 1). */
-#define NCCL_MOE_HAS_LOW_LATENCY 0
-#if NCCL_MOE_HAS_LOW_LATENCY
+/* Decode-time dispatch / combine (as DeepEP's low-latency mode): no host
+ * synchronization, fixed buffers sized at init (config.llMaxTokensPerRank),
+ * every call capturable in a CUDA graph.
+ *
+ * Buffer sets. A comm has two low-latency buffer sets. Each
+ * ncclMoeLowLatencyDispatch call takes the next set in turn (set 0, 1, 0, ...
+ * per comm, chosen on the host at call time, so a captured graph keeps the
+ * set it was captured with) and records it in `handle`; the matching
+ * ncclMoeLowLatencyCombine uses the same set. So two steps can be in flight
+ * at once (e.g. two micro-batches: dispatch A, dispatch B, combine A, combine
+ * B), and one step's receive overlaps the next step's send. Rules, per rank:
+ *  - every rank makes the same sequence of low-latency calls (collective), in
+ *    the same order relative to each other; numTokens may differ (and be 0);
+ *  - a dispatch's outputs (the result's buffers) stay valid until the dispatch
+ *    two calls later (the next one on the same set) starts on the GPU; work
+ *    that reads them must be ordered before it on the GPU (same stream, or
+ *    an event the dispatch's stream waits on);
+ *  - the combine of a dispatch (both halves) must be ordered the same way
+ *    before the dispatch two calls later;
+ *  - the receive half of a call goes on the stream of its send half (or a
+ *    stream ordered after it).
+ * Breaking the last three gives wrong results (never out-of-bounds writes) or
+ * a timeout. Steps on the same set are told apart by per-set sequence numbers
+ * kept on the GPU, so graph replays and eager calls may be mixed freely as
+ * long as every rank does the same.
+ *
+ * Split halves. With sendOnly = 1 a call enqueues only its send half (the
+ * kernel that writes this rank's data into the peers' buffers); the receive
+ * half (the kernel that waits for the peers' data and finishes the outputs)
+ * is enqueued later by ncclMoeLowLatencyDispatchRecv / ...CombineRecv, so
+ * compute can run in between. The send half of a dispatch also waits (on the
+ * GPU) until every rank has started the same dispatch; a receive half waits
+ * until every peer's send half is done.
+ *
+ * Virtual ranks sharing one GPU: run at most one low-latency call half per
+ * rank at a time (one stream per rank), or the spinning kernels may not fit
+ * on the GPU together.
+ *
+ * Scope: ranks of one node (peer stores over NVLink / PCIe). On a comm whose
+ * ranks span several nodes the calls return ncclInvalidUsage for now. */
+#define NCCL_MOE_HAS_LOW_LATENCY 1
+/* Largest config.llMaxTokensPerRank. */
+#define NCCL_MOE_LL_MAX_TOKENS 4096
+
 typedef struct {
-  const void* x;              /* device BF16 [numTokens, hidden] */
-  int numTokens;              /* <= config.llMaxTokensPerRank */
-  int hidden, topk;
-  const int64_t* topkIdx;     /* device int64 [numTokens, topk] */
-  ncclDataType_t sendType;    /* ncclFloat8e4m3 (cast in kernel) or ncclBfloat16 */
+  /* Tokens of this rank: device BF16 [numTokens, hidden], 16-byte aligned. */
+  const void* x;
+  /* 0 <= numTokens <= config.llMaxTokensPerRank. With 0, x and topkIdx may
+   * be NULL (the rank still takes part). */
+  int numTokens;
+  /* Channels per token, <= config.hidden: a multiple of 128 with FP8 sendType,
+   * of 8 with BF16. Same value on every rank. */
+  int hidden;
+  /* Experts per token, 1 <= topk <= config.maxTopk. May differ per rank. */
+  int topk;
+  /* device int64 [numTokens, topk]: expert ids in [0, numExperts) or -1 (no
+   * expert). An id repeated within one token's row is sent once (combine
+   * still weights that expert's output once per occurrence). An id outside
+   * [-1, numExperts) is treated as -1 and recorded as an async error
+   * (ncclInvalidArgument from ncclMoeCommGetAsyncError); it is never used as
+   * an address. */
+  const int64_t* topkIdx;
+  /* ncclFloat8e4m3 (x is cast to FP8 e4m3 inside the kernel, one scale per
+   * 128 channels of a token, as NCCL_MOE_FP8_BLOCK) or ncclBfloat16 (sent as
+   * is). Same value on every rank. */
+  ncclDataType_t sendType;
+  /* FP8 only (ignored for BF16): ncclMoeScaleFloat, ncclMoeScalePow2, or
+   * ncclMoeScaleUE8M0. Same value on every rank. */
   ncclMoeScaleFormat_t scaleFormat;
-  int sendOnly;               /* 1: return after sending; receive with ...Recv */
+  /* device int64 [numExperts / nRanks], or NULL. When given, the receive half
+   * adds the number of rows each local expert received (atomically) to it:
+   * a running per-expert load statistic, never reset by the library. */
+  int64_t* cumulativeRecvCount;
+  /* 0: enqueue the send and the receive half. 1: enqueue only the send half;
+   * call ncclMoeLowLatencyDispatchRecv later for the receive half (the
+   * result's buffers are filled only once the receive half has run). */
+  int sendOnly;
 } ncclMoeLowLatencyDispatchArgs_t;
 
+/* What a low-latency dispatch produces, in the comm-owned buffers of its set
+ * (views; see the rules above for how long they stay valid). The pointers are
+ * fixed per set, so a graph captured once can use them on every replay.
+ * Expert-major: local expert l (global expert rank * numLocalExperts + l) owns
+ * rows [l * expertStride, (l + 1) * expertStride); its first
+ * recvCountPerExpert[l] rows are valid, ordered by source rank, then by token
+ * index at the source (the same order on every run). */
 typedef struct {
-  void* recvX;                /* device [localExperts, nRanks * llMaxTokens, hidden] */
-  float* recvScales;          /* device fp32 [localExperts, nRanks * llMaxTokens, hidden/128] */
-  int* recvCountPerExpert;    /* device int32 [localExperts] */
-  int* recvSource;            /* device int32 [localExperts, nRanks * llMaxTokens]: src rank * T + token */
+  /* device [numLocalExperts, expertStride, hidden] of sendType (FP8 e4m3
+   * codes or BF16), rows packed with stride hidden elements. */
+  void* recvX;
+  /* FP8 scales of each row's 128-channel blocks (value = code * scale):
+   * ncclMoeScaleFloat / Pow2: fp32 [numLocalExperts, expertStride,
+   * hidden / 128]; ncclMoeScaleUE8M0: uint32 [numLocalExperts, expertStride,
+   * scaleStride], packed as described at ncclMoeScaleUE8M0. NULL for BF16. */
+  void* recvScales;
+  /* Elements (fp32 scales or uint32 words) per row of recvScales: hidden/128
+   * or ceil(hidden / 512); 0 for BF16. */
+  int scaleStride;
+  /* device int32 [numLocalExperts]: rows received per local expert. */
+  int* recvCountPerExpert;
+  /* device int32 [numLocalExperts, expertStride]: where each valid row came
+   * from: srcRank * config.llMaxTokensPerRank + token index at srcRank. */
+  int* recvSource;
+  /* Rows per local expert: nRanks * config.llMaxTokensPerRank. */
+  int expertStride;
+  /* numExperts / nRanks. */
+  int numLocalExperts;
 } ncclMoeLowLatencyDispatchResult_t;
 
+/* Sends every (token, expert) pair of this rank to the expert's rank: each
+ * token once per distinct expert in its topkIdx row, straight into the
+ * receiver's output rows (NVLink/PCIe peer stores; no host synchronization).
+ * Collective (see the rules above). `handle` (ncclMoeHandleCreate) records
+ * the routing and the buffer set for the matching ncclMoeLowLatencyCombine;
+ * it must not hold a call whose receive half is still pending. *result_p is
+ * filled at once (the pointers of this call's set); the buffers hold the
+ * received rows after the receive half. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm,
     const ncclMoeLowLatencyDispatchArgs_t* args, ncclMoeHandle_t handle,
     ncclMoeLowLatencyDispatchResult_t* result_p, cudaStream_t stream);
+
+/* The receive half of the dispatch `handle` holds (sent with sendOnly = 1):
+ * waits on the GPU for every peer's rows, then completes the outputs. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatchRecv(ncclMoeComm_t comm,
     ncclMoeHandle_t handle, cudaStream_t stream);
-NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, const void* expertOut,
-    const float* topkWeights, void* out, int sendOnly, ncclMoeHandle_t handle,
-    cudaStream_t stream);
+
+typedef struct {
+  /* Expert outputs: device BF16 [numLocalExperts, expertStride, hidden]
+   * (hidden of the dispatch), 16-byte aligned: row i of expert l is the
+   * output for row i of the dispatch's recvX; rows at or beyond
+   * recvCountPerExpert[l] are not read. Any device memory (the dispatch's
+   * buffers too, once no longer needed); read by the send half. */
+  const void* x;
+  /* device fp32 [numTokens, topk] (this rank's dispatch shape), or NULL for
+   * weight 1. Read by the receive half. */
+  const float* topkWeights;
+  /* Output: device BF16 [numTokens, hidden], 16-byte aligned,
+   * caller-allocated, written by the receive half:
+   *   out[t] = sum over k with topkIdx[t][k] valid, in k order, of
+   *            topkWeights[t][k] * (expert topkIdx[t][k]'s output row for t),
+   * accumulated in fp32 with fused multiply-adds and rounded to BF16 once
+   * (bitwise repeatable). A token with no valid expert gets zeros. */
+  void* out;
+  /* 0: enqueue both halves. 1: only the send half; finish with
+   * ncclMoeLowLatencyCombineRecv (topkWeights and out must stay valid until
+   * then). */
+  int sendOnly;
+} ncclMoeLowLatencyCombineArgs_t;
+
+/* Sends every expert-output row back to the rank and token it came from (one
+ * BF16 row per received row) and reduces there. Collective. `handle` holds a
+ * low-latency dispatch whose receive half was enqueued, and whose buffer set
+ * no later dispatch has taken; a combine may be repeated on it. */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm,
+    const ncclMoeLowLatencyCombineArgs_t* args, ncclMoeHandle_t handle, cudaStream_t stream);
+
+/* The receive half of the combine `handle` holds (sent with sendOnly = 1). */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm,
     ncclMoeHandle_t handle, cudaStream_t stream);
-#endif
+
+/* Device memory of this rank's low-latency buffers (both sets, peer-visible
+ * regions and private state), in bytes; 0 when config.llMaxTokensPerRank is
+ * 0. Per set, with L = numExperts / nRanks, M = llMaxTokensPerRank,
+ * H = config.hidden, K = config.maxTopk, N = nRanks, E = numExperts:
+ *   L*N*M * (2H + 4*ceil(H/128) + 8)   received rows, scales, sources
+ *   + M*K * (2H + 4)                   combine rows, routing
+ *   + N * (4E + 48) + small            counts and flags
+ * (H=7168, M=128, E=256, N=8: about 0.5 GB per set). Also part of
+ * ncclMoeCommBufferBytes. */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyBufferBytes(ncclMoeComm_t comm, size_t* bytes_p);
 
 #ifdef __cplusplus
 }

@@ -3,19 +3,13 @@
  * comm-owned output rows (no intermediate ring), once per destination rank;
  * combine pulls every copy back from the peers and reduces in fp32 in rank
  * order. See moe_intranode.h for the buffer layout and notify message. */
+#include "moe_copy.cuh"
 #include "moe_fp8.cuh"
 #include "moe_intranode.h"
+#include "moe_notify.cuh"
 #include "moe_sync.cuh"
 
-#define MOE_WARP 32
-#define MOE_FULL_MASK 0xffffffffu
 #define MOE_LAYOUT_THREADS 1024
-#define MOE_NOTIFY_THREADS 256
-/* 16-byte vectors each lane keeps in flight per destination pass. */
-#define MOE_COPY_UNROLL 4
-#define MOE_COMBINE_UNROLL 4
-#define MOE_VEC_BF16 8 /* BF16 values in one 16-byte vector */
-#define MOE_FP8_VECS_PER_BLOCK (NCCL_MOE_FP8_BLOCK / MOE_VEC_BF16) /* 16 lanes per 128 channels */
 
 /* ------------------------------------------------------------------ layout */
 /* One block per rank: per-expert counts in shared memory, and for each
@@ -93,22 +87,15 @@ extern "C" cudaError_t moe_layout_launch(const moe_rank_ctx_t* ctx, const int64_
 __global__ void __launch_bounds__(MOE_NOTIFY_THREADS)
 moe_notify_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_notify_args_t a) {
   __shared__ int proceed;
-  const int N = c.nRanks, L = c.numLocalExperts, M = c.layout.notifyInts;
+  const int N = c.nRanks, M = c.layout.notifyInts;
   if (threadIdx.x == 0) proceed = !moe_comm_broken(c);
   __syncthreads();
   if (!proceed) return;
   if (a.notify) {
     for (int i = threadIdx.x; i < N * M; i += blockDim.x) {
       const int r = i / M, j = i % M;
-      int v;
-      if (j < N) v = rt.tokensPerRank[j];
-      else if (j == MOE_NOTIFY_CAPACITY(N)) v = a.capacity;
-      else if (j == MOE_NOTIFY_HIDDEN(N)) v = a.hidden;
-      else if (j == MOE_NOTIFY_TYPE(N)) v = a.sendType;
-      else if (j == MOE_NOTIFY_TOPK(N)) v = a.topk;
-      else v = rt.tokensPerExpert[r * L + (j - MOE_NOTIFY_EXPERTS(N))];
       volatile int* dst = reinterpret_cast<int*>(c.peers.base[r] + c.layout.notify) + (size_t)c.rank * M + j;
-      *dst = v;
+      *dst = moe_notify_value(c, rt, a, r, j);
     }
   }
   __threadfence_system();
@@ -116,40 +103,7 @@ moe_notify_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_notify_args_t a) {
   if (threadIdx.x == 0) proceed = moe_barrier(c);
   __syncthreads();
   if (!proceed || !a.notify) return;
-
-  /* Every source's message to this rank is here: derive the routing. */
-  const volatile int* msg = reinterpret_cast<const int*>(c.peers.base[c.rank] + c.layout.notify);
-  int fault = 0;
-  for (int r = threadIdx.x; r < N; r += blockDim.x) {
-    int before = 0, total = 0;
-    for (int s = 0; s < N; s++) {
-      int v = msg[s * M + r];
-      if (v < 0) fault = MOE_KERR_BAD_NOTIFY;
-      if (s < c.rank) before += v;
-      total += v;
-    }
-    const int cap = msg[r * M + MOE_NOTIFY_CAPACITY(N)];
-    rt.base[r] = before;
-    rt.cap[r] = cap;
-    if (total > cap) fault = MOE_KERR_CAPACITY; /* some rank overflows: every rank learns it */
-  }
-  for (int s = threadIdx.x; s < N; s += blockDim.x) {
-    if (msg[s * M + MOE_NOTIFY_HIDDEN(N)] != a.hidden || msg[s * M + MOE_NOTIFY_TYPE(N)] != a.sendType ||
-        msg[s * M + MOE_NOTIFY_TOPK(N)] != a.topk)
-      fault = MOE_KERR_MISMATCH;
-  }
-  const int align = a.expertAlignment;
-  for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    int sum = 0;
-    for (int s = 0; s < N; s++) sum += msg[s * M + MOE_NOTIFY_EXPERTS(N) + l];
-    rt.recvPerExpert[l] = (sum + align - 1) / align * align;
-  }
-  if (threadIdx.x == 0) {
-    int total = 0;
-    for (int s = 0; s < N; s++) total += msg[s * M + c.rank];
-    *rt.recvCount = total;
-  }
-  if (fault) moe_record_error(c, fault);
+  moe_notify_finish(c, rt, a);
 }
 
 extern "C" cudaError_t moe_notify_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
@@ -159,14 +113,6 @@ extern "C" cudaError_t moe_notify_launch(const moe_rank_ctx_t* ctx, const moe_ro
 }
 
 /* ---------------------------------------------------------------- dispatch */
-__device__ __forceinline__ uint4 moe_ld_nc(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 /* Lane r (< nRanks) gets the receiver row of token t at rank r, or -1. */
 __device__ __forceinline__ int moe_dest_row(const moe_route_t& rt, const int* sBase,
                                             const int* sCap, int t, int N, int lane) {
@@ -179,79 +125,6 @@ __device__ __forceinline__ int moe_dest_row(const moe_route_t& rt, const int* sB
     }
   }
   return row;
-}
-
-/* The token's expert ids mapped to rank r's local experts, and its weights. */
-__device__ __forceinline__ void moe_write_topk(const moe_rank_ctx_t& c, char* peer, int row, int r,
-                                               int K, int lane, int64_t e, float w, bool withWeights) {
-  if (lane >= K) return;
-  const int L = c.numLocalExperts;
-  int64_t local = (e >= (int64_t)r * L && e < (int64_t)(r + 1) * L) ? e - (int64_t)r * L : -1;
-  reinterpret_cast<int64_t*>(peer + c.layout.recvTopkIdx)[(size_t)row * K + lane] = local;
-  if (withWeights)
-    reinterpret_cast<float*>(peer + c.layout.recvTopkWeights)[(size_t)row * K + lane] = local >= 0 ? w : 0.0f;
-}
-
-/* Copies `nvec` 16-byte vectors of one row to every destination in dmask. */
-__device__ __forceinline__ void moe_copy_row(const moe_rank_ctx_t& c, const uint4* src, int nvec,
-                                             unsigned dmask, int row, int lane) {
-  for (int v0 = 0; v0 < nvec; v0 += MOE_WARP * MOE_COPY_UNROLL) {
-    uint4 buf[MOE_COPY_UNROLL];
-#pragma unroll
-    for (int u = 0; u < MOE_COPY_UNROLL; u++) {
-      int v = v0 + u * MOE_WARP + lane;
-      if (v < nvec) buf[u] = moe_ld_nc(src + v);
-    }
-    for (unsigned m = dmask; m != 0; m &= m - 1) {
-      const int r = __ffs(m) - 1;
-      const int drow = __shfl_sync(MOE_FULL_MASK, row, r);
-      uint4* dst = reinterpret_cast<uint4*>(c.peers.base[r] + c.layout.recvX) + (size_t)drow * nvec;
-#pragma unroll
-      for (int u = 0; u < MOE_COPY_UNROLL; u++) {
-        int v = v0 + u * MOE_WARP + lane;
-        if (v < nvec) dst[v] = buf[u];
-      }
-    }
-  }
-}
-
-/* Casts one BF16 row to FP8 (a half-warp per 128-channel block) and writes
- * codes and scales to every destination in dmask. */
-__device__ __forceinline__ void moe_cast_row(const moe_rank_ctx_t& c, const uint4* src, int hidden,
-                                             int pow2, unsigned dmask, int row, int lane) {
-  const int nGroups = hidden / NCCL_MOE_FP8_BLOCK;
-  const int half = lane / MOE_FP8_VECS_PER_BLOCK, sub = lane % MOE_FP8_VECS_PER_BLOCK;
-  for (int g0 = 0; g0 < nGroups; g0 += 2 * MOE_COPY_UNROLL) {
-    uint2 code[MOE_COPY_UNROLL];
-    float scale[MOE_COPY_UNROLL];
-#pragma unroll
-    for (int u = 0; u < MOE_COPY_UNROLL; u++) {
-      const int g = g0 + 2 * u + half;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (g < nGroups) v = moe_ld_nc(src + (size_t)g * MOE_FP8_VECS_PER_BLOCK + sub);
-      float amax = moe_bf16x8_amax(v);
-#pragma unroll
-      for (int m = MOE_FP8_VECS_PER_BLOCK / 2; m > 0; m >>= 1)
-        amax = fmaxf(amax, __shfl_xor_sync(MOE_FULL_MASK, amax, m, MOE_FP8_VECS_PER_BLOCK));
-      scale[u] = moe_fp8_block_scale_dev(amax, pow2);
-      code[u] = moe_fp8_encode8_dev(v, 1.0f / scale[u]);
-    }
-    for (unsigned m = dmask; m != 0; m &= m - 1) {
-      const int r = __ffs(m) - 1;
-      const int drow = __shfl_sync(MOE_FULL_MASK, row, r);
-      char* peer = c.peers.base[r];
-      uint2* dst = reinterpret_cast<uint2*>(peer + c.layout.recvX) + (size_t)drow * (hidden / 8);
-      float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nGroups;
-#pragma unroll
-      for (int u = 0; u < MOE_COPY_UNROLL; u++) {
-        const int g = g0 + 2 * u + half;
-        if (g < nGroups) {
-          dst[(size_t)g * MOE_FP8_VECS_PER_BLOCK + sub] = code[u];
-          if (sub == 0) dscale[g] = scale[u];
-        }
-      }
-    }
-  }
 }
 
 __global__ void moe_dispatch_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_dispatch_args_t a) {
@@ -305,24 +178,6 @@ extern "C" cudaError_t moe_dispatch_launch(const moe_rank_ctx_t* ctx, const moe_
 }
 
 /* ----------------------------------------------------------------- combine */
-__device__ __forceinline__ void moe_acc_bf16x8(float* acc, uint4 v) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; i++) {
-    float2 f = __bfloat1622float2(p[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
-}
-
-__device__ __forceinline__ uint4 moe_pack_bf16x8(const float* acc) {
-  uint4 v;
-  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; i++) p[i] = __float22bfloat162_rn(make_float2(acc[2 * i], acc[2 * i + 1]));
-  return v;
-}
-
 __global__ void moe_combine_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_combine_args_t a) {
   __shared__ int sBase[NCCL_MOE_MAX_RANKS], sCap[NCCL_MOE_MAX_RANKS];
   __shared__ int proceed;

@@ -22,10 +22,12 @@
 #ifndef MOE_INTERNODE_H_
 #define MOE_INTERNODE_H_
 
+#include <cuda_runtime_api.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "nccl_moe.h"
+#include "moe_intranode.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -54,6 +56,89 @@ typedef struct {
 static inline size_t moe_net_slab_offset(const moe_net_geom_t* g, int c, int node) {
   return g->off[c] + (size_t)node * g->slab[c];
 }
+
+#ifdef __CUDACC__
+#define MOE_HD __host__ __device__
+#else
+#define MOE_HD
+#endif
+
+/* Which node each rank is on; ranks need not be numbered node by node, but
+ * every node has ranksPerNode ranks. A rank's forwarder on node m is
+ * rankAt[m * ranksPerNode + (its own local index)]. */
+typedef struct {
+  int nNodes, ranksPerNode, node, local;
+  int rankAt[NCCL_MOE_MAX_RANKS]; /* [node * ranksPerNode + local] -> rank */
+  int nodeOf[NCCL_MOE_MAX_RANKS];
+  int localOf[NCCL_MOE_MAX_RANKS];
+} moe_topo_t;
+
+/* What the internode kernels of one rank need besides moe_rank_ctx_t. */
+typedef struct {
+  moe_topo_t topo;
+  char* sendBuf;            /* the regions as the GPU addresses them */
+  char* recvBuf;
+  moe_net_geom_t geom;
+  moe_net_flags_t* flags;   /* host-mapped, as the GPU addresses it */
+  unsigned long long* seq;  /* device [MOE_NET_CHANNELS]: operations finished per channel */
+  int maxTokens;            /* records one dispatch or combine slab holds (config.maxTokensPerRank) */
+} moe_net_ctx_t;
+
+/* Routing an internode handle keeps besides moe_route_t (device arrays). */
+typedef struct {
+  int* nodePos;       /* [maxTokens, nNodes]: the token's record in the slab to each node, -1 none */
+  int* tokensPerNode; /* [nNodes] */
+  int* fwdBase;       /* [nNodes, ranksPerNode]: first row, at each rank of this node, of the
+                         tokens of the source this rank forwards from node m */
+  int* fwdRows;       /* [nNodes, maxTokens, ranksPerNode]: row of each forwarded record, -1 none */
+  int* fwdCount;      /* [nNodes]: records forwarded from each node */
+} moe_fwd_route_t;
+
+/* Slab header: the record count, padded to 16 bytes. */
+#define MOE_SLAB_HEADER 16
+static inline MOE_HD size_t moe_align16(size_t v) { return (v + 15) / 16 * 16; }
+
+/* One dispatch record: [source token, position at each rank of the
+ * destination node] [topk ids int64] [weights fp32] [scales fp32] [payload]. */
+typedef struct {
+  int ids, weights, scales, payload, bytes;
+} moe_record_t;
+
+static inline MOE_HD moe_record_t moe_dispatch_record(int ranksPerNode, int topk, int hidden, int sendFp8) {
+  moe_record_t r;
+  r.ids = (int)moe_align16(sizeof(int) * (size_t)(1 + ranksPerNode));
+  r.weights = r.ids + (int)sizeof(int64_t) * topk;
+  r.scales = r.weights + (int)sizeof(float) * topk;
+  r.payload = (int)moe_align16((size_t)r.scales + sizeof(float) * (size_t)(hidden / NCCL_MOE_FP8_BLOCK));
+  r.bytes = r.payload + hidden * (sendFp8 ? 1 : 2);
+  return r;
+}
+
+/* One combine record: [BF16 partial sum] [summed weights fp32]. */
+static inline MOE_HD moe_record_t moe_combine_record(int topk, int hidden) {
+  moe_record_t r;
+  r.ids = 0;
+  r.scales = 0;
+  r.payload = 0;
+  r.weights = hidden * 2;
+  r.bytes = (int)moe_align16((size_t)r.weights + sizeof(float) * (size_t)topk);
+  return r;
+}
+
+/* Launches, in stream order (see internode.cu). layout: after moe_layout_launch
+ * filled route->pos; notify: instead of moe_notify_launch; dispatch: the
+ * direct/record kernel then the forward kernel; combine: after the staging
+ * copy and a barrier of the node, the partial sums then the final sum. */
+cudaError_t moe_inter_layout_launch(const moe_rank_ctx_t* ctx, const moe_net_ctx_t* net, const moe_route_t* route,
+                                    const moe_fwd_route_t* fwd, int numTokens, cudaStream_t stream);
+cudaError_t moe_inter_notify_launch(const moe_rank_ctx_t* ctx, const moe_net_ctx_t* net, const moe_route_t* route,
+                                    const moe_fwd_route_t* fwd, const moe_notify_args_t* args, cudaStream_t stream);
+cudaError_t moe_inter_dispatch_launch(const moe_rank_ctx_t* ctx, const moe_net_ctx_t* net, const moe_route_t* route,
+                                      const moe_fwd_route_t* fwd, const moe_dispatch_args_t* args,
+                                      cudaStream_t stream);
+cudaError_t moe_inter_combine_launch(const moe_rank_ctx_t* ctx, const moe_net_ctx_t* net, const moe_route_t* route,
+                                     const moe_fwd_route_t* fwd, const moe_combine_args_t* args, cudaStream_t stream);
+cudaError_t moe_internode_preload(void);
 
 #ifdef __cplusplus
 }

@@ -28,10 +28,12 @@ __device__ __forceinline__ void moe_record_error(const moe_rank_ctx_t& c, int co
   __threadfence_system();
 }
 
-/* True when an earlier wait of this rank timed out: the epochs of the ranks
- * no longer agree, so every later kernel of the comm does nothing. */
+/* True when an earlier wait of this rank timed out (the epochs of the ranks
+ * no longer agree) or the network proxy failed: every later kernel of the
+ * comm does nothing. */
 __device__ __forceinline__ bool moe_comm_broken(const moe_rank_ctx_t& c) {
-  return c.error[MOE_ERR_CODE] == MOE_KERR_TIMEOUT;
+  const int e = c.error[MOE_ERR_CODE];
+  return e == MOE_KERR_TIMEOUT || e == MOE_KERR_NET;
 }
 
 __device__ __forceinline__ unsigned long long* moe_signal_slot(const moe_rank_ctx_t& c, int owner,
@@ -39,16 +41,19 @@ __device__ __forceinline__ unsigned long long* moe_signal_slot(const moe_rank_ct
   return reinterpret_cast<unsigned long long*>(c.peers.base[owner] + c.layout.signals) + from;
 }
 
-/* All-to-all barrier, run by ONE thread. Ranks run the same sequence of
+/* All-to-all barrier of the ranks whose memory this rank maps (the ranks of
+ * its node), run by ONE thread. Ranks run the same sequence of
  * barriers, so a per-rank counter names each one (graph replays included);
  * a peer already at a later barrier satisfies ">= epoch" too. */
 __device__ inline bool moe_barrier(const moe_rank_ctx_t& c) {
   unsigned long long e = *c.epoch + 1;
   *c.epoch = e;
   __threadfence_system();
-  for (int r = 0; r < c.nRanks; r++) moe_st_release_sys(moe_signal_slot(c, r, c.rank), e);
+  for (int r = 0; r < c.nRanks; r++)
+    if (c.peers.base[r] != NULL) moe_st_release_sys(moe_signal_slot(c, r, c.rank), e);
   long long start = moe_now_ns();
   for (int r = 0; r < c.nRanks; r++) {
+    if (c.peers.base[r] == NULL) continue; /* another node: met through the proxy, not here */
     const unsigned long long* slot = moe_signal_slot(c, c.rank, r);
     while (moe_ld_acquire_sys(slot) < e) {
       if (moe_now_ns() - start > c.timeoutNs) {

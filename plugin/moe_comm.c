@@ -47,6 +47,7 @@ ncclResult_t moe_config_resolve(const ncclMoeConfig_t* config, int nRanks, ncclM
   MOE_ARG_CHECK(c.numSMs >= 0, "config.numSMs = %d: must be >= 0 (0 = automatic)", c.numSMs);
   MOE_ARG_CHECK(c.timeoutMs >= 0, "config.timeoutMs = %d: must be >= 0 (0 = NCCL_MOE_TIMEOUT_MS)", c.timeoutMs);
   if (c.timeoutMs == 0) c.timeoutMs = moe_env()->timeout_ms;
+  MOE_CHECK(moe_ll_config_resolve(&c, nRanks)); /* low-latency mode */
   *out_p = c;
   return ncclSuccess;
 }
@@ -71,6 +72,8 @@ static void moe_layout_compute(const ncclMoeConfig_t* c, int nRanks, moe_layout_
 /* Rank, sizes and config set: allocate this rank's own memory. */
 static ncclResult_t moe_comm_alloc(ncclMoeComm_t comm) {
   moe_layout_compute(&comm->config, comm->nRanks, &comm->layout);
+  /* Low-latency regions (moe_ll.c) after the normal ones, when configured. */
+  comm->layout.total = moe_ll_layout_compute(&comm->config, comm->nRanks, comm->layout.total, &comm->ll.ctx.l);
   comm->numLocalExperts = comm->config.numExperts / comm->nRanks;
   comm->maxRecv = comm->config.maxRecvTokens;
   cudaError_t err = cudaMalloc((void**)&comm->buffer, comm->layout.total);
@@ -80,6 +83,7 @@ static ncclResult_t moe_comm_alloc(ncclMoeComm_t comm) {
                      "config.maxRecvTokens, maxTokensPerRank or hidden",
                      comm->layout.total, comm->device, cudaGetErrorString(err));
   MOE_CUDA_CHECK(cudaMemset(comm->buffer, 0, comm->layout.signals + sizeof(unsigned long long) * NCCL_MOE_MAX_RANKS));
+  MOE_CHECK(moe_ll_comm_alloc(comm));
   return ncclSuccess;
 }
 
@@ -107,6 +111,7 @@ ncclResult_t moe_comm_finish(ncclMoeComm_t comm) {
   comm->tokensPerExpert = comm->tokensPerRank + comm->nRanks;
 
   MOE_CUDA_CHECK(moe_intranode_preload());
+  MOE_CUDA_CHECK(moe_internode_preload());
   int sms = 0;
   MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, comm->device));
   int blocks = moe_env()->num_sms > 0 ? moe_env()->num_sms : comm->config.numSMs;
@@ -116,6 +121,7 @@ ncclResult_t moe_comm_finish(ncclMoeComm_t comm) {
     if (blocks < 1) blocks = 1;
   }
   comm->numBlocks = blocks;
+  MOE_CHECK(moe_ll_comm_init(comm));
   MOE_INFO(NCCL_INIT, "rank %d/%d on device %d: %zu bytes of buffers, %d blocks, max %d rows received",
            comm->rank, comm->nRanks, comm->device, comm->layout.total, blocks, comm->maxRecv);
   return ncclSuccess;
@@ -127,6 +133,7 @@ static void moe_comm_free(ncclMoeComm_t comm) {
   int prev = -1;
   cudaGetDevice(&prev);
   cudaSetDevice(comm->device);
+  moe_inter_destroy(comm->inter); /* first: its proxy thread writes hostError */
   for (int r = 0; r < comm->nRanks; r++)
     if (comm->peerIpc[r]) cudaIpcCloseMemHandle(comm->ctx.peers.base[r]);
   if (comm->hostCounts) cudaFreeHost(comm->hostCounts);
@@ -153,6 +160,11 @@ ncclResult_t moe_comm_error(ncclMoeComm_t comm) {
       return MOE_ERROR(ncclInvalidArgument, "a rank received more tokens than its capacity; the extra tokens were dropped");
     case MOE_KERR_MISMATCH:
       return MOE_ERROR(ncclInvalidArgument, "ranks called dispatch with different hidden, sendType or topk");
+    case MOE_KERR_NET:
+      return MOE_ERROR(ncclSystemError, "rank %d: the network proxy failed: %s; the comm is unusable", comm->rank,
+                       comm->inter != NULL && moe_proxy_error(comm->inter->proxy)[0] != '\0'
+                           ? moe_proxy_error(comm->inter->proxy)
+                           : "a peer sent data that does not fit its slab");
     default:
       return MOE_ERROR(ncclRemoteError, "rank %d: a peer sent an invalid notify message", comm->rank);
   }
@@ -182,11 +194,32 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm) {
   return ncclSuccess;
 }
 
-NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtual(int nRanks, int device, const ncclMoeConfig_t* config,
-                                                    ncclMoeComm_t* comms) {
+/* Connects the proxies of ranks driven by this thread: each call advances
+ * every one that is not done (connect and accept never block). */
+static ncclResult_t moe_inter_connect_all(ncclMoeComm_t* comms, int n, const char* handles) {
+  int left = n;
+  int done[NCCL_MOE_MAX_RANKS] = {0};
+  while (left > 0) {
+    for (int r = 0; r < n; r++) {
+      if (done[r]) continue;
+      MOE_CHECK(moe_inter_connect(comms[r]->inter, handles, &done[r]));
+      if (done[r]) left--;
+    }
+  }
+  for (int r = 0; r < n; r++) MOE_CHECK(moe_inter_start(comms[r]->inter));
+  return ncclSuccess;
+}
+
+/* Virtual ranks, split into nodes of ranksPerNode consecutive ranks: ranks of
+ * one node map each other's buffers, other nodes are reached through the
+ * transport (the socket backend on loopback, unless NCCL_MOE_NET_BACKEND). */
+static ncclResult_t moe_init_virtual(int nRanks, int ranksPerNode, int device, const ncclMoeConfig_t* config,
+                                     ncclMoeComm_t* comms) {
   MOE_ARG_CHECK(comms != NULL, "ncclMoeCommInitVirtual: comms is NULL");
   ncclMoeConfig_t c;
   MOE_CHECK(moe_config_resolve(config, nRanks, &c));
+  MOE_ARG_CHECK(ranksPerNode >= 1 && nRanks % ranksPerNode == 0,
+                "ranksPerNode = %d: must divide the %d ranks", ranksPerNode, nRanks);
   int prev = -1, ndev = 0;
   MOE_CUDA_CHECK(cudaGetDeviceCount(&ndev));
   MOE_ARG_CHECK(device >= 0 && device < ndev, "device %d: this process sees %d CUDA devices", device, ndev);
@@ -194,9 +227,14 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtual(int nRanks, int device, cons
   if (nRanks > 1 && (conn == NULL || atoi(conn) < nRanks + 1))
     MOE_WARN("virtual ranks: set CUDA_DEVICE_MAX_CONNECTIONS=32 before CUDA starts, or ranks whose streams "
              "share a hardware queue can time out waiting for each other");
+  int nodeKey[NCCL_MOE_MAX_RANKS];
+  for (int r = 0; r < nRanks; r++) nodeKey[r] = r / ranksPerNode;
+  moe_topo_t topo;
+  MOE_CHECK(moe_topo_build(nRanks, 0, nodeKey, &topo));
   MOE_CUDA_CHECK(cudaGetDevice(&prev));
   MOE_CUDA_CHECK(cudaSetDevice(device));
   ncclResult_t res = ncclSuccess;
+  char* handles = NULL;
   for (int r = 0; r < nRanks; r++) comms[r] = NULL;
   for (int r = 0; r < nRanks && res == ncclSuccess; r++) {
     comms[r] = calloc(1, sizeof(struct ncclMoeComm));
@@ -209,9 +247,22 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtual(int nRanks, int device, cons
     res = moe_comm_alloc(comms[r]);
   }
   for (int r = 0; r < nRanks && res == ncclSuccess; r++) {
-    for (int p = 0; p < nRanks; p++) comms[r]->ctx.peers.base[p] = comms[p]->buffer;
+    for (int p = 0; p < nRanks; p++)
+      comms[r]->ctx.peers.base[p] = nodeKey[p] == nodeKey[r] ? comms[p]->buffer : NULL;
     res = moe_comm_finish(comms[r]);
   }
+  if (res == ncclSuccess && topo.nNodes > 1) {
+    handles = calloc(nRanks, MOE_NET_HANDLE_BYTES);
+    if (handles == NULL) res = MOE_ERROR(ncclSystemError, "out of host memory");
+    for (int r = 0; r < nRanks && res == ncclSuccess; r++) {
+      moe_topo_t t;
+      res = moe_topo_build(nRanks, r, nodeKey, &t);
+      if (res == ncclSuccess) res = moe_inter_create(comms[r], &t, &comms[r]->inter);
+      if (res == ncclSuccess) memcpy(handles + (size_t)r * MOE_NET_HANDLE_BYTES, comms[r]->inter->handle, MOE_NET_HANDLE_BYTES);
+    }
+    if (res == ncclSuccess) res = moe_inter_connect_all(comms, nRanks, handles);
+  }
+  free(handles);
   if (res != ncclSuccess) {
     for (int r = 0; r < nRanks; r++) {
       moe_comm_free(comms[r]);
@@ -222,12 +273,24 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtual(int nRanks, int device, cons
   return res;
 }
 
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtual(int nRanks, int device, const ncclMoeConfig_t* config,
+                                                    ncclMoeComm_t* comms) {
+  return moe_init_virtual(nRanks, nRanks, device, config, comms);
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtualNodes(int nRanks, int ranksPerNode, int device,
+                                                         const ncclMoeConfig_t* config, ncclMoeComm_t* comms) {
+  return moe_init_virtual(nRanks, ranksPerNode, device, config, comms);
+}
+
 /* What each rank tells the others at init (one ncclAllGather). */
 typedef struct {
   char host[MOE_HOST_NAME_MAX];
   char bootId[40];
   int pid, device;
   unsigned long long ptr;
+  int p2pDisable;                /* NCCL_MOE_P2P_DISABLE of this rank */
+  unsigned long long peerMask;   /* devices this rank's device can map (bit per ordinal) */
   cudaIpcMemHandle_t ipc;
   ncclMoeConfig_t config;
 } moe_peer_info_t;
@@ -241,14 +304,15 @@ static void moe_host_identity(moe_peer_info_t* info) {
   }
 }
 
-static ncclResult_t moe_exchange(ncclComm_t nccl, moe_peer_info_t* all, int rank, int nRanks) {
+/* All-gathers `bytes` per rank through `nccl`: all[rank] in, every rank's out. */
+static ncclResult_t moe_exchange(ncclComm_t nccl, void* all, size_t bytes, int rank, int nRanks) {
   ncclResult_t res = ncclSuccess;
   char* dev = NULL;
   cudaStream_t stream = NULL;
-  size_t bytes = sizeof(moe_peer_info_t);
   MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), res, out);
   MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&dev, bytes * nRanks), res, out_stream);
-  MOE_CUDA_CHECK_GOTO(cudaMemcpy(dev + bytes * rank, &all[rank], bytes, cudaMemcpyHostToDevice), res, out_free);
+  MOE_CUDA_CHECK_GOTO(cudaMemcpy(dev + bytes * rank, (char*)all + bytes * rank, bytes, cudaMemcpyHostToDevice), res,
+                      out_free);
   MOE_NCCL_CHECK_GOTO(ncclAllGather(dev + bytes * rank, dev, bytes, ncclChar, nccl, stream), res, out_free);
   MOE_CUDA_CHECK_GOTO(cudaStreamSynchronize(stream), res, out_free);
   MOE_CUDA_CHECK_GOTO(cudaMemcpy(all, dev, bytes * nRanks, cudaMemcpyDeviceToHost), res, out_free);
@@ -260,27 +324,63 @@ out:
   return res;
 }
 
+static int moe_same_host(const moe_peer_info_t* a, const moe_peer_info_t* b) {
+  return strcmp(a->host, b->host) == 0 && strcmp(a->bootId, b->bootId) == 0;
+}
+
+/* Ranks of one host whose devices can all map each other's memory form a
+ * node. On a host where some pair cannot, or where a rank set
+ * NCCL_MOE_P2P_DISABLE=1, every rank is a node of its own (the transport
+ * path). Computed from exchanged data only, so every rank agrees. */
+static void moe_node_keys(const moe_peer_info_t* all, int nRanks, int* nodeKey) {
+  for (int r = 0; r < nRanks; r++) {
+    int q = 0;
+    while (!moe_same_host(&all[q], &all[r])) q++;
+    nodeKey[r] = q;
+  }
+  for (int h = 0; h < nRanks; h++) {
+    int split = 0;
+    for (int r = 0; r < nRanks; r++) {
+      if (nodeKey[r] != h) continue;
+      if (all[r].p2pDisable) split = 1;
+      for (int q = 0; q < nRanks; q++)
+        if (nodeKey[q] == h && all[q].device != all[r].device && !((all[r].peerMask >> all[q].device) & 1ull))
+          split = 1;
+    }
+    if (!split) continue;
+    for (int r = 0; r < nRanks; r++)
+      if (nodeKey[r] == h) nodeKey[r] = nRanks + r; /* a key no host uses */
+  }
+}
+
+/* Devices this process's device can map (bit d: device d). */
+static unsigned long long moe_peer_mask(int device) {
+  int ndev = 0;
+  unsigned long long mask = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess) return 0;
+  for (int d = 0; d < ndev && d < 64; d++) {
+    int can = 0;
+    if (d == device || (cudaDeviceCanAccessPeer(&can, device, d) == cudaSuccess && can)) mask |= 1ull << d;
+  }
+  cudaGetLastError();
+  return mask;
+}
+
 /* Maps every peer's buffer: a pointer within this process, else CUDA IPC. */
-static ncclResult_t moe_map_peers(ncclMoeComm_t comm, const moe_peer_info_t* all) {
+static ncclResult_t moe_map_peers(ncclMoeComm_t comm, const moe_peer_info_t* all, const int* nodeKey) {
   const moe_peer_info_t* me = &all[comm->rank];
   for (int r = 0; r < comm->nRanks; r++) {
     const moe_peer_info_t* p = &all[r];
-    if (strcmp(p->host, me->host) != 0 || strcmp(p->bootId, me->bootId) != 0)
-      return MOE_ERROR(ncclInvalidUsage, "rank %d is on host %s and rank %d on host %s: ranks on several hosts "
-                       "(internode dispatch) are not supported yet", comm->rank, me->host, r, p->host);
     if (memcmp(&p->config, &me->config, sizeof(ncclMoeConfig_t)) != 0)
       return MOE_ERROR(ncclInvalidArgument, "rank %d and rank %d passed different configs to ncclMoeCommInit",
                        comm->rank, r);
+    if (nodeKey[r] != nodeKey[comm->rank]) {
+      comm->ctx.peers.base[r] = NULL; /* another node: through the transport */
+      continue;
+    }
     if (r == comm->rank) {
       comm->ctx.peers.base[r] = comm->buffer;
       continue;
-    }
-    if (p->device != comm->device) {
-      int can = 0;
-      MOE_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, comm->device, p->device));
-      if (!can || moe_env()->p2p_disable)
-        return MOE_ERROR(ncclInvalidUsage, "device %d cannot map device %d's memory (no NVLink/PCIe peer access, "
-                         "or NCCL_MOE_P2P_DISABLE=1); the transport path is not available yet", comm->device, p->device);
     }
     if (p->pid == me->pid) {
       if (p->device != comm->device) {
@@ -315,6 +415,9 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfi
 
   ncclResult_t res = ncclSuccess;
   moe_peer_info_t* all = NULL;
+  char* handles = NULL;
+  int nodeKey[NCCL_MOE_MAX_RANKS];
+  moe_topo_t topo;
   ncclMoeComm_t comm = calloc(1, sizeof(struct ncclMoeComm));
   if (comm == NULL) { res = MOE_ERROR(ncclSystemError, "out of host memory"); goto out; }
   comm->rank = rank;
@@ -329,15 +432,29 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfi
   all[rank].device = device;
   all[rank].ptr = (unsigned long long)(uintptr_t)comm->buffer;
   all[rank].config = c;
+  all[rank].p2pDisable = moe_env()->p2p_disable;
+  all[rank].peerMask = moe_peer_mask(device);
   MOE_CUDA_CHECK_GOTO(cudaIpcGetMemHandle(&all[rank].ipc, comm->buffer), res, out_comm);
-  MOE_CHECK_GOTO(moe_exchange(nccl, all, rank, nRanks), res, out_comm);
-  MOE_CHECK_GOTO(moe_map_peers(comm, all), res, out_comm);
+  MOE_CHECK_GOTO(moe_exchange(nccl, all, sizeof(moe_peer_info_t), rank, nRanks), res, out_comm);
+  moe_node_keys(all, nRanks, nodeKey);
+  MOE_CHECK_GOTO(moe_topo_build(nRanks, rank, nodeKey, &topo), res, out_comm);
+  MOE_CHECK_GOTO(moe_map_peers(comm, all, nodeKey), res, out_comm);
   MOE_CHECK_GOTO(moe_comm_finish(comm), res, out_comm);
+  if (topo.nNodes > 1) {
+    /* Every rank listens, then one more all-gather carries the handles. */
+    MOE_CHECK_GOTO(moe_inter_create(comm, &topo, &comm->inter), res, out_comm);
+    handles = calloc(nRanks, MOE_NET_HANDLE_BYTES);
+    if (handles == NULL) { res = MOE_ERROR(ncclSystemError, "out of host memory"); goto out_comm; }
+    memcpy(handles + (size_t)rank * MOE_NET_HANDLE_BYTES, comm->inter->handle, MOE_NET_HANDLE_BYTES);
+    MOE_CHECK_GOTO(moe_exchange(nccl, handles, MOE_NET_HANDLE_BYTES, rank, nRanks), res, out_comm);
+    MOE_CHECK_GOTO(moe_inter_connect_all(&comm, 1, handles), res, out_comm);
+  }
   *comm_p = comm;
   goto out;
 out_comm:
   moe_comm_free(comm);
 out:
+  free(handles);
   free(all);
   cudaSetDevice(prev);
   return res;

@@ -2,7 +2,9 @@
 #ifndef MOE_COMM_H_
 #define MOE_COMM_H_
 
+#include "moe_inter.h"
 #include "moe_intranode.h"
+#include "moe_ll.h"
 #include "nccl_moe.h"
 
 #ifdef __cplusplus
@@ -24,6 +26,8 @@ struct ncclMoeComm {
   moe_rank_ctx_t ctx;
   int* tokensPerRank;          /* layout scratch (device) */
   int* tokensPerExpert;
+  moe_ll_comm_t ll;            /* low-latency mode (moe_ll.c) */
+  moe_inter_comm_t* inter;     /* ranks on several nodes (moe_inter.c); NULL on one node */
 };
 
 struct ncclMoeHandle {
@@ -32,6 +36,8 @@ struct ncclMoeHandle {
   void* mem;
   int valid;                   /* holds the routing of a finished dispatch */
   int numTokens, capacity, hidden, topk;
+  moe_ll_handle_t ll;          /* low-latency dispatch held (moe_ll.c) */
+  moe_fwd_route_t fwd;         /* internode: forwarding routes (in mem, after route) */
 };
 
 /* Builds the comm of one rank once peers are known: allocates scratch and
@@ -43,6 +49,12 @@ ncclResult_t moe_config_resolve(const ncclMoeConfig_t* config, int nRanks, ncclM
 
 /* The comm's async error as ncclResult_t (ncclSuccess when none). */
 ncclResult_t moe_comm_error(ncclMoeComm_t comm);
+
+/* moe_ops.c: the comm can still run collectives (not NULL, no timeout). */
+ncclResult_t moe_comm_ready(ncclMoeComm_t comm);
+
+/* moe_ops.c: `p` is device (or managed) memory aligned to `align`. */
+ncclResult_t moe_check_device_ptr(const void* p, size_t align, const char* what);
 
 #ifdef __cplusplus
 }

@@ -15,7 +15,7 @@
 
 /* A pointer the kernels will dereference: device (or managed) memory, with
  * the alignment its accesses need. */
-static ncclResult_t moe_check_device_ptr(const void* p, size_t align, const char* what) {
+ncclResult_t moe_check_device_ptr(const void* p, size_t align, const char* what) {
   MOE_ARG_CHECK(p != NULL, "%s is NULL", what);
   MOE_ARG_CHECK(((uintptr_t)p) % align == 0, "%s (%p) is not %zu-byte aligned", what, p, align);
   struct cudaPointerAttributes attr;
@@ -34,10 +34,10 @@ static ncclResult_t moe_check_device_ptr(const void* p, size_t align, const char
  * of range, capacity exceeded, mismatched shapes) is reported through
  * ncclMoeCommGetAsyncError while every rank keeps calling in step, since a
  * rank that skipped a call would leave its peers waiting. */
-static ncclResult_t moe_comm_ready(ncclMoeComm_t comm) {
+ncclResult_t moe_comm_ready(ncclMoeComm_t comm) {
   MOE_ARG_CHECK(comm != NULL, "comm is NULL");
   int e = __atomic_load_n(comm->hostError, __ATOMIC_ACQUIRE);
-  return (e == MOE_KERR_TIMEOUT || e == MOE_KERR_BAD_NOTIFY) ? moe_comm_error(comm) : ncclSuccess;
+  return (e == MOE_KERR_TIMEOUT || e == MOE_KERR_BAD_NOTIFY || e == MOE_KERR_NET) ? moe_comm_error(comm) : ncclSuccess;
 }
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHandle_t* handle_p) {
@@ -45,7 +45,8 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHand
   struct ncclMoeHandle* h = calloc(1, sizeof(*h));
   if (h == NULL) return MOE_ERROR(ncclSystemError, "out of host memory");
   const int N = comm->nRanks, L = comm->numLocalExperts;
-  size_t ints = (size_t)comm->config.maxTokensPerRank * N + 3 * (size_t)N + 1 + L;
+  const size_t routeInts = (size_t)comm->config.maxTokensPerRank * N + 3 * (size_t)N + 1 + L;
+  const size_t ints = routeInts + (comm->inter != NULL ? moe_inter_route_ints(comm->inter) : 0);
   int prev = -1;
   cudaGetDevice(&prev);
   cudaSetDevice(comm->device);
@@ -65,6 +66,7 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHand
   h->route.recvCount = p;
   p += 1;
   h->route.recvPerExpert = p;
+  if (comm->inter != NULL) moe_inter_route_init(comm->inter, (int*)h->mem + routeInts, &h->fwd);
   h->route.tokensPerRank = comm->tokensPerRank;
   h->route.tokensPerExpert = comm->tokensPerExpert;
   h->comm = comm;
@@ -74,6 +76,7 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHand
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle) {
   MOE_ARG_CHECK(handle != NULL, "ncclMoeHandleDestroy: handle is NULL");
+  moe_ll_handle_destroy(handle);
   cudaFree(handle->mem);
   free(handle);
   return ncclSuccess;
@@ -147,17 +150,23 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDi
   const int sendFp8 = a->sendType == ncclFloat8e4m3;
   moe_route_t* rt = &handle->route;
 
+  const moe_net_ctx_t* net = comm->inter != NULL ? &comm->inter->net : NULL;
   handle->valid = 0;
-  if (!a->reuseHandle)
+  if (!a->reuseHandle) {
     MOE_CUDA_CHECK(moe_layout_launch(&comm->ctx, a->topkIdx, a->numTokens, a->topk, comm->config.numExperts,
                                      rt->tokensPerRank, rt->tokensPerExpert, NULL, rt->pos, stream));
+    if (net != NULL) MOE_CUDA_CHECK(moe_inter_layout_launch(&comm->ctx, net, rt, &handle->fwd, a->numTokens, stream));
+  }
   moe_notify_args_t n = {.notify = !a->reuseHandle,
                          .capacity = exact ? comm->maxRecv : a->capacity,
                          .hidden = a->hidden,
                          .sendType = sendFp8 ? MOE_SEND_FP8 : MOE_SEND_BF16,
                          .topk = a->topk,
                          .expertAlignment = a->expertAlignment > 0 ? a->expertAlignment : 1};
-  MOE_CUDA_CHECK(moe_notify_launch(&comm->ctx, rt, &n, stream));
+  /* A reused handle still needs the node's barrier: no rank writes into a
+   * peer's receive rows before the peer is done with the previous ones. */
+  if (net == NULL || !n.notify) MOE_CUDA_CHECK(moe_notify_launch(&comm->ctx, rt, &n, stream));
+  else MOE_CUDA_CHECK(moe_inter_notify_launch(&comm->ctx, net, rt, &handle->fwd, &n, stream));
   if (exact) {
     MOE_CUDA_CHECK(cudaMemcpyAsync(comm->hostCounts, rt->recvCount, sizeof(int), cudaMemcpyDeviceToHost, stream));
     MOE_CUDA_CHECK(cudaMemcpyAsync(comm->hostCounts + 1, rt->recvPerExpert, sizeof(int) * comm->numLocalExperts,
@@ -169,7 +178,8 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDi
                            .xIsFp8 = a->xType == ncclFloat8e4m3, .sendFp8 = sendFp8,
                            .pow2Scales = a->scaleFormat == ncclMoeScalePow2,
                            .numBlocks = comm->numBlocks, .threads = MOE_DISPATCH_THREADS};
-  MOE_CUDA_CHECK(moe_dispatch_launch(&comm->ctx, rt, &d, stream));
+  if (net == NULL) MOE_CUDA_CHECK(moe_dispatch_launch(&comm->ctx, rt, &d, stream));
+  else MOE_CUDA_CHECK(moe_inter_dispatch_launch(&comm->ctx, net, rt, &handle->fwd, &d, stream));
 
   handle->valid = 1;
   handle->numTokens = a->numTokens;
@@ -224,6 +234,7 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCom
   moe_combine_args_t c = {.out = a->out, .outTopkWeights = a->outTopkWeights, .numTokens = handle->numTokens,
                           .hidden = a->hidden, .topk = handle->topk, .withWeights = a->topkWeights != NULL,
                           .numBlocks = comm->numBlocks, .threads = MOE_DISPATCH_THREADS};
-  MOE_CUDA_CHECK(moe_combine_launch(&comm->ctx, rt, &c, stream));
+  if (comm->inter == NULL) MOE_CUDA_CHECK(moe_combine_launch(&comm->ctx, rt, &c, stream));
+  else MOE_CUDA_CHECK(moe_inter_combine_launch(&comm->ctx, &comm->inter->net, rt, &handle->fwd, &c, stream));
   return ncclSuccess;
 }

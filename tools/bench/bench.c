@@ -1,6 +1,8 @@
 /* nccl-moe-bench: the project's main job. Times layout, notify, dispatch and
  * combine of the normal (high-throughput) mode with N virtual ranks on one
- * GPU, beside a device-to-device copy measured in the same run.
+ * GPU, beside a device-to-device copy measured in the same run. With
+ * --mode ll it times the low-latency dispatch and combine instead (see
+ * ll_main below).
  *
  * Bandwidth is counted as DeepEP counts it: received tokens x bytes per token
  * (FP8: hidden + hidden/128 x 4; BF16: hidden x 2), self traffic included,
@@ -15,6 +17,7 @@
 
 #include "moe_fp8.h"
 #include "moe_kernels.h"
+#include "moe_lowlatency.h"
 #include "nccl_moe.h"
 
 #define MAXR NCCL_MOE_MAX_RANKS
@@ -26,13 +29,20 @@
 typedef struct {
   int ranks, tokens, hidden, topk, experts, iters, warmup, sms, fp8, cast;
   unsigned long long seed;
+  int ll;                          /* --mode ll */
+  ncclMoeScaleFormat_t scaleFormat; /* --scales (low-latency FP8 cast) */
 } opts_t;
 
 static void usage(void) {
-  printf("usage: nccl-moe-bench [--ranks N] [--tokens T] [--hidden H] [--topk K] [--experts E]\n"
-         "                      [--dispatch fp8|bf16|cast] [--iters I] [--warmup W] [--sms S] [--seed X]\n"
+  printf("usage: nccl-moe-bench [--mode normal|ll] [--ranks N] [--tokens T] [--hidden H] [--topk K]\n"
+         "                      [--experts E] [--dispatch fp8|bf16|cast] [--scales float|pow2|ue8m0]\n"
+         "                      [--iters I] [--warmup W] [--sms S] [--seed X]\n"
          "  defaults: 8 virtual ranks on GPU 0, 4096 tokens/rank, hidden 7168, top-8 of 256 experts,\n"
-         "  FP8 dispatch (x already FP8; 'cast' = BF16 x cast to FP8 in the kernel), BF16 combine.\n");
+         "  FP8 dispatch (x already FP8; 'cast' = BF16 x cast to FP8 in the kernel), BF16 combine,\n"
+         "  20 timed runs after 5 warm-ups.\n"
+         "  --mode ll: low-latency dispatch/combine, 128 tokens/rank, BF16 x cast to FP8 in the kernel\n"
+         "  (fp8 and cast alike; bf16 sends BF16) with --scales (default float), median of 200 graph\n"
+         "  replays after 20.\n");
 }
 
 static int cmp_float(const void* a, const void* b) {
@@ -137,13 +147,270 @@ static float copy_gbps(const opts_t* o) {
   return (float)(COPY_BYTES / (ms * 1e-3) / 1e9);
 }
 
+/* ------------------------------------------------------------ --mode ll */
+/* Low-latency mode. Every rank captures one graph holding a whole dispatch
+ * (send and receive half) and one holding a whole combine, on its own
+ * stream. A timed run holds every rank's replay behind a gate (one kernel
+ * spinning on a host flag, an event the rank streams wait on), then opens it,
+ * so host launch skew does not count: time = last rank's end - first rank's
+ * start, median over the timed replays. Dispatch and combine replays
+ * alternate, as in decoding (each combine before the next dispatch on the
+ * buffer set, as the API asks).
+ * Bandwidth as ANCHORS.md counts low-latency mode, per valid (token, expert)
+ * pair summed over the ranks on the GPU: FP8 dispatch hidden + hidden/128 x 4
+ * + 16 bytes (BF16 dispatch, by the same rule: hidden x 2 + 16), BF16 combine
+ * hidden x 2. Ratios are over the copy bandwidth of the same run. */
+#define LL_DEFAULT_TOKENS 128
+#define LL_DEFAULT_ITERS 200
+#define LL_DEFAULT_WARMUP 20
+#define LL_GATE_TIMEOUT_NS 10000000000LL
+#define LL_HEADER_BYTES 16 /* per pair, in DeepEP's accounting */
+#define LL_EXPERT_OUT_BYTE 0x3c /* expert outputs: every BF16 value 0x3c3c */
+
+enum { LL_DISPATCH = 0, LL_COMBINE = 1 };
+
+typedef struct {
+  ncclMoeComm_t comm;
+  ncclMoeHandle_t handle;
+  cudaStream_t stream;
+  cudaEvent_t start, end;
+  void *x, *idx, *w, *y, *out;
+  ncclMoeLowLatencyDispatchArgs_t args;
+  ncclMoeLowLatencyDispatchResult_t res;
+  cudaGraphExec_t graph[2]; /* LL_DISPATCH, LL_COMBINE */
+} ll_rank_t;
+
+typedef struct {
+  cudaStream_t stream;
+  cudaEvent_t open;
+  int* hostFlag; /* host-mapped */
+  int* devFlag;
+} ll_gate_t;
+
+static void ll_call(ll_rank_t* r, int op) {
+  if (op == LL_DISPATCH) {
+    NK(ncclMoeLowLatencyDispatch(r->comm, &r->args, r->handle, &r->res, r->stream));
+  } else {
+    ncclMoeLowLatencyCombineArgs_t c = {.x = r->y, .topkWeights = r->w, .out = r->out};
+    NK(ncclMoeLowLatencyCombine(r->comm, &c, r->handle, r->stream));
+  }
+}
+
+/* (token, expert) pairs of one rank's routing: distinct valid experts per token. */
+static long long ll_pairs(const int64_t* idx, int T, int K) {
+  long long n = 0;
+  for (int t = 0; t < T; t++)
+    for (int k = 0; k < K; k++) {
+      int first = idx[(size_t)t * K + k] >= 0;
+      for (int j = 0; j < k && first; j++) first = idx[(size_t)t * K + j] != idx[(size_t)t * K + k];
+      n += first;
+    }
+  return n;
+}
+
+static void ll_setup_rank(ll_rank_t* p, ncclMoeComm_t comm, const opts_t* o, uint16_t* hx, int64_t* hidx,
+                          float* hw, long long* pairs) {
+  const size_t T = o->tokens, H = o->hidden, K = o->topk;
+  const size_t yBytes = (size_t)o->experts * T * H * 2; /* [L, nRanks * T, H] */
+  p->comm = comm;
+  NK(ncclMoeHandleCreate(comm, &p->handle));
+  CK(cudaStreamCreateWithFlags(&p->stream, cudaStreamNonBlocking));
+  CK(cudaEventCreate(&p->start));
+  CK(cudaEventCreate(&p->end));
+  for (size_t i = 0; i < T * H; i++) hx[i] = moe_float_to_bf16((float)rand() / RAND_MAX * 4.0f - 2.0f);
+  for (size_t t = 0; t < T; t++)
+    for (size_t k = 0; k < K; k++) {
+      int64_t e;
+      int dup;
+      do { /* topk distinct experts, uniformly, as DeepEP's tests route */
+        e = rand() % o->experts;
+        dup = 0;
+        for (size_t j = 0; j < k; j++) dup |= hidx[t * K + j] == e;
+      } while (dup);
+      hidx[t * K + k] = e;
+      hw[t * K + k] = (float)rand() / RAND_MAX;
+    }
+  *pairs += ll_pairs(hidx, o->tokens, o->topk);
+  CK(cudaMalloc(&p->x, T * H * 2));
+  CK(cudaMalloc(&p->idx, T * K * 8));
+  CK(cudaMalloc(&p->w, T * K * 4));
+  CK(cudaMalloc(&p->out, T * H * 2));
+  CK(cudaMalloc(&p->y, yBytes));
+  CK(cudaMemcpy(p->x, hx, T * H * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(p->idx, hidx, T * K * 8, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(p->w, hw, T * K * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemset(p->y, LL_EXPERT_OUT_BYTE, yBytes));
+  p->args = (ncclMoeLowLatencyDispatchArgs_t){.x = p->x, .numTokens = o->tokens, .hidden = o->hidden,
+                                              .topk = o->topk, .topkIdx = p->idx,
+                                              .sendType = o->fp8 ? ncclFloat8e4m3 : ncclBfloat16,
+                                              .scaleFormat = o->scaleFormat};
+}
+
+static void ll_capture(ll_rank_t* rk, int ranks, int op) {
+  for (int r = 0; r < ranks; r++) {
+    cudaGraph_t g;
+    CK(cudaStreamBeginCapture(rk[r].stream, cudaStreamCaptureModeThreadLocal));
+    ll_call(&rk[r], op);
+    CK(cudaStreamEndCapture(rk[r].stream, &g));
+    CK(cudaGraphInstantiate(&rk[r].graph[op], g, 0));
+    CK(cudaGraphDestroy(g));
+  }
+}
+
+/* One gated replay of `op` on every rank: the span in ms. */
+static float ll_replay(ll_rank_t* rk, int ranks, ll_gate_t* gate, int op) {
+  __atomic_store_n(gate->hostFlag, 0, __ATOMIC_RELEASE);
+  CK(moe_ll_gate_launch(gate->devFlag, LL_GATE_TIMEOUT_NS, gate->stream));
+  CK(cudaEventRecord(gate->open, gate->stream));
+  for (int r = 0; r < ranks; r++) {
+    CK(cudaStreamWaitEvent(rk[r].stream, gate->open, 0));
+    CK(cudaEventRecord(rk[r].start, rk[r].stream));
+    CK(cudaGraphLaunch(rk[r].graph[op], rk[r].stream));
+    CK(cudaEventRecord(rk[r].end, rk[r].stream));
+  }
+  __atomic_store_n(gate->hostFlag, 1, __ATOMIC_RELEASE);
+  CK(cudaDeviceSynchronize());
+  float first = 1e30f, last = 0.0f;
+  for (int r = 0; r < ranks; r++) {
+    float s, e;
+    CK(cudaEventElapsedTime(&s, gate->open, rk[r].start));
+    CK(cudaEventElapsedTime(&e, gate->open, rk[r].end));
+    if (s < first) first = s;
+    if (e > last) last = e;
+  }
+  return last - first;
+}
+
+/* Medians (ms) of dispatch and combine, replayed alternately. */
+static void ll_time(ll_rank_t* rk, const opts_t* o, ll_gate_t* gate, float* dispatchMs, float* combineMs) {
+  float* t[2] = {malloc(sizeof(float) * o->iters), malloc(sizeof(float) * o->iters)};
+  for (int i = 0; i < o->warmup + o->iters; i++)
+    for (int op = LL_DISPATCH; op <= LL_COMBINE; op++) {
+      const float ms = ll_replay(rk, o->ranks, gate, op);
+      if (i >= o->warmup) t[op][i - o->warmup] = ms;
+    }
+  *dispatchMs = median(t[LL_DISPATCH], o->iters);
+  *combineMs = median(t[LL_COMBINE], o->iters);
+  free(t[0]);
+  free(t[1]);
+}
+
+/* Rows received over all ranks (after a dispatch). */
+static long long ll_received(ll_rank_t* rk, int ranks) {
+  long long n = 0;
+  for (int r = 0; r < ranks; r++) {
+    int counts[NCCL_MOE_MAX_EXPERTS];
+    const int L = rk[r].res.numLocalExperts;
+    CK(cudaMemcpy(counts, rk[r].res.recvCountPerExpert, sizeof(int) * L, cudaMemcpyDeviceToHost));
+    for (int l = 0; l < L; l++) n += counts[l];
+  }
+  return n;
+}
+
+static void ll_check_async(ll_rank_t* rk, int ranks) {
+  for (int r = 0; r < ranks; r++) {
+    ncclResult_t async;
+    NK(ncclMoeCommGetAsyncError(rk[r].comm, &async));
+    if (async != ncclSuccess) {
+      fprintf(stderr, "rank %d: async error: %s\n", r, ncclMoeGetLastError());
+      exit(1);
+    }
+  }
+}
+
+static int ll_main(const opts_t* o) {
+  if (o->tokens > NCCL_MOE_LL_MAX_TOKENS || o->experts % o->ranks != 0 || o->experts > NCCL_MOE_MAX_EXPERTS ||
+      o->topk > NCCL_MOE_MAX_TOPK) {
+    usage();
+    return 2;
+  }
+  struct cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
+  cfg.maxTokensPerRank = 1; /* normal mode unused: keep its buffers small */
+  cfg.hidden = o->hidden, cfg.numExperts = o->experts, cfg.maxTopk = o->topk, cfg.numSMs = o->sms;
+  cfg.llMaxTokensPerRank = o->tokens;
+  ncclMoeComm_t comms[MAXR];
+  NK(ncclMoeCommInitVirtual(o->ranks, 0, &cfg, comms));
+  size_t llBytes = 0;
+  NK(ncclMoeLowLatencyBufferBytes(comms[0], &llBytes));
+
+  srand((unsigned)o->seed);
+  static ll_rank_t rk[MAXR];
+  memset(rk, 0, sizeof(rk));
+  const size_t T = o->tokens, H = o->hidden, K = o->topk;
+  uint16_t* hx = malloc(T * H * 2);
+  int64_t* hidx = malloc(T * K * 8);
+  float* hw = malloc(T * K * 4);
+  long long pairs = 0;
+  for (int r = 0; r < o->ranks; r++) ll_setup_rank(&rk[r], comms[r], o, hx, hidx, hw, &pairs);
+  free(hx), free(hidx), free(hw);
+  ll_gate_t gate;
+  CK(cudaStreamCreateWithFlags(&gate.stream, cudaStreamNonBlocking));
+  CK(cudaEventCreate(&gate.open));
+  CK(cudaHostAlloc((void**)&gate.hostFlag, sizeof(int), cudaHostAllocMapped));
+  CK(cudaHostGetDevicePointer((void**)&gate.devFlag, gate.hostFlag, 0));
+  CK(cudaDeviceSynchronize());
+  const float copy = copy_gbps(o);
+
+  /* One eager step checks the routing end to end, then the graphs. */
+  for (int op = LL_DISPATCH; op <= LL_COMBINE; op++)
+    for (int r = 0; r < o->ranks; r++) ll_call(&rk[r], op);
+  CK(cudaDeviceSynchronize());
+  ll_check_async(rk, o->ranks);
+  const long long received = ll_received(rk, o->ranks);
+  if (received != pairs) {
+    fprintf(stderr, "nccl-moe-bench: %lld rows received, %lld (token, expert) pairs sent\n", received, pairs);
+    return 1;
+  }
+  ll_capture(rk, o->ranks, LL_DISPATCH);
+  ll_capture(rk, o->ranks, LL_COMBINE);
+  float tDispatch, tCombine;
+  ll_time(rk, o, &gate, &tDispatch, &tCombine);
+  ll_check_async(rk, o->ranks);
+  if (ll_received(rk, o->ranks) != pairs) {
+    fprintf(stderr, "nccl-moe-bench: the replays received a different number of rows\n");
+    return 1;
+  }
+
+  const double dispBytes = (double)pairs * (o->fp8 ? (double)H + H / 128 * 4 + LL_HEADER_BYTES : (double)H * 2 + LL_HEADER_BYTES);
+  const double combBytes = (double)pairs * H * 2;
+  const double dGBps = dispBytes / (tDispatch * 1e-3) / 1e9, cGBps = combBytes / (tCombine * 1e-3) / 1e9;
+  const double dRatio = dGBps / copy, cRatio = cGBps / copy;
+  const char* scales = o->scaleFormat == ncclMoeScaleUE8M0 ? "UE8M0" : o->scaleFormat == ncclMoeScalePow2 ? "pow2" : "float";
+  printf("nccl-moe-bench --mode ll: %s, %d SMs; %d virtual ranks, %d tokens/rank, hidden %d, top-%d of %d experts, "
+         "%s%s%s dispatch, BF16 combine; %zu MiB low-latency buffers/rank\n",
+         prop.name, prop.multiProcessorCount, o->ranks, o->tokens, o->hidden, o->topk, o->experts,
+         o->fp8 ? "FP8 (BF16 cast in the kernel, " : "BF16", o->fp8 ? scales : "", o->fp8 ? " scales)" : "",
+         llBytes >> 20);
+  printf("valid (token, expert) pairs (all ranks): %lld (%.2f per token)\n", pairs, pairs / ((double)o->ranks * T));
+  printf("%-34s %10s %12s %8s\n", "phase (median of graph replays)", "us", "GB/s", "ratio");
+  printf("%-34s %10.1f %12.1f %8.3f\n", "ll dispatch (send + receive)", tDispatch * 1e3, dGBps, dRatio);
+  printf("%-34s %10.1f %12.1f %8.3f\n", "ll combine (send + receive)", tCombine * 1e3, cGBps, cRatio);
+  printf("%-34s %10s %12.1f\n", "device copy (bytes once)", "", copy);
+  printf("RESULT mode=ll gpus=1 ranks=%d tokens=%d ll_dispatch_us=%.1f ll_combine_us=%.1f ll_ratio=%.3f "
+         "ll_dispatch_GBps=%.1f ll_combine_GBps=%.1f copy_GBps=%.1f ll_dispatch_ratio=%.3f ll_combine_ratio=%.3f\n",
+         o->ranks, o->tokens, tDispatch * 1e3, tCombine * 1e3, dRatio < cRatio ? dRatio : cRatio, dGBps, cGBps, copy,
+         dRatio, cRatio);
+  for (int r = 0; r < o->ranks; r++) {
+    cudaGraphExecDestroy(rk[r].graph[LL_DISPATCH]);
+    cudaGraphExecDestroy(rk[r].graph[LL_COMBINE]);
+    ncclMoeHandleDestroy(rk[r].handle);
+  }
+  for (int r = 0; r < o->ranks; r++) ncclMoeCommDestroy(rk[r].comm);
+  cudaFreeHost(gate.hostFlag);
+  return 0;
+}
+
 int main(int argc, char** argv) {
-  opts_t o = {.ranks = 8, .tokens = 4096, .hidden = 7168, .topk = 8, .experts = 256, .iters = 20,
-              .warmup = 5, .sms = 0, .fp8 = 1, .cast = 0, .seed = 1};
+  /* tokens, iters and warmup: 0 / -1 = the mode's default. */
+  opts_t o = {.ranks = 8, .tokens = 0, .hidden = 7168, .topk = 8, .experts = 256, .iters = 0,
+              .warmup = -1, .sms = 0, .fp8 = 1, .cast = 0, .seed = 1};
   static struct option lo[] = {{"ranks", 1, 0, 'r'}, {"tokens", 1, 0, 't'}, {"hidden", 1, 0, 'h'},
                                {"topk", 1, 0, 'k'}, {"experts", 1, 0, 'e'}, {"dispatch", 1, 0, 'd'},
                                {"iters", 1, 0, 'i'}, {"warmup", 1, 0, 'w'}, {"sms", 1, 0, 's'},
-                               {"seed", 1, 0, 'x'}, {"help", 0, 0, '?'}, {0, 0, 0, 0}};
+                               {"seed", 1, 0, 'x'}, {"mode", 1, 0, 'm'}, {"scales", 1, 0, 'c'},
+                               {"help", 0, 0, '?'}, {0, 0, 0, 0}};
   int ch;
   while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
     switch (ch) {
@@ -160,9 +427,20 @@ int main(int argc, char** argv) {
       case 'w': o.warmup = atoi(optarg); break;
       case 's': o.sms = atoi(optarg); break;
       case 'x': o.seed = strtoull(optarg, NULL, 0); break;
+      case 'm':
+        if (strcmp(optarg, "ll") != 0 && strcmp(optarg, "normal") != 0) { usage(); return 2; }
+        o.ll = strcmp(optarg, "ll") == 0;
+        break;
+      case 'c':
+        o.scaleFormat = strcmp(optarg, "ue8m0") == 0 ? ncclMoeScaleUE8M0
+                        : strcmp(optarg, "pow2") == 0 ? ncclMoeScalePow2 : ncclMoeScaleFloat;
+        break;
       default: usage(); return ch == '?' ? 0 : 2;
     }
   }
+  if (o.tokens == 0) o.tokens = o.ll ? LL_DEFAULT_TOKENS : 4096;
+  if (o.iters == 0) o.iters = o.ll ? LL_DEFAULT_ITERS : 20;
+  if (o.warmup < 0) o.warmup = o.ll ? LL_DEFAULT_WARMUP : 5;
   if (o.ranks < 1 || o.ranks > MAXR || o.iters < 1 || o.tokens < 1) { usage(); return 2; }
   /* One hardware queue per rank's stream (see ncclMoeCommInitVirtual). */
   setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
@@ -173,6 +451,7 @@ int main(int argc, char** argv) {
     return 77;
   }
   CK(cudaSetDevice(0));
+  if (o.ll) return ll_main(&o);
   struct cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
 

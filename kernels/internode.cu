@@ -1,0 +1,592 @@
+/* Internode kernels (high-throughput mode): ranks on several nodes.
+ *
+ * A token crosses the network once per destination node, as a record in the
+ * slab to that node's rank with this rank's local index (its forwarder),
+ * which writes it over NVLink to the ranks of its node that need it. Tokens
+ * for this rank's own node go straight to their ranks, as in intranode.cu.
+ * Combine runs the other way: each forwarder sums, per record, the rows of
+ * its node's ranks (local index order, fp32, rounded to BF16) and sends one
+ * partial per record back; the source sums the partials in node order, its
+ * own node's partial computed the same way from its node's ranks.
+ *
+ * Slabs travel through the proxy thread (plugin/moe_proxy.c): see
+ * moe_internode.h for the counters. Every wait is bounded by the comm's
+ * timeout; a proxy error (MOE_KERR_NET) ends every wait at once. Values read
+ * from the network (record counts, positions) are bounded before use. */
+#include "moe_copy.cuh"
+#include "moe_fp8.cuh"
+#include "moe_internode.h"
+#include "moe_notify.cuh"
+#include "moe_sync.cuh"
+
+#define MOE_INTER_LAYOUT_THREADS 1024
+
+/* ------------------------------------------------------------- waiting */
+/* One thread waits until *flag >= want; false on a timeout (recorded, naming
+ * the peer) or once the comm is broken. */
+__device__ bool moe_net_wait(const moe_rank_ctx_t& c, const volatile unsigned long long* flag,
+                             unsigned long long want, int peer) {
+  const unsigned long long* f = const_cast<const unsigned long long*>(flag);
+  const long long start = moe_now_ns();
+  while (moe_ld_acquire_sys(f) < want) {
+    if (moe_comm_broken(c)) return false; /* the proxy failed, or another wait timed out */
+    if (moe_now_ns() - start > c.timeoutNs) {
+      if (c.error[MOE_ERR_CODE] == MOE_KERR_NONE) {
+        c.error[MOE_ERR_EPOCH] = (int)want;
+        c.error[MOE_ERR_PEER] = peer;
+        c.error[MOE_ERR_PEER_EPOCH] = (int)moe_ld_acquire_sys(f);
+      }
+      moe_record_error(c, MOE_KERR_TIMEOUT);
+      return false;
+    }
+  }
+  return true;
+}
+
+/* One thread waits on counter[ch][m] >= want for every other node m. */
+__device__ bool moe_net_wait_nodes(const moe_rank_ctx_t& c, const moe_net_ctx_t& n,
+                                   const volatile unsigned long long (*counter)[MOE_MAX_NODES], int ch,
+                                   unsigned long long want) {
+  const moe_topo_t& t = n.topo;
+  for (int m = 0; m < t.nNodes; m++) {
+    if (m == t.node) continue;
+    if (!moe_net_wait(c, &counter[ch][m], want, t.rankAt[m * t.ranksPerNode + t.local])) return false;
+  }
+  return true;
+}
+
+__device__ __forceinline__ void moe_net_publish(const volatile unsigned long long* flag, unsigned long long v) {
+  moe_st_release_sys(const_cast<unsigned long long*>(flag), v);
+}
+
+__device__ __forceinline__ char* moe_slab(const moe_net_ctx_t& n, char* base, int ch, int node) {
+  return base + n.geom.off[ch] + (size_t)node * n.geom.slab[ch];
+}
+
+/* Record count of a received slab, bounded (it came from the network). */
+__device__ __forceinline__ int moe_slab_count(const moe_rank_ctx_t& c, const moe_net_ctx_t& n, int ch, int node) {
+  const int cnt = *reinterpret_cast<const volatile int*>(moe_slab(n, n.recvBuf, ch, node));
+  if (cnt < 0 || cnt > n.maxTokens) {
+    moe_record_error(c, MOE_KERR_NET);
+    return 0;
+  }
+  return cnt;
+}
+
+/* Lane l (< ranksPerNode) -> the rank with local index l on `node`. */
+__device__ __forceinline__ void moe_fill_lane_ranks(const moe_net_ctx_t& n, int node, int* sRank) {
+  for (int l = threadIdx.x; l < n.topo.ranksPerNode; l += blockDim.x)
+    sRank[l] = n.topo.rankAt[node * n.topo.ranksPerNode + l];
+}
+
+/* Called by every thread at the end of a kernel: the last block to finish
+ * returns true (in thread 0) to run the kernel's epilogue. */
+__device__ bool moe_last_block(const moe_rank_ctx_t& c) {
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x != 0) return false;
+  const unsigned int prev = atomicAdd(c.blocksDone, 1u);
+  if (prev != gridDim.x - 1) return false;
+  *c.blocksDone = 0;
+  __threadfence();
+  return true;
+}
+
+/* -------------------------------------------------------------- layout */
+/* One block: for every other node, each token's record index in the slab to
+ * that node (an exclusive scan over the tokens that go there). */
+__global__ void __launch_bounds__(MOE_INTER_LAYOUT_THREADS)
+moe_inter_layout_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw, int T) {
+  __shared__ int warpCnt[MOE_INTER_LAYOUT_THREADS / MOE_WARP];
+  __shared__ int carry;
+  const moe_topo_t& tp = n.topo;
+  const int N = c.nRanks, R = tp.ranksPerNode, nN = tp.nNodes;
+  const int lane = threadIdx.x % MOE_WARP, warp = threadIdx.x / MOE_WARP;
+  const int nWarps = blockDim.x / MOE_WARP;
+  for (int m = 0; m < nN; m++) {
+    if (threadIdx.x == 0) carry = 0;
+    __syncthreads();
+    for (int t0 = 0; t0 < T; t0 += blockDim.x) {
+      const int t = t0 + threadIdx.x;
+      int in = 0;
+      if (t < T && m != tp.node)
+        for (int l = 0; l < R && !in; l++) in = rt.pos[(size_t)t * N + tp.rankAt[m * R + l]] >= 0;
+      const unsigned b = __ballot_sync(MOE_FULL_MASK, in);
+      if (lane == 0) warpCnt[warp] = __popc(b);
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        int run = carry;
+        for (int w = 0; w < nWarps; w++) {
+          const int v = warpCnt[w];
+          warpCnt[w] = run;
+          run += v;
+        }
+        carry = run;
+      }
+      __syncthreads();
+      if (t < T) fw.nodePos[(size_t)t * nN + m] = in ? warpCnt[warp] + __popc(b & ((1u << lane) - 1u)) : -1;
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) fw.tokensPerNode[m] = carry;
+    __syncthreads();
+  }
+}
+
+/* -------------------------------------------------------------- notify */
+/* One block. Messages to this node's ranks go straight into their notify
+ * areas; those to another node's ranks go in one slab to the forwarder there,
+ * which copies them into its ranks' areas. Then the node's ranks meet at a
+ * barrier, and every rank holds every source's message. */
+__global__ void __launch_bounds__(MOE_NOTIFY_THREADS)
+moe_inter_notify_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
+                        moe_notify_args_t a) {
+  __shared__ int proceed;
+  const moe_topo_t& tp = n.topo;
+  const int N = c.nRanks, M = c.layout.notifyInts, R = tp.ranksPerNode, nN = tp.nNodes;
+  const unsigned long long seq = n.seq[MOE_CH_NOTIFY] + 1;
+  if (threadIdx.x == 0)
+    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_NOTIFY, seq - 1);
+  __syncthreads();
+  if (!proceed) return;
+  for (int i = threadIdx.x; i < N * M; i += blockDim.x) {
+    const int r = i / M, j = i % M;
+    const int v = moe_notify_value(c, rt, a, r, j);
+    if (tp.nodeOf[r] == tp.node) {
+      reinterpret_cast<volatile int*>(c.peers.base[r] + c.layout.notify)[(size_t)c.rank * M + j] = v;
+    } else {
+      int* slab = reinterpret_cast<int*>(moe_slab(n, n.sendBuf, MOE_CH_NOTIFY, tp.nodeOf[r]));
+      slab[tp.localOf[r] * M + j] = v;
+    }
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int m = 0; m < nN; m++) {
+      if (m == tp.node) continue;
+      n.flags->bytes[MOE_CH_NOTIFY][m] = sizeof(int) * (unsigned long long)R * M;
+      moe_net_publish(&n.flags->ready[MOE_CH_NOTIFY][m], seq);
+    }
+    proceed = moe_net_wait_nodes(c, n, n.flags->arrived, MOE_CH_NOTIFY, seq);
+  }
+  __syncthreads();
+  if (!proceed) return;
+  /* Slab from node m: the messages of its rank with our local index (the
+   * source) to each rank of this node, in local order. */
+  for (int m = 0; m < nN; m++) {
+    if (m == tp.node) continue;
+    const int src = tp.rankAt[m * R + tp.local];
+    const volatile int* slab = reinterpret_cast<const volatile int*>(moe_slab(n, n.recvBuf, MOE_CH_NOTIFY, m));
+    for (int i = threadIdx.x; i < R * M; i += blockDim.x) {
+      const int l = i / M, j = i % M;
+      const int dst = tp.rankAt[tp.node * R + l];
+      reinterpret_cast<volatile int*>(c.peers.base[dst] + c.layout.notify)[(size_t)src * M + j] = slab[i];
+    }
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int m = 0; m < nN; m++)
+      if (m != tp.node) moe_net_publish(&n.flags->consumed[MOE_CH_NOTIFY][m], seq);
+    n.seq[MOE_CH_NOTIFY] = seq;
+    proceed = moe_barrier(c);
+  }
+  __syncthreads();
+  if (!proceed) return;
+  moe_notify_finish(c, rt, a);
+  /* Where the tokens this rank forwards from node m start at each rank of
+   * this node: after those of every lower source rank. */
+  const volatile int* msg = reinterpret_cast<const volatile int*>(c.peers.base[c.rank] + c.layout.notify);
+  for (int i = threadIdx.x; i < nN * R; i += blockDim.x) {
+    const int m = i / R, l = i % R;
+    const int src = tp.rankAt[m * R + tp.local], dst = tp.rankAt[tp.node * R + l];
+    int before = 0;
+    for (int s = 0; s < src; s++) before += msg[s * M + dst];
+    fw.fwdBase[i] = before;
+  }
+}
+
+/* ------------------------------------------------------------ dispatch */
+/* This node's ranks get their rows directly; every other node gets one
+ * record per token in the slab to its forwarder. */
+__global__ void moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
+                                          moe_dispatch_args_t a) {
+  __shared__ int sBase[MOE_WARP], sCap[MOE_WARP], sRank[MOE_WARP];
+  __shared__ int proceed;
+  const moe_topo_t& tp = n.topo;
+  const int N = c.nRanks, K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
+  const unsigned long long seq = n.seq[MOE_CH_DISPATCH] + 1;
+  moe_fill_lane_ranks(n, tp.node, sRank);
+  __syncthreads();
+  for (int l = threadIdx.x; l < R; l += blockDim.x) {
+    sBase[l] = rt.base[sRank[l]];
+    sCap[l] = rt.cap[sRank[l]];
+  }
+  if (threadIdx.x == 0)
+    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_DISPATCH, seq - 1);
+  __syncthreads();
+  if (!proceed) return;
+  const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
+  const int nScales = a.hidden / NCCL_MOE_FP8_BLOCK;
+  const int inBytes = a.hidden * (a.xIsFp8 ? 1 : 2), outBytes = a.hidden * (a.sendFp8 ? 1 : 2);
+  const bool withWeights = a.topkWeights != NULL;
+  const moe_record_t rec = moe_dispatch_record(R, K, a.hidden, a.sendFp8);
+  for (int t = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP; t < a.numTokens;
+       t += gridDim.x * warpsPerBlock) {
+    int64_t e = -1;
+    float w = 0.0f;
+    if (lane < K) {
+      e = a.topkIdx[(size_t)t * K + lane];
+      if (withWeights) w = a.topkWeights[(size_t)t * K + lane];
+    }
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const char*>(a.x) + (size_t)t * inBytes);
+    const bool cast = a.sendFp8 && !a.xIsFp8;
+    /* This node: lane l holds the row at local rank l. */
+    int row = -1;
+    if (lane < R) {
+      const int p = rt.pos[(size_t)t * N + sRank[lane]];
+      if (p >= 0 && sBase[lane] + p < sCap[lane]) row = sBase[lane] + p;
+    }
+    moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, sRank, NULL, NULL};
+    if (d.dmask != 0) {
+      for (unsigned m = d.dmask; m != 0; m &= m - 1) {
+        const int l = __ffs(m) - 1, r = sRank[l];
+        const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
+        char* peer = c.peers.base[r];
+        moe_write_topk(c, peer, drow, r, K, lane, e, w, withWeights);
+        if (a.xIsFp8) {
+          float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nScales;
+          for (int j = lane; j < nScales; j += MOE_WARP) dscale[j] = a.xScales[(size_t)t * nScales + j];
+        }
+      }
+      if (cast) moe_cast_row_to(c, src, a.hidden, a.pow2Scales, d, lane);
+      else moe_copy_row_to(c, src, outBytes / 16, d, lane, false);
+    }
+    /* Other nodes: one record each. */
+    for (int m = 0; m < nN; m++) {
+      const int slot = m == tp.node ? -1 : fw.nodePos[(size_t)t * nN + m];
+      if (slot < 0) continue;
+      char* r = moe_slab(n, n.sendBuf, MOE_CH_DISPATCH, m) + MOE_SLAB_HEADER + (size_t)slot * rec.bytes;
+      int* hdr = reinterpret_cast<int*>(r);
+      if (lane == 0) hdr[0] = t;
+      if (lane < R) hdr[1 + lane] = rt.pos[(size_t)t * N + tp.rankAt[m * R + lane]];
+      if (lane < K) {
+        reinterpret_cast<int64_t*>(r + rec.ids)[lane] = e;
+        reinterpret_cast<float*>(r + rec.weights)[lane] = w;
+      }
+      float* scales = reinterpret_cast<float*>(r + rec.scales);
+      if (a.xIsFp8)
+        for (int j = lane; j < nScales; j += MOE_WARP) scales[j] = a.xScales[(size_t)t * nScales + j];
+      moe_dests_t one = {0, -1, NULL, r + rec.payload, scales};
+      if (cast) moe_cast_row_to(c, src, a.hidden, a.pow2Scales, one, lane);
+      else moe_copy_row_to(c, src, outBytes / 16, one, lane, false);
+    }
+  }
+  if (moe_last_block(c)) {
+    for (int m = 0; m < nN; m++) {
+      if (m == tp.node) continue;
+      const int cnt = fw.tokensPerNode[m];
+      *reinterpret_cast<volatile int*>(moe_slab(n, n.sendBuf, MOE_CH_DISPATCH, m)) = cnt;
+      __threadfence_system();
+      n.flags->bytes[MOE_CH_DISPATCH][m] = MOE_SLAB_HEADER + (unsigned long long)cnt * rec.bytes;
+      moe_net_publish(&n.flags->ready[MOE_CH_DISPATCH][m], seq);
+    }
+  }
+}
+
+/* Records from every other node go to the ranks of this node that need
+ * them; the rows are remembered for combine. Ends with this node's barrier,
+ * after which every rank holds all its rows. */
+__global__ void moe_inter_forward_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
+                                         moe_dispatch_args_t a) {
+  __shared__ int sCap[MOE_WARP], sRank[MOE_WARP];
+  __shared__ int proceed;
+  const moe_topo_t& tp = n.topo;
+  const int K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
+  const unsigned long long seq = n.seq[MOE_CH_DISPATCH] + 1;
+  moe_fill_lane_ranks(n, tp.node, sRank);
+  __syncthreads();
+  for (int l = threadIdx.x; l < R; l += blockDim.x) sCap[l] = rt.cap[sRank[l]];
+  if (threadIdx.x == 0)
+    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->arrived, MOE_CH_DISPATCH, seq);
+  __syncthreads();
+  const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
+  const int gwarp = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP, nwarps = gridDim.x * warpsPerBlock;
+  const int nScales = a.hidden / NCCL_MOE_FP8_BLOCK, outBytes = a.hidden * (a.sendFp8 ? 1 : 2);
+  const bool withWeights = a.topkWeights != NULL;
+  const moe_record_t rec = moe_dispatch_record(R, K, a.hidden, a.sendFp8);
+  for (int m = 0; m < nN && proceed; m++) {
+    if (m == tp.node) continue;
+    const int cnt = moe_slab_count(c, n, MOE_CH_DISPATCH, m);
+    if (blockIdx.x == 0 && threadIdx.x == 0) fw.fwdCount[m] = cnt;
+    const char* slab = moe_slab(n, n.recvBuf, MOE_CH_DISPATCH, m) + MOE_SLAB_HEADER;
+    for (int i = gwarp; i < cnt; i += nwarps) {
+      const char* r = slab + (size_t)i * rec.bytes;
+      int row = -1;
+      if (lane < R) {
+        const int p = reinterpret_cast<const volatile int*>(r)[1 + lane];
+        const int b = fw.fwdBase[m * R + lane];
+        if (p >= 0 && p < sCap[lane] - b) row = b + p; /* bounded: p came from the network */
+        fw.fwdRows[((size_t)m * n.maxTokens + i) * R + lane] = row;
+      }
+      moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, sRank, NULL, NULL};
+      if (d.dmask == 0) continue;
+      int64_t e = -1;
+      float w = 0.0f;
+      if (lane < K) {
+        e = reinterpret_cast<const volatile int64_t*>(r + rec.ids)[lane];
+        w = reinterpret_cast<const volatile float*>(r + rec.weights)[lane];
+      }
+      const volatile float* scales = reinterpret_cast<const volatile float*>(r + rec.scales);
+      for (unsigned mm = d.dmask; mm != 0; mm &= mm - 1) {
+        const int l = __ffs(mm) - 1, dst = sRank[l];
+        const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
+        char* peer = c.peers.base[dst];
+        moe_write_topk(c, peer, drow, dst, K, lane, e, w, withWeights);
+        if (a.sendFp8) {
+          float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nScales;
+          for (int j = lane; j < nScales; j += MOE_WARP) dscale[j] = scales[j];
+        }
+      }
+      moe_copy_row_to(c, reinterpret_cast<const uint4*>(r + rec.payload), outBytes / 16, d, lane, true);
+    }
+  }
+  if (moe_last_block(c)) {
+    if (proceed) {
+      for (int m = 0; m < nN; m++)
+        if (m != tp.node) moe_net_publish(&n.flags->consumed[MOE_CH_DISPATCH][m], seq);
+      n.seq[MOE_CH_DISPATCH] = seq;
+    }
+    if (!moe_comm_broken(c)) moe_barrier(c);
+  }
+}
+
+/* ------------------------------------------------------------- combine */
+/* Sums rows [0, dmask) of this node's ranks' combine buffers (lane l holds
+ * the row at local rank l), local order, fp32; rounds to BF16 when asked. */
+__device__ __forceinline__ void moe_sum_local(const moe_rank_ctx_t& c, const int* sRank, unsigned dmask, int row,
+                                              int nvec, int v0, int lane, float (*acc)[MOE_VEC_BF16]) {
+  for (unsigned m = dmask; m != 0; m &= m - 1) {
+    const int l = __ffs(m) - 1;
+    const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
+    const uint4* src = reinterpret_cast<const uint4*>(c.peers.base[sRank[l]] + c.layout.combineX) + (size_t)drow * nvec;
+    uint4 buf[MOE_COMBINE_UNROLL];
+#pragma unroll
+    for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
+      const int v = v0 + u * MOE_WARP + lane;
+      if (v < nvec) buf[u] = moe_ld_nc(src + v);
+    }
+#pragma unroll
+    for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
+      if (v0 + u * MOE_WARP + lane < nvec) moe_acc_bf16x8(acc[u], buf[u]);
+  }
+}
+
+__device__ __forceinline__ float moe_sum_local_weights(const moe_rank_ctx_t& c, const int* sRank, unsigned dmask,
+                                                       int row, int K, int lane) {
+  float sum = 0.0f;
+  for (unsigned m = dmask; m != 0; m &= m - 1) {
+    const int l = __ffs(m) - 1;
+    const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
+    if (lane < K)
+      sum += reinterpret_cast<const float*>(c.peers.base[sRank[l]] + c.layout.combineWeights)[(size_t)drow * K + lane];
+  }
+  return sum;
+}
+
+/* Forwarder side: one BF16 partial per record received at dispatch, summed
+ * over this node's ranks, into the slab back to the record's node. */
+__global__ void moe_inter_combine_send_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
+                                              moe_fwd_route_t fw, moe_combine_args_t a) {
+  __shared__ int sRank[MOE_WARP];
+  __shared__ int proceed;
+  const moe_topo_t& tp = n.topo;
+  const int K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
+  const unsigned long long seq = n.seq[MOE_CH_COMBINE] + 1;
+  moe_fill_lane_ranks(n, tp.node, sRank);
+  if (threadIdx.x == 0)
+    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_COMBINE, seq - 1);
+  __syncthreads();
+  if (!proceed) return;
+  const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
+  const int gwarp = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP, nwarps = gridDim.x * warpsPerBlock;
+  const int nvec = a.hidden / MOE_VEC_BF16;
+  const moe_record_t rec = moe_combine_record(K, a.hidden);
+  for (int m = 0; m < nN; m++) {
+    if (m == tp.node) continue;
+    const int cnt = fw.fwdCount[m];
+    char* slab = moe_slab(n, n.sendBuf, MOE_CH_COMBINE, m) + MOE_SLAB_HEADER;
+    for (int i = gwarp; i < cnt; i += nwarps) {
+      const int row = lane < R ? fw.fwdRows[((size_t)m * n.maxTokens + i) * R + lane] : -1;
+      const unsigned dmask = __ballot_sync(MOE_FULL_MASK, row >= 0);
+      uint4* out = reinterpret_cast<uint4*>(slab + (size_t)i * rec.bytes);
+      for (int v0 = 0; v0 < nvec; v0 += MOE_WARP * MOE_COMBINE_UNROLL) {
+        float acc[MOE_COMBINE_UNROLL][MOE_VEC_BF16];
+#pragma unroll
+        for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
+#pragma unroll
+          for (int j = 0; j < MOE_VEC_BF16; j++) acc[u][j] = 0.0f;
+        moe_sum_local(c, sRank, dmask, row, nvec, v0, lane, acc);
+#pragma unroll
+        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
+          const int v = v0 + u * MOE_WARP + lane;
+          if (v < nvec) out[v] = moe_pack_bf16x8(acc[u]);
+        }
+      }
+      if (a.withWeights) {
+        const float sum = moe_sum_local_weights(c, sRank, dmask, row, K, lane);
+        if (lane < K) reinterpret_cast<float*>(reinterpret_cast<char*>(out) + rec.weights)[lane] = sum;
+      }
+    }
+  }
+  if (moe_last_block(c)) {
+    for (int m = 0; m < nN; m++) {
+      if (m == tp.node) continue;
+      const int cnt = fw.fwdCount[m];
+      *reinterpret_cast<volatile int*>(moe_slab(n, n.sendBuf, MOE_CH_COMBINE, m)) = cnt;
+      __threadfence_system();
+      n.flags->bytes[MOE_CH_COMBINE][m] = MOE_SLAB_HEADER + (unsigned long long)cnt * rec.bytes;
+      moe_net_publish(&n.flags->ready[MOE_CH_COMBINE][m], seq);
+    }
+  }
+}
+
+/* Source side: out[t] = sum over nodes, in node order, of each node's BF16
+ * partial (this node's computed here from its ranks), in fp32. */
+__global__ void moe_inter_combine_recv_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
+                                              moe_fwd_route_t fw, moe_combine_args_t a) {
+  __shared__ int sBase[MOE_WARP], sCap[MOE_WARP], sRank[MOE_WARP], sCount[MOE_MAX_NODES];
+  __shared__ int proceed;
+  const moe_topo_t& tp = n.topo;
+  const int N = c.nRanks, K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
+  const unsigned long long seq = n.seq[MOE_CH_COMBINE] + 1;
+  moe_fill_lane_ranks(n, tp.node, sRank);
+  __syncthreads();
+  for (int l = threadIdx.x; l < R; l += blockDim.x) {
+    sBase[l] = rt.base[sRank[l]];
+    sCap[l] = rt.cap[sRank[l]];
+  }
+  if (threadIdx.x == 0)
+    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->arrived, MOE_CH_COMBINE, seq);
+  __syncthreads();
+  for (int m = threadIdx.x; m < nN && proceed; m += blockDim.x)
+    sCount[m] = m == tp.node ? 0 : moe_slab_count(c, n, MOE_CH_COMBINE, m);
+  __syncthreads();
+  const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
+  const int nvec = a.hidden / MOE_VEC_BF16;
+  const moe_record_t rec = moe_combine_record(K, a.hidden);
+  for (int t = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP; t < a.numTokens && proceed;
+       t += gridDim.x * warpsPerBlock) {
+    int row = -1;
+    if (lane < R) {
+      const int p = rt.pos[(size_t)t * N + sRank[lane]];
+      if (p >= 0 && sBase[lane] + p < sCap[lane]) row = sBase[lane] + p;
+    }
+    const unsigned dmask = __ballot_sync(MOE_FULL_MASK, row >= 0);
+    uint4* out = reinterpret_cast<uint4*>(a.out) + (size_t)t * nvec;
+    for (int v0 = 0; v0 < nvec; v0 += MOE_WARP * MOE_COMBINE_UNROLL) {
+      float acc[MOE_COMBINE_UNROLL][MOE_VEC_BF16];
+#pragma unroll
+      for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
+#pragma unroll
+        for (int j = 0; j < MOE_VEC_BF16; j++) acc[u][j] = 0.0f;
+      for (int m = 0; m < nN; m++) {
+        if (m == tp.node) {
+          if (dmask == 0) continue;
+          float part[MOE_COMBINE_UNROLL][MOE_VEC_BF16];
+#pragma unroll
+          for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
+#pragma unroll
+            for (int j = 0; j < MOE_VEC_BF16; j++) part[u][j] = 0.0f;
+          moe_sum_local(c, sRank, dmask, row, nvec, v0, lane, part);
+          /* Rounded to BF16 like every other node's partial. */
+#pragma unroll
+          for (int u = 0; u < MOE_COMBINE_UNROLL; u++) moe_acc_bf16x8(acc[u], moe_pack_bf16x8(part[u]));
+          continue;
+        }
+        const int slot = fw.nodePos[(size_t)t * nN + m];
+        if (slot < 0 || slot >= sCount[m]) continue;
+        const uint4* src = reinterpret_cast<const uint4*>(moe_slab(n, n.recvBuf, MOE_CH_COMBINE, m) + MOE_SLAB_HEADER +
+                                                          (size_t)slot * rec.bytes);
+#pragma unroll
+        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
+          const int v = v0 + u * MOE_WARP + lane;
+          if (v < nvec) moe_acc_bf16x8(acc[u], moe_ld_volatile(src + v));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
+        const int v = v0 + u * MOE_WARP + lane;
+        if (v < nvec) out[v] = moe_pack_bf16x8(acc[u]);
+      }
+    }
+    if (a.withWeights) {
+      float sum = 0.0f;
+      for (int m = 0; m < nN; m++) {
+        if (m == tp.node) {
+          sum += moe_sum_local_weights(c, sRank, dmask, row, K, lane);
+          continue;
+        }
+        const int slot = fw.nodePos[(size_t)t * nN + m];
+        if (slot < 0 || slot >= sCount[m] || lane >= K) continue;
+        const char* r = moe_slab(n, n.recvBuf, MOE_CH_COMBINE, m) + MOE_SLAB_HEADER + (size_t)slot * rec.bytes;
+        sum += reinterpret_cast<const volatile float*>(r + rec.weights)[lane];
+      }
+      if (lane < K) a.outTopkWeights[(size_t)t * K + lane] = sum;
+    }
+  }
+  if (moe_last_block(c)) {
+    if (proceed) {
+      for (int m = 0; m < nN; m++)
+        if (m != tp.node) moe_net_publish(&n.flags->consumed[MOE_CH_COMBINE][m], seq);
+      n.seq[MOE_CH_COMBINE] = seq;
+    }
+    if (!moe_comm_broken(c)) moe_barrier(c);
+  }
+}
+
+/* ------------------------------------------------------------- launches */
+extern "C" cudaError_t moe_inter_layout_launch(const moe_rank_ctx_t* ctx, const moe_net_ctx_t* net,
+                                               const moe_route_t* route, const moe_fwd_route_t* fwd, int numTokens,
+                                               cudaStream_t stream) {
+  moe_inter_layout_kernel<<<1, MOE_INTER_LAYOUT_THREADS, 0, stream>>>(*ctx, *net, *route, *fwd, numTokens);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t moe_inter_notify_launch(const moe_rank_ctx_t* ctx, const moe_net_ctx_t* net,
+                                               const moe_route_t* route, const moe_fwd_route_t* fwd,
+                                               const moe_notify_args_t* args, cudaStream_t stream) {
+  moe_inter_notify_kernel<<<1, MOE_NOTIFY_THREADS, 0, stream>>>(*ctx, *net, *route, *fwd, *args);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t moe_inter_dispatch_launch(const moe_rank_ctx_t* ctx, const moe_net_ctx_t* net,
+                                                 const moe_route_t* route, const moe_fwd_route_t* fwd,
+                                                 const moe_dispatch_args_t* args, cudaStream_t stream) {
+  moe_inter_dispatch_kernel<<<args->numBlocks, args->threads, 0, stream>>>(*ctx, *net, *route, *fwd, *args);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  moe_inter_forward_kernel<<<args->numBlocks, args->threads, 0, stream>>>(*ctx, *net, *route, *fwd, *args);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t moe_inter_combine_launch(const moe_rank_ctx_t* ctx, const moe_net_ctx_t* net,
+                                                const moe_route_t* route, const moe_fwd_route_t* fwd,
+                                                const moe_combine_args_t* args, cudaStream_t stream) {
+  moe_inter_combine_send_kernel<<<args->numBlocks, args->threads, 0, stream>>>(*ctx, *net, *route, *fwd, *args);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  moe_inter_combine_recv_kernel<<<args->numBlocks, args->threads, 0, stream>>>(*ctx, *net, *route, *fwd, *args);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t moe_internode_preload(void) {
+  const void* kernels[] = {(const void*)moe_inter_layout_kernel, (const void*)moe_inter_notify_kernel,
+                           (const void*)moe_inter_dispatch_kernel, (const void*)moe_inter_forward_kernel,
+                           (const void*)moe_inter_combine_send_kernel, (const void*)moe_inter_combine_recv_kernel};
+  for (size_t i = 0; i < sizeof(kernels) / sizeof(kernels[0]); i++) {
+    cudaFuncAttributes attr;
+    cudaError_t e = cudaFuncGetAttributes(&attr, kernels[i]);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}

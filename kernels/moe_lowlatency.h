@@ -1,0 +1,120 @@
+/* Plain structs shared by the host and the low-latency kernels, and their
+ * launch functions (see lowlatency.cu for the protocol).
+ *
+ * Every low-latency region lives in the comm's peer-visible buffer, after the
+ * normal-mode regions, at the offsets of moe_ll_layout_t (the same on every
+ * rank). A rank writes into a peer's regions through moe_peers_t, exactly as
+ * the intranode kernels do. Two buffer sets (index `set`) are used in turn. */
+#ifndef MOE_LOWLATENCY_H_
+#define MOE_LOWLATENCY_H_
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "moe_intranode.h"
+#include "nccl_moe.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_LL_SETS 2
+/* Operations that count their uses of a set (one sequence number each). */
+enum { MOE_LL_OP_DISPATCH = 0, MOE_LL_OP_COMBINE = 1, MOE_LL_OPS = 2 };
+/* Kernels whose last block publishes (one grid-completion counter each). */
+enum { MOE_LL_DONE_DISPATCH_SEND = 0, MOE_LL_DONE_COMBINE_SEND = 1, MOE_LL_DONE_COMBINE_RECV = 2,
+       MOE_LL_DONE_KINDS = 3 };
+/* Scale formats of the in-kernel FP8 cast (ncclMoeScaleFormat_t values). */
+enum { MOE_LL_SCALE_FLOAT = 0, MOE_LL_SCALE_POW2 = 1, MOE_LL_SCALE_UE8M0 = 2 };
+/* Ints after the per-expert counts of a count message: hidden, type code. */
+#define MOE_LL_MSG_HIDDEN(E) (E)
+#define MOE_LL_MSG_TYPE(E) ((E) + 1)
+#define MOE_LL_MSG_EXTRA 2
+
+/* Byte offsets into a rank's comm buffer (absolute, like moe_layout_t).
+ * N ranks, E experts, L = E / N local experts, M = llMaxTokensPerRank,
+ * K = config.maxTopk, H = config.hidden, R = L * N * M rows per set.
+ *
+ * Zero-initialized state (one region, cleared at comm init):
+ *   seq       uint64 [SETS][OPS]: uses of each (set, op) so far (private)
+ *   done      uint32 [SETS][DONE_KINDS]: grid-completion counters (private)
+ *   cntFlag   uint64 [SETS][N]: source s's count message for use n is here
+ *   dataFlag  uint64 [SETS][N]: source s's dispatch rows of use n are written
+ *   combFlag  uint64 [SETS][N]: expert rank r's combine rows of use n are written
+ *   combAck   uint64 [SETS][N]: token rank s has read the combine rows of use n
+ * Per set (not initialized):
+ *   counts    int32 [N][msgInts]: each source's rows per global expert, then
+ *             MOE_LL_MSG_EXTRA ints (hidden, type code)
+ *   recvX     [R] rows of H elements (BF16 or FP8; sized for BF16)
+ *   recvScales fp32 [R][ceil(H/128)] (UE8M0: bytes, 4-byte padded rows)
+ *   recvSrc   int32 [R]: srcRank * M + token
+ *   recvK     int32 [R]: the top-k slot of the row at its source (combine)
+ *   combX     BF16 [M][K] rows of H: combine rows, by (token, top-k slot)
+ *   route     int32 [M][K]: per (token, k) of this rank's dispatch: the row
+ *             at the receiver (>= 0), -1 (not sent), or -2 - k0 (a repeat of
+ *             the expert of slot k0) (private)
+ *   recvCount int32 [L]: rows per local expert (private) */
+typedef struct {
+  size_t state, stateBytes;
+  size_t seq, done;
+  size_t cntFlag, dataFlag, combFlag, combAck;
+  size_t counts[MOE_LL_SETS];
+  size_t recvX[MOE_LL_SETS];
+  size_t recvScales[MOE_LL_SETS];
+  size_t recvSrc[MOE_LL_SETS];
+  size_t recvK[MOE_LL_SETS];
+  size_t combX[MOE_LL_SETS];
+  size_t route[MOE_LL_SETS];
+  size_t recvCount[MOE_LL_SETS];
+  size_t bytes;          /* all low-latency regions together; 0 = none */
+  int msgInts;           /* ints per count message (16-byte multiple) */
+} moe_ll_layout_t;
+
+/* What every low-latency kernel of one rank needs (passed by value). */
+typedef struct {
+  moe_rank_ctx_t rc;     /* peers, rank, nRanks, numLocalExperts, error, timeout */
+  moe_ll_layout_t l;
+  int numExperts;
+  int maxTokens;         /* M = config.llMaxTokensPerRank */
+  int maxTopk;           /* K of the layout = config.maxTopk */
+  int rowBytes;          /* combX row stride: config.hidden * 2 */
+} moe_ll_ctx_t;
+
+/* One call half. Dispatch: x = BF16 tokens, topkIdx, numTokens, topk,
+ * hidden, sendFp8, scaleFormat, cumulative. Combine: x = expert outputs,
+ * weights, out, and the dispatch's numTokens / topk / hidden. */
+typedef struct {
+  int set;
+  const void* x;
+  const int64_t* topkIdx;
+  const float* weights;
+  void* out;
+  int64_t* cumulative;
+  int numTokens, hidden, topk;
+  int sendFp8, scaleFormat;
+  int numBlocks;         /* blocks of the send kernels and of combine's receive */
+} moe_ll_args_t;
+
+/* The four halves. Each is enqueued on `stream`; a receive half must follow
+ * its send half in stream order. */
+cudaError_t moe_ll_dispatch_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                        cudaStream_t stream);
+cudaError_t moe_ll_dispatch_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                        cudaStream_t stream);
+cudaError_t moe_ll_combine_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                       cudaStream_t stream);
+cudaError_t moe_ll_combine_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                       cudaStream_t stream);
+
+/* Loads every low-latency kernel now (see intranode.cu: lazy loading). */
+cudaError_t moe_ll_preload(void);
+
+/* Benchmark / test helper: one thread that spins until *flag (device view of
+ * host-mapped memory) is non-zero, or timeoutNs passed. Streams that wait on
+ * an event recorded after it start together when the host sets the flag. */
+cudaError_t moe_ll_gate_launch(const volatile int* flag, long long timeoutNs, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,51 @@
+/* Internode state of a comm (internal): topology, the network regions and
+ * counters, the proxy; and the handle's forwarding routes. */
+#ifndef MOE_INTER_H_
+#define MOE_INTER_H_
+
+#include "moe_internode.h"
+#include "moe_proxy.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct ncclMoeComm;
+
+typedef struct moe_inter_comm {
+  moe_net_ctx_t net;          /* what the kernels get */
+  moe_net_flags_t* flags;     /* host view of net.flags */
+  char* sendHost;             /* host view of net.sendBuf / recvBuf */
+  char* recvHost;
+  moe_proxy_t* proxy;
+  char handle[MOE_NET_HANDLE_BYTES]; /* this rank's listen handle */
+} moe_inter_comm_t;
+
+/* Groups ranks into nodes: nodeKey[r] is equal for ranks of one node (any
+ * int). Every node must have the same number of ranks, at most 32 (a warp's
+ * lanes index them). */
+ncclResult_t moe_topo_build(int nRanks, int rank, const int* nodeKey, moe_topo_t* topo_p);
+
+/* Allocates the network regions and counters of `comm` (whose config and
+ * rank are set) and starts listening: inter->handle is ready to exchange. */
+ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, moe_inter_comm_t** inter_p);
+
+/* handles[r * MOE_NET_HANDLE_BYTES]: the listen handle of every rank.
+ * Non-blocking; call until *done_p (moe_proxy_connect). */
+ncclResult_t moe_inter_connect(moe_inter_comm_t* inter, const char* handles, int* done_p);
+
+/* Starts the proxy thread. */
+ncclResult_t moe_inter_start(moe_inter_comm_t* inter);
+
+/* Stops the proxy and frees everything; NULL is a no-op. */
+void moe_inter_destroy(moe_inter_comm_t* inter);
+
+/* Device ints a handle needs for its forwarding routes. */
+size_t moe_inter_route_ints(const moe_inter_comm_t* inter);
+/* Cuts `mem` (moe_inter_route_ints ints) into the routes. */
+void moe_inter_route_init(const moe_inter_comm_t* inter, int* mem, moe_fwd_route_t* fwd);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

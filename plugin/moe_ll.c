@@ -1,0 +1,304 @@
+/* Low-latency dispatch / combine: configuration, buffer layout, argument and
+ * call-order checks, then the kernels of kernels/lowlatency.cu. Nothing here
+ * waits for the GPU, so every call can be captured in a CUDA graph. */
+#include "moe_ll.h"
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "moe_check.h"
+#include "moe_comm.h"
+#include "moe_log.h"
+
+#define MOE_LL_REGION_ALIGN 256
+#define MOE_LL_MSG_ALIGN_INTS 4 /* count messages padded to 16 bytes */
+#define MOE_LL_UE8M0_PER_WORD 4
+
+static size_t moe_ll_align(size_t v) { return (v + MOE_LL_REGION_ALIGN - 1) / MOE_LL_REGION_ALIGN * MOE_LL_REGION_ALIGN; }
+
+ncclResult_t moe_ll_config_resolve(const ncclMoeConfig_t* c, int nRanks) {
+  (void)nRanks;
+  MOE_ARG_CHECK(c->llMaxTokensPerRank >= 0 && c->llMaxTokensPerRank <= NCCL_MOE_LL_MAX_TOKENS,
+                "config.llMaxTokensPerRank = %d: must be in [0, %d] (0 = no low-latency mode)",
+                c->llMaxTokensPerRank, NCCL_MOE_LL_MAX_TOKENS);
+  return ncclSuccess;
+}
+
+size_t moe_ll_layout_compute(const ncclMoeConfig_t* c, int nRanks, size_t off, moe_ll_layout_t* l) {
+  memset(l, 0, sizeof(*l));
+  if (c->llMaxTokensPerRank == 0) return off;
+  const size_t N = (size_t)nRanks, E = (size_t)c->numExperts, M = (size_t)c->llMaxTokensPerRank;
+  const size_t K = (size_t)c->maxTopk, H = (size_t)c->hidden, rows = E * M; /* L * N * M */
+  const size_t nS = (H + NCCL_MOE_FP8_BLOCK - 1) / NCCL_MOE_FP8_BLOCK;
+  const size_t flag = sizeof(unsigned long long);
+  const size_t start = off = moe_ll_align(off);
+  l->msgInts = (int)((E + MOE_LL_MSG_EXTRA + MOE_LL_MSG_ALIGN_INTS - 1) / MOE_LL_MSG_ALIGN_INTS * MOE_LL_MSG_ALIGN_INTS);
+#define MOE_LL_REGION(field, bytes) do { l->field = off; off = moe_ll_align(off + (bytes)); } while (0)
+  /* The zero-initialized state: one contiguous region. */
+  l->state = off;
+  MOE_LL_REGION(seq, flag * MOE_LL_SETS * MOE_LL_OPS);
+  MOE_LL_REGION(done, sizeof(unsigned int) * MOE_LL_SETS * MOE_LL_DONE_KINDS);
+  MOE_LL_REGION(cntFlag, flag * MOE_LL_SETS * N);
+  MOE_LL_REGION(dataFlag, flag * MOE_LL_SETS * N);
+  MOE_LL_REGION(combFlag, flag * MOE_LL_SETS * N);
+  MOE_LL_REGION(combAck, flag * MOE_LL_SETS * N);
+  l->stateBytes = off - l->state;
+  for (int b = 0; b < MOE_LL_SETS; b++) {
+    MOE_LL_REGION(counts[b], sizeof(int) * N * (size_t)l->msgInts);
+    MOE_LL_REGION(recvX[b], rows * H * 2);
+    MOE_LL_REGION(recvScales[b], rows * nS * sizeof(float));
+    MOE_LL_REGION(recvSrc[b], rows * sizeof(int));
+    MOE_LL_REGION(recvK[b], rows * sizeof(int));
+    MOE_LL_REGION(combX[b], M * K * H * 2);
+    MOE_LL_REGION(route[b], M * K * sizeof(int));
+    MOE_LL_REGION(recvCount[b], sizeof(int) * (E / N));
+  }
+#undef MOE_LL_REGION
+  l->bytes = off - start;
+  return off;
+}
+
+ncclResult_t moe_ll_comm_alloc(ncclMoeComm_t comm) {
+  const moe_ll_layout_t* l = &comm->ll.ctx.l;
+  if (l->bytes == 0) return ncclSuccess;
+  /* Before the peer exchange of init: no peer can write here yet. */
+  MOE_CUDA_CHECK(cudaMemset(comm->buffer + l->state, 0, l->stateBytes));
+  return ncclSuccess;
+}
+
+ncclResult_t moe_ll_comm_init(ncclMoeComm_t comm) {
+  moe_ll_ctx_t* c = &comm->ll.ctx;
+  if (c->l.bytes == 0) return ncclSuccess;
+  c->rc = comm->ctx;
+  c->numExperts = comm->config.numExperts;
+  c->maxTokens = comm->config.llMaxTokensPerRank;
+  c->maxTopk = comm->config.maxTopk;
+  c->rowBytes = comm->config.hidden * 2;
+  MOE_CUDA_CHECK(moe_ll_preload());
+  /* The state clear ran on the legacy stream; the callers' streams may not
+   * be ordered after it. */
+  MOE_CUDA_CHECK(cudaStreamSynchronize(0));
+  MOE_INFO(NCCL_INIT, "rank %d: %zu bytes of low-latency buffers (2 sets, %d tokens/rank)", comm->rank, c->l.bytes,
+           c->maxTokens);
+  return ncclSuccess;
+}
+
+void moe_ll_handle_destroy(ncclMoeHandle_t handle) {
+  for (int b = 0; b < MOE_LL_SETS; b++)
+    if (handle->comm != NULL && handle->comm->ll.pending[b] == handle) handle->comm->ll.pending[b] = NULL;
+}
+
+/* ------------------------------------------------------------ checks */
+static ncclResult_t moe_ll_ready(ncclMoeComm_t comm, ncclMoeHandle_t handle) {
+  MOE_CHECK(moe_comm_ready(comm));
+  MOE_ARG_CHECK(comm->ll.ctx.l.bytes > 0,
+                "this comm has no low-latency buffers: set config.llMaxTokensPerRank > 0 at init");
+  MOE_ARG_CHECK(handle != NULL && handle->comm == comm, "handle is NULL or belongs to another comm");
+  /* Peer stores reach mapped peers only; ranks of other nodes (no mapping)
+   * need the proxy path, not written yet. */
+  for (int r = 0; r < comm->nRanks; r++)
+    if (comm->ctx.peers.base[r] == NULL)
+      return MOE_ERROR(ncclInvalidUsage, "rank %d: low-latency mode does not reach rank %d (another node) yet: "
+                                         "it runs within one node only", comm->rank, r);
+  return ncclSuccess;
+}
+
+static ncclResult_t moe_ll_dispatch_check(ncclMoeComm_t comm, const ncclMoeLowLatencyDispatchArgs_t* a,
+                                          ncclMoeHandle_t handle) {
+  const ncclMoeConfig_t* c = &comm->config;
+  MOE_ARG_CHECK(a != NULL, "low-latency dispatch args is NULL");
+  MOE_ARG_CHECK(a->numTokens >= 0 && a->numTokens <= c->llMaxTokensPerRank,
+                "numTokens = %d: must be in [0, config.llMaxTokensPerRank = %d]", a->numTokens,
+                c->llMaxTokensPerRank);
+  MOE_ARG_CHECK(a->sendType == ncclBfloat16 || a->sendType == ncclFloat8e4m3,
+                "sendType = %d: must be ncclFloat8e4m3 or ncclBfloat16", (int)a->sendType);
+  const int fp8 = a->sendType == ncclFloat8e4m3;
+  MOE_ARG_CHECK(!fp8 || a->scaleFormat == ncclMoeScaleFloat || a->scaleFormat == ncclMoeScalePow2 ||
+                    a->scaleFormat == ncclMoeScaleUE8M0,
+                "scaleFormat = %d: must be ncclMoeScaleFloat, ncclMoeScalePow2 or ncclMoeScaleUE8M0",
+                (int)a->scaleFormat);
+  MOE_ARG_CHECK(a->hidden >= 1 && a->hidden <= c->hidden, "hidden = %d: must be in [1, config.hidden = %d]",
+                a->hidden, c->hidden);
+  MOE_ARG_CHECK(!fp8 || a->hidden % NCCL_MOE_FP8_BLOCK == 0, "hidden = %d: FP8 needs a multiple of %d",
+                a->hidden, NCCL_MOE_FP8_BLOCK);
+  MOE_ARG_CHECK(a->hidden % 8 == 0, "hidden = %d: BF16 rows must be a multiple of 8 channels (16 bytes)", a->hidden);
+  MOE_ARG_CHECK(a->topk >= 1 && a->topk <= c->maxTopk, "topk = %d: must be in [1, config.maxTopk = %d]", a->topk,
+                c->maxTopk);
+  MOE_ARG_CHECK(a->sendOnly == 0 || a->sendOnly == 1, "sendOnly = %d: must be 0 or 1", a->sendOnly);
+  if (a->numTokens > 0) {
+    MOE_CHECK(moe_check_device_ptr(a->x, NCCL_MOE_ALIGN, "x"));
+    MOE_CHECK(moe_check_device_ptr(a->topkIdx, sizeof(int64_t), "topkIdx"));
+  }
+  if (a->cumulativeRecvCount != NULL)
+    MOE_CHECK(moe_check_device_ptr(a->cumulativeRecvCount, sizeof(int64_t), "cumulativeRecvCount"));
+  if (handle->ll.state == MOE_LL_DISPATCH_SENT || handle->ll.state == MOE_LL_COMBINE_SENT)
+    return MOE_ERROR(ncclInvalidUsage, "the handle's previous low-latency call has a receive half not yet enqueued "
+                                       "(ncclMoeLowLatencyDispatchRecv / ...CombineRecv)");
+  const int set = comm->ll.nextSet;
+  if (comm->ll.pending[set] != NULL)
+    return MOE_ERROR(ncclInvalidUsage,
+                     "buffer set %d is still waiting for the receive half of the call two dispatches ago: "
+                     "enqueue it before this dispatch", set);
+  return ncclSuccess;
+}
+
+/* ---------------------------------------------------------- launches */
+/* The kernels' context, with the comm's current peer table and error word. */
+static const moe_ll_ctx_t* moe_ll_ctx(ncclMoeComm_t comm) {
+  comm->ll.ctx.rc = comm->ctx;
+  return &comm->ll.ctx;
+}
+
+/* The send halves: today every peer is reached with peer stores inside the
+ * kernels. An internode path (proxy and transport) would branch here. */
+static ncclResult_t moe_ll_send(ncclMoeComm_t comm, int op, const moe_ll_args_t* a, cudaStream_t stream) {
+  const moe_ll_ctx_t* c = moe_ll_ctx(comm);
+  if (op == MOE_LL_OP_DISPATCH) MOE_CUDA_CHECK(moe_ll_dispatch_send_launch(c, a, stream));
+  else MOE_CUDA_CHECK(moe_ll_combine_send_launch(c, a, stream));
+  return ncclSuccess;
+}
+
+static void moe_ll_args(ncclMoeComm_t comm, const moe_ll_handle_t* h, moe_ll_args_t* a) {
+  memset(a, 0, sizeof(*a));
+  a->set = h->set;
+  a->numTokens = h->numTokens;
+  a->hidden = h->hidden;
+  a->topk = h->topk;
+  a->cumulative = h->cumulative;
+  a->weights = h->weights;
+  a->out = h->out;
+  a->numBlocks = comm->numBlocks;
+}
+
+static ncclResult_t moe_ll_dispatch_recv(ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream) {
+  moe_ll_args_t a;
+  moe_ll_args(comm, &handle->ll, &a);
+  MOE_CUDA_CHECK(moe_ll_dispatch_recv_launch(moe_ll_ctx(comm), &a, stream));
+  comm->ll.pending[handle->ll.set] = NULL;
+  handle->ll.state = MOE_LL_DISPATCHED;
+  return ncclSuccess;
+}
+
+static ncclResult_t moe_ll_combine_recv(ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream) {
+  moe_ll_args_t a;
+  moe_ll_args(comm, &handle->ll, &a);
+  MOE_CUDA_CHECK(moe_ll_combine_recv_launch(moe_ll_ctx(comm), &a, stream));
+  comm->ll.pending[handle->ll.set] = NULL;
+  handle->ll.state = MOE_LL_DISPATCHED;
+  return ncclSuccess;
+}
+
+/* ------------------------------------------------------------ public API */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyDispatchArgs_t* args,
+                                                       ncclMoeHandle_t handle,
+                                                       ncclMoeLowLatencyDispatchResult_t* result_p,
+                                                       cudaStream_t stream) {
+  MOE_CHECK(moe_ll_ready(comm, handle));
+  MOE_ARG_CHECK(result_p != NULL, "result_p is NULL");
+  MOE_CHECK(moe_ll_dispatch_check(comm, args, handle));
+  const ncclMoeLowLatencyDispatchArgs_t* d = args;
+  moe_ll_comm_t* ll = &comm->ll;
+  const int set = ll->nextSet;
+  const int fp8 = d->sendType == ncclFloat8e4m3;
+  const int scaleFormat = !fp8 ? MOE_LL_SCALE_FLOAT
+                          : d->scaleFormat == ncclMoeScaleUE8M0 ? MOE_LL_SCALE_UE8M0
+                          : d->scaleFormat == ncclMoeScalePow2 ? MOE_LL_SCALE_POW2 : MOE_LL_SCALE_FLOAT;
+  moe_ll_args_t a;
+  memset(&a, 0, sizeof(a));
+  a.set = set;
+  a.x = d->x;
+  a.topkIdx = d->topkIdx;
+  a.numTokens = d->numTokens;
+  a.hidden = d->hidden;
+  a.topk = d->topk;
+  a.sendFp8 = fp8;
+  a.scaleFormat = scaleFormat;
+  a.numBlocks = comm->numBlocks;
+  MOE_CHECK(moe_ll_send(comm, MOE_LL_OP_DISPATCH, &a, stream));
+
+  /* The send half is enqueued: the set is taken. */
+  ll->nextSet = set ^ 1;
+  ll->gen[set]++;
+  moe_ll_handle_t* h = &handle->ll;
+  memset(h, 0, sizeof(*h));
+  h->set = set;
+  h->gen = ll->gen[set];
+  h->numTokens = d->numTokens;
+  h->hidden = d->hidden;
+  h->topk = d->topk;
+  h->cumulative = d->cumulativeRecvCount;
+  h->state = MOE_LL_DISPATCH_SENT;
+  ll->pending[set] = handle;
+
+  const moe_ll_layout_t* l = &ll->ctx.l;
+  char* buf = comm->buffer;
+  const int nS = d->hidden / NCCL_MOE_FP8_BLOCK;
+  ncclMoeLowLatencyDispatchResult_t r = {
+      .recvX = buf + l->recvX[set],
+      .recvScales = fp8 ? buf + l->recvScales[set] : NULL,
+      .scaleStride = !fp8 ? 0 : scaleFormat == MOE_LL_SCALE_UE8M0 ? (nS + MOE_LL_UE8M0_PER_WORD - 1) / MOE_LL_UE8M0_PER_WORD : nS,
+      .recvCountPerExpert = (int*)(buf + l->recvCount[set]),
+      .recvSource = (int*)(buf + l->recvSrc[set]),
+      .expertStride = comm->nRanks * comm->config.llMaxTokensPerRank,
+      .numLocalExperts = comm->numLocalExperts};
+  *result_p = r;
+  if (!d->sendOnly) MOE_CHECK(moe_ll_dispatch_recv(comm, handle, stream));
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatchRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
+                                                           cudaStream_t stream) {
+  MOE_CHECK(moe_ll_ready(comm, handle));
+  if (handle->ll.state != MOE_LL_DISPATCH_SENT)
+    return MOE_ERROR(ncclInvalidUsage, "the handle holds no low-latency dispatch sent with sendOnly = 1 and not yet "
+                                       "received");
+  return moe_ll_dispatch_recv(comm, handle, stream);
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, const ncclMoeLowLatencyCombineArgs_t* args,
+                                                      ncclMoeHandle_t handle, cudaStream_t stream) {
+  MOE_CHECK(moe_ll_ready(comm, handle));
+  MOE_ARG_CHECK(args != NULL, "low-latency combine args is NULL");
+  moe_ll_handle_t* h = &handle->ll;
+  if (h->state != MOE_LL_DISPATCHED)
+    return MOE_ERROR(ncclInvalidUsage, "the handle holds no received low-latency dispatch%s",
+                     h->state == MOE_LL_COMBINE_SENT ? " (its previous combine's receive half is not enqueued)"
+                     : h->state == MOE_LL_DISPATCH_SENT ? " (enqueue ncclMoeLowLatencyDispatchRecv first)" : "");
+  if (h->gen != comm->ll.gen[h->set])
+    return MOE_ERROR(ncclInvalidUsage, "a later low-latency dispatch took this handle's buffer set %d: combine each "
+                                       "dispatch before the dispatch two calls later", h->set);
+  MOE_ARG_CHECK(args->sendOnly == 0 || args->sendOnly == 1, "sendOnly = %d: must be 0 or 1", args->sendOnly);
+  MOE_CHECK(moe_check_device_ptr(args->x, NCCL_MOE_ALIGN, "x"));
+  if (h->numTokens > 0) MOE_CHECK(moe_check_device_ptr(args->out, NCCL_MOE_ALIGN, "out"));
+  if (args->topkWeights != NULL && h->numTokens > 0)
+    MOE_CHECK(moe_check_device_ptr(args->topkWeights, sizeof(float), "topkWeights"));
+  if (comm->ll.pending[h->set] != NULL)
+    return MOE_ERROR(ncclInvalidUsage, "buffer set %d has a receive half not yet enqueued", h->set);
+
+  moe_ll_args_t a;
+  moe_ll_args(comm, h, &a);
+  a.x = args->x;
+  MOE_CHECK(moe_ll_send(comm, MOE_LL_OP_COMBINE, &a, stream));
+  h->weights = args->topkWeights;
+  h->out = args->out;
+  h->state = MOE_LL_COMBINE_SENT;
+  comm->ll.pending[h->set] = handle;
+  if (!args->sendOnly) MOE_CHECK(moe_ll_combine_recv(comm, handle, stream));
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
+                                                          cudaStream_t stream) {
+  MOE_CHECK(moe_ll_ready(comm, handle));
+  if (handle->ll.state != MOE_LL_COMBINE_SENT)
+    return MOE_ERROR(ncclInvalidUsage, "the handle holds no low-latency combine sent with sendOnly = 1 and not yet "
+                                       "received");
+  return moe_ll_combine_recv(comm, handle, stream);
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyBufferBytes(ncclMoeComm_t comm, size_t* bytes_p) {
+  MOE_ARG_CHECK(comm != NULL && bytes_p != NULL, "ncclMoeLowLatencyBufferBytes: comm or bytes_p is NULL");
+  *bytes_p = comm->ll.ctx.l.bytes;
+  return ncclSuccess;
+}
