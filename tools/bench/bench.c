@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench_net.h"
 #include "moe_fp8.h"
 #include "moe_kernels.h"
 #include "moe_lowlatency.h"
@@ -28,18 +29,21 @@
 
 typedef struct {
   int ranks, tokens, hidden, topk, experts, iters, warmup, sms, fp8, cast;
+  int nodes;                       /* --nodes: virtual nodes (normal mode) */
   unsigned long long seed;
   int ll;                          /* --mode ll */
   ncclMoeScaleFormat_t scaleFormat; /* --scales (low-latency FP8 cast) */
 } opts_t;
 
 static void usage(void) {
-  printf("usage: nccl-moe-bench [--mode normal|ll] [--ranks N] [--tokens T] [--hidden H] [--topk K]\n"
+  printf("usage: nccl-moe-bench [--mode normal|ll] [--ranks N] [--nodes M] [--tokens T] [--hidden H] [--topk K]\n"
          "                      [--experts E] [--dispatch fp8|bf16|cast] [--scales float|pow2|ue8m0]\n"
          "                      [--iters I] [--warmup W] [--sms S] [--seed X]\n"
          "  defaults: 8 virtual ranks on GPU 0, 4096 tokens/rank, hidden 7168, top-8 of 256 experts,\n"
          "  FP8 dispatch (x already FP8; 'cast' = BF16 x cast to FP8 in the kernel), BF16 combine,\n"
          "  20 timed runs after 5 warm-ups.\n"
+         "  --nodes M: the ranks form M virtual nodes talking through the network transport (socket on\n"
+         "  loopback unless NCCL_MOE_NET_BACKEND); adds network-side GB/s and the transport's own GB/s.\n"
          "  --mode ll: low-latency dispatch/combine, 128 tokens/rank, BF16 x cast to FP8 in the kernel\n"
          "  (fp8 and cast alike; bf16 sends BF16) with --scales (default float), median of 200 graph\n"
          "  replays after 20.\n");
@@ -404,17 +408,18 @@ static int ll_main(const opts_t* o) {
 
 int main(int argc, char** argv) {
   /* tokens, iters and warmup: 0 / -1 = the mode's default. */
-  opts_t o = {.ranks = 8, .tokens = 0, .hidden = 7168, .topk = 8, .experts = 256, .iters = 0,
+  opts_t o = {.ranks = 8, .nodes = 1, .tokens = 0, .hidden = 7168, .topk = 8, .experts = 256, .iters = 0,
               .warmup = -1, .sms = 0, .fp8 = 1, .cast = 0, .seed = 1};
   static struct option lo[] = {{"ranks", 1, 0, 'r'}, {"tokens", 1, 0, 't'}, {"hidden", 1, 0, 'h'},
                                {"topk", 1, 0, 'k'}, {"experts", 1, 0, 'e'}, {"dispatch", 1, 0, 'd'},
                                {"iters", 1, 0, 'i'}, {"warmup", 1, 0, 'w'}, {"sms", 1, 0, 's'},
                                {"seed", 1, 0, 'x'}, {"mode", 1, 0, 'm'}, {"scales", 1, 0, 'c'},
-                               {"help", 0, 0, '?'}, {0, 0, 0, 0}};
+                               {"nodes", 1, 0, 'n'}, {"help", 0, 0, '?'}, {0, 0, 0, 0}};
   int ch;
   while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
     switch (ch) {
       case 'r': o.ranks = atoi(optarg); break;
+      case 'n': o.nodes = atoi(optarg); break;
       case 't': o.tokens = atoi(optarg); break;
       case 'h': o.hidden = atoi(optarg); break;
       case 'k': o.topk = atoi(optarg); break;
@@ -441,7 +446,11 @@ int main(int argc, char** argv) {
   if (o.tokens == 0) o.tokens = o.ll ? LL_DEFAULT_TOKENS : 4096;
   if (o.iters == 0) o.iters = o.ll ? LL_DEFAULT_ITERS : 20;
   if (o.warmup < 0) o.warmup = o.ll ? LL_DEFAULT_WARMUP : 5;
-  if (o.ranks < 1 || o.ranks > MAXR || o.iters < 1 || o.tokens < 1) { usage(); return 2; }
+  if (o.ranks < 1 || o.ranks > MAXR || o.iters < 1 || o.tokens < 1 || o.nodes < 1 || o.ranks % o.nodes != 0 ||
+      (o.ll && o.nodes > 1)) {
+    usage();
+    return 2;
+  }
   /* One hardware queue per rank's stream (see ncclMoeCommInitVirtual). */
   setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
   setvbuf(stdout, NULL, _IOLBF, 0);
@@ -459,7 +468,7 @@ int main(int argc, char** argv) {
   cfg.maxTokensPerRank = o.tokens, cfg.hidden = o.hidden, cfg.numExperts = o.experts, cfg.maxTopk = o.topk;
   cfg.numSMs = o.sms;
   ncclMoeComm_t comms[MAXR];
-  NK(ncclMoeCommInitVirtual(o.ranks, 0, &cfg, comms));
+  NK(ncclMoeCommInitVirtualNodes(o.ranks, o.ranks / o.nodes, 0, &cfg, comms));
   size_t bufBytes = 0;
   NK(ncclMoeCommBufferBytes(comms[0], &bufBytes));
 
@@ -472,6 +481,8 @@ int main(int argc, char** argv) {
   uint16_t* hx = malloc(T * H * 2);
   int64_t* hidx = malloc(T * K * 8);
   float* hw = malloc(T * K * 4);
+  const int perNode = o.ranks / o.nodes, L = o.experts / o.ranks;
+  double netTokens = 0; /* (token, other node it goes to) pairs: what crosses the network */
   for (int r = 0; r < o.ranks; r++) {
     rank_t* p = &rk[r];
     p->comm = comms[r];
@@ -492,6 +503,12 @@ int main(int argc, char** argv) {
         hidx[t * K + k] = e;
         hw[t * K + k] = (float)rand() / RAND_MAX;
       }
+    for (size_t t = 0; t < T; t++) {
+      unsigned long long nodes = 0;
+      for (size_t k = 0; k < K; k++) nodes |= 1ull << (hidx[t * K + k] / L / perNode);
+      nodes &= ~(1ull << (r / perNode));
+      netTokens += __builtin_popcountll(nodes);
+    }
     CK(cudaMalloc(&p->x, T * H * 2));
     CK(cudaMalloc(&p->xs, T * (H / 128) * 4 + 16));
     CK(cudaMalloc(&p->idx, T * K * 8));
@@ -555,9 +572,30 @@ int main(int argc, char** argv) {
   printf("%-28s %10.1f %12.1f %8.3f\n", "dispatch, cached handle", tCached * 1e3, dcGBps, dcGBps / copy);
   printf("%-28s %10.1f %12.1f %8.3f\n", "combine", tCombine * 1e3, cGBps, cGBps / copy);
   printf("%-28s %10s %12.1f\n", "device copy (bytes once)", "", copy);
-  printf("RESULT mode=normal gpus=1 ranks=%d dispatch_GBps=%.1f combine_GBps=%.1f copy_GBps=%.1f "
-         "dispatch_ratio=%.3f combine_ratio=%.3f\n",
-         o.ranks, dGBps, cGBps, copy, dGBps / copy, cGBps / copy);
+  if (o.nodes > 1) {
+    /* Network side, as DeepEP counts RDMA traffic: (token, destination node
+     * other than its own) pairs x bytes per token, over the phase's time;
+     * beside the transport moving the same slabs (one per sending rank and
+     * peer node, one in flight each) on its own. */
+    const int pairs = o.ranks * (o.nodes - 1);
+    const double slab = netTokens / pairs * tokBytes;
+    const double nd = netTokens * tokBytes / (tDispatch * 1e-3) / 1e9;
+    const double nc = netTokens * H * 2 / (tCombine * 1e-3) / 1e9;
+    const double transport = bench_transport_gbps(pairs > 64 ? 64 : pairs, slab > 16 ? (size_t)slab : 16, 2.0);
+    const double net = nd < nc ? nd : nc;
+    printf("network side (%d virtual nodes of %d ranks): %.0f (token, node) pairs, %.1f MiB slabs\n", o.nodes,
+           perNode, netTokens, slab / (1 << 20));
+    printf("%-28s %10s %12.1f\n", "dispatch, network side", "", nd);
+    printf("%-28s %10s %12.1f\n", "combine, network side", "", nc);
+    printf("%-28s %10s %12.1f\n", "transport alone (same slabs)", "", transport);
+    printf("RESULT mode=normal gpus=1 ranks=%d nodes=%d net_GBps=%.2f transport_GBps=%.2f net_ratio=%.3f "
+           "net_dispatch_GBps=%.2f net_combine_GBps=%.2f dispatch_GBps=%.1f combine_GBps=%.1f copy_GBps=%.1f\n",
+           o.ranks, o.nodes, net, transport, net / transport, nd, nc, dGBps, cGBps, copy);
+  } else {
+    printf("RESULT mode=normal gpus=1 ranks=%d dispatch_GBps=%.1f combine_GBps=%.1f copy_GBps=%.1f "
+           "dispatch_ratio=%.3f combine_ratio=%.3f\n",
+           o.ranks, dGBps, cGBps, copy, dGBps / copy, cGBps / copy);
+  }
   for (int r = 0; r < o.ranks; r++) {
     ncclMoeHandleDestroy(rk[r].handle);
     ncclMoeCommDestroy(rk[r].comm);
