@@ -1,5 +1,6 @@
-/* Intranode dispatch / combine with one process per GPU: real NCCL
- * communicator, CUDA IPC between processes, checked against a CPU reference.
+/* Dispatch / combine with one process per GPU: real NCCL communicator, CUDA
+ * IPC between processes (and, with NCCL_MOE_P2P_DISABLE=1, the internode
+ * path through the transport), checked against a CPU reference.
  * Every process draws every rank's inputs from the same seed, so each can
  * compute what it must receive and what its combine must return.
  * Skips with fewer than 2 GPUs. */
@@ -165,6 +166,19 @@ START_TEST(test_dispatch_combine_one_process_per_gpu) {
 }
 END_TEST
 
+/* Every rank a node of its own: tokens cross the socket transport (loopback)
+ * through the proxies instead of CUDA IPC. One BF16 value per node partial,
+ * so the combine reference is unchanged. */
+START_TEST(test_p2p_disabled_goes_through_the_transport) {
+  setenv("NCCL_MOE_P2P_DISABLE", "1", 1);
+  setenv("NCCL_MOE_NET_BACKEND", "socket", 0);
+  setenv("NCCL_SOCKET_IFNAME", "lo", 0);
+  int n = moe_test_gpu_count();
+  if (n > MAXR) n = MAXR;
+  ck_assert_int_eq(moe_test_spawn_ranks(n, run_rank), 0);
+}
+END_TEST
+
 int main(void) {
   moe_test_require_gpus(2);
   moe_test_seed();
@@ -172,6 +186,7 @@ int main(void) {
   TCase* tc = tcase_create("multigpu");
   tcase_set_timeout(tc, 600);
   tcase_add_test(tc, test_dispatch_combine_one_process_per_gpu);
+  tcase_add_test(tc, test_p2p_disabled_goes_through_the_transport);
   suite_add_tcase(s, tc);
   return moe_test_run(s);
 }
