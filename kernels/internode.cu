@@ -20,6 +20,12 @@
 #include "moe_sync.cuh"
 
 #define MOE_INTER_LAYOUT_THREADS 1024
+/* The grid kernels wait for peers at their start, so every virtual rank's
+ * blocks must fit on the GPU together: two 512-thread blocks per SM (at most
+ * 64 registers), as the auto block count assumes. */
+#define MOE_INTER_THREADS 512
+#define MOE_INTER_BLOCKS_PER_SM 2
+#define MOE_INTER_BOUNDS __launch_bounds__(MOE_INTER_THREADS, MOE_INTER_BLOCKS_PER_SM)
 
 /* ------------------------------------------------------------- waiting */
 /* One thread waits until *flag >= want; false on a timeout (recorded, naming
@@ -208,7 +214,7 @@ moe_inter_notify_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_f
 /* ------------------------------------------------------------ dispatch */
 /* This node's ranks get their rows directly; every other node gets one
  * record per token in the slab to its forwarder. */
-__global__ void moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
+__global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
                                           moe_dispatch_args_t a) {
   __shared__ int sBase[MOE_WARP], sCap[MOE_WARP], sRank[MOE_WARP];
   __shared__ int proceed;
@@ -296,7 +302,7 @@ __global__ void moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe
 /* Records from every other node go to the ranks of this node that need
  * them; the rows are remembered for combine. Ends with this node's barrier,
  * after which every rank holds all its rows. */
-__global__ void moe_inter_forward_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
+__global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
                                          moe_dispatch_args_t a) {
   __shared__ int sCap[MOE_WARP], sRank[MOE_WARP];
   __shared__ int proceed;
@@ -395,7 +401,7 @@ __device__ __forceinline__ float moe_sum_local_weights(const moe_rank_ctx_t& c, 
 
 /* Forwarder side: one BF16 partial per record received at dispatch, summed
  * over this node's ranks, into the slab back to the record's node. */
-__global__ void moe_inter_combine_send_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
+__global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
                                               moe_fwd_route_t fw, moe_combine_args_t a) {
   __shared__ int sRank[MOE_WARP];
   __shared__ int proceed;
@@ -452,7 +458,7 @@ __global__ void moe_inter_combine_send_kernel(moe_rank_ctx_t c, moe_net_ctx_t n,
 
 /* Source side: out[t] = sum over nodes, in node order, of each node's BF16
  * partial (this node's computed here from its ranks), in fp32. */
-__global__ void moe_inter_combine_recv_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
+__global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
                                               moe_fwd_route_t fw, moe_combine_args_t a) {
   __shared__ int sBase[MOE_WARP], sCap[MOE_WARP], sRank[MOE_WARP], sCount[MOE_MAX_NODES];
   __shared__ int proceed;
@@ -489,18 +495,23 @@ __global__ void moe_inter_combine_recv_kernel(moe_rank_ctx_t c, moe_net_ctx_t n,
       for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
 #pragma unroll
         for (int j = 0; j < MOE_VEC_BF16; j++) acc[u][j] = 0.0f;
+      /* This node's partial first (its place in the sum comes below),
+       * rounded to BF16 like every other node's. */
+      uint4 own[MOE_COMBINE_UNROLL];
+      if (dmask != 0) {
+        moe_sum_local(c, sRank, dmask, row, nvec, v0, lane, acc);
+#pragma unroll
+        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
+          own[u] = moe_pack_bf16x8(acc[u]);
+#pragma unroll
+          for (int j = 0; j < MOE_VEC_BF16; j++) acc[u][j] = 0.0f;
+        }
+      }
       for (int m = 0; m < nN; m++) {
         if (m == tp.node) {
           if (dmask == 0) continue;
-          float part[MOE_COMBINE_UNROLL][MOE_VEC_BF16];
 #pragma unroll
-          for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
-#pragma unroll
-            for (int j = 0; j < MOE_VEC_BF16; j++) part[u][j] = 0.0f;
-          moe_sum_local(c, sRank, dmask, row, nvec, v0, lane, part);
-          /* Rounded to BF16 like every other node's partial. */
-#pragma unroll
-          for (int u = 0; u < MOE_COMBINE_UNROLL; u++) moe_acc_bf16x8(acc[u], moe_pack_bf16x8(part[u]));
+          for (int u = 0; u < MOE_COMBINE_UNROLL; u++) moe_acc_bf16x8(acc[u], own[u]);
           continue;
         }
         const int slot = fw.nodePos[(size_t)t * nN + m];
