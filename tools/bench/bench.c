@@ -11,6 +11,10 @@
  * bytes copied (once) per second. Ratios are over the copy bandwidth. */
 #include <cuda_runtime_api.h>
 #include <getopt.h>
+#include <nccl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,13 +34,15 @@
 typedef struct {
   int ranks, tokens, hidden, topk, experts, iters, warmup, sms, fp8, cast;
   int nodes;                       /* --nodes: virtual nodes (normal mode) */
+  int gpus;                        /* --gpus: one process per GPU (normal mode) */
   unsigned long long seed;
   int ll;                          /* --mode ll */
   ncclMoeScaleFormat_t scaleFormat; /* --scales (low-latency FP8 cast) */
 } opts_t;
 
 static void usage(void) {
-  printf("usage: nccl-moe-bench [--mode normal|ll] [--ranks N] [--nodes M] [--tokens T] [--hidden H] [--topk K]\n"
+  printf("usage: nccl-moe-bench [--mode normal|ll] [--ranks N | --gpus N] [--nodes M] [--tokens T] [--hidden H]\n"
+         "                      [--topk K]\n"
          "                      [--experts E] [--dispatch fp8|bf16|cast] [--scales float|pow2|ue8m0]\n"
          "                      [--iters I] [--warmup W] [--sms S] [--seed X]\n"
          "  defaults: 8 virtual ranks on GPU 0, 4096 tokens/rank, hidden 7168, top-8 of 256 experts,\n"
@@ -44,6 +50,8 @@ static void usage(void) {
          "  20 timed runs after 5 warm-ups.\n"
          "  --nodes M: the ranks form M virtual nodes talking through the network transport (socket on\n"
          "  loopback unless NCCL_MOE_NET_BACKEND); adds network-side GB/s and the transport's own GB/s.\n"
+         "  --gpus N: one process per GPU (GPUs 0..N-1) over a real NCCL communicator instead of virtual\n"
+         "  ranks; GB/s are per GPU.\n"
          "  --mode ll: low-latency dispatch/combine, 128 tokens/rank, BF16 x cast to FP8 in the kernel\n"
          "  (fp8 and cast alike; bf16 sends BF16) with --scales (default float), median of 200 graph\n"
          "  replays after 20.\n");
@@ -406,20 +414,307 @@ static int ll_main(const opts_t* o) {
   return 0;
 }
 
+/* ------------------------------------------------------- normal mode */
+/* Draws one rank's tokens and routing (DeepEP's tests: `topk` distinct
+ * experts per token, uniformly), allocates its inputs, and counts the
+ * (token, other node) pairs that will cross the network. */
+static void setup_rank(rank_t* p, ncclMoeComm_t comm, const opts_t* o, int rank, int nRanks, int perNode,
+                       double* netTokens) {
+  const size_t T = o->tokens, H = o->hidden, K = o->topk;
+  const int L = o->experts / nRanks;
+  uint16_t* hx = malloc(T * H * 2);
+  int64_t* hidx = malloc(T * K * 8);
+  float* hw = malloc(T * K * 4);
+  p->comm = comm;
+  NK(ncclMoeHandleCreate(p->comm, &p->handle));
+  CK(cudaStreamCreateWithFlags(&p->stream, cudaStreamNonBlocking));
+  CK(cudaEventCreate(&p->start));
+  CK(cudaEventCreate(&p->end));
+  for (size_t i = 0; i < T * H; i++) hx[i] = moe_float_to_bf16((float)rand() / RAND_MAX * 4.0f - 2.0f);
+  for (size_t t = 0; t < T; t++)
+    for (size_t k = 0; k < K; k++) {
+      int64_t e;
+      int dup;
+      do {
+        e = rand() % o->experts;
+        dup = 0;
+        for (size_t j = 0; j < k; j++) dup |= hidx[t * K + j] == e;
+      } while (dup);
+      hidx[t * K + k] = e;
+      hw[t * K + k] = (float)rand() / RAND_MAX;
+    }
+  for (size_t t = 0; t < T; t++) {
+    unsigned long long nodes = 0;
+    for (size_t k = 0; k < K; k++) nodes |= 1ull << (hidx[t * K + k] / L / perNode);
+    nodes &= ~(1ull << (rank / perNode));
+    *netTokens += __builtin_popcountll(nodes);
+  }
+  CK(cudaMalloc(&p->x, T * H * 2));
+  CK(cudaMalloc(&p->xs, T * (H / 128) * 4 + 16));
+  CK(cudaMalloc(&p->idx, T * K * 8));
+  CK(cudaMalloc(&p->w, T * K * 4));
+  CK(cudaMalloc(&p->out, T * H * 2));
+  CK(cudaMalloc(&p->perRank, sizeof(int) * nRanks));
+  CK(cudaMalloc(&p->perExpert, sizeof(int) * o->experts));
+  CK(cudaMemcpy(p->x, hx, T * H * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(p->idx, hidx, T * K * 8, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(p->w, hw, T * K * 4, cudaMemcpyHostToDevice));
+  void* xin = p->x;
+  if (o->fp8 && !o->cast) {
+    /* FP8 input, as DeepEP's benchmark dispatches it. */
+    void* q;
+    CK(cudaMalloc(&q, T * H));
+    CK(moe_fp8_quantize_launch(p->x, o->tokens, o->hidden, 0, q, p->xs, 0));
+    xin = q;
+  }
+  NK(ncclMoeGetCombineBuffer(p->comm, &p->combineBuf, NULL));
+  p->args = (ncclMoeDispatchArgs_t){.x = xin, .xType = (o->fp8 && !o->cast) ? ncclFloat8e4m3 : ncclBfloat16,
+                                    .xScales = (o->fp8 && !o->cast) ? p->xs : NULL,
+                                    .sendType = o->fp8 ? ncclFloat8e4m3 : ncclBfloat16,
+                                    .numTokens = o->tokens, .hidden = o->hidden, .topk = o->topk,
+                                    .topkIdx = p->idx, .topkWeights = p->w,
+                                    .capacity = nRanks * o->tokens, .expertAlignment = 1};
+  free(hx), free(hidx), free(hw);
+}
+
+/* Per-phase medians (ms) and received rows, whatever runs the ranks. */
+typedef struct {
+  float layout, dispatch, cached, combine, copy;
+  double recvTotal, netTokens;
+  size_t bufBytes;
+  int gpus, ranks;
+} results_t;
+
+static void report(const opts_t* o, const results_t* m, const char* device, int sms) {
+  const double H = o->hidden;
+  const double tokBytes = o->fp8 ? H + H / 128 * 4 : H * 2;
+  /* Bandwidth per GPU: a GPU's ranks' received bytes over the span. */
+  const double dispBytes = m->recvTotal * tokBytes / m->gpus, combBytes = m->recvTotal * H * 2 / m->gpus;
+  const double dGBps = dispBytes / (m->dispatch * 1e-3) / 1e9, cGBps = combBytes / (m->combine * 1e-3) / 1e9;
+  const double dcGBps = dispBytes / (m->cached * 1e-3) / 1e9;
+  printf("nccl-moe-bench: %s, %d SMs; %d %s ranks on %d GPU(s), %d tokens/rank, hidden %d, top-%d of %d experts, "
+         "%s dispatch, BF16 combine; %zu MiB buffers/rank\n",
+         device, sms, m->ranks, m->gpus > 1 ? "process" : "virtual", m->gpus, o->tokens, o->hidden, o->topk,
+         o->experts, o->cast ? "BF16->FP8 cast" : (o->fp8 ? "FP8" : "BF16"), m->bufBytes >> 20);
+  printf("received tokens (all ranks): %.0f (%.2f per token)\n", m->recvTotal,
+         m->recvTotal / (m->ranks * (double)o->tokens));
+  printf("%-28s %10s %12s %8s\n", "phase (median)", "us", "GB/s/GPU", "ratio");
+  printf("%-28s %10.1f\n", "layout", m->layout * 1e3);
+  printf("%-28s %10.1f\n", "notify (full - cached - layout)", (m->dispatch - m->cached - m->layout) * 1e3);
+  printf("%-28s %10.1f %12.1f %8.3f\n", "dispatch (layout+notify+move)", m->dispatch * 1e3, dGBps, dGBps / m->copy);
+  printf("%-28s %10.1f %12.1f %8.3f\n", "dispatch, cached handle", m->cached * 1e3, dcGBps, dcGBps / m->copy);
+  printf("%-28s %10.1f %12.1f %8.3f\n", "combine", m->combine * 1e3, cGBps, cGBps / m->copy);
+  printf("%-28s %10s %12.1f\n", "device copy (bytes once)", "", m->copy);
+  if (o->nodes > 1) {
+    /* Network side, as DeepEP counts RDMA traffic: (token, destination node
+     * other than its own) pairs x bytes per token, over the phase's time;
+     * beside the transport moving the same slabs (one per sending rank and
+     * peer node, one in flight each) on its own. */
+    const int pairs = m->ranks * (o->nodes - 1);
+    const double slab = m->netTokens / pairs * tokBytes;
+    const double nd = m->netTokens * tokBytes / (m->dispatch * 1e-3) / 1e9;
+    const double nc = m->netTokens * H * 2 / (m->combine * 1e-3) / 1e9;
+    const double transport = bench_transport_gbps(pairs > 64 ? 64 : pairs, slab > 16 ? (size_t)slab : 16, 2.0);
+    const double net = nd < nc ? nd : nc;
+    printf("network side (%d virtual nodes of %d ranks): %.0f (token, node) pairs, %.1f MiB slabs\n", o->nodes,
+           m->ranks / o->nodes, m->netTokens, slab / (1 << 20));
+    printf("%-28s %10s %12.2f\n", "dispatch, network side", "", nd);
+    printf("%-28s %10s %12.2f\n", "combine, network side", "", nc);
+    printf("%-28s %10s %12.2f\n", "transport alone (same slabs)", "", transport);
+    printf("RESULT mode=normal gpus=%d ranks=%d nodes=%d net_GBps=%.2f transport_GBps=%.2f net_ratio=%.3f "
+           "net_dispatch_GBps=%.2f net_combine_GBps=%.2f dispatch_GBps=%.1f combine_GBps=%.1f copy_GBps=%.1f\n",
+           m->gpus, m->ranks, o->nodes, net, transport, net / transport, nd, nc, dGBps, cGBps, m->copy);
+  } else {
+    printf("RESULT mode=normal gpus=%d ranks=%d dispatch_GBps=%.1f combine_GBps=%.1f copy_GBps=%.1f "
+           "dispatch_ratio=%.3f combine_ratio=%.3f\n",
+           m->gpus, m->ranks, dGBps, cGBps, m->copy, dGBps / m->copy, cGBps / m->copy);
+  }
+}
+
+/* N virtual ranks (optionally in virtual nodes) on GPU 0. */
+static int virtual_main(const opts_t* o) {
+  struct cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
+  cfg.maxTokensPerRank = o->tokens, cfg.hidden = o->hidden, cfg.numExperts = o->experts, cfg.maxTopk = o->topk;
+  cfg.numSMs = o->sms;
+  ncclMoeComm_t comms[MAXR];
+  NK(ncclMoeCommInitVirtualNodes(o->ranks, o->ranks / o->nodes, 0, &cfg, comms));
+  results_t m = {.gpus = 1, .ranks = o->ranks};
+  NK(ncclMoeCommBufferBytes(comms[0], &m.bufBytes));
+  srand((unsigned)o->seed);
+  static rank_t rk[MAXR];
+  memset(rk, 0, sizeof(rk));
+  for (int r = 0; r < o->ranks; r++) setup_rank(&rk[r], comms[r], o, r, o->ranks, o->ranks / o->nodes, &m.netTokens);
+  CK(cudaDeviceSynchronize());
+  m.copy = copy_gbps(o);
+  /* One untimed dispatch fills the handles (the cached runs reuse them). */
+  for (int r = 0; r < o->ranks; r++) run_op(&rk[r], o, OP_DISPATCH);
+  CK(cudaDeviceSynchronize());
+  m.layout = time_op(rk, o, OP_LAYOUT);
+  m.dispatch = time_op(rk, o, OP_DISPATCH);
+  m.cached = time_op(rk, o, OP_DISPATCH_CACHED);
+  m.combine = time_op(rk, o, OP_COMBINE);
+  for (int r = 0; r < o->ranks; r++) {
+    int n = 0;
+    CK(cudaMemcpy(&n, rk[r].recvCount, sizeof(int), cudaMemcpyDeviceToHost));
+    m.recvTotal += n;
+    ncclResult_t async;
+    NK(ncclMoeCommGetAsyncError(rk[r].comm, &async));
+    if (async != ncclSuccess) { fprintf(stderr, "rank %d: async error: %s\n", r, ncclMoeGetLastError()); return 1; }
+  }
+  report(o, &m, prop.name, prop.multiProcessorCount);
+  for (int r = 0; r < o->ranks; r++) {
+    ncclMoeHandleDestroy(rk[r].handle);
+    ncclMoeCommDestroy(rk[r].comm);
+  }
+  return 0;
+}
+
+/* ---------------------------------------------------------- --gpus N */
+/* One process per GPU over a real NCCL communicator. Each timed iteration
+ * starts behind an all-reduce on the ranks' streams (a barrier); the span of
+ * an iteration is the slowest rank's, its median is reported. */
+#define MP_UID_WAIT_S 60
+
+typedef struct {
+  volatile int ready;
+  ncclUniqueId id;
+} mp_shared_t;
+
+static float mp_time_op(rank_t* r, const opts_t* o, op_t op, ncclComm_t nccl, float* dev) {
+  float* span = malloc(sizeof(float) * o->iters);
+  for (int i = 0; i < o->warmup + o->iters; i++) {
+    if (ncclAllReduce(dev, dev, 1, ncclFloat, ncclSum, nccl, r->stream) != ncclSuccess) exit(1);
+    CK(cudaEventRecord(r->start, r->stream));
+    run_op(r, o, op);
+    CK(cudaEventRecord(r->end, r->stream));
+    CK(cudaStreamSynchronize(r->stream));
+    if (i >= o->warmup) CK(cudaEventElapsedTime(&span[i - o->warmup], r->start, r->end));
+  }
+  CK(cudaMemcpy(dev + 1, span, sizeof(float) * o->iters, cudaMemcpyHostToDevice));
+  if (ncclAllReduce(dev + 1, dev + 1, o->iters, ncclFloat, ncclMax, nccl, r->stream) != ncclSuccess) exit(1);
+  CK(cudaMemcpyAsync(span, dev + 1, sizeof(float) * o->iters, cudaMemcpyDeviceToHost, r->stream));
+  CK(cudaStreamSynchronize(r->stream));
+  const float m = median(span, o->iters);
+  free(span);
+  return m;
+}
+
+static int mp_rank(const opts_t* o, int rank, mp_shared_t* sh) {
+  const int n = o->gpus;
+  if (rank == 0) {
+    if (ncclGetUniqueId(&sh->id) != ncclSuccess) return 1;
+    __atomic_store_n(&sh->ready, 1, __ATOMIC_RELEASE);
+  } else {
+    for (int i = 0; i < MP_UID_WAIT_S * 1000 && !__atomic_load_n(&sh->ready, __ATOMIC_ACQUIRE); i++) usleep(1000);
+    if (!sh->ready) return 1;
+  }
+  CK(cudaSetDevice(rank));
+  ncclComm_t nccl;
+  if (ncclCommInitRank(&nccl, n, sh->id, rank) != ncclSuccess) return 1;
+  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
+  cfg.maxTokensPerRank = o->tokens, cfg.hidden = o->hidden, cfg.numExperts = o->experts, cfg.maxTopk = o->topk;
+  cfg.numSMs = o->sms;
+  ncclMoeComm_t comm;
+  NK(ncclMoeCommInit(nccl, &cfg, &comm));
+  results_t m = {.gpus = n, .ranks = n};
+  NK(ncclMoeCommBufferBytes(comm, &m.bufBytes));
+  srand((unsigned)(o->seed + 7919 * rank));
+  rank_t r;
+  memset(&r, 0, sizeof(r));
+  setup_rank(&r, comm, o, rank, n, n / o->nodes, &m.netTokens);
+  float* dev;
+  CK(cudaMalloc((void**)&dev, sizeof(float) * (1 + o->iters + 4)));
+  CK(cudaMemset(dev, 0, sizeof(float) * (1 + o->iters + 4)));
+  CK(cudaDeviceSynchronize());
+  m.copy = copy_gbps(o);
+  run_op(&r, o, OP_DISPATCH);
+  CK(cudaStreamSynchronize(r.stream));
+  m.layout = mp_time_op(&r, o, OP_LAYOUT, nccl, dev);
+  m.dispatch = mp_time_op(&r, o, OP_DISPATCH, nccl, dev);
+  m.cached = mp_time_op(&r, o, OP_DISPATCH_CACHED, nccl, dev);
+  m.combine = mp_time_op(&r, o, OP_COMBINE, nccl, dev);
+  /* Totals over the ranks: received rows and network pairs. */
+  int recv = 0;
+  CK(cudaMemcpy(&recv, r.recvCount, sizeof(int), cudaMemcpyDeviceToHost));
+  float tot[2] = {(float)recv, (float)m.netTokens};
+  CK(cudaMemcpy(dev, tot, sizeof(tot), cudaMemcpyHostToDevice));
+  if (ncclAllReduce(dev, dev, 2, ncclFloat, ncclSum, nccl, r.stream) != ncclSuccess) return 1;
+  CK(cudaMemcpyAsync(tot, dev, sizeof(tot), cudaMemcpyDeviceToHost, r.stream));
+  CK(cudaStreamSynchronize(r.stream));
+  m.recvTotal = tot[0], m.netTokens = tot[1];
+  ncclResult_t async;
+  NK(ncclMoeCommGetAsyncError(comm, &async));
+  if (async != ncclSuccess) { fprintf(stderr, "rank %d: async error: %s\n", rank, ncclMoeGetLastError()); return 1; }
+  if (rank == 0) {
+    struct cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    report(o, &m, prop.name, prop.multiProcessorCount);
+  }
+  ncclMoeHandleDestroy(r.handle);
+  ncclMoeCommDestroy(comm);
+  ncclCommDestroy(nccl);
+  return 0;
+}
+
+/* GPUs present, counted in a child so that this process never initializes
+ * CUDA (a CUDA context does not survive fork). */
+static int mp_gpu_count(void) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
+    _exit(n > 250 ? 250 : n);
+  }
+  int st = 0;
+  if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st)) return 0;
+  return WEXITSTATUS(st);
+}
+
+/* Forks one process per GPU before this process touches CUDA. */
+static int mp_main(const opts_t* o) {
+  const int have = mp_gpu_count();
+  if (have < o->gpus) {
+    fprintf(stderr, "nccl-moe-bench: --gpus %d but %d CUDA device(s)\n", o->gpus, have);
+    return 77;
+  }
+  mp_shared_t* sh = mmap(NULL, sizeof(mp_shared_t), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (sh == MAP_FAILED) return 1;
+  memset(sh, 0, sizeof(*sh));
+  pid_t pids[MAXR];
+  for (int r = 0; r < o->gpus; r++) {
+    pids[r] = fork();
+    if (pids[r] == 0) _exit(mp_rank(o, r, sh));
+  }
+  int failed = 0;
+  for (int r = 0; r < o->gpus; r++) {
+    int st = 0;
+    waitpid(pids[r], &st, 0);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+      fprintf(stderr, "nccl-moe-bench: rank %d failed\n", r);
+      failed = 1;
+    }
+  }
+  munmap(sh, sizeof(*sh));
+  return failed;
+}
+
 int main(int argc, char** argv) {
   /* tokens, iters and warmup: 0 / -1 = the mode's default. */
-  opts_t o = {.ranks = 8, .nodes = 1, .tokens = 0, .hidden = 7168, .topk = 8, .experts = 256, .iters = 0,
+  opts_t o = {.ranks = 8, .nodes = 1, .gpus = 1, .tokens = 0, .hidden = 7168, .topk = 8, .experts = 256, .iters = 0,
               .warmup = -1, .sms = 0, .fp8 = 1, .cast = 0, .seed = 1};
   static struct option lo[] = {{"ranks", 1, 0, 'r'}, {"tokens", 1, 0, 't'}, {"hidden", 1, 0, 'h'},
                                {"topk", 1, 0, 'k'}, {"experts", 1, 0, 'e'}, {"dispatch", 1, 0, 'd'},
                                {"iters", 1, 0, 'i'}, {"warmup", 1, 0, 'w'}, {"sms", 1, 0, 's'},
                                {"seed", 1, 0, 'x'}, {"mode", 1, 0, 'm'}, {"scales", 1, 0, 'c'},
-                               {"nodes", 1, 0, 'n'}, {"help", 0, 0, '?'}, {0, 0, 0, 0}};
+                               {"nodes", 1, 0, 'n'}, {"gpus", 1, 0, 'g'}, {"help", 0, 0, '?'}, {0, 0, 0, 0}};
   int ch;
   while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
     switch (ch) {
       case 'r': o.ranks = atoi(optarg); break;
       case 'n': o.nodes = atoi(optarg); break;
+      case 'g': o.gpus = atoi(optarg); break;
       case 't': o.tokens = atoi(optarg); break;
       case 'h': o.hidden = atoi(optarg); break;
       case 'k': o.topk = atoi(optarg); break;
@@ -446,14 +741,16 @@ int main(int argc, char** argv) {
   if (o.tokens == 0) o.tokens = o.ll ? LL_DEFAULT_TOKENS : 4096;
   if (o.iters == 0) o.iters = o.ll ? LL_DEFAULT_ITERS : 20;
   if (o.warmup < 0) o.warmup = o.ll ? LL_DEFAULT_WARMUP : 5;
+  if (o.gpus > 1) o.ranks = o.gpus; /* one rank per GPU */
   if (o.ranks < 1 || o.ranks > MAXR || o.iters < 1 || o.tokens < 1 || o.nodes < 1 || o.ranks % o.nodes != 0 ||
-      (o.ll && o.nodes > 1)) {
+      o.gpus < 1 || o.gpus > MAXR || (o.gpus > 1 && o.nodes > 1) || (o.ll && (o.nodes > 1 || o.gpus > 1))) {
     usage();
     return 2;
   }
   /* One hardware queue per rank's stream (see ncclMoeCommInitVirtual). */
   setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
   setvbuf(stdout, NULL, _IOLBF, 0);
+  if (o.gpus > 1) return mp_main(&o); /* before this process touches CUDA */
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
     fprintf(stderr, "nccl-moe-bench: no CUDA device\n");
@@ -461,144 +758,5 @@ int main(int argc, char** argv) {
   }
   CK(cudaSetDevice(0));
   if (o.ll) return ll_main(&o);
-  struct cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-
-  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
-  cfg.maxTokensPerRank = o.tokens, cfg.hidden = o.hidden, cfg.numExperts = o.experts, cfg.maxTopk = o.topk;
-  cfg.numSMs = o.sms;
-  ncclMoeComm_t comms[MAXR];
-  NK(ncclMoeCommInitVirtualNodes(o.ranks, o.ranks / o.nodes, 0, &cfg, comms));
-  size_t bufBytes = 0;
-  NK(ncclMoeCommBufferBytes(comms[0], &bufBytes));
-
-  /* Routing as in DeepEP's tests: each token picks `topk` distinct experts
-   * uniformly at random. */
-  srand((unsigned)o.seed);
-  rank_t rk[MAXR];
-  memset(rk, 0, sizeof(rk));
-  const size_t T = o.tokens, H = o.hidden, K = o.topk;
-  uint16_t* hx = malloc(T * H * 2);
-  int64_t* hidx = malloc(T * K * 8);
-  float* hw = malloc(T * K * 4);
-  const int perNode = o.ranks / o.nodes, L = o.experts / o.ranks;
-  double netTokens = 0; /* (token, other node it goes to) pairs: what crosses the network */
-  for (int r = 0; r < o.ranks; r++) {
-    rank_t* p = &rk[r];
-    p->comm = comms[r];
-    NK(ncclMoeHandleCreate(p->comm, &p->handle));
-    CK(cudaStreamCreateWithFlags(&p->stream, cudaStreamNonBlocking));
-    CK(cudaEventCreate(&p->start));
-    CK(cudaEventCreate(&p->end));
-    for (size_t i = 0; i < T * H; i++) hx[i] = moe_float_to_bf16((float)rand() / RAND_MAX * 4.0f - 2.0f);
-    for (size_t t = 0; t < T; t++)
-      for (size_t k = 0; k < K; k++) {
-        int64_t e;
-        int dup;
-        do {
-          e = rand() % o.experts;
-          dup = 0;
-          for (size_t j = 0; j < k; j++) dup |= hidx[t * K + j] == e;
-        } while (dup);
-        hidx[t * K + k] = e;
-        hw[t * K + k] = (float)rand() / RAND_MAX;
-      }
-    for (size_t t = 0; t < T; t++) {
-      unsigned long long nodes = 0;
-      for (size_t k = 0; k < K; k++) nodes |= 1ull << (hidx[t * K + k] / L / perNode);
-      nodes &= ~(1ull << (r / perNode));
-      netTokens += __builtin_popcountll(nodes);
-    }
-    CK(cudaMalloc(&p->x, T * H * 2));
-    CK(cudaMalloc(&p->xs, T * (H / 128) * 4 + 16));
-    CK(cudaMalloc(&p->idx, T * K * 8));
-    CK(cudaMalloc(&p->w, T * K * 4));
-    CK(cudaMalloc(&p->out, T * H * 2));
-    CK(cudaMalloc(&p->perRank, sizeof(int) * o.ranks));
-    CK(cudaMalloc(&p->perExpert, sizeof(int) * o.experts));
-    CK(cudaMemcpy(p->x, hx, T * H * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(p->idx, hidx, T * K * 8, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(p->w, hw, T * K * 4, cudaMemcpyHostToDevice));
-    void* xin = p->x;
-    if (o.fp8 && !o.cast) {
-      /* FP8 input, as DeepEP's benchmark dispatches it. */
-      void* q;
-      CK(cudaMalloc(&q, T * H));
-      CK(moe_fp8_quantize_launch(p->x, o.tokens, o.hidden, 0, q, p->xs, 0));
-      xin = q;
-    }
-    NK(ncclMoeGetCombineBuffer(p->comm, &p->combineBuf, NULL));
-    p->args = (ncclMoeDispatchArgs_t){.x = xin, .xType = (o.fp8 && !o.cast) ? ncclFloat8e4m3 : ncclBfloat16,
-                                      .xScales = (o.fp8 && !o.cast) ? p->xs : NULL,
-                                      .sendType = o.fp8 ? ncclFloat8e4m3 : ncclBfloat16,
-                                      .numTokens = o.tokens, .hidden = o.hidden, .topk = o.topk,
-                                      .topkIdx = p->idx, .topkWeights = p->w,
-                                      .capacity = o.ranks * o.tokens, .expertAlignment = 1};
-  }
-  CK(cudaDeviceSynchronize());
-  float copy = copy_gbps(&o);
-
-  /* One untimed dispatch fills the handles (the cached runs reuse them). */
-  for (int r = 0; r < o.ranks; r++) run_op(&rk[r], &o, OP_DISPATCH);
-  CK(cudaDeviceSynchronize());
-
-  float tLayout = time_op(rk, &o, OP_LAYOUT);
-  float tDispatch = time_op(rk, &o, OP_DISPATCH);
-  float tCached = time_op(rk, &o, OP_DISPATCH_CACHED);
-  float tCombine = time_op(rk, &o, OP_COMBINE);
-  double recvTotal = 0;
-  for (int r = 0; r < o.ranks; r++) {
-    int n = 0;
-    CK(cudaMemcpy(&n, rk[r].recvCount, sizeof(int), cudaMemcpyDeviceToHost));
-    recvTotal += n;
-  }
-  ncclResult_t async;
-  NK(ncclMoeCommGetAsyncError(rk[0].comm, &async));
-  if (async != ncclSuccess) { fprintf(stderr, "async error: %s\n", ncclMoeGetLastError()); return 1; }
-
-  double tokBytes = o.fp8 ? (double)H + H / 128 * 4 : (double)H * 2;
-  double dispBytes = recvTotal * tokBytes, combBytes = recvTotal * H * 2;
-  double dGBps = dispBytes / (tDispatch * 1e-3) / 1e9, cGBps = combBytes / (tCombine * 1e-3) / 1e9;
-  double dcGBps = dispBytes / (tCached * 1e-3) / 1e9;
-  printf("nccl-moe-bench: %s, %d SMs; %d virtual ranks, %d tokens/rank, hidden %d, top-%d of %d experts, "
-         "%s dispatch, BF16 combine; %zu MiB buffers/rank\n",
-         prop.name, prop.multiProcessorCount, o.ranks, o.tokens, o.hidden, o.topk, o.experts,
-         o.cast ? "BF16->FP8 cast" : (o.fp8 ? "FP8" : "BF16"), bufBytes >> 20);
-  printf("received tokens (all ranks): %.0f (%.2f per token)\n", recvTotal, recvTotal / (o.ranks * (double)o.tokens));
-  printf("%-28s %10s %12s %8s\n", "phase (median)", "us", "GB/s", "ratio");
-  printf("%-28s %10.1f\n", "layout", tLayout * 1e3);
-  printf("%-28s %10.1f\n", "notify (full - cached - layout)", (tDispatch - tCached - tLayout) * 1e3);
-  printf("%-28s %10.1f %12.1f %8.3f\n", "dispatch (layout+notify+move)", tDispatch * 1e3, dGBps, dGBps / copy);
-  printf("%-28s %10.1f %12.1f %8.3f\n", "dispatch, cached handle", tCached * 1e3, dcGBps, dcGBps / copy);
-  printf("%-28s %10.1f %12.1f %8.3f\n", "combine", tCombine * 1e3, cGBps, cGBps / copy);
-  printf("%-28s %10s %12.1f\n", "device copy (bytes once)", "", copy);
-  if (o.nodes > 1) {
-    /* Network side, as DeepEP counts RDMA traffic: (token, destination node
-     * other than its own) pairs x bytes per token, over the phase's time;
-     * beside the transport moving the same slabs (one per sending rank and
-     * peer node, one in flight each) on its own. */
-    const int pairs = o.ranks * (o.nodes - 1);
-    const double slab = netTokens / pairs * tokBytes;
-    const double nd = netTokens * tokBytes / (tDispatch * 1e-3) / 1e9;
-    const double nc = netTokens * H * 2 / (tCombine * 1e-3) / 1e9;
-    const double transport = bench_transport_gbps(pairs > 64 ? 64 : pairs, slab > 16 ? (size_t)slab : 16, 2.0);
-    const double net = nd < nc ? nd : nc;
-    printf("network side (%d virtual nodes of %d ranks): %.0f (token, node) pairs, %.1f MiB slabs\n", o.nodes,
-           perNode, netTokens, slab / (1 << 20));
-    printf("%-28s %10s %12.1f\n", "dispatch, network side", "", nd);
-    printf("%-28s %10s %12.1f\n", "combine, network side", "", nc);
-    printf("%-28s %10s %12.1f\n", "transport alone (same slabs)", "", transport);
-    printf("RESULT mode=normal gpus=1 ranks=%d nodes=%d net_GBps=%.2f transport_GBps=%.2f net_ratio=%.3f "
-           "net_dispatch_GBps=%.2f net_combine_GBps=%.2f dispatch_GBps=%.1f combine_GBps=%.1f copy_GBps=%.1f\n",
-           o.ranks, o.nodes, net, transport, net / transport, nd, nc, dGBps, cGBps, copy);
-  } else {
-    printf("RESULT mode=normal gpus=1 ranks=%d dispatch_GBps=%.1f combine_GBps=%.1f copy_GBps=%.1f "
-           "dispatch_ratio=%.3f combine_ratio=%.3f\n",
-           o.ranks, dGBps, cGBps, copy, dGBps / copy, cGBps / copy);
-  }
-  for (int r = 0; r < o.ranks; r++) {
-    ncclMoeHandleDestroy(rk[r].handle);
-    ncclMoeCommDestroy(rk[r].comm);
-  }
-  return 0;
+  return virtual_main(&o);
 }
