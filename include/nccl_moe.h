@@ -144,8 +144,9 @@ typedef struct ncclMoeComm* ncclMoeComm_t;
  * NCCL_MOE_P2P_DISABLE=1, or on a host where some GPUs cannot map each other,
  * every rank is a node of its own. Every node must hold the same number of
  * ranks (at most 32); ranks need not be numbered node by node. Internode
- * comms also pin host memory for the network slabs: about
- * 4 x nodes x maxTokensPerRank x (2 x hidden + 256) bytes per rank.
+ * comms also allocate network slabs, about
+ * 4 x nodes x maxTokensPerRank x (2 x hidden + 256) bytes per rank: GPU
+ * memory when the NIC can reach it (GPUDirect RDMA), else pinned host memory.
  * The caller's current CUDA device is left unchanged.
  * `nccl` must outlive the MoE communicator. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfig_t* config,

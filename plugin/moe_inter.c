@@ -1,11 +1,10 @@
-/* Internode set-up: topology, network regions in host-mapped memory, the
- * proxy and its connections (see kernels/moe_internode.h for the protocol).
+/* Internode set-up: topology, network slabs, the proxy and its connections
+ * (see kernels/moe_internode.h for the protocol).
  *
- * The slabs live in pinned host memory that the GPU maps: every transport can
- * register it (the socket backend only takes host memory), and the proxy
- * never copies. Over InfiniBand this costs a PCIe round trip through host
- * memory; registering device memory (dma-buf) for the slabs is the next step
- * towards line rate there. */
+ * Slabs live in GPU memory when the transport can register it (verbs with
+ * dma-buf or nvidia-peermem: the NIC reads and writes them directly), else in
+ * pinned host memory the GPU maps (the socket backend). The proxy never
+ * copies payload either way. */
 #include "moe_inter.h"
 
 #include <cuda_runtime_api.h>
@@ -80,28 +79,43 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
   moe_inter_geom(&comm->config, comm->layout.notifyInts, topo, &n->geom);
   const moe_transport_t* transport = NULL;
   MOE_CHECK_GOTO(moe_transport_select(&transport), res, fail);
-  char* devFlags = NULL;
-  MOE_CHECK_GOTO(moe_host_alloc(sizeof(moe_net_flags_t), (char**)&in->flags, &devFlags, "network counters"), res, fail);
-  n->flags = (moe_net_flags_t*)devFlags;
-  MOE_CHECK_GOTO(moe_host_alloc(n->geom.total, &in->sendHost, &n->sendBuf, "network send slabs"), res, fail);
-  MOE_CHECK_GOTO(moe_host_alloc(n->geom.total, &in->recvHost, &n->recvBuf, "network receive slabs"), res, fail);
-  MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->seq, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
-  MOE_CUDA_CHECK_GOTO(cudaMemset(n->seq, 0, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
-
   int ndev = 0;
   MOE_CHECK_GOTO(transport->devices(&ndev), res, fail);
   if (ndev < 1) {
     res = MOE_ERROR(ncclSystemError, "the %s transport has no device", transport->name);
     goto fail;
   }
-  moe_proxy_args_t a = {.transport = transport, .dev = topo->local % ndev, .rank = comm->rank, .node = topo->node,
+  const int dev = topo->local % ndev;
+  moe_net_props_t props;
+  MOE_CHECK_GOTO(transport->get_properties(dev, &props), res, fail);
+  char* devFlags = NULL;
+  MOE_CHECK_GOTO(moe_host_alloc(sizeof(moe_net_flags_t), (char**)&in->flags, &devFlags, "network counters"), res, fail);
+  n->flags = (moe_net_flags_t*)devFlags;
+  /* GPU memory when the NIC can reach it (GPUDirect RDMA): kernels write
+   * slabs at device speed and the NIC reads them directly. Else pinned host
+   * memory the GPU maps (the socket backend, or NICs without GPUDirect). */
+  in->gpuSlabs = (props.ptr_support & NCCL_PTR_CUDA) != 0;
+  if (in->gpuSlabs) {
+    MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->sendBuf, n->geom.total), res, fail);
+    MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->recvBuf, n->geom.total), res, fail);
+    in->sendHost = n->sendBuf; /* the proxy only hands them to the transport */
+    in->recvHost = n->recvBuf;
+  } else {
+    MOE_CHECK_GOTO(moe_host_alloc(n->geom.total, &in->sendHost, &n->sendBuf, "network send slabs"), res, fail);
+    MOE_CHECK_GOTO(moe_host_alloc(n->geom.total, &in->recvHost, &n->recvBuf, "network receive slabs"), res, fail);
+  }
+  MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->seq, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
+  MOE_CUDA_CHECK_GOTO(cudaMemset(n->seq, 0, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
+
+  moe_proxy_args_t a = {.transport = transport, .dev = dev, .rank = comm->rank, .node = topo->node,
                         .nNodes = topo->nNodes, .sendBuf = in->sendHost, .recvBuf = in->recvHost,
-                        .bufType = NCCL_PTR_HOST, .geom = n->geom, .flags = in->flags, .error = comm->hostError,
-                        .timeoutMs = comm->config.timeoutMs};
+                        .bufType = in->gpuSlabs ? NCCL_PTR_CUDA : NCCL_PTR_HOST, .geom = n->geom, .flags = in->flags,
+                        .error = comm->hostError, .timeoutMs = comm->config.timeoutMs};
   for (int m = 0; m < topo->nNodes; m++) a.peerRank[m] = topo->rankAt[m * topo->ranksPerNode + topo->local];
   MOE_CHECK_GOTO(moe_proxy_create(&a, in->handle, &in->proxy), res, fail);
-  MOE_INFO(NCCL_INIT | NCCL_NET, "rank %d: node %d of %d, local rank %d of %d, %s transport, 2 x %zu bytes of slabs",
-           comm->rank, topo->node, topo->nNodes, topo->local, topo->ranksPerNode, transport->name, n->geom.total);
+  MOE_INFO(NCCL_INIT | NCCL_NET, "rank %d: node %d of %d, local rank %d of %d, %s transport, 2 x %zu bytes of %s slabs",
+           comm->rank, topo->node, topo->nNodes, topo->local, topo->ranksPerNode, transport->name, n->geom.total,
+           in->gpuSlabs ? "GPU" : "pinned host");
   *inter_p = in;
   return ncclSuccess;
 fail:
@@ -124,8 +138,13 @@ void moe_inter_destroy(moe_inter_comm_t* in) {
   if (in == NULL) return;
   moe_proxy_destroy(in->proxy);
   if (in->net.seq != NULL) cudaFree(in->net.seq);
-  if (in->recvHost != NULL) cudaFreeHost(in->recvHost);
-  if (in->sendHost != NULL) cudaFreeHost(in->sendHost);
+  if (in->gpuSlabs) {
+    if (in->recvHost != NULL) cudaFree(in->recvHost);
+    if (in->sendHost != NULL) cudaFree(in->sendHost);
+  } else {
+    if (in->recvHost != NULL) cudaFreeHost(in->recvHost);
+    if (in->sendHost != NULL) cudaFreeHost(in->sendHost);
+  }
   if (in->flags != NULL) cudaFreeHost(in->flags);
   free(in);
 }

@@ -15,8 +15,9 @@ struct ncclMoeComm;
 typedef struct moe_inter_comm {
   moe_net_ctx_t net;          /* what the kernels get */
   moe_net_flags_t* flags;     /* host view of net.flags */
-  char* sendHost;             /* host view of net.sendBuf / recvBuf */
+  char* sendHost;             /* the slabs as the proxy hands them to the transport */
   char* recvHost;
+  int gpuSlabs;               /* 1: slabs in GPU memory (GPUDirect RDMA), else pinned host */
   moe_proxy_t* proxy;
   char handle[MOE_NET_HANDLE_BYTES]; /* this rank's listen handle */
 } moe_inter_comm_t;

@@ -64,6 +64,7 @@ typedef struct {
   /* steady state */
   unsigned long long issued[MOE_NET_CHANNELS], creditIn[MOE_NET_CHANNELS], creditOut[MOE_NET_CHANNELS];
   unsigned long long arrived[MOE_NET_CHANNELS];
+  moe_net_request_t* flushReq[MOE_NET_CHANNELS]; /* GPU slabs: arrival published once flushed */
   moe_net_request_t* dataReq[MOE_NET_CHANNELS];
   moe_net_request_t* creditReq[MOE_NET_CHANNELS];
 } moe_proxy_peer_t;
@@ -338,11 +339,18 @@ static ncclResult_t moe_proxy_receive(moe_proxy_t* p, int m, int* progress) {
     const uint32_t low = imm & MOE_IMM_SEQ_MASK;
     if (kind < MOE_NET_CHANNELS) {
       const unsigned long long k = q->arrived[kind] + 1;
-      if ((k & MOE_IMM_SEQ_MASK) != low)
+      if ((k & MOE_IMM_SEQ_MASK) != low || q->flushReq[kind] != NULL)
         return MOE_ERROR(ncclRemoteError, "rank %d: rank %d sent channel %d slab %u, expected %llu", p->a.rank,
                          p->a.peerRank[m], kind, low, k);
       q->arrived[kind] = k;
-      moe_proxy_store(&p->a.flags->arrived[kind][m], k);
+      if (p->a.bufType == NCCL_PTR_CUDA) {
+        /* The NIC wrote GPU memory: make it visible to the GPU before the
+         * kernels may read it (a no-op request when the NIC needs none). */
+        void* slab = p->a.recvBuf + moe_net_slab_offset(&p->a.geom, kind, m);
+        const int size = (int)p->a.geom.slab[kind];
+        MOE_CHECK(p->a.transport->iflush(q->recv, 1, &slab, &size, &q->recvMr, &q->flushReq[kind]));
+      }
+      if (q->flushReq[kind] == NULL) moe_proxy_store(&p->a.flags->arrived[kind][m], k);
     } else if (kind >= MOE_IMM_CREDIT && kind < MOE_IMM_CREDIT + MOE_NET_CHANNELS) {
       const int c = kind - MOE_IMM_CREDIT;
       const unsigned long long k = moe_proxy_widen(q->creditIn[c], low);
@@ -357,9 +365,23 @@ static ncclResult_t moe_proxy_receive(moe_proxy_t* p, int m, int* progress) {
   }
 }
 
+static ncclResult_t moe_proxy_flushes(moe_proxy_t* p, int m, int* progress) {
+  moe_proxy_peer_t* q = &p->peer[m];
+  for (int c = 0; c < MOE_NET_CHANNELS; c++) {
+    int done = 0;
+    if (q->flushReq[c] == NULL) continue;
+    MOE_CHECK(moe_proxy_test(p->a.transport, &q->flushReq[c], &done));
+    if (!done) continue;
+    moe_proxy_store(&p->a.flags->arrived[c][m], q->arrived[c]);
+    *progress = 1;
+  }
+  return ncclSuccess;
+}
+
 static ncclResult_t moe_proxy_step(moe_proxy_t* p, int* progress) {
   for (int m = 0; m < p->a.nNodes; m++) {
     if (m == p->a.node) continue;
+    MOE_CHECK(moe_proxy_flushes(p, m, progress));
     MOE_CHECK(moe_proxy_receive(p, m, progress));
     for (int c = 0; c < MOE_NET_CHANNELS; c++) {
       MOE_CHECK(moe_proxy_send_data(p, m, c, progress));
