@@ -1,0 +1,39 @@
+"""pytest set-up for the nccl_moe package tests: the package importable from
+the source tree, a seed per run (MOE_TEST_SEED, else random; printed), and
+skip markers for torch and GPUs."""
+
+import os
+import random
+import sys
+import zlib
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+if os.path.join(ROOT, "python") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+# Before anything starts CUDA: the package sets CUDA_DEVICE_MAX_CONNECTIONS.
+import nccl_moe  # noqa: E402
+
+SEED = int(os.environ.get("MOE_TEST_SEED") or random.SystemRandom().randrange(1, 2**31))
+
+
+def pytest_report_header(config):
+    try:
+        lib = nccl_moe.library_path()
+    except Exception as e:  # noqa: BLE001 - reported by test_bindings
+        lib = "not loadable (%s)" % str(e).splitlines()[0]
+    return ["nccl_moe tests: MOE_TEST_SEED=%d (set it to repeat this run)" % SEED, "library: %s" % lib]
+
+
+@pytest.fixture
+def seed(request):
+    """This test's seed: the run's seed mixed with the test's name, printed
+    (pytest shows it when the test fails)."""
+    s = (SEED ^ zlib.crc32(request.node.nodeid.encode())) & 0x7FFFFFFF
+    print("seed %d (MOE_TEST_SEED=%d)" % (s, SEED))
+    return s
