@@ -43,7 +43,7 @@ extern "C" {
 
 /* ---------------------------------------------------------------- version */
 #define NCCL_MOE_MAJOR 0
-#define NCCL_MOE_MINOR 1
+#define NCCL_MOE_MINOR 2
 #define NCCL_MOE_PATCH 0
 #define NCCL_MOE_VERSION(X, Y, Z) ((X) * 10000 + (Y) * 100 + (Z))
 #define NCCL_MOE_VERSION_CODE NCCL_MOE_VERSION(NCCL_MOE_MAJOR, NCCL_MOE_MINOR, NCCL_MOE_PATCH)
@@ -120,7 +120,9 @@ typedef struct {
    * allocated and the ncclMoeLowLatency* calls fail. The buffers (two sets)
    * grow with this times numExperts times hidden: see
    * ncclMoeLowLatencyBufferBytes. A comm used only in low-latency mode may set
-   * maxTokensPerRank to 1 to keep the normal-mode buffers small. */
+   * maxTokensPerRank to 1 to keep the normal-mode buffers small. Since 0.2:
+   * a config from a 0.1 header (its size field ends before this) is accepted
+   * and this field is 0. */
   int llMaxTokensPerRank;
 } ncclMoeConfig_t;
 

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,17 +21,25 @@
 #define MOE_AUTO_BLOCKS_PER_GPU_RANK 24 /* SMs one rank takes when it has its GPU alone */
 #define MOE_BLOCKS_PER_SM 2
 #define MOE_HOST_NAME_MAX 64
+/* sizeof(ncclMoeConfig_t) in version 0.1 (before llMaxTokensPerRank). */
+#define MOE_CONFIG_SIZE_0_1 offsetof(ncclMoeConfig_t, llMaxTokensPerRank)
 
 static size_t moe_align_up(size_t v) { return (v + MOE_REGION_ALIGN - 1) / MOE_REGION_ALIGN * MOE_REGION_ALIGN; }
 
 ncclResult_t moe_config_resolve(const ncclMoeConfig_t* config, int nRanks, ncclMoeConfig_t* out_p) {
   MOE_ARG_CHECK(config != NULL, "config is NULL (use NCCL_MOE_CONFIG_INITIALIZER)");
-  MOE_ARG_CHECK(config->magic == NCCL_MOE_CONFIG_MAGIC && config->size == sizeof(ncclMoeConfig_t),
+  /* A caller built against an older header passes a shorter struct: the
+   * fields it does not know take their defaults (0). */
+  MOE_ARG_CHECK(config->magic == NCCL_MOE_CONFIG_MAGIC && config->size >= MOE_CONFIG_SIZE_0_1 &&
+                    config->size <= sizeof(ncclMoeConfig_t),
                 "config was not initialized with NCCL_MOE_CONFIG_INITIALIZER (magic 0x%x, size %zu)",
                 config->magic, config->size);
   MOE_ARG_CHECK(nRanks >= 1 && nRanks <= NCCL_MOE_MAX_RANKS, "%d ranks: at most %d are supported",
                 nRanks, NCCL_MOE_MAX_RANKS);
-  ncclMoeConfig_t c = *config;
+  ncclMoeConfig_t c;
+  memset(&c, 0, sizeof(c));
+  memcpy(&c, config, config->size);
+  c.size = sizeof(c);
   MOE_ARG_CHECK(c.maxTokensPerRank >= 1 && c.maxTokensPerRank <= MOE_MAX_TOKENS_PER_RANK,
                 "config.maxTokensPerRank = %d: must be in [1, %d]", c.maxTokensPerRank, MOE_MAX_TOKENS_PER_RANK);
   MOE_ARG_CHECK(c.hidden >= 8 && c.hidden <= MOE_MAX_HIDDEN && c.hidden % 8 == 0,

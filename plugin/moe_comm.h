@@ -50,6 +50,21 @@ ncclResult_t moe_config_resolve(const ncclMoeConfig_t* config, int nRanks, ncclM
 /* The comm's async error as ncclResult_t (ncclSuccess when none). */
 ncclResult_t moe_comm_error(ncclMoeComm_t comm);
 
+/* Runs `call` (an ncclResult_t expression) with the comm's device current,
+ * then restores the caller's device and returns the result: the library's
+ * CUDA runtime is its own (static), so the caller's current device says
+ * nothing reliable about the comm. */
+#define MOE_ON_COMM_DEVICE(comm, call)                                              \
+  do {                                                                              \
+    if ((comm) == NULL) return MOE_ERROR(ncclInvalidArgument, "comm is NULL");      \
+    int moe_prev_ = -1;                                                             \
+    if (cudaGetDevice(&moe_prev_) != cudaSuccess) moe_prev_ = -1;                   \
+    if (moe_prev_ != (comm)->device) cudaSetDevice((comm)->device);                 \
+    ncclResult_t moe_res_ = (call);                                                 \
+    if (moe_prev_ >= 0 && moe_prev_ != (comm)->device) cudaSetDevice(moe_prev_);    \
+    return moe_res_;                                                                \
+  } while (0)
+
 /* moe_ops.c: the comm can still run collectives (not NULL, no timeout). */
 ncclResult_t moe_comm_ready(ncclMoeComm_t comm);
 

@@ -190,10 +190,10 @@ static ncclResult_t moe_ll_combine_recv(ncclMoeComm_t comm, ncclMoeHandle_t hand
 }
 
 /* ------------------------------------------------------------ public API */
-NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyDispatchArgs_t* args,
-                                                       ncclMoeHandle_t handle,
-                                                       ncclMoeLowLatencyDispatchResult_t* result_p,
-                                                       cudaStream_t stream) {
+static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyDispatchArgs_t* args,
+                                    ncclMoeHandle_t handle,
+                                    ncclMoeLowLatencyDispatchResult_t* result_p,
+                                    cudaStream_t stream) {
   MOE_CHECK(moe_ll_ready(comm, handle));
   MOE_ARG_CHECK(result_p != NULL, "result_p is NULL");
   MOE_CHECK(moe_ll_dispatch_check(comm, args, handle));
@@ -247,8 +247,15 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, const
   return ncclSuccess;
 }
 
-NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatchRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
-                                                           cudaStream_t stream) {
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyDispatchArgs_t* args,
+                                                       ncclMoeHandle_t handle,
+                                                       ncclMoeLowLatencyDispatchResult_t* result_p,
+                                                       cudaStream_t stream) {
+  MOE_ON_COMM_DEVICE(comm, moe_ll_dispatch(comm, args, handle, result_p, stream));
+}
+
+static ncclResult_t moe_ll_dispatch_recv_checked(ncclMoeComm_t comm, ncclMoeHandle_t handle,
+                                                 cudaStream_t stream) {
   MOE_CHECK(moe_ll_ready(comm, handle));
   if (handle->ll.state != MOE_LL_DISPATCH_SENT)
     return MOE_ERROR(ncclInvalidUsage, "the handle holds no low-latency dispatch sent with sendOnly = 1 and not yet "
@@ -256,8 +263,13 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatchRecv(ncclMoeComm_t comm, n
   return moe_ll_dispatch_recv(comm, handle, stream);
 }
 
-NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, const ncclMoeLowLatencyCombineArgs_t* args,
-                                                      ncclMoeHandle_t handle, cudaStream_t stream) {
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatchRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
+                                                           cudaStream_t stream) {
+  MOE_ON_COMM_DEVICE(comm, moe_ll_dispatch_recv_checked(comm, handle, stream));
+}
+
+static ncclResult_t moe_ll_combine(ncclMoeComm_t comm, const ncclMoeLowLatencyCombineArgs_t* args,
+                                   ncclMoeHandle_t handle, cudaStream_t stream) {
   MOE_CHECK(moe_ll_ready(comm, handle));
   MOE_ARG_CHECK(args != NULL, "low-latency combine args is NULL");
   moe_ll_handle_t* h = &handle->ll;
@@ -288,13 +300,23 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, const 
   return ncclSuccess;
 }
 
-NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
-                                                          cudaStream_t stream) {
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, const ncclMoeLowLatencyCombineArgs_t* args,
+                                                      ncclMoeHandle_t handle, cudaStream_t stream) {
+  MOE_ON_COMM_DEVICE(comm, moe_ll_combine(comm, args, handle, stream));
+}
+
+static ncclResult_t moe_ll_combine_recv_checked(ncclMoeComm_t comm, ncclMoeHandle_t handle,
+                                                cudaStream_t stream) {
   MOE_CHECK(moe_ll_ready(comm, handle));
   if (handle->ll.state != MOE_LL_COMBINE_SENT)
     return MOE_ERROR(ncclInvalidUsage, "the handle holds no low-latency combine sent with sendOnly = 1 and not yet "
                                        "received");
   return moe_ll_combine_recv(comm, handle, stream);
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
+                                                          cudaStream_t stream) {
+  MOE_ON_COMM_DEVICE(comm, moe_ll_combine_recv_checked(comm, handle, stream));
 }
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyBufferBytes(ncclMoeComm_t comm, size_t* bytes_p) {

@@ -82,9 +82,9 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle) {
   return ncclSuccess;
 }
 
-NCCL_MOE_EXPORT ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const int64_t* topkIdx, int numTokens,
-                                                      int topk, int* numTokensPerRank, int* numTokensPerExpert,
-                                                      uint8_t* isTokenInRank, cudaStream_t stream) {
+static ncclResult_t moe_dispatch_layout(ncclMoeComm_t comm, const int64_t* topkIdx, int numTokens,
+                                        int topk, int* numTokensPerRank, int* numTokensPerExpert,
+                                        uint8_t* isTokenInRank, cudaStream_t stream) {
   MOE_CHECK(moe_comm_ready(comm));
   MOE_ARG_CHECK(numTokens >= 0 && numTokens <= comm->config.maxTokensPerRank,
                 "numTokens = %d: must be in [0, config.maxTokensPerRank = %d]", numTokens, comm->config.maxTokensPerRank);
@@ -97,6 +97,12 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const 
   MOE_CUDA_CHECK(moe_layout_launch(&comm->ctx, topkIdx, numTokens, topk, comm->config.numExperts,
                                    numTokensPerRank, numTokensPerExpert, isTokenInRank, NULL, stream));
   return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const int64_t* topkIdx, int numTokens,
+                                                      int topk, int* numTokensPerRank, int* numTokensPerExpert,
+                                                      uint8_t* isTokenInRank, cudaStream_t stream) {
+  MOE_ON_COMM_DEVICE(comm, moe_dispatch_layout(comm, topkIdx, numTokens, topk, numTokensPerRank, numTokensPerExpert, isTokenInRank, stream));
 }
 
 static ncclResult_t moe_dispatch_check(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t* a, ncclMoeHandle_t handle) {
@@ -139,9 +145,9 @@ static ncclResult_t moe_dispatch_check(ncclMoeComm_t comm, const ncclMoeDispatch
   return ncclSuccess;
 }
 
-NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t* args,
-                                             ncclMoeHandle_t handle, ncclMoeDispatchResult_t* result_p,
-                                             cudaStream_t stream) {
+static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t* args,
+                                 ncclMoeHandle_t handle, ncclMoeDispatchResult_t* result_p,
+                                 cudaStream_t stream) {
   MOE_CHECK(moe_comm_ready(comm));
   MOE_ARG_CHECK(result_p != NULL, "result_p is NULL");
   MOE_CHECK(moe_dispatch_check(comm, args, handle));
@@ -200,6 +206,12 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDi
   return ncclSuccess;
 }
 
+NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t* args,
+                                             ncclMoeHandle_t handle, ncclMoeDispatchResult_t* result_p,
+                                             cudaStream_t stream) {
+  MOE_ON_COMM_DEVICE(comm, moe_dispatch(comm, args, handle, result_p, stream));
+}
+
 NCCL_MOE_EXPORT ncclResult_t ncclMoeGetCombineBuffer(ncclMoeComm_t comm, void** buffer_p, size_t* bytes_p) {
   MOE_ARG_CHECK(comm != NULL && buffer_p != NULL, "ncclMoeGetCombineBuffer: comm or buffer_p is NULL");
   *buffer_p = comm->buffer + comm->layout.combineX;
@@ -207,8 +219,8 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeGetCombineBuffer(ncclMoeComm_t comm, void** 
   return ncclSuccess;
 }
 
-NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* args,
-                                            ncclMoeHandle_t handle, cudaStream_t stream) {
+static ncclResult_t moe_combine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* args,
+                                ncclMoeHandle_t handle, cudaStream_t stream) {
   MOE_CHECK(moe_comm_ready(comm));
   MOE_ARG_CHECK(args != NULL, "combine args is NULL");
   MOE_ARG_CHECK(handle != NULL && handle->comm == comm, "handle is NULL or belongs to another comm");
@@ -237,4 +249,9 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCom
   if (comm->inter == NULL) MOE_CUDA_CHECK(moe_combine_launch(&comm->ctx, rt, &c, stream));
   else MOE_CUDA_CHECK(moe_inter_combine_launch(&comm->ctx, &comm->inter->net, rt, &handle->fwd, &c, stream));
   return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* args,
+                                            ncclMoeHandle_t handle, cudaStream_t stream) {
+  MOE_ON_COMM_DEVICE(comm, moe_combine(comm, args, handle, stream));
 }

@@ -18,7 +18,7 @@ import threading
 # The header this module mirrors. A library of another major.minor may lay its
 # structs out differently, so loading one is refused (see Library.__init__).
 NCCL_MOE_MAJOR = 0
-NCCL_MOE_MINOR = 1
+NCCL_MOE_MINOR = 2
 NCCL_MOE_PATCH = 0
 
 

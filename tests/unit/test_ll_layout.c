@@ -1,6 +1,8 @@
-/* Low-latency mode, host side without a GPU: the buffer layout (every region
+/* Host side without a GPU: config sizes from older headers, and the
+ * low-latency buffer layout (every region
  * inside the low-latency bytes, aligned, disjoint, as large as the kernels
  * index), config checks, and NULL arguments of the entry points. */
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -128,12 +130,32 @@ START_TEST(test_null_arguments) {
 }
 END_TEST
 
+/* A config from an older, shorter header is accepted (new fields 0); a
+ * size beyond this version's struct, or a wrong magic, is not. */
+START_TEST(test_config_sizes) {
+  ncclMoeConfig_t c = config(1024, 16, 4, 32), out;
+  c.size = offsetof(ncclMoeConfig_t, llMaxTokensPerRank); /* a 0.1 caller */
+  ck_assert_int_eq(moe_config_resolve(&c, 4, &out), ncclSuccess);
+  ck_assert_int_eq(out.llMaxTokensPerRank, 0);
+  ck_assert_uint_eq(out.size, sizeof(ncclMoeConfig_t));
+  c.size = sizeof(ncclMoeConfig_t) + 4;
+  ck_assert_int_eq(moe_config_resolve(&c, 4, &out), ncclInvalidArgument);
+  c.size = offsetof(ncclMoeConfig_t, llMaxTokensPerRank) - 4;
+  ck_assert_int_eq(moe_config_resolve(&c, 4, &out), ncclInvalidArgument);
+  c = config(1024, 16, 4, 32);
+  c.magic = 0;
+  ck_assert_int_eq(moe_config_resolve(&c, 4, &out), ncclInvalidArgument);
+  ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "NCCL_MOE_CONFIG_INITIALIZER"));
+}
+END_TEST
+
 int main(void) {
   Suite* s = suite_create("ll_layout");
   TCase* tc = tcase_create("layout");
   tcase_add_test(tc, test_layouts);
   tcase_add_test(tc, test_no_ll_buffers);
   tcase_add_test(tc, test_config);
+  tcase_add_test(tc, test_config_sizes);
   tcase_add_test(tc, test_null_arguments);
   suite_add_tcase(s, tc);
   return moe_test_run(s);
