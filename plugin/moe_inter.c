@@ -79,9 +79,10 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
   moe_inter_geom(&comm->config, comm->layout.notifyInts, topo, &n->geom);
   for (int ch = 0; ch < MOE_NET_CHANNELS; ch++)
     if (n->geom.slab[ch] > MOE_NET_MAX_MSG_BYTES) {
+      res = MOE_ERROR(ncclInvalidArgument, "a network slab would take %zu bytes, more than the transport's %zu per "
+                      "message: lower config.maxTokensPerRank or hidden", n->geom.slab[ch], MOE_NET_MAX_MSG_BYTES);
       free(in);
-      return MOE_ERROR(ncclInvalidArgument, "a network slab would take %zu bytes, more than the transport's %zu per "
-                       "message: lower config.maxTokensPerRank or hidden", n->geom.slab[ch], MOE_NET_MAX_MSG_BYTES);
+      return res;
     }
   const moe_transport_t* transport = NULL;
   MOE_CHECK_GOTO(moe_transport_select(&transport), res, fail);
