@@ -26,7 +26,7 @@ from ._lib import (
     library_candidates,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 try:
     import torch as _torch
