@@ -318,7 +318,9 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
   const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
   const int gwarp = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP, nwarps = gridDim.x * warpsPerBlock;
   const int nScales = a.hidden / NCCL_MOE_FP8_BLOCK, outBytes = a.hidden * (a.sendFp8 ? 1 : 2);
-  const bool withWeights = a.topkWeights != NULL;
+  /* The record carries the source's weights (0 when it passed none): write
+   * them whatever this forwarder's own call passed. */
+  const bool withWeights = true;
   const moe_record_t rec = moe_dispatch_record(R, K, a.hidden, a.sendFp8);
   for (int m = 0; m < nN && proceed; m++) {
     if (m == tp.node) continue;
@@ -438,10 +440,9 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c,
           if (v < nvec) out[v] = moe_pack_bf16x8(acc[u]);
         }
       }
-      if (a.withWeights) {
-        const float sum = moe_sum_local_weights(c, sRank, dmask, row, K, lane);
-        if (lane < K) reinterpret_cast<float*>(reinterpret_cast<char*>(out) + rec.weights)[lane] = sum;
-      }
+      /* Always: the source decides whether it wants weights back. */
+      const float sum = moe_sum_local_weights(c, sRank, dmask, row, K, lane);
+      if (lane < K) reinterpret_cast<float*>(reinterpret_cast<char*>(out) + rec.weights)[lane] = sum;
     }
   }
   if (moe_last_block(c)) {

@@ -248,7 +248,7 @@ extern "C" cudaError_t moe_combine_launch(const moe_rank_ctx_t* ctx, const moe_r
  * row count is read on the device (capacity mode never syncs the host). */
 __global__ void moe_combine_stage_kernel(moe_rank_ctx_t c, moe_route_t rt, const uint4* x,
                                          const float* weights, int hidden, int K) {
-  const int rows = min(*rt.recvCount, rt.cap[c.rank]);
+  const int rows = max(0, min(*rt.recvCount, rt.cap[c.rank])); /* counts may come from a peer */
   const size_t nvec = x != NULL ? (size_t)rows * hidden / MOE_VEC_BF16 : 0;
   uint4* dst = reinterpret_cast<uint4*>(c.peers.base[c.rank] + c.layout.combineX);
   const size_t stride = (size_t)gridDim.x * blockDim.x;

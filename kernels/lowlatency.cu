@@ -42,7 +42,7 @@
 #define MOE_LL_CHUNK (MOE_LL_CHUNK_GROUPS * NCCL_MOE_FP8_BLOCK)
 #define MOE_LL_COMBINE_SEND_UNROLL 4                       /* combine send item: 4 x 256 channels */
 #define MOE_LL_COMBINE_KGROUP 4                            /* top-k rows loaded at once */
-#define MOE_LL_BROKEN_CHECK_NS 20000                       /* how often a long wait reads the error word */
+#define MOE_LL_BROKEN_CHECK_NS 1000000                     /* how often a long wait reads the error word (host memory) */
 
 /* ------------------------------------------------------------- helpers */
 __device__ __forceinline__ unsigned long long* moe_ll_flag(const moe_ll_ctx_t& c, int owner, size_t region,

@@ -56,7 +56,7 @@ __device__ inline void moe_notify_finish(const moe_rank_ctx_t& c, const moe_rout
   if (threadIdx.x == 0) {
     int total = 0;
     for (int s = 0; s < N; s++) total += msg[s * M + c.rank];
-    *rt.recvCount = total;
+    *rt.recvCount = total < 0 ? 0 : total; /* a negative count is a fault (above), never a size */
   }
   if (fault) moe_record_error(c, fault);
 }

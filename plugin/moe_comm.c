@@ -21,6 +21,8 @@
 #define MOE_AUTO_BLOCKS_PER_GPU_RANK 24 /* SMs one rank takes when it has its GPU alone */
 #define MOE_BLOCKS_PER_SM 2
 #define MOE_HOST_NAME_MAX 64
+#define MOE_BUS_ID_LEN 16
+#define MOE_MAX_VISIBLE_DEVICES 16
 /* sizeof(ncclMoeConfig_t) in version 0.1 (before llMaxTokensPerRank). */
 #define MOE_CONFIG_SIZE_0_1 offsetof(ncclMoeConfig_t, llMaxTokensPerRank)
 
@@ -100,6 +102,7 @@ ncclResult_t moe_comm_finish(ncclMoeComm_t comm) {
   size_t scratchBytes = 64 + sizeof(int) * ((size_t)comm->nRanks + comm->config.numExperts);
   MOE_CUDA_CHECK(cudaMalloc(&comm->scratch, scratchBytes));
   MOE_CUDA_CHECK(cudaMemset(comm->scratch, 0, scratchBytes));
+  MOE_CUDA_CHECK(cudaStreamSynchronize(0)); /* callers' non-blocking streams do not wait for it */
   MOE_CUDA_CHECK(cudaHostAlloc((void**)&comm->hostError, sizeof(int) * MOE_ERR_WORDS, cudaHostAllocMapped));
   memset(comm->hostError, 0, sizeof(int) * MOE_ERR_WORDS);
   MOE_CUDA_CHECK(cudaHostAlloc((void**)&comm->hostCounts, sizeof(int) * (1 + (size_t)comm->numLocalExperts),
@@ -130,6 +133,7 @@ ncclResult_t moe_comm_finish(ncclMoeComm_t comm) {
     if (blocks < 1) blocks = 1;
   }
   comm->numBlocks = blocks;
+  comm->waitBlocks = comm->isVirtual && comm->nRanks > 1 && blocks > 1 ? blocks - 1 : blocks;
   MOE_CHECK(moe_ll_comm_init(comm));
   MOE_INFO(NCCL_INIT, "rank %d/%d on device %d: %zu bytes of buffers, %d blocks, max %d rows received",
            comm->rank, comm->nRanks, comm->device, comm->layout.total, blocks, comm->maxRecv);
@@ -299,7 +303,9 @@ typedef struct {
   int pid, device;
   unsigned long long ptr;
   int p2pDisable;                /* NCCL_MOE_P2P_DISABLE of this rank */
-  unsigned long long peerMask;   /* devices this rank's device can map (bit per ordinal) */
+  char busId[MOE_BUS_ID_LEN];    /* PCI bus id of this rank's device */
+  int nReach;                    /* devices this rank's device can map (itself included) */
+  char reach[MOE_MAX_VISIBLE_DEVICES][MOE_BUS_ID_LEN];
   cudaIpcMemHandle_t ipc;
   ncclMoeConfig_t config;
 } moe_peer_info_t;
@@ -333,6 +339,28 @@ out:
   return res;
 }
 
+/* The PCI bus ids of the devices `device` can map: itself and its peers
+ * among the devices this process sees. Bus ids, not ordinals: processes
+ * that see different devices (CUDA_VISIBLE_DEVICES) still agree on them. */
+static void moe_reach(int device, moe_peer_info_t* info) {
+  int ndev = 0;
+  info->nReach = 0;
+  if (cudaDeviceGetPCIBusId(info->busId, MOE_BUS_ID_LEN, device) != cudaSuccess) info->busId[0] = '\0';
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess) ndev = 0;
+  for (int d = 0; d < ndev && info->nReach < MOE_MAX_VISIBLE_DEVICES; d++) {
+    int can = d == device;
+    if (!can && cudaDeviceCanAccessPeer(&can, device, d) != cudaSuccess) can = 0;
+    if (can && cudaDeviceGetPCIBusId(info->reach[info->nReach], MOE_BUS_ID_LEN, d) == cudaSuccess) info->nReach++;
+  }
+  cudaGetLastError();
+}
+
+static int moe_can_reach(const moe_peer_info_t* from, const char* busId) {
+  for (int i = 0; i < from->nReach && i < MOE_MAX_VISIBLE_DEVICES; i++)
+    if (strncmp(from->reach[i], busId, MOE_BUS_ID_LEN) == 0) return 1;
+  return 0;
+}
+
 static int moe_same_host(const moe_peer_info_t* a, const moe_peer_info_t* b) {
   return strcmp(a->host, b->host) == 0 && strcmp(a->bootId, b->bootId) == 0;
 }
@@ -353,26 +381,12 @@ static void moe_node_keys(const moe_peer_info_t* all, int nRanks, int* nodeKey) 
       if (nodeKey[r] != h) continue;
       if (all[r].p2pDisable) split = 1;
       for (int q = 0; q < nRanks; q++)
-        if (nodeKey[q] == h && all[q].device != all[r].device && !((all[r].peerMask >> all[q].device) & 1ull))
-          split = 1;
+        if (nodeKey[q] == h && !moe_can_reach(&all[r], all[q].busId)) split = 1;
     }
     if (!split) continue;
     for (int r = 0; r < nRanks; r++)
       if (nodeKey[r] == h) nodeKey[r] = nRanks + r; /* a key no host uses */
   }
-}
-
-/* Devices this process's device can map (bit d: device d). */
-static unsigned long long moe_peer_mask(int device) {
-  int ndev = 0;
-  unsigned long long mask = 0;
-  if (cudaGetDeviceCount(&ndev) != cudaSuccess) return 0;
-  for (int d = 0; d < ndev && d < 64; d++) {
-    int can = 0;
-    if (d == device || (cudaDeviceCanAccessPeer(&can, device, d) == cudaSuccess && can)) mask |= 1ull << d;
-  }
-  cudaGetLastError();
-  return mask;
 }
 
 /* Maps every peer's buffer: a pointer within this process, else CUDA IPC. */
@@ -442,7 +456,7 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfi
   all[rank].ptr = (unsigned long long)(uintptr_t)comm->buffer;
   all[rank].config = c;
   all[rank].p2pDisable = moe_env()->p2p_disable;
-  all[rank].peerMask = moe_peer_mask(device);
+  moe_reach(device, &all[rank]);
   MOE_CUDA_CHECK_GOTO(cudaIpcGetMemHandle(&all[rank].ipc, comm->buffer), res, out_comm);
   MOE_CHECK_GOTO(moe_exchange(nccl, all, sizeof(moe_peer_info_t), rank, nRanks), res, out_comm);
   moe_node_keys(all, nRanks, nodeKey);

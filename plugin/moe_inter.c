@@ -103,9 +103,10 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
    * memory the GPU maps (the socket backend, or NICs without GPUDirect). */
   in->gpuSlabs = (props.ptr_support & NCCL_PTR_CUDA) != 0;
   if (in->gpuSlabs) {
+    /* The proxy only hands them to the transport. */
     MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->sendBuf, n->geom.total), res, fail);
+    in->sendHost = n->sendBuf;
     MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->recvBuf, n->geom.total), res, fail);
-    in->sendHost = n->sendBuf; /* the proxy only hands them to the transport */
     in->recvHost = n->recvBuf;
   } else {
     MOE_CHECK_GOTO(moe_host_alloc(n->geom.total, &in->sendHost, &n->sendBuf, "network send slabs"), res, fail);
@@ -113,6 +114,8 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
   }
   MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->seq, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
   MOE_CUDA_CHECK_GOTO(cudaMemset(n->seq, 0, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
+  /* The callers' streams do not wait for the legacy stream the memset ran on. */
+  MOE_CUDA_CHECK_GOTO(cudaStreamSynchronize(0), res, fail);
 
   moe_proxy_args_t a = {.transport = transport, .dev = dev, .rank = comm->rank, .node = topo->node,
                         .nNodes = topo->nNodes, .sendBuf = in->sendHost, .recvBuf = in->recvHost,

@@ -168,7 +168,7 @@ static void moe_ll_args(ncclMoeComm_t comm, const moe_ll_handle_t* h, moe_ll_arg
   a->cumulative = h->cumulative;
   a->weights = h->weights;
   a->out = h->out;
-  a->numBlocks = comm->numBlocks;
+  a->numBlocks = comm->waitBlocks;
 }
 
 static ncclResult_t moe_ll_dispatch_recv(ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream) {
@@ -214,7 +214,7 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
   a.topk = d->topk;
   a.sendFp8 = fp8;
   a.scaleFormat = scaleFormat;
-  a.numBlocks = comm->numBlocks;
+  a.numBlocks = comm->waitBlocks;
   MOE_CHECK(moe_ll_send(comm, MOE_LL_OP_DISPATCH, &a, stream));
 
   /* The send half is enqueued: the set is taken. */

@@ -76,6 +76,11 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHand
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle) {
   MOE_ARG_CHECK(handle != NULL, "ncclMoeHandleDestroy: handle is NULL");
+  /* A send half without its receive half would leave peers waiting for this
+   * rank's acknowledgement on that buffer set. */
+  if (handle->ll.state == MOE_LL_DISPATCH_SENT || handle->ll.state == MOE_LL_COMBINE_SENT)
+    return MOE_ERROR(ncclInvalidUsage, "ncclMoeHandleDestroy: the handle has a low-latency send half whose receive "
+                     "half was not called (ncclMoeLowLatency*Recv)");
   moe_ll_handle_destroy(handle);
   cudaFree(handle->mem);
   free(handle);
@@ -183,7 +188,8 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
                            .numTokens = a->numTokens, .hidden = a->hidden, .topk = a->topk,
                            .xIsFp8 = a->xType == ncclFloat8e4m3, .sendFp8 = sendFp8,
                            .pow2Scales = a->scaleFormat == ncclMoeScalePow2,
-                           .numBlocks = comm->numBlocks, .threads = MOE_DISPATCH_THREADS};
+                           .numBlocks = net != NULL ? comm->waitBlocks : comm->numBlocks,
+                           .threads = MOE_DISPATCH_THREADS};
   if (net == NULL) MOE_CUDA_CHECK(moe_dispatch_launch(&comm->ctx, rt, &d, stream));
   else MOE_CUDA_CHECK(moe_inter_dispatch_launch(&comm->ctx, net, rt, &handle->fwd, &d, stream));
 
@@ -245,7 +251,8 @@ static ncclResult_t moe_combine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* 
   MOE_CUDA_CHECK(moe_notify_launch(&comm->ctx, rt, &barrier, stream));
   moe_combine_args_t c = {.out = a->out, .outTopkWeights = a->outTopkWeights, .numTokens = handle->numTokens,
                           .hidden = a->hidden, .topk = handle->topk, .withWeights = a->topkWeights != NULL,
-                          .numBlocks = comm->numBlocks, .threads = MOE_DISPATCH_THREADS};
+                          .numBlocks = comm->inter != NULL ? comm->waitBlocks : comm->numBlocks,
+                          .threads = MOE_DISPATCH_THREADS};
   if (comm->inter == NULL) MOE_CUDA_CHECK(moe_combine_launch(&comm->ctx, rt, &c, stream));
   else MOE_CUDA_CHECK(moe_inter_combine_launch(&comm->ctx, &comm->inter->net, rt, &handle->fwd, &c, stream));
   return ncclSuccess;

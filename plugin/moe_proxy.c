@@ -55,7 +55,8 @@ typedef struct {
   void* sendMr;       /* the send region on `send` */
   void* recvMr;       /* the receive region on `recv` */
   void* sendMsgMr;    /* the hello/key messages on `send` */
-  void* recvMsgMr;
+  void* recvMsgMr;    /* the key message (q->in) on `recv` */
+  void* helloMr;      /* the hello message, registered when it was accepted */
   moe_net_rkey_t remote; /* the peer's receive region */
   moe_proxy_msg_t out[2], in;
   moe_net_request_t* sendReq;
@@ -197,10 +198,13 @@ static ncclResult_t moe_proxy_progress_accept(moe_proxy_t* p) {
     if (q->recv != NULL)
       return MOE_ERROR(ncclRemoteError, "rank %d: two connections claim to come from rank %d", p->a.rank, in->msg.rank);
     q->recv = in->comm;
-    q->recvMsgMr = in->mr;
+    q->helloMr = in->mr;
     in->comm = NULL;
     p->nIdentified++;
     MOE_CHECK(t->reg_mr(q->recv, p->a.recvBuf, p->a.geom.total, p->a.bufType, -1, 0, &q->recvMr));
+    /* The key message lands in q->in: its own registration (verbs write into
+     * exactly the registered pages). */
+    MOE_CHECK(t->reg_mr(q->recv, &q->in, sizeof(q->in), NCCL_PTR_HOST, -1, 0, &q->recvMsgMr));
   }
   for (int m = 0; m < p->a.nNodes; m++) {
     moe_proxy_peer_t* q = &p->peer[m];
@@ -391,13 +395,36 @@ static ncclResult_t moe_proxy_step(moe_proxy_t* p, int* progress) {
   return ncclSuccess;
 }
 
+/* Nothing of ours still in flight: every slab the GPU marked ready went out,
+ * and every slab it read was returned as credit. */
+static int moe_proxy_quiet(moe_proxy_t* p) {
+  for (int m = 0; m < p->a.nNodes; m++) {
+    if (m == p->a.node) continue;
+    const moe_proxy_peer_t* q = &p->peer[m];
+    for (int c = 0; c < MOE_NET_CHANNELS; c++)
+      if (q->dataReq[c] != NULL || q->creditReq[c] != NULL ||
+          moe_proxy_load(&p->a.flags->ready[c][m]) != q->issued[c] ||
+          moe_proxy_load(&p->a.flags->consumed[c][m]) != q->creditOut[c])
+        return 0;
+  }
+  return 1;
+}
+
 static void* moe_proxy_main(void* arg) {
   moe_proxy_t* p = arg;
   int idle = 0;
-  while (!atomic_load(&p->stop)) {
+  long long drainUntil = 0;
+  for (;;) {
+    /* Asked to stop: finish what the GPU handed over (a peer may still wait
+     * for our last slab or credit), bounded by the timeout. */
+    if (atomic_load(&p->stop)) {
+      if (drainUntil == 0) drainUntil = moe_proxy_now_ns() + (long long)p->a.timeoutMs * 1000000LL;
+      if (moe_proxy_quiet(p) || moe_proxy_now_ns() > drainUntil) break;
+    }
     int progress = 0;
     ncclResult_t res = moe_proxy_step(p, &progress);
     if (res != ncclSuccess) {
+      if (atomic_load(&p->stop)) break; /* peers close too while we drain */
       moe_proxy_fail(p, res);
       MOE_WARN("rank %d: network proxy stopped: %s", p->a.rank, p->err);
       break;
@@ -444,6 +471,7 @@ void moe_proxy_destroy(moe_proxy_t* p) {
     if (q->recv != NULL) {
       if (q->recvMr != NULL) t->dereg_mr(q->recv, q->recvMr);
       if (q->recvMsgMr != NULL) t->dereg_mr(q->recv, q->recvMsgMr);
+      if (q->helloMr != NULL) t->dereg_mr(q->recv, q->helloMr);
       t->close(q->recv);
     }
   }

@@ -81,9 +81,10 @@ static void make_two_nodes(int timeoutMs) {
   cudaMemset(g_idx, 0, 32 * 4 * 8); /* expert 0: rank 0 */
 }
 
-/* Rank 0 dispatches alone; returns the seconds until its kernels ended and
- * the async error in *async. */
-static double dispatch_alone(ncclResult_t* async) {
+/* Rank 0 dispatches alone (capacity mode: the call returns while its kernels
+ * wait for rank 1); `meanwhile` runs then. Returns the seconds until rank 0's
+ * kernels ended, and its async error in *async. */
+static double dispatch_alone(ncclResult_t* async, void (*meanwhile)(void)) {
   ncclMoeHandle_t h;
   ck_assert_int_eq(ncclMoeHandleCreate(g_comms[0], &h), ncclSuccess);
   int64_t host[32 * 4];
@@ -95,6 +96,7 @@ static double dispatch_alone(ncclResult_t* async) {
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
   ck_assert_int_eq(ncclMoeDispatch(g_comms[0], &a, h, &r, 0), ncclSuccess); /* capacity: no host wait */
+  if (meanwhile != NULL) meanwhile();
   ck_assert_int_eq(cudaDeviceSynchronize(), cudaSuccess);                  /* kernels end, no trap */
   clock_gettime(CLOCK_MONOTONIC, &t1);
   ck_assert_int_eq(ncclMoeCommGetAsyncError(g_comms[0], async), ncclSuccess);
@@ -112,7 +114,7 @@ static void free_two_nodes(void) {
 START_TEST(test_peer_node_never_arrives) {
   make_two_nodes(300);
   ncclResult_t async;
-  double s = dispatch_alone(&async);
+  double s = dispatch_alone(&async, NULL);
   ck_assert_msg(s < 10.0, "timeout took %.1f s", s);
   ck_assert_int_eq(async, ncclSystemError);
   ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "did not answer"));
@@ -120,15 +122,18 @@ START_TEST(test_peer_node_never_arrives) {
 }
 END_TEST
 
+static void close_rank1(void) {
+  moe_proxy_destroy(g_comms[1]->inter->proxy);
+  g_comms[1]->inter->proxy = NULL;
+}
+
 /* Rank 1's proxy goes away (its connections close): rank 0's proxy sees it,
  * and rank 0's kernels stop at once with the proxy's error, well before the
  * (long) timeout. */
 START_TEST(test_closed_connection_is_an_error) {
   make_two_nodes(20000);
-  moe_proxy_destroy(g_comms[1]->inter->proxy);
-  g_comms[1]->inter->proxy = NULL;
   ncclResult_t async;
-  double s = dispatch_alone(&async);
+  double s = dispatch_alone(&async, close_rank1);
   ck_assert_msg(s < 10.0, "the error took %.1f s", s);
   ck_assert_int_eq(async, ncclSystemError);
   ck_assert_msg(strstr(ncclMoeGetLastError(), "network proxy failed") != NULL, "message: %s", ncclMoeGetLastError());
