@@ -258,6 +258,24 @@ START_TEST(test_dead_peer_is_an_error) {
 }
 END_TEST
 
+/* A rank whose last slab is marked ready just before its comm is destroyed:
+ * the proxy sends it before it stops, so the peer still gets it. */
+START_TEST(test_destroy_sends_the_last_slab) {
+  cluster_t cl;
+  cluster_up(&cl, 2);
+  node_t *s = &cl.node[0], *r = &cl.node[1];
+  const int c = MOE_CH_COMBINE;
+  net_fill(s->sendBuf + moe_net_slab_offset(&cl.geom, c, 1), SLAB_BYTES, 7);
+  s->flags.bytes[c][1] = SLAB_BYTES;
+  store(&s->flags.ready[c][1], 1);
+  moe_proxy_destroy(s->proxy);
+  s->proxy = NULL;
+  ck_assert(wait_ge(&r->flags.arrived[c][0], 1, NET_TEST_DEADLINE_MS));
+  ck_assert(net_check(r->recvBuf + moe_net_slab_offset(&cl.geom, c, 0), SLAB_BYTES, 7));
+  cluster_down(&cl);
+}
+END_TEST
+
 /* A slab size beyond the slab (a corrupt counter) stops the proxy with an
  * error instead of writing past the peer's slab. */
 START_TEST(test_oversized_slab_is_an_error) {
@@ -287,5 +305,6 @@ int main(void) {
   add_case(s, "credit", test_credit_holds_back_second_slab);
   add_case(s, "dead_peer", test_dead_peer_is_an_error);
   add_case(s, "oversized_slab", test_oversized_slab_is_an_error);
+  add_case(s, "destroy_drains", test_destroy_sends_the_last_slab);
   return moe_test_run(s);
 }
