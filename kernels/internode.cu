@@ -37,12 +37,7 @@ __device__ bool moe_net_wait(const moe_rank_ctx_t& c, const volatile unsigned lo
   while (moe_ld_acquire_sys(f) < want) {
     if (moe_comm_broken(c)) return false; /* the proxy failed, or another wait timed out */
     if (moe_now_ns() - start > c.timeoutNs) {
-      if (c.error[MOE_ERR_CODE] == MOE_KERR_NONE) {
-        c.error[MOE_ERR_EPOCH] = (int)want;
-        c.error[MOE_ERR_PEER] = peer;
-        c.error[MOE_ERR_PEER_EPOCH] = (int)moe_ld_acquire_sys(f);
-      }
-      moe_record_error(c, MOE_KERR_TIMEOUT);
+      moe_record_timeout(c, want, peer, moe_ld_acquire_sys(f));
       return false;
     }
   }
@@ -83,6 +78,19 @@ __device__ __forceinline__ int moe_slab_count(const moe_rank_ctx_t& c, const moe
 __device__ __forceinline__ void moe_fill_lane_ranks(const moe_net_ctx_t& n, int node, int* sRank) {
   for (int l = threadIdx.x; l < n.topo.ranksPerNode; l += blockDim.x)
     sRank[l] = n.topo.rankAt[node * n.topo.ranksPerNode + l];
+}
+
+/* For each rank of this node (by local index): the rank, this rank's first
+ * row there, and its capacity. Ends with a block barrier. */
+__device__ __forceinline__ void moe_load_node_rows(const moe_net_ctx_t& n, const moe_route_t& rt, int* sRank,
+                                                   int* sBase, int* sCap) {
+  moe_fill_lane_ranks(n, n.topo.node, sRank);
+  __syncthreads();
+  for (int l = threadIdx.x; l < n.topo.ranksPerNode; l += blockDim.x) {
+    sBase[l] = rt.base[sRank[l]];
+    sCap[l] = rt.cap[sRank[l]];
+  }
+  __syncthreads();
 }
 
 /* Called by every thread at the end of a kernel: the last block to finish
@@ -221,12 +229,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe
   const moe_topo_t& tp = n.topo;
   const int N = c.nRanks, K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
   const unsigned long long seq = n.seq[MOE_CH_DISPATCH] + 1;
-  moe_fill_lane_ranks(n, tp.node, sRank);
-  __syncthreads();
-  for (int l = threadIdx.x; l < R; l += blockDim.x) {
-    sBase[l] = rt.base[sRank[l]];
-    sCap[l] = rt.cap[sRank[l]];
-  }
+  moe_load_node_rows(n, rt, sRank, sBase, sCap);
   if (threadIdx.x == 0)
     proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_DISPATCH, seq - 1);
   __syncthreads();
@@ -466,12 +469,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c,
   const moe_topo_t& tp = n.topo;
   const int N = c.nRanks, K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
   const unsigned long long seq = n.seq[MOE_CH_COMBINE] + 1;
-  moe_fill_lane_ranks(n, tp.node, sRank);
-  __syncthreads();
-  for (int l = threadIdx.x; l < R; l += blockDim.x) {
-    sBase[l] = rt.base[sRank[l]];
-    sCap[l] = rt.cap[sRank[l]];
-  }
+  moe_load_node_rows(n, rt, sRank, sBase, sCap);
   if (threadIdx.x == 0)
     proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->arrived, MOE_CH_COMBINE, seq);
   __syncthreads();

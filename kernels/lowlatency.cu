@@ -89,12 +89,7 @@ __device__ bool moe_ll_wait(const moe_ll_ctx_t& c, const unsigned long long* fla
       nextCheck = now + MOE_LL_BROKEN_CHECK_NS;
     }
     if (now - start > c.rc.timeoutNs) {
-      if (c.rc.error[MOE_ERR_CODE] == MOE_KERR_NONE) {
-        c.rc.error[MOE_ERR_EPOCH] = (int)want;
-        c.rc.error[MOE_ERR_PEER] = peer;
-        c.rc.error[MOE_ERR_PEER_EPOCH] = (int)v;
-      }
-      moe_record_error(c.rc, MOE_KERR_TIMEOUT);
+      moe_record_timeout(c.rc, want, peer, v);
       return false;
     }
   }

@@ -36,6 +36,18 @@ __device__ __forceinline__ bool moe_comm_broken(const moe_rank_ctx_t& c) {
   return e == MOE_KERR_TIMEOUT || e == MOE_KERR_NET || e == MOE_KERR_BAD_NOTIFY;
 }
 
+/* Records a timeout (the first error wins): the wait's target `want`, the
+ * peer it waited for and the value that peer had reached. */
+__device__ __forceinline__ void moe_record_timeout(const moe_rank_ctx_t& c, unsigned long long want, int peer,
+                                                   unsigned long long seen) {
+  if (c.error[MOE_ERR_CODE] == MOE_KERR_NONE) {
+    c.error[MOE_ERR_EPOCH] = (int)want;
+    c.error[MOE_ERR_PEER] = peer;
+    c.error[MOE_ERR_PEER_EPOCH] = (int)seen;
+  }
+  moe_record_error(c, MOE_KERR_TIMEOUT);
+}
+
 __device__ __forceinline__ unsigned long long* moe_signal_slot(const moe_rank_ctx_t& c, int owner,
                                                                int from) {
   return reinterpret_cast<unsigned long long*>(c.peers.base[owner] + c.layout.signals) + from;
@@ -57,12 +69,7 @@ __device__ inline bool moe_barrier(const moe_rank_ctx_t& c) {
     const unsigned long long* slot = moe_signal_slot(c, c.rank, r);
     while (moe_ld_acquire_sys(slot) < e) {
       if (moe_now_ns() - start > c.timeoutNs) {
-        if (c.error[MOE_ERR_CODE] == MOE_KERR_NONE) {
-          c.error[MOE_ERR_EPOCH] = (int)e;
-          c.error[MOE_ERR_PEER] = r;
-          c.error[MOE_ERR_PEER_EPOCH] = (int)moe_ld_acquire_sys(slot);
-        }
-        moe_record_error(c, MOE_KERR_TIMEOUT);
+        moe_record_timeout(c, e, r, moe_ld_acquire_sys(slot));
         return false;
       }
     }
