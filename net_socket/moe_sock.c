@@ -1199,7 +1199,10 @@ static ncclResult_t moe_sock_poll_imm(moe_net_comm_t* c, uint32_t* imm_p, int* g
   *got_p = 0;
   pthread_mutex_lock(&comm->lock);
   res = moe_sock_progress(comm);
-  if (res == ncclSuccess) *got_p = moe_imm_ring_pop(&comm->imms, imm_p);
+  /* Writes that landed before the connection failed (a peer that wrote, then
+   * closed) are delivered first; the error comes once none is left. */
+  *got_p = moe_imm_ring_pop(&comm->imms, imm_p);
+  if (*got_p) res = ncclSuccess;
   pthread_mutex_unlock(&comm->lock);
   return res;
 }
