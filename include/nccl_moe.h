@@ -186,6 +186,13 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtualNodes(int nRanks, int ranksPe
  * use this rank's buffers will time out, so destroy all ranks together. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm);
 
+/* What `comm` was built with: this rank, the number of ranks, the CUDA
+ * device, the number of nodes (1 when every rank maps every other; see
+ * ncclMoeCommInit) and the config with defaults filled in. Any output may be
+ * NULL. */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommQuery(ncclMoeComm_t comm, int* rank_p, int* nRanks_p, int* device_p,
+                                              int* nNodes_p, ncclMoeConfig_t* config_p);
+
 /* Device memory this rank allocated for `comm`, in bytes. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommBufferBytes(ncclMoeComm_t comm, size_t* bytes_p);
 

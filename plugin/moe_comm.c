@@ -190,6 +190,17 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommGetAsyncError(ncclMoeComm_t comm, ncclRe
   return ncclSuccess;
 }
 
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommQuery(ncclMoeComm_t comm, int* rank_p, int* nRanks_p, int* device_p,
+                                              int* nNodes_p, ncclMoeConfig_t* config_p) {
+  MOE_ARG_CHECK(comm != NULL, "ncclMoeCommQuery: comm is NULL");
+  if (rank_p != NULL) *rank_p = comm->rank;
+  if (nRanks_p != NULL) *nRanks_p = comm->nRanks;
+  if (device_p != NULL) *device_p = comm->device;
+  if (nNodes_p != NULL) *nNodes_p = comm->inter != NULL ? comm->inter->net.topo.nNodes : 1;
+  if (config_p != NULL) *config_p = comm->config;
+  return ncclSuccess;
+}
+
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommBufferBytes(ncclMoeComm_t comm, size_t* bytes_p) {
   MOE_ARG_CHECK(comm != NULL && bytes_p != NULL, "ncclMoeCommBufferBytes: comm or bytes_p is NULL");
   *bytes_p = comm->layout.total;

@@ -290,6 +290,8 @@ PROTOTYPES = {
     "ncclMoeCommInitVirtual": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.POINTER(Config), _c_void_pp]),
     "ncclMoeCommDestroy": (ctypes.c_int, [ctypes.c_void_p]),
     "ncclMoeCommBufferBytes": (ctypes.c_int, [ctypes.c_void_p, _c_size_p]),
+    "ncclMoeCommQuery": (ctypes.c_int, [ctypes.c_void_p, _c_int_p, _c_int_p, _c_int_p, _c_int_p,
+                                        ctypes.POINTER(Config)]),
     "ncclMoeCommGetAsyncError": (ctypes.c_int, [ctypes.c_void_p, _c_int_p]),
     "ncclMoeGetDispatchLayout": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,

@@ -75,6 +75,12 @@ static void make_two_nodes(int timeoutMs) {
   ncclResult_t res = ncclMoeCommInitVirtualNodes(2, 1, 0, &cfg, g_comms);
   ck_assert_msg(res == ncclSuccess, "init: %s", ncclMoeGetLastError());
   ck_assert_ptr_nonnull(g_comms[0]->inter);
+  int rank = -1, nRanks = 0, device = -1, nNodes = 0;
+  ncclMoeConfig_t got;
+  ck_assert_int_eq(ncclMoeCommQuery(g_comms[1], &rank, &nRanks, &device, &nNodes, &got), ncclSuccess);
+  ck_assert(rank == 1 && nRanks == 2 && device == 0 && nNodes == 2);
+  ck_assert_int_eq(got.maxTopk, 4);
+  ck_assert_int_eq(got.maxRecvTokens, 2 * 32); /* the default, filled in */
   cudaMalloc(&g_x, 32 * 1024 * 2);
   cudaMalloc(&g_idx, 32 * 4 * 8);
   cudaMemset(g_x, 0, 32 * 1024 * 2);
