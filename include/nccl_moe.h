@@ -331,7 +331,10 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeGetCombineBuffer(ncclMoeComm_t comm, void** 
 
 typedef struct {
   /* device BF16 [numRecv, hidden]: one row per row received by the dispatch
-   * of `handle` (same order). May be the combine buffer (zero-copy). */
+   * of `handle` (same order). May be the combine buffer (zero-copy). When
+   * that dispatch was exact and received no row, never read (may be NULL;
+   * so is topkWeights then, whose being non-NULL still asks for
+   * outTopkWeights). */
   const void* x;
   /* Channels per row; the dispatch's hidden. */
   int hidden;

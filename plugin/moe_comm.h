@@ -39,6 +39,7 @@ struct ncclMoeHandle {
   void* mem;
   int valid;                   /* holds the routing of a finished dispatch */
   int numTokens, capacity, hidden, topk;
+  int numRecv;                 /* rows received (exact mode), -1 when unknown (capacity mode) */
   moe_ll_handle_t ll;          /* low-latency dispatch held (moe_ll.c) */
   moe_fwd_route_t fwd;         /* internode: forwarding routes (in mem, after route) */
 };

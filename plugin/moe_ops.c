@@ -194,6 +194,7 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
   else MOE_CUDA_CHECK(moe_inter_dispatch_launch(&comm->ctx, net, rt, &handle->fwd, &d, stream));
 
   handle->valid = 1;
+  handle->numRecv = exact ? comm->hostCounts[0] : -1;
   handle->numTokens = a->numTokens;
   handle->capacity = a->capacity;
   handle->hidden = a->hidden;
@@ -234,16 +235,19 @@ static ncclResult_t moe_combine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* 
   const ncclMoeCombineArgs_t* a = args;
   MOE_ARG_CHECK(a->hidden == handle->hidden, "hidden = %d: the dispatch of this handle used %d", a->hidden,
                 handle->hidden);
-  MOE_CHECK(moe_check_device_ptr(a->x, NCCL_MOE_ALIGN, "x"));
+  /* An exact-mode dispatch that received nothing has no rows to read: x and
+   * topkWeights are then never dereferenced (NULL allowed). */
+  const int noRows = handle->numRecv == 0;
+  if (!noRows) MOE_CHECK(moe_check_device_ptr(a->x, NCCL_MOE_ALIGN, "x"));
   if (handle->numTokens > 0) MOE_CHECK(moe_check_device_ptr(a->out, NCCL_MOE_ALIGN, "out"));
   if (a->topkWeights != NULL) {
-    MOE_CHECK(moe_check_device_ptr(a->topkWeights, sizeof(float), "topkWeights"));
+    if (!noRows) MOE_CHECK(moe_check_device_ptr(a->topkWeights, sizeof(float), "topkWeights"));
     MOE_ARG_CHECK(a->outTopkWeights != NULL, "topkWeights given but outTopkWeights is NULL");
     if (handle->numTokens > 0) MOE_CHECK(moe_check_device_ptr(a->outTopkWeights, sizeof(float), "outTopkWeights"));
   }
   moe_route_t* rt = &handle->route;
   const void* combineX = comm->buffer + comm->layout.combineX;
-  const int zeroCopy = a->x == combineX;
+  const int zeroCopy = a->x == combineX || (noRows && a->x == NULL);
   if (!zeroCopy || a->topkWeights != NULL)
     MOE_CUDA_CHECK(moe_combine_stage_launch(&comm->ctx, rt, zeroCopy ? NULL : a->x, a->topkWeights, a->hidden,
                                             handle->topk, stream));

@@ -129,6 +129,8 @@ static void* worker(void* arg) {
         int rows = w->result.numRecv >= 0 ? w->result.numRecv : cs->capacity;
         if (cs->zeroCopy) cudaMemcpyAsync(combineBuf, d->dy, (size_t)rows * cs->hidden * 2, cudaMemcpyDeviceToDevice, stream);
         c.topkWeights = cs->weights ? w->result.recvTopkWeights : NULL;
+        /* Nothing received (exact mode): combine must not need any input. */
+        if (w->result.numRecv == 0) c.x = NULL;
         cudaMemsetAsync(d->dout, 0xFF, (size_t)d->T * cs->hidden * 2 + 16, stream);
         res = ncclMoeCombine(comm, &c, handle, stream);
       }
