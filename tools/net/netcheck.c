@@ -1,6 +1,6 @@
 /* nccl-moe-netcheck: loads the net plugin into a real NCCL and runs an
- * all-reduce over every visible GPU (one process, ncclCommInitAll), checking
- * the result. With NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 and 2+ GPUs all
+ * all-reduce and an all-to-all (grouped send/recv) over every visible GPU
+ * (one process, ncclCommInitAll), checking both results. With NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 and 2+ GPUs all
  * traffic crosses the plugin; with one GPU it proves NCCL loads the plugin
  * (run with NCCL_DEBUG=INFO and look for "Loaded net plugin MoE").
  * Before NCCL starts, it lists the plugin's devices through the v11 struct.
@@ -55,6 +55,47 @@ static int list_devices(const char* path) {
   return 0;
 }
 
+/* Block j of rank i's send buffer goes to rank j, as the all-to-all of MoE
+ * dispatch does; every value names (source, destination, index). */
+static float a2a_value(int src, int dst, int k) { return (float)(src * 1000 + dst * 10 + k % 7); }
+
+static int all_to_all(ncclComm_t* comms, cudaStream_t* streams, int n) {
+  const size_t block = CHECK_COUNT / CHECK_MAX_GPUS;
+  float* send[CHECK_MAX_GPUS];
+  float* recv[CHECK_MAX_GPUS];
+  float* host = malloc(block * n * sizeof(float));
+  for (int i = 0; i < n; i++) {
+    cudaSetDevice(i);
+    cudaMalloc((void**)&send[i], block * n * sizeof(float));
+    cudaMalloc((void**)&recv[i], block * n * sizeof(float));
+    for (int j = 0; j < n; j++)
+      for (size_t k = 0; k < block; k++) host[j * block + k] = a2a_value(i, j, (int)k);
+    cudaMemcpy(send[i], host, block * n * sizeof(float), cudaMemcpyHostToDevice);
+    cudaMemset(recv[i], 0xFF, block * n * sizeof(float));
+  }
+  ncclGroupStart();
+  for (int i = 0; i < n; i++)
+    for (int j = 0; j < n; j++) {
+      ncclSend(send[i] + j * block, block, ncclFloat, j, comms[i], streams[i]);
+      ncclRecv(recv[i] + j * block, block, ncclFloat, j, comms[i], streams[i]);
+    }
+  int bad = ncclGroupEnd() != ncclSuccess;
+  for (int i = 0; i < n && !bad; i++) {
+    cudaSetDevice(i);
+    bad = cudaStreamSynchronize(streams[i]) != cudaSuccess;
+    cudaMemcpy(host, recv[i], block * n * sizeof(float), cudaMemcpyDeviceToHost);
+    for (int j = 0; j < n && !bad; j++)
+      for (size_t k = 0; k < block && !bad; k++) bad = host[j * block + k] != a2a_value(j, i, (int)k);
+  }
+  for (int i = 0; i < n; i++) {
+    cudaSetDevice(i);
+    cudaFree(send[i]);
+    cudaFree(recv[i]);
+  }
+  free(host);
+  return bad;
+}
+
 int main(int argc, char** argv) {
   const char* plugin = argc == 3 && strcmp(argv[1], "--plugin") == 0 ? argv[2] : default_plugin();
   int ngpus = 0;
@@ -97,12 +138,14 @@ int main(int argc, char** argv) {
       bad = host[k] != want;
     }
   }
+  printf("netcheck: all-reduce over %d GPU(s): %s\n", ngpus, bad ? "WRONG" : "OK");
+  const int a2aBad = all_to_all(comms, streams, ngpus);
+  printf("netcheck: all-to-all over %d GPU(s): %s\n", ngpus, a2aBad ? "WRONG" : "OK");
   for (int i = 0; i < ngpus; i++) {
     cudaSetDevice(i);
     cudaFree(bufs[i]);
     ncclCommDestroy(comms[i]);
   }
   free(host);
-  printf("netcheck: all-reduce over %d GPU(s): %s\n", ngpus, bad ? "WRONG" : "OK");
-  return bad;
+  return bad || a2aBad;
 }
