@@ -15,6 +15,7 @@
  * from the network (record counts, positions) are bounded before use. */
 #include "moe_copy.cuh"
 #include "moe_fp8.cuh"
+#include "moe_kernels.h"
 #include "moe_internode.h"
 #include "moe_notify.cuh"
 #include "moe_sync.cuh"
@@ -593,10 +594,5 @@ extern "C" cudaError_t moe_internode_preload(void) {
   const void* kernels[] = {(const void*)moe_inter_layout_kernel, (const void*)moe_inter_notify_kernel,
                            (const void*)moe_inter_dispatch_kernel, (const void*)moe_inter_forward_kernel,
                            (const void*)moe_inter_combine_send_kernel, (const void*)moe_inter_combine_recv_kernel};
-  for (size_t i = 0; i < sizeof(kernels) / sizeof(kernels[0]); i++) {
-    cudaFuncAttributes attr;
-    cudaError_t e = cudaFuncGetAttributes(&attr, kernels[i]);
-    if (e != cudaSuccess) return e;
-  }
-  return cudaSuccess;
+  return moe_preload_kernels(kernels, sizeof(kernels) / sizeof(kernels[0]));
 }

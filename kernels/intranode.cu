@@ -5,6 +5,7 @@
  * order. See moe_intranode.h for the buffer layout and notify message. */
 #include "moe_copy.cuh"
 #include "moe_fp8.cuh"
+#include "moe_kernels.h"
 #include "moe_intranode.h"
 #include "moe_notify.cuh"
 #include "moe_sync.cuh"
@@ -266,17 +267,10 @@ extern "C" cudaError_t moe_combine_stage_launch(const moe_rank_ctx_t* ctx, const
   return cudaGetLastError();
 }
 
-/* CUDA loads kernels lazily, at their first launch, and that load waits for
- * the device: a first launch while a peer's kernel spins at a barrier would
- * stall until the timeout. Comm init loads every kernel up front. */
+/* Comm init loads every kernel up front (see moe_preload_kernels). */
 extern "C" cudaError_t moe_intranode_preload(void) {
   const void* kernels[] = {(const void*)moe_layout_kernel, (const void*)moe_notify_kernel,
                            (const void*)moe_dispatch_kernel, (const void*)moe_combine_kernel,
                            (const void*)moe_combine_stage_kernel};
-  for (size_t i = 0; i < sizeof(kernels) / sizeof(kernels[0]); i++) {
-    cudaFuncAttributes attr;
-    cudaError_t e = cudaFuncGetAttributes(&attr, kernels[i]);
-    if (e != cudaSuccess) return e;
-  }
-  return cudaSuccess;
+  return moe_preload_kernels(kernels, sizeof(kernels) / sizeof(kernels[0]));
 }

@@ -27,7 +27,9 @@
  * on the GPU (seq), so graph replays advance it. Every wait is bounded by the
  * comm's timeout and records MOE_KERR_TIMEOUT; ids out of range are dropped
  * and recorded; counts and row metadata from peers are checked before use. */
+#include "moe_copy.cuh"
 #include "moe_fp8.cuh"
+#include "moe_kernels.h"
 #include "moe_lowlatency.h"
 #include "moe_sync.cuh"
 
@@ -37,7 +39,7 @@
 #define MOE_LL_MIN_BLOCKS_PER_SM 2 /* keeps every rank's blocks co-resident (<= 64 registers) */
 #define MOE_LL_RECV_THREADS 128
 #define MOE_LL_VEC 8                                       /* BF16 values per 16-byte vector */
-#define MOE_LL_FP8_LANES (NCCL_MOE_FP8_BLOCK / MOE_LL_VEC) /* 16 lanes per 128-channel block */
+#define MOE_LL_FP8_LANES MOE_FP8_BLOCK_LANES
 #define MOE_LL_CHUNK_GROUPS 4                              /* dispatch item: 4 blocks = 512 channels */
 #define MOE_LL_CHUNK (MOE_LL_CHUNK_GROUPS * NCCL_MOE_FP8_BLOCK)
 #define MOE_LL_COMBINE_SEND_UNROLL 4                       /* combine send item: 4 x 256 channels */
@@ -61,14 +63,6 @@ __device__ __forceinline__ unsigned int* moe_ll_done(const moe_ll_ctx_t& c, int 
 /* The current use count of (set, op), as the previous kernel left it. */
 __device__ __forceinline__ unsigned long long moe_ll_read_seq(const moe_ll_ctx_t& c, int set, int op) {
   return *reinterpret_cast<volatile unsigned long long*>(moe_ll_seq(c, set, op));
-}
-
-__device__ __forceinline__ uint4 moe_ll_ld_nc(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
 }
 
 /* Spins until *flag >= want (flag written by `peer` with release). False on
@@ -288,13 +282,8 @@ __device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_ctx_t& c, const moe_
   for (int u = 0; u < MOE_LL_CHUNK_GROUPS / 2; u++) {
     const int g = chunk * MOE_LL_CHUNK_GROUPS + 2 * u + half;
     uint4 v = make_uint4(0, 0, 0, 0);
-    if (g < nS) v = moe_ll_ld_nc(xrow + (size_t)g * MOE_LL_FP8_LANES + sub);
-    float amax = moe_bf16x8_amax(v);
-#pragma unroll
-    for (int m = MOE_LL_FP8_LANES / 2; m > 0; m >>= 1)
-      amax = fmaxf(amax, __shfl_xor_sync(MOE_LL_FULL, amax, m, MOE_LL_FP8_LANES));
-    scale[u] = moe_fp8_block_scale_dev(amax, pow2);
-    code[u] = moe_fp8_encode8_dev(v, 1.0f / scale[u]);
+    if (g < nS) v = moe_ld_nc(xrow + (size_t)g * MOE_LL_FP8_LANES + sub);
+    code[u] = moe_fp8_cast_block_dev(v, pow2, MOE_LL_FULL, &scale[u]);
   }
   const int ue8m0Row = (nS + 3) / 4 * 4; /* bytes per UE8M0 scale row */
   for (unsigned m = dmask; m != 0; m &= m - 1) {
@@ -329,7 +318,7 @@ __device__ __forceinline__ void moe_ll_put_bf16(const moe_ll_ctx_t& c, const moe
 #pragma unroll
   for (int u = 0; u < U; u++) {
     const int v = chunk * (MOE_LL_CHUNK / MOE_LL_VEC) + u * MOE_LL_WARP + lane;
-    if (v < nVec) buf[u] = moe_ll_ld_nc(xrow + v);
+    if (v < nVec) buf[u] = moe_ld_nc(xrow + v);
   }
   for (unsigned m = dmask; m != 0; m &= m - 1) {
     const int k = __ffs(m) - 1;
@@ -495,7 +484,7 @@ moe_ll_combine_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
 #pragma unroll
     for (int u = 0; u < MOE_LL_COMBINE_SEND_UNROLL; u++) {
       const int v = chunk * chunkVec + u * MOE_LL_WARP + lane;
-      if (v < nVec) buf[u] = moe_ll_ld_nc(in + v);
+      if (v < nVec) buf[u] = moe_ld_nc(in + v);
     }
 #pragma unroll
     for (int u = 0; u < MOE_LL_COMBINE_SEND_UNROLL; u++) {
@@ -605,10 +594,5 @@ extern "C" cudaError_t moe_ll_preload(void) {
   const void* kernels[] = {(const void*)moe_ll_dispatch_send_kernel, (const void*)moe_ll_dispatch_recv_kernel,
                            (const void*)moe_ll_combine_send_kernel, (const void*)moe_ll_combine_recv_kernel,
                            (const void*)moe_ll_gate_kernel};
-  for (size_t i = 0; i < sizeof(kernels) / sizeof(kernels[0]); i++) {
-    cudaFuncAttributes attr;
-    cudaError_t e = cudaFuncGetAttributes(&attr, kernels[i]);
-    if (e != cudaSuccess) return e;
-  }
-  return cudaSuccess;
+  return moe_preload_kernels(kernels, sizeof(kernels) / sizeof(kernels[0]));
 }

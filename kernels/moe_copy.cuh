@@ -18,7 +18,7 @@
 #define MOE_COPY_UNROLL 4
 #define MOE_COMBINE_UNROLL 4
 #define MOE_VEC_BF16 8 /* BF16 values in one 16-byte vector */
-#define MOE_FP8_VECS_PER_BLOCK (NCCL_MOE_FP8_BLOCK / MOE_VEC_BF16) /* 16 lanes per 128 channels */
+#define MOE_FP8_VECS_PER_BLOCK MOE_FP8_BLOCK_LANES /* 16 lanes per 128 channels */
 
 __device__ __forceinline__ uint4 moe_ld_nc(const uint4* p) {
   uint4 v;
@@ -137,12 +137,7 @@ __device__ __forceinline__ void moe_cast_row_to(const moe_rank_ctx_t& c, const u
       const int g = g0 + 2 * u + half;
       uint4 v = make_uint4(0, 0, 0, 0);
       if (g < nGroups) v = moe_ld_nc(src + (size_t)g * MOE_FP8_VECS_PER_BLOCK + sub);
-      float amax = moe_bf16x8_amax(v);
-#pragma unroll
-      for (int m = MOE_FP8_VECS_PER_BLOCK / 2; m > 0; m >>= 1)
-        amax = fmaxf(amax, __shfl_xor_sync(MOE_FULL_MASK, amax, m, MOE_FP8_VECS_PER_BLOCK));
-      scale[u] = moe_fp8_block_scale_dev(amax, pow2);
-      code[u] = moe_fp8_encode8_dev(v, 1.0f / scale[u]);
+      code[u] = moe_fp8_cast_block_dev(v, pow2, MOE_FULL_MASK, &scale[u]);
     }
     const unsigned targets = d.one != NULL ? 1u : d.dmask;
     for (unsigned m = targets; m != 0; m &= m - 1) {

@@ -73,4 +73,20 @@ __device__ __forceinline__ float moe_bf16x8_amax(uint4 v) {
   return m;
 }
 
+/* Lanes that hold one 128-channel block, 8 BF16 values (16 bytes) each. */
+#define MOE_FP8_BLOCK_LANES (NCCL_MOE_FP8_BLOCK / 8)
+
+/* Casts one 128-channel block held by MOE_FP8_BLOCK_LANES aligned lanes (a
+ * half-warp; `mask` names the lanes that call together): this lane's 8
+ * values become 8 codes, and every lane gets the block's scale. */
+__device__ __forceinline__ uint2 moe_fp8_cast_block_dev(uint4 v, int pow2, unsigned mask, float* scale_p) {
+  float amax = moe_bf16x8_amax(v);
+#pragma unroll
+  for (int m = MOE_FP8_BLOCK_LANES / 2; m > 0; m >>= 1)
+    amax = fmaxf(amax, __shfl_xor_sync(mask, amax, m, MOE_FP8_BLOCK_LANES));
+  const float scale = moe_fp8_block_scale_dev(amax, pow2);
+  *scale_p = scale;
+  return moe_fp8_encode8_dev(v, 1.0f / scale);
+}
+
 #endif

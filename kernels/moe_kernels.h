@@ -15,6 +15,18 @@ extern "C" {
 cudaError_t moe_fp8_quantize_launch(const void* x, int rows, int hidden, int pow2, void* codes,
                                     float* scales, cudaStream_t stream);
 
+/* CUDA loads kernels lazily, at their first launch, and that load waits for
+ * the device: a first launch while a peer's kernel spins at a barrier would
+ * stall until the timeout. Comm init loads every kernel up front with this. */
+static inline cudaError_t moe_preload_kernels(const void* const* kernels, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    struct cudaFuncAttributes attr;
+    cudaError_t e = cudaFuncGetAttributes(&attr, kernels[i]);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
 #ifdef __cplusplus
 }
 #endif

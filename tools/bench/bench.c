@@ -159,6 +159,25 @@ static float copy_gbps(const opts_t* o) {
   return (float)(COPY_BYTES / (ms * 1e-3) / 1e9);
 }
 
+/* One rank's tokens (BF16 uniform in [-2, 2]), routing and weights: `topk`
+ * distinct experts per token, uniformly, as DeepEP's tests route. */
+static void draw_inputs(const opts_t* o, uint16_t* hx, int64_t* hidx, float* hw) {
+  const size_t T = o->tokens, H = o->hidden, K = o->topk;
+  for (size_t i = 0; i < T * H; i++) hx[i] = moe_float_to_bf16((float)rand() / RAND_MAX * 4.0f - 2.0f);
+  for (size_t t = 0; t < T; t++)
+    for (size_t k = 0; k < K; k++) {
+      int64_t e;
+      int dup;
+      do {
+        e = rand() % o->experts;
+        dup = 0;
+        for (size_t j = 0; j < k; j++) dup |= hidx[t * K + j] == e;
+      } while (dup);
+      hidx[t * K + k] = e;
+      hw[t * K + k] = (float)rand() / RAND_MAX;
+    }
+}
+
 /* ------------------------------------------------------------ --mode ll */
 /* Low-latency mode. Every rank captures one graph holding a whole dispatch
  * (send and receive half) and one holding a whole combine, on its own
@@ -229,19 +248,7 @@ static void ll_setup_rank(ll_rank_t* p, ncclMoeComm_t comm, const opts_t* o, uin
   CK(cudaStreamCreateWithFlags(&p->stream, cudaStreamNonBlocking));
   CK(cudaEventCreate(&p->start));
   CK(cudaEventCreate(&p->end));
-  for (size_t i = 0; i < T * H; i++) hx[i] = moe_float_to_bf16((float)rand() / RAND_MAX * 4.0f - 2.0f);
-  for (size_t t = 0; t < T; t++)
-    for (size_t k = 0; k < K; k++) {
-      int64_t e;
-      int dup;
-      do { /* topk distinct experts, uniformly, as DeepEP's tests route */
-        e = rand() % o->experts;
-        dup = 0;
-        for (size_t j = 0; j < k; j++) dup |= hidx[t * K + j] == e;
-      } while (dup);
-      hidx[t * K + k] = e;
-      hw[t * K + k] = (float)rand() / RAND_MAX;
-    }
+  draw_inputs(o, hx, hidx, hw);
   *pairs += ll_pairs(hidx, o->tokens, o->topk);
   CK(cudaMalloc(&p->x, T * H * 2));
   CK(cudaMalloc(&p->idx, T * K * 8));
@@ -430,19 +437,7 @@ static void setup_rank(rank_t* p, ncclMoeComm_t comm, const opts_t* o, int rank,
   CK(cudaStreamCreateWithFlags(&p->stream, cudaStreamNonBlocking));
   CK(cudaEventCreate(&p->start));
   CK(cudaEventCreate(&p->end));
-  for (size_t i = 0; i < T * H; i++) hx[i] = moe_float_to_bf16((float)rand() / RAND_MAX * 4.0f - 2.0f);
-  for (size_t t = 0; t < T; t++)
-    for (size_t k = 0; k < K; k++) {
-      int64_t e;
-      int dup;
-      do {
-        e = rand() % o->experts;
-        dup = 0;
-        for (size_t j = 0; j < k; j++) dup |= hidx[t * K + j] == e;
-      } while (dup);
-      hidx[t * K + k] = e;
-      hw[t * K + k] = (float)rand() / RAND_MAX;
-    }
+  draw_inputs(o, hx, hidx, hw);
   for (size_t t = 0; t < T; t++) {
     unsigned long long nodes = 0;
     for (size_t k = 0; k < K; k++) nodes |= 1ull << (hidx[t * K + k] / L / perNode);
