@@ -38,7 +38,7 @@ __device__ bool moe_net_wait(const moe_rank_ctx_t& c, const volatile unsigned lo
   while (moe_ld_acquire_sys(f) < want) {
     if (moe_comm_broken(c)) return false; /* the proxy failed, or another wait timed out */
     if (moe_now_ns() - start > c.timeoutNs) {
-      moe_record_timeout(c, want, peer, moe_ld_acquire_sys(f));
+      moe_record_timeout(c, want, peer, moe_ld_acquire_sys(f), MOE_WAIT_NET);
       return false;
     }
   }

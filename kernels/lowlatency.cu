@@ -69,7 +69,7 @@ __device__ __forceinline__ unsigned long long moe_ll_read_seq(const moe_ll_ctx_t
  * timeout (recorded) or when the comm broke meanwhile (the error word is read
  * only during long waits: it is host memory, slow to read). */
 __device__ bool moe_ll_wait(const moe_ll_ctx_t& c, const unsigned long long* flag, unsigned long long want,
-                            int peer) {
+                            int peer, moe_wait_t what) {
   unsigned long long v = moe_ld_acquire_sys(flag);
   if (v >= want) return true;
   const long long start = moe_now_ns();
@@ -83,7 +83,7 @@ __device__ bool moe_ll_wait(const moe_ll_ctx_t& c, const unsigned long long* fla
       nextCheck = now + MOE_LL_BROKEN_CHECK_NS;
     }
     if (now - start > c.rc.timeoutNs) {
-      moe_record_timeout(c.rc, want, peer, v);
+      moe_record_timeout(c.rc, want, peer, v, what);
       return false;
     }
   }
@@ -93,9 +93,13 @@ __device__ bool moe_ll_wait(const moe_ll_ctx_t& c, const unsigned long long* fla
  * (flags in this rank's buffer, one per source). True in every thread when
  * all arrived. Ends with a block barrier. */
 __device__ bool moe_ll_wait_all(const moe_ll_ctx_t& c, size_t region, int set, unsigned long long want) {
+  const moe_wait_t what = region == c.l.cntFlag    ? MOE_WAIT_LL_COUNTS
+                          : region == c.l.dataFlag ? MOE_WAIT_LL_DATA
+                          : region == c.l.combAck  ? MOE_WAIT_LL_ACK
+                                                   : MOE_WAIT_LL_COMBINE;
   bool ok = true;
   for (int r = threadIdx.x; r < c.rc.nRanks; r += blockDim.x)
-    ok &= moe_ll_wait(c, moe_ll_flag(c, c.rc.rank, region, set, r), want, r);
+    ok &= moe_ll_wait(c, moe_ll_flag(c, c.rc.rank, region, set, r), want, r, what);
   return __syncthreads_and(ok);
 }
 

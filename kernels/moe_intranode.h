@@ -53,9 +53,19 @@ enum {
   MOE_KERR_NET = 6,          /* the network proxy failed (transport error, bad peer data) */
 };
 
-/* The host-mapped error record: the code, then for a timeout the barrier
- * (this rank's epoch), the peer that had not arrived, and the epoch it had. */
-enum { MOE_ERR_CODE = 0, MOE_ERR_EPOCH = 1, MOE_ERR_PEER = 2, MOE_ERR_PEER_EPOCH = 3, MOE_ERR_WORDS = 4 };
+/* The host-mapped error record: the code, then for a timeout the step
+ * waited for (barrier epoch or use count), the peer that had not arrived,
+ * the step it had reached, and what was waited for (moe_wait_t). */
+enum { MOE_ERR_CODE = 0, MOE_ERR_EPOCH = 1, MOE_ERR_PEER = 2, MOE_ERR_PEER_EPOCH = 3, MOE_ERR_WAIT = 4, MOE_ERR_WORDS = 5 };
+
+typedef enum {
+  MOE_WAIT_BARRIER = 0,   /* the intranode barrier (notify, end of dispatch / combine) */
+  MOE_WAIT_LL_COUNTS = 1, /* low latency: count messages (dispatch send) */
+  MOE_WAIT_LL_DATA = 2,   /* low latency: dispatched rows (dispatch receive) */
+  MOE_WAIT_LL_ACK = 3,    /* low latency: the previous combine read (combine send) */
+  MOE_WAIT_LL_COMBINE = 4,/* low latency: combined rows (combine receive) */
+  MOE_WAIT_NET = 5,       /* internode: a node's data through the proxy */
+} moe_wait_t;
 
 /* What every kernel of one rank needs to find its peers and report. */
 typedef struct {

@@ -39,11 +39,12 @@ __device__ __forceinline__ bool moe_comm_broken(const moe_rank_ctx_t& c) {
 /* Records a timeout (the first error wins): the wait's target `want`, the
  * peer it waited for and the value that peer had reached. */
 __device__ __forceinline__ void moe_record_timeout(const moe_rank_ctx_t& c, unsigned long long want, int peer,
-                                                   unsigned long long seen) {
+                                                   unsigned long long seen, moe_wait_t what) {
   if (c.error[MOE_ERR_CODE] == MOE_KERR_NONE) {
     c.error[MOE_ERR_EPOCH] = (int)want;
     c.error[MOE_ERR_PEER] = peer;
     c.error[MOE_ERR_PEER_EPOCH] = (int)seen;
+    c.error[MOE_ERR_WAIT] = what;
   }
   moe_record_error(c, MOE_KERR_TIMEOUT);
 }
@@ -69,7 +70,7 @@ __device__ inline bool moe_barrier(const moe_rank_ctx_t& c) {
     const unsigned long long* slot = moe_signal_slot(c, c.rank, r);
     while (moe_ld_acquire_sys(slot) < e) {
       if (moe_now_ns() - start > c.timeoutNs) {
-        moe_record_timeout(c, e, r, moe_ld_acquire_sys(slot));
+        moe_record_timeout(c, e, r, moe_ld_acquire_sys(slot), MOE_WAIT_BARRIER);
         return false;
       }
     }

@@ -133,7 +133,12 @@ ncclResult_t moe_comm_finish(ncclMoeComm_t comm) {
     if (blocks < 1) blocks = 1;
   }
   comm->numBlocks = blocks;
-  comm->waitBlocks = comm->isVirtual && comm->nRanks > 1 && blocks > 1 ? blocks - 1 : blocks;
+  /* Virtual ranks: kernels whose blocks all wait for peers get half of
+   * their share, so every rank's waiting grid fits on the GPU at once with
+   * room to spare for what else runs there (other ranks' kernels, the
+   * caller's work); with a block of margin only, ranks timed out now and
+   * then on the device machine. */
+  comm->waitBlocks = comm->isVirtual && comm->nRanks > 1 && blocks > 1 ? (blocks + 1) / 2 : blocks;
   MOE_CHECK(moe_ll_comm_init(comm));
   MOE_INFO(NCCL_INIT, "rank %d/%d on device %d: %zu bytes of buffers, %d blocks, max %d rows received",
            comm->rank, comm->nRanks, comm->device, comm->layout.total, blocks, comm->maxRecv);
@@ -157,15 +162,28 @@ static void moe_comm_free(ncclMoeComm_t comm) {
   if (prev >= 0) cudaSetDevice(prev);
 }
 
+static const char* moe_wait_name(int what) {
+  switch (what) {
+    case MOE_WAIT_BARRIER: return "barrier";
+    case MOE_WAIT_LL_COUNTS: return "the low-latency count messages of use";
+    case MOE_WAIT_LL_DATA: return "the low-latency dispatched rows of use";
+    case MOE_WAIT_LL_ACK: return "the low-latency combine acknowledgement of use";
+    case MOE_WAIT_LL_COMBINE: return "the low-latency combined rows of use";
+    case MOE_WAIT_NET: return "a node's network data, step";
+    default: return "step";
+  }
+}
+
 ncclResult_t moe_comm_error(ncclMoeComm_t comm) {
   switch (__atomic_load_n(comm->hostError, __ATOMIC_ACQUIRE)) {
     case MOE_KERR_NONE: return ncclSuccess;
     case MOE_KERR_TIMEOUT:
       return MOE_ERROR(ncclSystemError,
-                       "rank %d: a peer did not answer within %d ms (NCCL_MOE_TIMEOUT_MS): at barrier %d, rank %d "
-                       "was at barrier %d; the comm is unusable",
-                       comm->rank, comm->config.timeoutMs, comm->hostError[MOE_ERR_EPOCH],
-                       comm->hostError[MOE_ERR_PEER], comm->hostError[MOE_ERR_PEER_EPOCH]);
+                       "rank %d: a peer did not answer within %d ms (NCCL_MOE_TIMEOUT_MS): waiting for %s %d, rank %d "
+                       "was at %d; the comm is unusable",
+                       comm->rank, comm->config.timeoutMs, moe_wait_name(comm->hostError[MOE_ERR_WAIT]),
+                       comm->hostError[MOE_ERR_EPOCH], comm->hostError[MOE_ERR_PEER],
+                       comm->hostError[MOE_ERR_PEER_EPOCH]);
     case MOE_KERR_BAD_EXPERT:
       return MOE_ERROR(ncclInvalidArgument, "rank %d: topkIdx held an expert id outside [-1, %d)", comm->rank,
                        comm->config.numExperts);

@@ -16,9 +16,8 @@ struct ncclMoeComm {
   ncclMoeConfig_t config;      /* validated, defaults filled in */
   int maxRecv;                 /* rows of every receive buffer */
   int numBlocks;               /* dispatch/combine blocks (the SM budget) */
-  int waitBlocks;              /* blocks of kernels that wait for peers at their start (internode,
-                                  low latency): virtual ranks leave a block of margin each, so a
-                                  foreign kernel cannot keep a peer's grid from being resident */
+  int waitBlocks;              /* blocks of kernels whose blocks all wait for peers (internode,
+                                  low latency): half of numBlocks for virtual ranks (moe_comm.c) */
   int isVirtual;               /* peers are pointers of this process */
   moe_layout_t layout;
   char* buffer;                /* this rank's peer-visible buffer */

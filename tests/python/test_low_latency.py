@@ -114,11 +114,12 @@ def test_low_latency_round_trip(seed, fmt, send_only):
                                       send_only=send_only)
         if send_only:
             assert vb.low_latency_combine_recv(handles) == outs
+        torch.cuda.synchronize()
+        vb.check_async_error()  # first: an error explains wrong values
         want = combine_reference(idxs, ws, ys, at)
         for s in range(N):
             assert outs[s].shape == (TOKENS[s], H)
             assert_close(outs[s], want[s], "rank %d: combined" % s, rel=8e-3)
-        vb.check_async_error()
 
 
 def test_low_latency_two_steps_in_flight(seed):

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs steps against a build directory made on another machine (binaries
+# built here run on the GPU machine: carry the build dir, configured with
+# -Dcheck_root=$PWD/.deps/root so Check links statically). No Meson needed
+# there, so no rebuild spends device time.
+#   scripts/device-run-built.sh BUILD_DIR STEP...
+# Steps: gpu (every gpu test binary), <test name> (one gpu test binary),
+# python[=PYTEST_ARGS] (the pytest suite, or the given files / -k filter),
+# bench[=ARGS] (nccl-moe-bench ARGS), torch (python/benchmarks/bench_vs_torch.py
+# --virtual 8), example (examples/moe_layer.py --virtual 8). Each step's
+# output goes to $OUT/<n>-<step>.log too; a summary comes last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bin="$1"
+shift
+out="${OUT:-/tmp}"
+export CUDA_DEVICE_MAX_CONNECTIONS=32
+export NCCL_MOE_LIBRARY="$PWD/$bin/libnccl-net-moe.so"
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+summary=()
+n=0
+
+step() { # name, timeout (s), command...
+  local name="$1" limit="$2"
+  shift 2
+  n=$((n + 1))
+  local log="$out/$n-${name//[^A-Za-z0-9_.-]/_}.log"
+  echo "==== $name: $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  tail -n 40 "$log"
+  summary+=("$(printf '%-28s rc=%-3s %4ss' "$name" "$rc" $((SECONDS - start)))")
+}
+
+py=python3
+[ -x /opt/torch/.venv/bin/python3 ] && py=/opt/torch/.venv/bin/python3
+for s in "$@"; do
+  case "$s" in
+    gpu)
+      for t in "$bin"/tests/gpu/test_*; do
+        [ -x "$t" ] && [ -f "$t" ] && step "$(basename "$t")" 600 "$t"
+      done ;;
+    test_*) step "$s" 600 "$bin/tests/gpu/$s" ;;
+    python) step python 600 "$py" -m pytest -q -p no:cacheprovider tests/python ;;
+    python=*) step "python ${s#python=}" 600 "$py" -m pytest -q -p no:cacheprovider ${s#python=} ;;
+    bench) step bench 300 "$bin/nccl-moe-bench" ;;
+    bench=*) step "bench ${s#bench=}" 300 "$bin/nccl-moe-bench" ${s#bench=} ;;
+    torch) step torch 300 "$py" python/benchmarks/bench_vs_torch.py --virtual 8 ;;
+    example) step example 300 "$py" examples/moe_layer.py --virtual 8 ;;
+    *) echo "unknown step $s" >&2; exit 2 ;;
+  esac
+done
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
+echo "==== summary"
+printf '%s\n' "${summary[@]}"
+echo "==== RESULT lines"
+grep -h '^RESULT' "$out"/*.log 2>/dev/null
