@@ -134,11 +134,16 @@ ncclResult_t moe_comm_finish(ncclMoeComm_t comm) {
   }
   comm->numBlocks = blocks;
   /* Virtual ranks: kernels whose blocks all wait for peers get half of
-   * their share, so every rank's waiting grid fits on the GPU at once with
-   * room to spare for what else runs there (other ranks' kernels, the
-   * caller's work); with a block of margin only, ranks timed out now and
-   * then on the device machine. */
-  comm->waitBlocks = comm->isVirtual && comm->nRanks > 1 && blocks > 1 ? (blocks + 1) / 2 : blocks;
+   * the rank's blocks, and all ranks together at most half of the GPU's
+   * MOE_BLOCKS_PER_SM * sms block slots, so every rank's waiting grid fits
+   * at once with room to spare for whatever else runs there. (With a block
+   * of margin only, ranks timed out now and then on the device machine; a
+   * larger numSMs would deadlock.) */
+  comm->waitBlocks = blocks;
+  if (comm->isVirtual && comm->nRanks > 1) {
+    const int cap = sms / comm->nRanks > 0 ? sms / comm->nRanks : 1;
+    comm->waitBlocks = (blocks + 1) / 2 < cap ? (blocks + 1) / 2 : cap;
+  }
   MOE_CHECK(moe_ll_comm_init(comm));
   MOE_INFO(NCCL_INIT, "rank %d/%d on device %d: %zu bytes of buffers, %d blocks, max %d rows received",
            comm->rank, comm->nRanks, comm->device, comm->layout.total, blocks, comm->maxRecv);

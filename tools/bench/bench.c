@@ -179,14 +179,16 @@ static void draw_inputs(const opts_t* o, uint16_t* hx, int64_t* hidx, float* hw)
 }
 
 /* ------------------------------------------------------------ --mode ll */
-/* Low-latency mode. Every rank captures one graph holding a whole dispatch
- * (send and receive half) and one holding a whole combine, on its own
- * stream. A timed run holds every rank's replay behind a gate (one kernel
- * spinning on a host flag, an event the rank streams wait on), then opens it,
- * so host launch skew does not count: time = last rank's end - first rank's
- * start, median over the timed replays. Dispatch and combine replays
- * alternate, as in decoding (each combine before the next dispatch on the
- * buffer set, as the API asks).
+/* Low-latency mode. The timed figure: one graph holds a whole dispatch
+ * (send and receive half) of every rank, as parallel branches, and another
+ * the whole combine; time = from before the graph's launch to its end, median
+ * over the replays. Dispatch and combine replays alternate, as in decoding
+ * (each combine before the next dispatch on the buffer set, as the API asks).
+ * Also printed: each rank's own graph on its own stream, held behind a gate
+ * (one kernel spinning on a host flag, an event the rank streams wait on) and
+ * then released: time = last rank's end - first rank's start. On one GPU that
+ * includes the front end's skew in starting eight streams (printed), which
+ * separate GPUs do not have.
  * Bandwidth as ANCHORS.md counts low-latency mode, per valid (token, expert)
  * pair summed over the ranks on the GPU: FP8 dispatch hidden + hidden/128 x 4
  * + 16 bytes (BF16 dispatch, by the same rule: hidden x 2 + 16), BF16 combine
@@ -276,8 +278,53 @@ static void ll_capture(ll_rank_t* rk, int ranks, int op) {
   }
 }
 
-/* One gated replay of `op` on every rank: the span in ms. */
-static float ll_replay(ll_rank_t* rk, int ranks, ll_gate_t* gate, int op) {
+/* One graph holding `op` of every rank as parallel branches, forked from
+ * and joined to `stream`: the ranks start together, as separate GPUs would,
+ * without the front end's skew between eight streams' launches. */
+static cudaGraphExec_t ll_capture_all(ll_rank_t* rk, int ranks, int op, cudaStream_t stream, cudaEvent_t fork) {
+  cudaGraph_t g;
+  cudaGraphExec_t exec;
+  CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  CK(cudaEventRecord(fork, stream));
+  for (int r = 0; r < ranks; r++) {
+    CK(cudaStreamWaitEvent(rk[r].stream, fork, 0));
+    ll_call(&rk[r], op);
+    CK(cudaEventRecord(rk[r].end, rk[r].stream));
+    CK(cudaStreamWaitEvent(stream, rk[r].end, 0));
+  }
+  CK(cudaStreamEndCapture(stream, &g));
+  CK(cudaGraphInstantiate(&exec, g, 0));
+  CK(cudaGraphDestroy(g));
+  return exec;
+}
+
+/* Median (ms) of replays of the all-rank graphs, dispatch and combine
+ * alternately: from before the launch to the end, on one stream. */
+static void ll_time_all(cudaGraphExec_t* exec, const opts_t* o, cudaStream_t stream, float* spanMs) {
+  float* t[2] = {malloc(sizeof(float) * o->iters), malloc(sizeof(float) * o->iters)};
+  cudaEvent_t ev[2];
+  CK(cudaEventCreate(&ev[0]));
+  CK(cudaEventCreate(&ev[1]));
+  for (int i = 0; i < o->warmup + o->iters; i++)
+    for (int op = LL_DISPATCH; op <= LL_COMBINE; op++) {
+      CK(cudaEventRecord(ev[0], stream));
+      CK(cudaGraphLaunch(exec[op], stream));
+      CK(cudaEventRecord(ev[1], stream));
+      CK(cudaStreamSynchronize(stream));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+      if (i >= o->warmup) t[op][i - o->warmup] = ms;
+    }
+  for (int op = LL_DISPATCH; op <= LL_COMBINE; op++) spanMs[op] = median(t[op], o->iters);
+  CK(cudaEventDestroy(ev[0]));
+  CK(cudaEventDestroy(ev[1]));
+  free(t[0]);
+  free(t[1]);
+}
+
+/* One gated replay of `op` on every rank: the span in ms; *skewMs = how
+ * much later than the first rank the last rank started. */
+static float ll_replay(ll_rank_t* rk, int ranks, ll_gate_t* gate, int op, float* skewMs) {
   __atomic_store_n(gate->hostFlag, 0, __ATOMIC_RELEASE);
   CK(moe_ll_gate_launch(gate->devFlag, LL_GATE_TIMEOUT_NS, gate->stream));
   CK(cudaEventRecord(gate->open, gate->stream));
@@ -289,29 +336,35 @@ static float ll_replay(ll_rank_t* rk, int ranks, ll_gate_t* gate, int op) {
   }
   __atomic_store_n(gate->hostFlag, 1, __ATOMIC_RELEASE);
   CK(cudaDeviceSynchronize());
-  float first = 1e30f, last = 0.0f;
+  float first = 1e30f, lastStart = 0.0f, last = 0.0f;
   for (int r = 0; r < ranks; r++) {
     float s, e;
     CK(cudaEventElapsedTime(&s, gate->open, rk[r].start));
     CK(cudaEventElapsedTime(&e, gate->open, rk[r].end));
     if (s < first) first = s;
+    if (s > lastStart) lastStart = s;
     if (e > last) last = e;
   }
+  *skewMs = lastStart - first;
   return last - first;
 }
 
-/* Medians (ms) of dispatch and combine, replayed alternately. */
-static void ll_time(ll_rank_t* rk, const opts_t* o, ll_gate_t* gate, float* dispatchMs, float* combineMs) {
-  float* t[2] = {malloc(sizeof(float) * o->iters), malloc(sizeof(float) * o->iters)};
+/* Medians (ms) of the span and of the start skew of dispatch and combine
+ * ([LL_DISPATCH], [LL_COMBINE]), replayed alternately. */
+static void ll_time(ll_rank_t* rk, const opts_t* o, ll_gate_t* gate, float* spanMs, float* skewMs) {
+  float* t[4];
+  for (int i = 0; i < 4; i++) t[i] = malloc(sizeof(float) * o->iters);
   for (int i = 0; i < o->warmup + o->iters; i++)
     for (int op = LL_DISPATCH; op <= LL_COMBINE; op++) {
-      const float ms = ll_replay(rk, o->ranks, gate, op);
-      if (i >= o->warmup) t[op][i - o->warmup] = ms;
+      float skew;
+      const float ms = ll_replay(rk, o->ranks, gate, op, &skew);
+      if (i >= o->warmup) t[op][i - o->warmup] = ms, t[2 + op][i - o->warmup] = skew;
     }
-  *dispatchMs = median(t[LL_DISPATCH], o->iters);
-  *combineMs = median(t[LL_COMBINE], o->iters);
-  free(t[0]);
-  free(t[1]);
+  for (int op = LL_DISPATCH; op <= LL_COMBINE; op++) {
+    spanMs[op] = median(t[op], o->iters);
+    skewMs[op] = median(t[2 + op], o->iters);
+  }
+  for (int i = 0; i < 4; i++) free(t[i]);
 }
 
 /* Rows received over all ranks (after a dispatch). */
@@ -384,8 +437,13 @@ static int ll_main(const opts_t* o) {
   }
   ll_capture(rk, o->ranks, LL_DISPATCH);
   ll_capture(rk, o->ranks, LL_COMBINE);
-  float tDispatch, tCombine;
-  ll_time(rk, o, &gate, &tDispatch, &tCombine);
+  float span[2], skew[2];
+  ll_time(rk, o, &gate, span, skew);
+  cudaGraphExec_t all[2];
+  for (int op = LL_DISPATCH; op <= LL_COMBINE; op++) all[op] = ll_capture_all(rk, o->ranks, op, gate.stream, gate.open);
+  float allSpan[2];
+  ll_time_all(all, o, gate.stream, allSpan);
+  const float tDispatch = allSpan[LL_DISPATCH], tCombine = allSpan[LL_COMBINE];
   ll_check_async(rk, o->ranks);
   if (ll_received(rk, o->ranks) != pairs) {
     fprintf(stderr, "nccl-moe-bench: the replays received a different number of rows\n");
@@ -406,6 +464,11 @@ static int ll_main(const opts_t* o) {
   printf("%-34s %10s %12s %8s\n", "phase (median of graph replays)", "us", "GB/s", "ratio");
   printf("%-34s %10.1f %12.1f %8.3f\n", "ll dispatch (send + receive)", tDispatch * 1e3, dGBps, dRatio);
   printf("%-34s %10.1f %12.1f %8.3f\n", "ll combine (send + receive)", tCombine * 1e3, cGBps, cRatio);
+  printf("the same as one graph per rank on its own stream, behind a gate (first start to last end):\n");
+  printf("%-34s %10.1f   (start skew of the ranks %.1f)\n", "ll dispatch", span[LL_DISPATCH] * 1e3,
+         skew[LL_DISPATCH] * 1e3);
+  printf("%-34s %10.1f   (start skew of the ranks %.1f)\n", "ll combine", span[LL_COMBINE] * 1e3,
+         skew[LL_COMBINE] * 1e3);
   printf("%-34s %10s %12.1f\n", "device copy (bytes once)", "", copy);
   printf("RESULT mode=ll gpus=1 ranks=%d tokens=%d ll_dispatch_us=%.1f ll_combine_us=%.1f ll_ratio=%.3f "
          "ll_dispatch_GBps=%.1f ll_combine_GBps=%.1f copy_GBps=%.1f ll_dispatch_ratio=%.3f ll_combine_ratio=%.3f\n",
@@ -413,6 +476,7 @@ static int ll_main(const opts_t* o) {
          dRatio, cRatio);
   for (int r = 0; r < o->ranks; r++) {
     cudaGraphExecDestroy(rk[r].graph[LL_DISPATCH]);
+    if (r == 0) cudaGraphExecDestroy(all[LL_DISPATCH]), cudaGraphExecDestroy(all[LL_COMBINE]);
     cudaGraphExecDestroy(rk[r].graph[LL_COMBINE]);
     ncclMoeHandleDestroy(rk[r].handle);
   }
