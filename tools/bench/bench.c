@@ -184,9 +184,7 @@ static void draw_inputs(const opts_t* o, uint16_t* hx, int64_t* hidx, float* hw)
  * the whole combine; time = from before the graph's launch to its end, median
  * over the replays. Dispatch and combine replays alternate, as in decoding
  * (each combine before the next dispatch on the buffer set, as the API asks).
- * Also printed: the slowest rank's own span inside that graph (events around
- * its branch: no graph launch, but its waits for later peers), and each
- * rank's own graph on its own stream, held behind a gate
+ * Also printed: each rank's own graph on its own stream, held behind a gate
  * (one kernel spinning on a host flag, an event the rank streams wait on) and
  * then released: time = last rank's end - first rank's start. On one GPU that
  * includes the front end's skew in starting eight streams (printed), which
@@ -290,7 +288,6 @@ static cudaGraphExec_t ll_capture_all(ll_rank_t* rk, int ranks, int op, cudaStre
   CK(cudaEventRecord(fork, stream));
   for (int r = 0; r < ranks; r++) {
     CK(cudaStreamWaitEvent(rk[r].stream, fork, 0));
-    CK(cudaEventRecord(rk[r].start, rk[r].stream));
     ll_call(&rk[r], op);
     CK(cudaEventRecord(rk[r].end, rk[r].stream));
     CK(cudaStreamWaitEvent(stream, rk[r].end, 0));
@@ -301,15 +298,10 @@ static cudaGraphExec_t ll_capture_all(ll_rank_t* rk, int ranks, int op, cudaStre
   return exec;
 }
 
-/* Medians (ms) of replays of the all-rank graphs, dispatch and combine
- * alternately: spanMs from before the launch to the end, on one stream;
- * rankMs the longest of the ranks' own spans inside the graph (its first
- * kernel's start to its last one's end: no graph launch, but any wait for a
- * later peer). */
-static void ll_time_all(ll_rank_t* rk, cudaGraphExec_t* exec, const opts_t* o, cudaStream_t stream, float* spanMs,
-                        float* rankMs) {
-  float* t[4];
-  for (int i = 0; i < 4; i++) t[i] = malloc(sizeof(float) * o->iters);
+/* Median (ms) of replays of the all-rank graphs, dispatch and combine
+ * alternately: from before the launch to the end, on one stream. */
+static void ll_time_all(cudaGraphExec_t* exec, const opts_t* o, cudaStream_t stream, float* spanMs) {
+  float* t[2] = {malloc(sizeof(float) * o->iters), malloc(sizeof(float) * o->iters)};
   cudaEvent_t ev[2];
   CK(cudaEventCreate(&ev[0]));
   CK(cudaEventCreate(&ev[1]));
@@ -319,22 +311,15 @@ static void ll_time_all(ll_rank_t* rk, cudaGraphExec_t* exec, const opts_t* o, c
       CK(cudaGraphLaunch(exec[op], stream));
       CK(cudaEventRecord(ev[1], stream));
       CK(cudaStreamSynchronize(stream));
-      float ms, longest = 0.0f;
+      float ms;
       CK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
-      for (int r = 0; r < o->ranks; r++) {
-        float own;
-        CK(cudaEventElapsedTime(&own, rk[r].start, rk[r].end));
-        if (own > longest) longest = own;
-      }
-      if (i >= o->warmup) t[op][i - o->warmup] = ms, t[2 + op][i - o->warmup] = longest;
+      if (i >= o->warmup) t[op][i - o->warmup] = ms;
     }
-  for (int op = LL_DISPATCH; op <= LL_COMBINE; op++) {
-    spanMs[op] = median(t[op], o->iters);
-    rankMs[op] = median(t[2 + op], o->iters);
-  }
+  for (int op = LL_DISPATCH; op <= LL_COMBINE; op++) spanMs[op] = median(t[op], o->iters);
   CK(cudaEventDestroy(ev[0]));
   CK(cudaEventDestroy(ev[1]));
-  for (int i = 0; i < 4; i++) free(t[i]);
+  free(t[0]);
+  free(t[1]);
 }
 
 /* One gated replay of `op` on every rank: the span in ms; *skewMs = how
@@ -456,8 +441,8 @@ static int ll_main(const opts_t* o) {
   ll_time(rk, o, &gate, span, skew);
   cudaGraphExec_t all[2];
   for (int op = LL_DISPATCH; op <= LL_COMBINE; op++) all[op] = ll_capture_all(rk, o->ranks, op, gate.stream, gate.open);
-  float allSpan[2], rankSpan[2];
-  ll_time_all(rk, all, o, gate.stream, allSpan, rankSpan);
+  float allSpan[2];
+  ll_time_all(all, o, gate.stream, allSpan);
   const float tDispatch = allSpan[LL_DISPATCH], tCombine = allSpan[LL_COMBINE];
   ll_check_async(rk, o->ranks);
   if (ll_received(rk, o->ranks) != pairs) {
@@ -479,8 +464,6 @@ static int ll_main(const opts_t* o) {
   printf("%-34s %10s %12s %8s\n", "phase (median of graph replays)", "us", "GB/s", "ratio");
   printf("%-34s %10.1f %12.1f %8.3f\n", "ll dispatch (send + receive)", tDispatch * 1e3, dGBps, dRatio);
   printf("%-34s %10.1f %12.1f %8.3f\n", "ll combine (send + receive)", tCombine * 1e3, cGBps, cRatio);
-  printf("%-34s %10.1f %10.1f\n", "slowest rank inside it (d, c)", rankSpan[LL_DISPATCH] * 1e3,
-         rankSpan[LL_COMBINE] * 1e3);
   printf("the same as one graph per rank on its own stream, behind a gate (first start to last end):\n");
   printf("%-34s %10.1f   (start skew of the ranks %.1f)\n", "ll dispatch", span[LL_DISPATCH] * 1e3,
          skew[LL_DISPATCH] * 1e3);
