@@ -17,7 +17,8 @@ struct ncclMoeComm {
   int maxRecv;                 /* rows of every receive buffer */
   int numBlocks;               /* dispatch/combine blocks (the SM budget) */
   int waitBlocks;              /* blocks of kernels whose blocks all wait for peers (internode,
-                                  low latency): half of numBlocks for virtual ranks (moe_comm.c) */
+                                  low latency): for virtual ranks half of numBlocks, at most
+                                  sms / nRanks (moe_comm_finish) */
   int isVirtual;               /* peers are pointers of this process */
   moe_layout_t layout;
   char* buffer;                /* this rank's peer-visible buffer */

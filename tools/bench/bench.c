@@ -474,9 +474,10 @@ static int ll_main(const opts_t* o) {
          "ll_dispatch_GBps=%.1f ll_combine_GBps=%.1f copy_GBps=%.1f ll_dispatch_ratio=%.3f ll_combine_ratio=%.3f\n",
          o->ranks, o->tokens, tDispatch * 1e3, tCombine * 1e3, dRatio < cRatio ? dRatio : cRatio, dGBps, cGBps, copy,
          dRatio, cRatio);
+  cudaGraphExecDestroy(all[LL_DISPATCH]);
+  cudaGraphExecDestroy(all[LL_COMBINE]);
   for (int r = 0; r < o->ranks; r++) {
     cudaGraphExecDestroy(rk[r].graph[LL_DISPATCH]);
-    if (r == 0) cudaGraphExecDestroy(all[LL_DISPATCH]), cudaGraphExecDestroy(all[LL_COMBINE]);
     cudaGraphExecDestroy(rk[r].graph[LL_COMBINE]);
     ncclMoeHandleDestroy(rk[r].handle);
   }
