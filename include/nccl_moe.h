@@ -387,7 +387,8 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCom
  * is enqueued later by ncclMoeLowLatencyDispatchRecv / ...CombineRecv, so
  * compute can run in between. The send half of a dispatch also waits (on the
  * GPU) until every rank has started the same dispatch; a receive half waits
- * until every peer's send half is done.
+ * until every row this rank receives has arrived. Without sendOnly both
+ * halves run as one kernel.
  *
  * Virtual ranks sharing one GPU: run at most one low-latency call half per
  * rank at a time (one stream per rank), or the spinning kernels may not fit
@@ -518,10 +519,11 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm,
 /* Device memory of this rank's low-latency buffers (both sets, peer-visible
  * regions and private state), in bytes; 0 when config.llMaxTokensPerRank is
  * 0. Per set, with L = numExperts / nRanks, M = llMaxTokensPerRank,
- * H = config.hidden, K = config.maxTopk, N = nRanks, E = numExperts:
- *   L*N*M * (2H + 4*ceil(H/128) + 8)   received rows, scales, sources
- *   + M*K * (2H + 4)                   combine rows, routing
- *   + N * (4E + 48) + small            counts and flags
+ * H = config.hidden, K = config.maxTopk, N = nRanks, E = numExperts,
+ * F = ceil(H / 512):
+ *   L*N*M * (2H + 4*ceil(H/128) + 8 + 8F)   received rows, scales, sources, arrival flags
+ *   + M*K * (4H + 4 + 16F)                  combine rows (two halves), routing, flags
+ *   + N * (4E + 8) + small                  counts and flags
  * (H=7168, M=128, E=256, N=8: about 0.5 GB per set). Also part of
  * ncclMoeCommBufferBytes. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyBufferBytes(ncclMoeComm_t comm, size_t* bytes_p);

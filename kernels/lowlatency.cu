@@ -1,6 +1,7 @@
 /* Low-latency (decode) dispatch and combine, intranode over peer stores.
  *
- * Dispatch, send half (one kernel per rank, use n of buffer set b):
+ * Dispatch (use n of buffer set b; one kernel per rank when both halves run
+ * together, else a send kernel and a receive kernel):
  *  A. every block counts this rank's (token, expert) pairs per expert (an
  *     expert repeated in a token's row counts once), and those of the tokens
  *     before its own token range;
@@ -13,17 +14,24 @@
  *     it has finished with use n - 1's outputs (the API's rules);
  *  D. one warp per block assigns rows to the block's pairs in token order
  *     (deterministic output order); warps then cast each (token, 512-channel
- *     chunk) to FP8 once and store it to every destination;
- *  E. the last block to finish publishes dataFlag = n at every rank.
- * Dispatch, receive half: waits for dataFlag = n from every rank.
- * Combine, send half: every received row goes back to (source rank, token,
- * top-k slot) in the source's combX; the last block publishes combFlag = n.
- * It first waits for combAck >= n - 1 (the source has read use n - 1).
- * Combine, receive half: waits for combFlag = n from every rank, reduces the
- * top-k rows of each token in k order in fp32 (fma, weights), writes BF16,
- * and the last block acks (combAck = n) to every rank.
+ *     chunk) to FP8 once, store it to every destination, and after a fence
+ *     mark that chunk of the destination row arrived (rowFlag = n);
+ *  Receive: wait until every chunk of every row this rank receives (known
+ *     from the count messages) is marked n. No second all-to-all round.
+ * Combine (use c of set b, half h = c % 2 of the combine rows):
+ *  send: every received row goes back to (source rank, token, top-k slot) in
+ *     half h of the source's combX, each 512-channel chunk marked (combFlag =
+ *     c) after a fence;
+ *  receive: for each (token, chunk), wait for the marks of the token's rows
+ *     (known from this rank's own routing), reduce the top-k rows in k order
+ *     in fp32 (fma, weights), write BF16. Reduction starts as rows arrive.
+ * Why half h is free when combine c writes it: the last reader of half h was
+ * the source's receive of combine c - 2 (same set), which the source ran
+ * before its send of combine c - 1; the writer's receive of combine c - 1
+ * waited for that send's rows. (Combines of one set are ordered on every rank
+ * by the API's rules; a dispatch between them changes nothing.)
  *
- * Flags are never cleared: each carries the use number n of its set, counted
+ * Flags are never cleared: each carries the use number of its set, counted
  * on the GPU (seq), so graph replays advance it. Every wait is bounded by the
  * comm's timeout and records MOE_KERR_TIMEOUT; ids out of range are dropped
  * and recorded; counts and row metadata from peers are checked before use. */
@@ -37,27 +45,47 @@
 #define MOE_LL_FULL 0xffffffffu
 #define MOE_LL_THREADS 512
 #define MOE_LL_MIN_BLOCKS_PER_SM 2 /* keeps every rank's blocks co-resident (<= 64 registers) */
-#define MOE_LL_RECV_THREADS 128
 #define MOE_LL_VEC 8                                       /* BF16 values per 16-byte vector */
 #define MOE_LL_FP8_LANES MOE_FP8_BLOCK_LANES
 #define MOE_LL_CHUNK_GROUPS 4                              /* dispatch item: 4 blocks = 512 channels */
 #define MOE_LL_CHUNK (MOE_LL_CHUNK_GROUPS * NCCL_MOE_FP8_BLOCK)
-#define MOE_LL_COMBINE_SEND_UNROLL 4                       /* combine send item: 4 x 256 channels */
+#define MOE_LL_FLAG_VEC (MOE_LL_FLAG_CHANNELS / MOE_LL_VEC) /* 16-byte vectors per flagged chunk */
+#define MOE_LL_COMBINE_SEND_FLAGS 2                        /* combine send item: 2 flagged chunks */
 #define MOE_LL_COMBINE_KGROUP 4                            /* top-k rows loaded at once */
+#define MOE_LL_BATCH 4                                     /* items a warp stores before one fence */
 #define MOE_LL_BROKEN_CHECK_NS 1000000                     /* how often a long wait reads the error word (host memory) */
 
+static_assert(MOE_LL_CHUNK == MOE_LL_FLAG_CHANNELS, "a dispatch item is one flagged chunk");
+static_assert(MOE_LL_FLAG_VEC == 2 * MOE_LL_WARP, "a combine receive item is two vectors per lane");
+
 /* ------------------------------------------------------------- helpers */
-__device__ __forceinline__ unsigned long long* moe_ll_flag(const moe_ll_ctx_t& c, int owner, size_t region,
-                                                           int set, int from) {
-  return reinterpret_cast<unsigned long long*>(c.rc.peers.base[owner] + region) + (size_t)set * c.rc.nRanks + from;
+__device__ __forceinline__ void moe_ll_st_relaxed_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long* moe_ll_cnt_flag(const moe_ll_ctx_t& c, int owner, int set, int from) {
+  return reinterpret_cast<unsigned long long*>(c.rc.peers.base[owner] + c.l.cntFlag) + (size_t)set * c.rc.nRanks + from;
+}
+
+/* Chunk f of dispatch row `row` of set `set` at rank `owner`. */
+__device__ __forceinline__ unsigned long long* moe_ll_row_flag(const moe_ll_ctx_t& c, int owner, int set, size_t row,
+                                                               int f) {
+  return reinterpret_cast<unsigned long long*>(c.rc.peers.base[owner] + c.l.rowFlag[set]) + row * c.l.flagChunks + f;
+}
+
+/* Index of combine row (half, token, slot) of a set: in combX rows and in
+ * combFlag rows of flagChunks flags. */
+__device__ __forceinline__ size_t moe_ll_comb_row(const moe_ll_ctx_t& c, int half, int t, int k) {
+  return ((size_t)half * c.maxTokens + t) * c.maxTopk + k;
+}
+
+__device__ __forceinline__ unsigned long long* moe_ll_comb_flag(const moe_ll_ctx_t& c, int owner, int set, size_t crow,
+                                                                int f) {
+  return reinterpret_cast<unsigned long long*>(c.rc.peers.base[owner] + c.l.combFlag[set]) + crow * c.l.flagChunks + f;
 }
 
 __device__ __forceinline__ unsigned long long* moe_ll_seq(const moe_ll_ctx_t& c, int set, int op) {
   return reinterpret_cast<unsigned long long*>(c.rc.peers.base[c.rc.rank] + c.l.seq) + set * MOE_LL_OPS + op;
-}
-
-__device__ __forceinline__ unsigned int* moe_ll_done(const moe_ll_ctx_t& c, int set, int kind) {
-  return reinterpret_cast<unsigned int*>(c.rc.peers.base[c.rc.rank] + c.l.done) + set * MOE_LL_DONE_KINDS + kind;
 }
 
 /* The current use count of (set, op), as the previous kernel left it. */
@@ -65,9 +93,24 @@ __device__ __forceinline__ unsigned long long moe_ll_read_seq(const moe_ll_ctx_t
   return *reinterpret_cast<volatile unsigned long long*>(moe_ll_seq(c, set, op));
 }
 
-/* Spins until *flag >= want (flag written by `peer` with release). False on
- * timeout (recorded) or when the comm broke meanwhile (the error word is read
- * only during long waits: it is host memory, slow to read). */
+/* Every thread of every block, once the block no longer reads seq: the last
+ * block to get here stores seq(set, op) = n. Local memory only: the next
+ * kernel of this rank reads it. */
+__device__ void moe_ll_count_use(const moe_ll_ctx_t& c, int set, int op, unsigned long long n) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned int* done = reinterpret_cast<unsigned int*>(c.rc.peers.base[c.rc.rank] + c.l.done) + set * MOE_LL_OPS + op;
+    if (atomicAdd(done, 1u) == gridDim.x - 1) {
+      *done = 0; /* every block has counted: the next launch starts from 0 */
+      *moe_ll_seq(c, set, op) = n;
+    }
+  }
+}
+
+/* Spins until *flag >= want (flag written by `peer`, -1 if unknown, with
+ * release). False on timeout (recorded) or when the comm broke meanwhile
+ * (the error word is read only during long waits: it is host memory, slow to
+ * read). */
 __device__ bool moe_ll_wait(const moe_ll_ctx_t& c, const unsigned long long* flag, unsigned long long want,
                             int peer, moe_wait_t what) {
   unsigned long long v = moe_ld_acquire_sys(flag);
@@ -89,43 +132,28 @@ __device__ bool moe_ll_wait(const moe_ll_ctx_t& c, const unsigned long long* fla
   }
 }
 
-/* Every thread of the block: waits for flags[r] >= want for every rank r
- * (flags in this rank's buffer, one per source). True in every thread when
- * all arrived. Ends with a block barrier. */
-__device__ bool moe_ll_wait_all(const moe_ll_ctx_t& c, size_t region, int set, unsigned long long want) {
-  const moe_wait_t what = region == c.l.cntFlag    ? MOE_WAIT_LL_COUNTS
-                          : region == c.l.dataFlag ? MOE_WAIT_LL_DATA
-                          : region == c.l.combAck  ? MOE_WAIT_LL_ACK
-                                                   : MOE_WAIT_LL_COMBINE;
+/* Every thread of the block: waits for the count messages of use n from
+ * every rank. True in every thread when all arrived. Ends with a block
+ * barrier. */
+__device__ bool moe_ll_wait_counts(const moe_ll_ctx_t& c, int set, unsigned long long n) {
   bool ok = true;
   for (int r = threadIdx.x; r < c.rc.nRanks; r += blockDim.x)
-    ok &= moe_ll_wait(c, moe_ll_flag(c, c.rc.rank, region, set, r), want, r, what);
+    ok &= moe_ll_wait(c, moe_ll_cnt_flag(c, c.rc.rank, set, r), n, r, MOE_WAIT_LL_COUNTS);
   return __syncthreads_and(ok);
 }
 
-/* Called by every thread of every block after its last peer store: true in
- * every thread of the block that finished last (its stores, and those of all
- * other blocks, are then visible system-wide). Blocks never wait here. */
-__device__ bool moe_ll_last_block(unsigned int* done) {
-  __shared__ int last;
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned int prev = atomicAdd(done, 1u);
-    last = prev == gridDim.x - 1;
-    if (last) {
-      *done = 0; /* every block has counted: the next launch starts from 0 */
-      __threadfence_system();
-    }
-  }
-  __syncthreads();
-  return last != 0;
-}
-
-/* Publishes `value` into flag slot [set][this rank] of every rank. */
-__device__ void moe_ll_publish(const moe_ll_ctx_t& c, size_t region, int set, unsigned long long value) {
-  for (int r = threadIdx.x; r < c.rc.nRanks; r += blockDim.x)
-    moe_st_release_sys(moe_ll_flag(c, r, region, set, c.rc.rank), value);
+/* A warp's arrival marks, stored once the warp's data stores are visible:
+ * one fence for up to MOE_LL_BATCH items. NULL entries are skipped. */
+__device__ __forceinline__ void moe_ll_mark(unsigned long long* const* flags, unsigned long long n) {
+  __syncwarp();
+  bool any = false;
+#pragma unroll
+  for (int j = 0; j < MOE_LL_BATCH; j++) any |= flags[j] != NULL;
+  if (!__any_sync(MOE_LL_FULL, any)) return;
+  __threadfence_system(); /* with the warp barrier: every lane's stores before any mark */
+#pragma unroll
+  for (int j = 0; j < MOE_LL_BATCH; j++)
+    if (flags[j] != NULL) moe_ll_st_relaxed_sys(flags[j], n);
 }
 
 /* In-place exclusive scan of s[0..n) by one full warp; s[n] = total. */
@@ -196,7 +224,7 @@ __device__ void moe_ll_send_counts(const moe_ll_ctx_t& c, const moe_ll_args_t& a
   __syncthreads();
   if (threadIdx.x == 0)
     for (int r = blockIdx.x; r < N; r += gridDim.x)
-      moe_st_release_sys(moe_ll_flag(c, r, c.l.cntFlag, a.set, c.rc.rank), n);
+      moe_st_release_sys(moe_ll_cnt_flag(c, r, a.set, c.rc.rank), n);
 }
 
 /* A count from a peer's message, checked: 0 <= v <= M. */
@@ -210,9 +238,11 @@ __device__ __forceinline__ int moe_ll_msg_count(const volatile int* msg, int M, 
 }
 
 /* Phase C (after every count message arrived): sStart[e] += rows of sources
- * before this rank at e's receiver; block 0 also writes recvCount. Returns
- * false in every thread when the ranks disagree on hidden / type. */
-__device__ bool moe_ll_place(const moe_ll_ctx_t& c, const moe_ll_args_t& a, int* sStart) {
+ * before this rank at e's receiver (blocks with tokens), sTot[l] = rows local
+ * expert l receives (every block; block 0 also stores them in recvCount).
+ * Returns false in every thread when the ranks disagree on hidden / type
+ * (then nothing is sent and sTot is 0). */
+__device__ bool moe_ll_place(const moe_ll_ctx_t& c, const moe_ll_args_t& a, bool hasTokens, int* sStart, int* sTot) {
   const int N = c.rc.nRanks, E = c.numExperts, L = c.rc.numLocalExperts, M = c.maxTokens, MI = c.l.msgInts;
   const int s = c.rc.rank;
   const volatile int* msgs = reinterpret_cast<const int*>(c.rc.peers.base[s] + c.l.counts[a.set]);
@@ -221,22 +251,24 @@ __device__ bool moe_ll_place(const moe_ll_ctx_t& c, const moe_ll_args_t& a, int*
   for (int r = threadIdx.x; r < N; r += blockDim.x)
     differs |= msgs[(size_t)r * MI + MOE_LL_MSG_HIDDEN(E)] != a.hidden || msgs[(size_t)r * MI + MOE_LL_MSG_TYPE(E)] != typeCode;
   const bool mismatch = __syncthreads_or(differs);
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    int base = 0;
-    for (int r = 0; r < s; r++) base += moe_ll_msg_count(msgs + (size_t)r * MI + e, M, &fault);
-    sStart[e] += base;
+  if (hasTokens)
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      int base = 0;
+      for (int r = 0; r < s; r++) base += moe_ll_msg_count(msgs + (size_t)r * MI + e, M, &fault);
+      sStart[e] += base;
+    }
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    int sum = 0;
+    for (int r = 0; r < N; r++) sum += moe_ll_msg_count(msgs + (size_t)r * MI + s * L + l, M, &fault);
+    sTot[l] = mismatch ? 0 : sum;
   }
+  __syncthreads();
   if (blockIdx.x == 0) {
     int* recvCount = reinterpret_cast<int*>(c.rc.peers.base[s] + c.l.recvCount[a.set]);
-    for (int l = threadIdx.x; l < L; l += blockDim.x) {
-      int sum = 0;
-      for (int r = 0; r < N; r++) sum += moe_ll_msg_count(msgs + (size_t)r * MI + s * L + l, M, &fault);
-      recvCount[l] = mismatch ? 0 : sum;
-    }
+    for (int l = threadIdx.x; l < L; l += blockDim.x) recvCount[l] = sTot[l];
     if (fault) moe_record_error(c.rc, fault); /* one report per rank */
     if (mismatch && threadIdx.x == 0) moe_record_error(c.rc, MOE_KERR_MISMATCH);
   }
-  __syncthreads();
   return !mismatch;
 }
 
@@ -339,107 +371,67 @@ __device__ __forceinline__ void moe_ll_put_bf16(const moe_ll_ctx_t& c, const moe
 
 /* Phase D, all warps: every (token, chunk) of the block's tokens to every
  * rank its experts live on; chunk 0 also writes each row's source and slot.
+ * Each stored chunk is then marked arrived (rowFlag = n) at its receiver.
  * This is the only place that stores dispatch rows into peers: an
  * internode (proxy) path would take the pairs of remote ranks here. */
 __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a, int tBegin, int tEnd,
-                                  const int* route) {
+                                  const int* route, unsigned long long n) {
   const int lane = threadIdx.x % MOE_LL_WARP, warp = threadIdx.x / MOE_LL_WARP;
   const int nWarps = blockDim.x / MOE_LL_WARP, K = a.topk, L = c.rc.numLocalExperts, M = c.maxTokens;
   const long long rowsPerExpert = (long long)c.rc.nRanks * M;
   const int nChunks = (a.hidden + MOE_LL_CHUNK - 1) / MOE_LL_CHUNK;
   const int items = (tEnd - tBegin) * nChunks;
   const size_t xBytes = (size_t)a.hidden * 2;
-  for (int it = warp; it < items; it += nWarps) {
-    const int t = tBegin + it / nChunks, chunk = it % nChunks;
-    int rv = -1, dRank = 0;
-    long long dRow = 0;
-    if (lane < K) {
-      rv = route[(size_t)t * K + lane];
-      if (rv >= 0) {
-        const int e = (int)__ldg(a.topkIdx + (size_t)t * K + lane); /* checked when rv was assigned */
-        dRank = e / L;
-        dRow = (long long)(e - dRank * L) * rowsPerExpert + rv;
+  for (int it0 = warp; it0 < items; it0 += MOE_LL_BATCH * nWarps) {
+    unsigned long long* marks[MOE_LL_BATCH];
+#pragma unroll
+    for (int j = 0; j < MOE_LL_BATCH; j++) {
+      marks[j] = NULL;
+      const int it = it0 + j * nWarps;
+      if (it >= items) continue;
+      const int t = tBegin + it / nChunks, chunk = it % nChunks;
+      int rv = -1, dRank = 0;
+      long long dRow = 0;
+      if (lane < K) {
+        rv = route[(size_t)t * K + lane];
+        if (rv >= 0) {
+          const int e = (int)__ldg(a.topkIdx + (size_t)t * K + lane); /* checked when rv was assigned */
+          dRank = e / L;
+          dRow = (long long)(e - dRank * L) * rowsPerExpert + rv;
+        }
       }
+      const unsigned dmask = __ballot_sync(MOE_LL_FULL, rv >= 0);
+      if (dmask == 0) continue;
+      if (chunk == 0 && rv >= 0) {
+        char* peer = c.rc.peers.base[dRank];
+        reinterpret_cast<int*>(peer + c.l.recvSrc[a.set])[dRow] = c.rc.rank * M + t;
+        reinterpret_cast<int*>(peer + c.l.recvK[a.set])[dRow] = lane;
+      }
+      const uint4* xrow = reinterpret_cast<const uint4*>(static_cast<const char*>(a.x) + (size_t)t * xBytes);
+      if (a.sendFp8) moe_ll_put_fp8(c, a, xrow, chunk, dmask, dRank, dRow);
+      else moe_ll_put_bf16(c, a, xrow, chunk, dmask, dRank, dRow);
+      if (rv >= 0) marks[j] = moe_ll_row_flag(c, dRank, a.set, (size_t)dRow, chunk);
     }
-    const unsigned dmask = __ballot_sync(MOE_LL_FULL, rv >= 0);
-    if (dmask == 0) continue;
-    if (chunk == 0 && rv >= 0) {
-      char* peer = c.rc.peers.base[dRank];
-      reinterpret_cast<int*>(peer + c.l.recvSrc[a.set])[dRow] = c.rc.rank * M + t;
-      reinterpret_cast<int*>(peer + c.l.recvK[a.set])[dRow] = lane;
-    }
-    const uint4* xrow = reinterpret_cast<const uint4*>(static_cast<const char*>(a.x) + (size_t)t * xBytes);
-    if (a.sendFp8) moe_ll_put_fp8(c, a, xrow, chunk, dmask, dRank, dRow);
-    else moe_ll_put_bf16(c, a, xrow, chunk, dmask, dRank, dRow);
+    moe_ll_mark(marks, n);
   }
 }
 
-__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
-moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
-  __shared__ int sCnt[NCCL_MOE_MAX_EXPERTS];
-  __shared__ int sStart[NCCL_MOE_MAX_EXPERTS];
-  const int E = c.numExperts, T = a.numTokens;
-  const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_DISPATCH) + 1;
-  const int per = (T + gridDim.x - 1) / gridDim.x;
-  const int tBegin = min(T, (int)blockIdx.x * per), tEnd = min(T, tBegin + per);
-  for (int i = threadIdx.x; i < E; i += blockDim.x) sCnt[i] = sStart[i] = 0;
-  __syncthreads();
-  /* Counts feed the count messages (blocks < N) and the rows of the block's
-   * own tokens. */
-  if (tBegin < tEnd || (int)blockIdx.x < c.rc.nRanks) moe_ll_count(a, E, tBegin, sCnt, sStart);
-  __syncthreads();
-  moe_ll_send_counts(c, a, sCnt, n);
-
-  if (tBegin < tEnd || blockIdx.x == 0) {
-    bool ok = moe_ll_wait_all(c, c.l.cntFlag, a.set, n);
-    if (ok) ok = moe_ll_place(c, a, sStart);
-    int* route = reinterpret_cast<int*>(c.rc.peers.base[c.rc.rank] + c.l.route[a.set]);
-    if (threadIdx.x < MOE_LL_WARP) moe_ll_assign_rows(c, a, tBegin, tEnd, sStart, ok, route);
-    __syncthreads(); /* the block's routes, written by warp 0, are read by all warps */
-    if (ok) moe_ll_put_tokens(c, a, tBegin, tEnd, route);
-  }
-
-  if (moe_ll_last_block(moe_ll_done(c, a.set, MOE_LL_DONE_DISPATCH_SEND))) {
-    moe_ll_publish(c, c.l.dataFlag, a.set, n);
-    if (threadIdx.x == 0) *moe_ll_seq(c, a.set, MOE_LL_OP_DISPATCH) = n;
-  }
-}
-
-extern "C" cudaError_t moe_ll_dispatch_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
-                                                   cudaStream_t stream) {
-  moe_ll_dispatch_send_kernel<<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
-  return cudaGetLastError();
-}
-
-/* --------------------------------------------------- dispatch: receive */
-__global__ void __launch_bounds__(MOE_LL_RECV_THREADS)
-moe_ll_dispatch_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
-  const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_DISPATCH);
-  const bool ok = moe_ll_wait_all(c, c.l.dataFlag, a.set, n);
-  if (!ok || a.cumulative == NULL) return;
-  const int* recvCount = reinterpret_cast<const int*>(c.rc.peers.base[c.rc.rank] + c.l.recvCount[a.set]);
-  for (int l = threadIdx.x; l < c.rc.numLocalExperts; l += blockDim.x)
-    atomicAdd(reinterpret_cast<unsigned long long*>(a.cumulative) + l, (unsigned long long)recvCount[l]);
-}
-
-extern "C" cudaError_t moe_ll_dispatch_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
-                                                   cudaStream_t stream) {
-  moe_ll_dispatch_recv_kernel<<<1, MOE_LL_RECV_THREADS, 0, stream>>>(*ctx, *args);
-  return cudaGetLastError();
-}
-
-/* ------------------------------------------------------- combine: send */
 /* sOff[l] = first flattened row of local expert l (rows of all experts in
- * one sequence), sOff[L] = all rows. Counts are this rank's own (written by
- * its dispatch), clamped to the expert's rows anyway. */
-__device__ int moe_ll_row_offsets(const moe_ll_ctx_t& c, int set, int* sOff) {
+ * one sequence), sOff[L] = all rows, from the row counts in sOff[0..L).
+ * Every thread of the block; ends with a block barrier. */
+__device__ int moe_ll_scan_rows(const moe_ll_ctx_t& c, int* sOff) {
+  __syncthreads();
+  if (threadIdx.x < MOE_LL_WARP) moe_ll_warp_scan(sOff, c.rc.numLocalExperts, threadIdx.x);
+  __syncthreads();
+  return sOff[c.rc.numLocalExperts];
+}
+
+/* sOff[0..L) = this rank's own recvCount (written by its dispatch), clamped
+ * to the expert's rows anyway. */
+__device__ void moe_ll_load_counts(const moe_ll_ctx_t& c, int set, int* sOff) {
   const int L = c.rc.numLocalExperts, rows = c.rc.nRanks * c.maxTokens;
   const int* recvCount = reinterpret_cast<const int*>(c.rc.peers.base[c.rc.rank] + c.l.recvCount[set]);
   for (int l = threadIdx.x; l < L; l += blockDim.x) sOff[l] = min(max(recvCount[l], 0), rows);
-  __syncthreads();
-  if (threadIdx.x < MOE_LL_WARP) moe_ll_warp_scan(sOff, L, threadIdx.x);
-  __syncthreads();
-  return sOff[L];
 }
 
 /* The expert whose flattened rows hold row g (< sOff[L]): sOff[l] <= g < sOff[l + 1]. */
@@ -453,63 +445,157 @@ __device__ __forceinline__ int moe_ll_find_expert(const int* sOff, int L, int g)
   return lo;
 }
 
+/* The source rank of row i of local expert l (for a timeout message). */
+__device__ int moe_ll_row_source(const moe_ll_ctx_t& c, int set, int l, int i) {
+  const int N = c.rc.nRanks, MI = c.l.msgInts, L = c.rc.numLocalExperts, M = c.maxTokens;
+  const volatile int* msgs = reinterpret_cast<const int*>(c.rc.peers.base[c.rc.rank] + c.l.counts[set]);
+  int fault = 0;
+  for (int r = 0; r < N; r++) {
+    const int n = moe_ll_msg_count(msgs + (size_t)r * MI + c.rc.rank * L + l, M, &fault);
+    if (i < n) return r;
+    i -= n;
+  }
+  return -1;
+}
+
+/* Dispatch receive, every block: waits until every chunk of every row this
+ * rank receives is marked n; sOff[0..L) holds the rows per local expert
+ * (turned into offsets). Then block 0 adds them to the cumulative counter. */
+__device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long n, int* sOff) {
+  const int L = c.rc.numLocalExperts;
+  const long long rowsPerExpert = (long long)c.rc.nRanks * c.maxTokens;
+  const int F = (a.hidden + MOE_LL_FLAG_CHANNELS - 1) / MOE_LL_FLAG_CHANNELS;
+  const long long items = (long long)moe_ll_scan_rows(c, sOff) * F;
+  bool ok = true;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; ok && i < items;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int g = (int)(i / F), f = (int)(i % F);
+    const int l = moe_ll_find_expert(sOff, L, g);
+    const unsigned long long* flag = moe_ll_row_flag(c, c.rc.rank, a.set, (size_t)(l * rowsPerExpert + g - sOff[l]), f);
+    if (moe_ld_acquire_sys(flag) >= n) continue;
+    ok = moe_ll_wait(c, flag, n, moe_ll_row_source(c, a.set, l, g - sOff[l]), MOE_WAIT_LL_DATA);
+  }
+  if (__syncthreads_and(ok) && blockIdx.x == 0 && a.cumulative != NULL)
+    for (int l = threadIdx.x; l < L; l += blockDim.x)
+      atomicAdd(reinterpret_cast<unsigned long long*>(a.cumulative) + l, (unsigned long long)(sOff[l + 1] - sOff[l]));
+}
+
+/* ------------------------------------------------------------ dispatch */
+/* The send half; with FUSED also the receive half (one kernel per call). */
+template <bool FUSED>
 __global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
-moe_ll_combine_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
+moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
+  __shared__ int sCnt[NCCL_MOE_MAX_EXPERTS];
+  __shared__ int sStart[NCCL_MOE_MAX_EXPERTS];
+  __shared__ int sTot[NCCL_MOE_MAX_EXPERTS + 1];
+  const int E = c.numExperts, T = a.numTokens, L = c.rc.numLocalExperts;
+  const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_DISPATCH) + 1;
+  const int per = (T + gridDim.x - 1) / gridDim.x;
+  const int tBegin = min(T, (int)blockIdx.x * per), tEnd = min(T, tBegin + per);
+  const bool hasTokens = tBegin < tEnd;
+  for (int i = threadIdx.x; i < E; i += blockDim.x) sCnt[i] = sStart[i] = 0;
+  for (int i = threadIdx.x; i < L; i += blockDim.x) sTot[i] = 0;
+  __syncthreads();
+  /* Counts feed the count messages (blocks < N) and the rows of the block's
+   * own tokens. */
+  if (hasTokens || (int)blockIdx.x < c.rc.nRanks) moe_ll_count(a, E, tBegin, sCnt, sStart);
+  __syncthreads();
+  moe_ll_send_counts(c, a, sCnt, n);
+
+  /* Every block needs the counts when it also receives; block 0 writes
+   * recvCount. */
+  if (FUSED || hasTokens || blockIdx.x == 0) {
+    bool ok = moe_ll_wait_counts(c, a.set, n);
+    if (ok) ok = moe_ll_place(c, a, hasTokens, sStart, sTot);
+    int* route = reinterpret_cast<int*>(c.rc.peers.base[c.rc.rank] + c.l.route[a.set]);
+    if (threadIdx.x < MOE_LL_WARP) moe_ll_assign_rows(c, a, tBegin, tEnd, sStart, ok, route);
+    __syncthreads(); /* the block's routes, written by warp 0, are read by all warps */
+    if (ok) moe_ll_put_tokens(c, a, tBegin, tEnd, route, n);
+  }
+  moe_ll_count_use(c, a.set, MOE_LL_OP_DISPATCH, n);
+  if (FUSED) moe_ll_dispatch_wait(c, a, n, sTot);
+}
+
+extern "C" cudaError_t moe_ll_dispatch_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                                   cudaStream_t stream) {
+  if (args->fused) moe_ll_dispatch_send_kernel<true><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  else moe_ll_dispatch_send_kernel<false><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  return cudaGetLastError();
+}
+
+__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
+moe_ll_dispatch_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sOff[NCCL_MOE_MAX_EXPERTS + 1];
+  const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_DISPATCH);
+  moe_ll_load_counts(c, a.set, sOff); /* rows per local expert, from the send half */
+  moe_ll_dispatch_wait(c, a, n, sOff);
+}
+
+extern "C" cudaError_t moe_ll_dispatch_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                                   cudaStream_t stream) {
+  moe_ll_dispatch_recv_kernel<<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  return cudaGetLastError();
+}
+
+/* ------------------------------------------------------------- combine */
+/* The send half of combine use cu: every received row (its expert output)
+ * back to half cu % 2 of its source's combine rows, 1024 channels per item,
+ * each 512-channel chunk marked. */
+__device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long cu, int* sOff) {
   const int N = c.rc.nRanks, M = c.maxTokens, L = c.rc.numLocalExperts;
-  const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE) + 1;
-  const int total = moe_ll_row_offsets(c, a.set, sOff);
-  /* Every token rank has read the rows of the previous combine on this set. */
-  const bool ok = moe_ll_wait_all(c, c.l.combAck, a.set, n - 1);
+  const int half = (int)(cu % MOE_LL_COMB_HALVES);
+  moe_ll_load_counts(c, a.set, sOff);
+  const int total = moe_ll_scan_rows(c, sOff);
   const int lane = threadIdx.x % MOE_LL_WARP;
   const int nVec = a.hidden / MOE_LL_VEC;
-  constexpr int chunkVec = MOE_LL_COMBINE_SEND_UNROLL * MOE_LL_WARP;
-  const int nChunks = (nVec + chunkVec - 1) / chunkVec;
-  const int warps = gridDim.x * (blockDim.x / MOE_LL_WARP);
+  const int F = (a.hidden + MOE_LL_FLAG_CHANNELS - 1) / MOE_LL_FLAG_CHANNELS;
+  const int perRow = (F + MOE_LL_COMBINE_SEND_FLAGS - 1) / MOE_LL_COMBINE_SEND_FLAGS;
+  constexpr int U = MOE_LL_COMBINE_SEND_FLAGS * MOE_LL_FLAG_VEC / MOE_LL_WARP; /* vectors per lane per item */
+  const long long warps = (long long)gridDim.x * (blockDim.x / MOE_LL_WARP);
   const char* own = c.rc.peers.base[c.rc.rank];
   const int* recvSrc = reinterpret_cast<const int*>(own + c.l.recvSrc[a.set]);
   const int* recvK = reinterpret_cast<const int*>(own + c.l.recvK[a.set]);
   bool bad = false;
-  const long long items = ok ? (long long)total * nChunks : 0;
-  for (long long it = blockIdx.x * (blockDim.x / MOE_LL_WARP) + threadIdx.x / MOE_LL_WARP; it < items; it += warps) {
-    const int g = (int)(it / nChunks), chunk = (int)(it % nChunks);
-    const int l = moe_ll_find_expert(sOff, L, g);
-    const size_t row = (size_t)l * N * M + (g - sOff[l]);
-    const int src = __ldcg(recvSrc + row), k = __ldcg(recvK + row); /* written by the source rank */
-    if (src < 0 || src >= N * M || k < 0 || k >= c.maxTopk) {
-      bad = true;
-      continue;
-    }
-    const int s = src / M, t = src % M;
-    const uint4* in = reinterpret_cast<const uint4*>(a.x) + row * nVec;
-    uint4* dst = reinterpret_cast<uint4*>(c.rc.peers.base[s] + c.l.combX[a.set] +
-                                          ((size_t)t * c.maxTopk + k) * c.rowBytes);
-    uint4 buf[MOE_LL_COMBINE_SEND_UNROLL];
+  const long long items = (long long)total * perRow;
+  for (long long it0 = blockIdx.x * (blockDim.x / MOE_LL_WARP) + threadIdx.x / MOE_LL_WARP; it0 < items;
+       it0 += MOE_LL_BATCH * warps) {
+    unsigned long long* marks[MOE_LL_BATCH];
 #pragma unroll
-    for (int u = 0; u < MOE_LL_COMBINE_SEND_UNROLL; u++) {
-      const int v = chunk * chunkVec + u * MOE_LL_WARP + lane;
-      if (v < nVec) buf[u] = moe_ld_nc(in + v);
-    }
+    for (int j = 0; j < MOE_LL_BATCH; j++) {
+      marks[j] = NULL;
+      const long long it = it0 + j * warps;
+      if (it >= items) continue;
+      const int g = (int)(it / perRow), p = (int)(it % perRow);
+      const int l = moe_ll_find_expert(sOff, L, g);
+      const size_t row = (size_t)l * N * M + (g - sOff[l]);
+      const int src = __ldcg(recvSrc + row), k = __ldcg(recvK + row); /* written by the source rank */
+      if (src < 0 || src >= N * M || k < 0 || k >= c.maxTopk) {
+        bad = true;
+        continue;
+      }
+      const int s = src / M, t = src % M;
+      const size_t crow = moe_ll_comb_row(c, half, t, k);
+      const uint4* in = reinterpret_cast<const uint4*>(a.x) + row * nVec;
+      uint4* dst = reinterpret_cast<uint4*>(c.rc.peers.base[s] + c.l.combX[a.set] + crow * c.rowBytes);
+      uint4 buf[U];
 #pragma unroll
-    for (int u = 0; u < MOE_LL_COMBINE_SEND_UNROLL; u++) {
-      const int v = chunk * chunkVec + u * MOE_LL_WARP + lane;
-      if (v < nVec) dst[v] = buf[u];
+      for (int u = 0; u < U; u++) {
+        const int v = p * (U * MOE_LL_WARP) + u * MOE_LL_WARP + lane;
+        if (v < nVec) buf[u] = moe_ld_nc(in + v);
+      }
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        const int v = p * (U * MOE_LL_WARP) + u * MOE_LL_WARP + lane;
+        if (v < nVec) dst[v] = buf[u];
+      }
+      const int f = p * MOE_LL_COMBINE_SEND_FLAGS + lane;
+      if (lane < MOE_LL_COMBINE_SEND_FLAGS && f < F) marks[j] = moe_ll_comb_flag(c, s, a.set, crow, f);
     }
+    moe_ll_mark(marks, cu);
   }
   if (bad) moe_record_error(c.rc, MOE_KERR_BAD_NOTIFY);
-  if (moe_ll_last_block(moe_ll_done(c, a.set, MOE_LL_DONE_COMBINE_SEND))) {
-    moe_ll_publish(c, c.l.combFlag, a.set, n);
-    if (threadIdx.x == 0) *moe_ll_seq(c, a.set, MOE_LL_OP_COMBINE) = n;
-  }
 }
 
-extern "C" cudaError_t moe_ll_combine_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
-                                                  cudaStream_t stream) {
-  moe_ll_combine_send_kernel<<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
-  return cudaGetLastError();
-}
-
-/* ---------------------------------------------------- combine: receive */
 __device__ __forceinline__ void moe_ll_fma_bf16x8(float* acc, uint4 v, float w) {
   const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
 #pragma unroll
@@ -528,52 +614,95 @@ __device__ __forceinline__ uint4 moe_ll_pack_bf16x8(const float* acc) {
   return v;
 }
 
-__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
-moe_ll_combine_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
-  const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE);
-  const bool ok = moe_ll_wait_all(c, c.l.combFlag, a.set, n);
+/* The receive half of combine use cu: per (token, 512-channel chunk), one
+ * warp waits for the chunk's marks on the token's rows (lane k: top-k slot
+ * k when its row was sent), then reduces them in k order. */
+__device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long cu) {
+  const int half = (int)(cu % MOE_LL_COMB_HALVES);
   const int lane = threadIdx.x % MOE_LL_WARP, K = a.topk;
   const int nVec = a.hidden / MOE_LL_VEC;
-  const int nChunks = (nVec + MOE_LL_WARP - 1) / MOE_LL_WARP; /* one vector per lane per item */
-  const int warps = gridDim.x * (blockDim.x / MOE_LL_WARP);
+  const int F = (a.hidden + MOE_LL_FLAG_CHANNELS - 1) / MOE_LL_FLAG_CHANNELS;
+  constexpr int U = MOE_LL_FLAG_VEC / MOE_LL_WARP; /* vectors per lane per item */
+  const long long warps = (long long)gridDim.x * (blockDim.x / MOE_LL_WARP);
   const char* own = c.rc.peers.base[c.rc.rank];
   const int* route = reinterpret_cast<const int*>(own + c.l.route[a.set]);
   const uint4* rows = reinterpret_cast<const uint4*>(own + c.l.combX[a.set]);
   const size_t rowVec = c.rowBytes / 16;
-  const long long items = ok ? (long long)a.numTokens * nChunks : 0;
+  const long long items = (long long)a.numTokens * F;
   for (long long it = blockIdx.x * (blockDim.x / MOE_LL_WARP) + threadIdx.x / MOE_LL_WARP; it < items; it += warps) {
-    const int t = (int)(it / nChunks), v = (int)(it % nChunks) * MOE_LL_WARP + lane;
+    const int t = (int)(it / F), f = (int)(it % F);
     /* Lane k: the combine row slot holding top-k entry k (its own slot, or
      * the first slot of the same expert), -1 if none; and its weight. */
     int slot = -1;
     float w = 0.0f;
+    bool arrived = true;
     if (lane < K) {
       const int rv = route[(size_t)t * K + lane];
       slot = rv >= 0 ? lane : (rv <= -2 && -2 - rv < K ? -2 - rv : -1);
       w = a.weights != NULL ? __ldg(a.weights + (size_t)t * K + lane) : 1.0f;
+      if (rv >= 0) {
+        const unsigned long long* flag = moe_ll_comb_flag(c, c.rc.rank, a.set, moe_ll_comb_row(c, half, t, lane), f);
+        if (moe_ld_acquire_sys(flag) < cu) arrived = moe_ll_wait(c, flag, cu, -1, MOE_WAIT_LL_COMBINE);
+      }
     }
-    float acc[MOE_LL_VEC];
+    if (!__all_sync(MOE_LL_FULL, arrived)) return; /* timed out (recorded): the comm is broken */
+    float acc[U][MOE_LL_VEC];
 #pragma unroll
-    for (int i = 0; i < MOE_LL_VEC; i++) acc[i] = 0.0f;
+    for (int u = 0; u < U; u++)
+#pragma unroll
+      for (int i = 0; i < MOE_LL_VEC; i++) acc[u][i] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += MOE_LL_COMBINE_KGROUP) {
-      uint4 buf[MOE_LL_COMBINE_KGROUP];
+      uint4 buf[MOE_LL_COMBINE_KGROUP][U];
       int sl[MOE_LL_COMBINE_KGROUP];
 #pragma unroll
       for (int j = 0; j < MOE_LL_COMBINE_KGROUP; j++) {
         sl[j] = __shfl_sync(MOE_LL_FULL, slot, (k0 + j) % MOE_LL_WARP);
-        if (k0 + j < K && sl[j] >= 0 && v < nVec)
-          buf[j] = __ldcg(rows + ((size_t)t * c.maxTopk + sl[j]) * rowVec + v);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+          const int v = f * MOE_LL_FLAG_VEC + u * MOE_LL_WARP + lane;
+          if (k0 + j < K && sl[j] >= 0 && v < nVec)
+            buf[j][u] = __ldcg(rows + moe_ll_comb_row(c, half, t, sl[j]) * rowVec + v);
+        }
       }
 #pragma unroll
       for (int j = 0; j < MOE_LL_COMBINE_KGROUP; j++) {
         const float wk = __shfl_sync(MOE_LL_FULL, w, (k0 + j) % MOE_LL_WARP);
-        if (k0 + j < K && sl[j] >= 0 && v < nVec) moe_ll_fma_bf16x8(acc, buf[j], wk);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+          const int v = f * MOE_LL_FLAG_VEC + u * MOE_LL_WARP + lane;
+          if (k0 + j < K && sl[j] >= 0 && v < nVec) moe_ll_fma_bf16x8(acc[u], buf[j][u], wk);
+        }
       }
     }
-    if (v < nVec) reinterpret_cast<uint4*>(a.out)[(size_t)t * nVec + v] = moe_ll_pack_bf16x8(acc);
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int v = f * MOE_LL_FLAG_VEC + u * MOE_LL_WARP + lane;
+      if (v < nVec) reinterpret_cast<uint4*>(a.out)[(size_t)t * nVec + v] = moe_ll_pack_bf16x8(acc[u]);
+    }
   }
-  /* This rank's reads of its combine rows are done: peers may overwrite. */
-  if (moe_ll_last_block(moe_ll_done(c, a.set, MOE_LL_DONE_COMBINE_RECV))) moe_ll_publish(c, c.l.combAck, a.set, n);
+}
+
+/* The send half; with FUSED also the receive half (one kernel per call). */
+template <bool FUSED>
+__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
+moe_ll_combine_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
+  __shared__ int sOff[NCCL_MOE_MAX_EXPERTS + 1];
+  const unsigned long long cu = moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE) + 1;
+  moe_ll_combine_put(c, a, cu, sOff);
+  moe_ll_count_use(c, a.set, MOE_LL_OP_COMBINE, cu);
+  if (FUSED) moe_ll_combine_reduce(c, a, cu);
+}
+
+extern "C" cudaError_t moe_ll_combine_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                                  cudaStream_t stream) {
+  if (args->fused) moe_ll_combine_send_kernel<true><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  else moe_ll_combine_send_kernel<false><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  return cudaGetLastError();
+}
+
+__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
+moe_ll_combine_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
+  moe_ll_combine_reduce(c, a, moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE));
 }
 
 extern "C" cudaError_t moe_ll_combine_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
@@ -595,8 +724,9 @@ extern "C" cudaError_t moe_ll_gate_launch(const volatile int* flag, long long ti
 }
 
 extern "C" cudaError_t moe_ll_preload(void) {
-  const void* kernels[] = {(const void*)moe_ll_dispatch_send_kernel, (const void*)moe_ll_dispatch_recv_kernel,
-                           (const void*)moe_ll_combine_send_kernel, (const void*)moe_ll_combine_recv_kernel,
-                           (const void*)moe_ll_gate_kernel};
+  const void* kernels[] = {(const void*)moe_ll_dispatch_send_kernel<false>, (const void*)moe_ll_dispatch_send_kernel<true>,
+                           (const void*)moe_ll_dispatch_recv_kernel,
+                           (const void*)moe_ll_combine_send_kernel<false>, (const void*)moe_ll_combine_send_kernel<true>,
+                           (const void*)moe_ll_combine_recv_kernel, (const void*)moe_ll_gate_kernel};
   return moe_preload_kernels(kernels, sizeof(kernels) / sizeof(kernels[0]));
 }

@@ -62,9 +62,8 @@ typedef enum {
   MOE_WAIT_BARRIER = 0,   /* the intranode barrier (notify, end of dispatch / combine) */
   MOE_WAIT_LL_COUNTS = 1, /* low latency: count messages (dispatch send) */
   MOE_WAIT_LL_DATA = 2,   /* low latency: dispatched rows (dispatch receive) */
-  MOE_WAIT_LL_ACK = 3,    /* low latency: the previous combine read (combine send) */
-  MOE_WAIT_LL_COMBINE = 4,/* low latency: combined rows (combine receive) */
-  MOE_WAIT_NET = 5,       /* internode: a node's data through the proxy */
+  MOE_WAIT_LL_COMBINE = 3,/* low latency: combine rows (combine receive) */
+  MOE_WAIT_NET = 4,       /* internode: a node's data through the proxy */
 } moe_wait_t;
 
 /* What every kernel of one rank needs to find its peers and report. */

@@ -21,27 +21,29 @@ extern "C" {
 #define MOE_LL_SETS 2
 /* Operations that count their uses of a set (one sequence number each). */
 enum { MOE_LL_OP_DISPATCH = 0, MOE_LL_OP_COMBINE = 1, MOE_LL_OPS = 2 };
-/* Kernels whose last block publishes (one grid-completion counter each). */
-enum { MOE_LL_DONE_DISPATCH_SEND = 0, MOE_LL_DONE_COMBINE_SEND = 1, MOE_LL_DONE_COMBINE_RECV = 2,
-       MOE_LL_DONE_KINDS = 3 };
 /* Scale formats of the in-kernel FP8 cast (ncclMoeScaleFormat_t values). */
 enum { MOE_LL_SCALE_FLOAT = 0, MOE_LL_SCALE_POW2 = 1, MOE_LL_SCALE_UE8M0 = 2 };
 /* Ints after the per-expert counts of a count message: hidden, type code. */
 #define MOE_LL_MSG_HIDDEN(E) (E)
 #define MOE_LL_MSG_TYPE(E) ((E) + 1)
 #define MOE_LL_MSG_EXTRA 2
+/* Channels of a row per arrival flag (dispatch rows and combine rows). */
+#define MOE_LL_FLAG_CHANNELS 512
+/* Halves of a set's combine rows: combine use c writes half c % 2. */
+#define MOE_LL_COMB_HALVES 2
 
 /* Byte offsets into a rank's comm buffer (absolute, like moe_layout_t).
  * N ranks, E experts, L = E / N local experts, M = llMaxTokensPerRank,
- * K = config.maxTopk, H = config.hidden, R = L * N * M rows per set.
+ * K = config.maxTopk, H = config.hidden, R = L * N * M rows per set,
+ * F = flagChunks = ceil(H / MOE_LL_FLAG_CHANNELS).
  *
  * Zero-initialized state (one region, cleared at comm init):
  *   seq       uint64 [SETS][OPS]: uses of each (set, op) so far (private)
- *   done      uint32 [SETS][DONE_KINDS]: grid-completion counters (private)
+ *   done      uint32 [SETS][OPS]: grid-completion counters (private)
  *   cntFlag   uint64 [SETS][N]: source s's count message for use n is here
- *   dataFlag  uint64 [SETS][N]: source s's dispatch rows of use n are written
- *   combFlag  uint64 [SETS][N]: expert rank r's combine rows of use n are written
- *   combAck   uint64 [SETS][N]: token rank s has read the combine rows of use n
+ *   rowFlag   uint64 [SETS][R][F]: chunk f of dispatch row i holds use n's data
+ *   combFlag  uint64 [SETS][2][M][K][F]: chunk f of combine row (half, t, k)
+ *             holds combine use c's data
  * Per set (not initialized):
  *   counts    int32 [N][msgInts]: each source's rows per global expert, then
  *             MOE_LL_MSG_EXTRA ints (hidden, type code)
@@ -49,15 +51,17 @@ enum { MOE_LL_SCALE_FLOAT = 0, MOE_LL_SCALE_POW2 = 1, MOE_LL_SCALE_UE8M0 = 2 };
  *   recvScales fp32 [R][ceil(H/128)] (UE8M0: bytes, 4-byte padded rows)
  *   recvSrc   int32 [R]: srcRank * M + token
  *   recvK     int32 [R]: the top-k slot of the row at its source (combine)
- *   combX     BF16 [M][K] rows of H: combine rows, by (token, top-k slot)
+ *   combX     BF16 [2][M][K] rows of H: combine rows, by (half, token, top-k
+ *             slot)
  *   route     int32 [M][K]: per (token, k) of this rank's dispatch: the row
  *             at the receiver (>= 0), -1 (not sent), or -2 - k0 (a repeat of
  *             the expert of slot k0) (private)
  *   recvCount int32 [L]: rows per local expert (private) */
 typedef struct {
   size_t state, stateBytes;
-  size_t seq, done;
-  size_t cntFlag, dataFlag, combFlag, combAck;
+  size_t seq, done, cntFlag;
+  size_t rowFlag[MOE_LL_SETS];
+  size_t combFlag[MOE_LL_SETS];
   size_t counts[MOE_LL_SETS];
   size_t recvX[MOE_LL_SETS];
   size_t recvScales[MOE_LL_SETS];
@@ -68,6 +72,7 @@ typedef struct {
   size_t recvCount[MOE_LL_SETS];
   size_t bytes;          /* all low-latency regions together; 0 = none */
   int msgInts;           /* ints per count message (16-byte multiple) */
+  int flagChunks;        /* F */
 } moe_ll_layout_t;
 
 /* What every low-latency kernel of one rank needs (passed by value). */
@@ -92,11 +97,13 @@ typedef struct {
   int64_t* cumulative;
   int numTokens, hidden, topk;
   int sendFp8, scaleFormat;
-  int numBlocks;         /* blocks of the send kernels and of combine's receive */
+  int numBlocks;         /* blocks of every low-latency kernel */
+  int fused;             /* 1: the send kernel also runs the receive half */
 } moe_ll_args_t;
 
 /* The four halves. Each is enqueued on `stream`; a receive half must follow
- * its send half in stream order. */
+ * its send half in stream order. With args->fused the send launch runs both
+ * halves in one kernel (no receive launch follows). */
 cudaError_t moe_ll_dispatch_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
                                         cudaStream_t stream);
 cudaError_t moe_ll_dispatch_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,

@@ -172,8 +172,7 @@ static const char* moe_wait_name(int what) {
     case MOE_WAIT_BARRIER: return "barrier";
     case MOE_WAIT_LL_COUNTS: return "the low-latency count messages of use";
     case MOE_WAIT_LL_DATA: return "the low-latency dispatched rows of use";
-    case MOE_WAIT_LL_ACK: return "the low-latency combine acknowledgement of use";
-    case MOE_WAIT_LL_COMBINE: return "the low-latency combined rows of use";
+    case MOE_WAIT_LL_COMBINE: return "the low-latency combine rows of use";
     case MOE_WAIT_NET: return "a node's network data, step";
     default: return "step";
   }
@@ -182,13 +181,15 @@ static const char* moe_wait_name(int what) {
 ncclResult_t moe_comm_error(ncclMoeComm_t comm) {
   switch (__atomic_load_n(comm->hostError, __ATOMIC_ACQUIRE)) {
     case MOE_KERR_NONE: return ncclSuccess;
-    case MOE_KERR_TIMEOUT:
+    case MOE_KERR_TIMEOUT: {
+      char peer[32] = "the sender"; /* a low-latency combine row names no rank */
+      if (comm->hostError[MOE_ERR_PEER] >= 0) snprintf(peer, sizeof(peer), "rank %d", comm->hostError[MOE_ERR_PEER]);
       return MOE_ERROR(ncclSystemError,
-                       "rank %d: a peer did not answer within %d ms (NCCL_MOE_TIMEOUT_MS): waiting for %s %d, rank %d "
+                       "rank %d: a peer did not answer within %d ms (NCCL_MOE_TIMEOUT_MS): waiting for %s %d, %s "
                        "was at %d; the comm is unusable",
                        comm->rank, comm->config.timeoutMs, moe_wait_name(comm->hostError[MOE_ERR_WAIT]),
-                       comm->hostError[MOE_ERR_EPOCH], comm->hostError[MOE_ERR_PEER],
-                       comm->hostError[MOE_ERR_PEER_EPOCH]);
+                       comm->hostError[MOE_ERR_EPOCH], peer, comm->hostError[MOE_ERR_PEER_EPOCH]);
+    }
     case MOE_KERR_BAD_EXPERT:
       return MOE_ERROR(ncclInvalidArgument, "rank %d: topkIdx held an expert id outside [-1, %d)", comm->rank,
                        comm->config.numExperts);

@@ -32,17 +32,20 @@ size_t moe_ll_layout_compute(const ncclMoeConfig_t* c, int nRanks, size_t off, m
   const size_t K = (size_t)c->maxTopk, H = (size_t)c->hidden, rows = E * M; /* L * N * M */
   const size_t nS = (H + NCCL_MOE_FP8_BLOCK - 1) / NCCL_MOE_FP8_BLOCK;
   const size_t flag = sizeof(unsigned long long);
+  const size_t F = (H + MOE_LL_FLAG_CHANNELS - 1) / MOE_LL_FLAG_CHANNELS;
   const size_t start = off = moe_ll_align(off);
   l->msgInts = (int)((E + MOE_LL_MSG_EXTRA + MOE_LL_MSG_ALIGN_INTS - 1) / MOE_LL_MSG_ALIGN_INTS * MOE_LL_MSG_ALIGN_INTS);
+  l->flagChunks = (int)F;
 #define MOE_LL_REGION(field, bytes) do { l->field = off; off = moe_ll_align(off + (bytes)); } while (0)
   /* The zero-initialized state: one contiguous region. */
   l->state = off;
   MOE_LL_REGION(seq, flag * MOE_LL_SETS * MOE_LL_OPS);
-  MOE_LL_REGION(done, sizeof(unsigned int) * MOE_LL_SETS * MOE_LL_DONE_KINDS);
+  MOE_LL_REGION(done, sizeof(unsigned int) * MOE_LL_SETS * MOE_LL_OPS);
   MOE_LL_REGION(cntFlag, flag * MOE_LL_SETS * N);
-  MOE_LL_REGION(dataFlag, flag * MOE_LL_SETS * N);
-  MOE_LL_REGION(combFlag, flag * MOE_LL_SETS * N);
-  MOE_LL_REGION(combAck, flag * MOE_LL_SETS * N);
+  for (int b = 0; b < MOE_LL_SETS; b++) {
+    MOE_LL_REGION(rowFlag[b], flag * rows * F);
+    MOE_LL_REGION(combFlag[b], flag * MOE_LL_COMB_HALVES * M * K * F);
+  }
   l->stateBytes = off - l->state;
   for (int b = 0; b < MOE_LL_SETS; b++) {
     MOE_LL_REGION(counts[b], sizeof(int) * N * (size_t)l->msgInts);
@@ -50,7 +53,7 @@ size_t moe_ll_layout_compute(const ncclMoeConfig_t* c, int nRanks, size_t off, m
     MOE_LL_REGION(recvScales[b], rows * nS * sizeof(float));
     MOE_LL_REGION(recvSrc[b], rows * sizeof(int));
     MOE_LL_REGION(recvK[b], rows * sizeof(int));
-    MOE_LL_REGION(combX[b], M * K * H * 2);
+    MOE_LL_REGION(combX[b], MOE_LL_COMB_HALVES * M * K * H * 2);
     MOE_LL_REGION(route[b], M * K * sizeof(int));
     MOE_LL_REGION(recvCount[b], sizeof(int) * (E / N));
   }
@@ -150,8 +153,9 @@ static const moe_ll_ctx_t* moe_ll_ctx(ncclMoeComm_t comm) {
   return &comm->ll.ctx;
 }
 
-/* The send halves: today every peer is reached with peer stores inside the
- * kernels. An internode path (proxy and transport) would branch here. */
+/* The send halves (with args->fused, both halves in one kernel): today every
+ * peer is reached with peer stores inside the kernels. An internode path
+ * (proxy and transport) would branch here. */
 static ncclResult_t moe_ll_send(ncclMoeComm_t comm, int op, const moe_ll_args_t* a, cudaStream_t stream) {
   const moe_ll_ctx_t* c = moe_ll_ctx(comm);
   if (op == MOE_LL_OP_DISPATCH) MOE_CUDA_CHECK(moe_ll_dispatch_send_launch(c, a, stream));
@@ -215,6 +219,8 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
   a.sendFp8 = fp8;
   a.scaleFormat = scaleFormat;
   a.numBlocks = comm->waitBlocks;
+  a.cumulative = d->cumulativeRecvCount;
+  a.fused = !d->sendOnly;
   MOE_CHECK(moe_ll_send(comm, MOE_LL_OP_DISPATCH, &a, stream));
 
   /* The send half is enqueued: the set is taken. */
@@ -243,7 +249,10 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
       .expertStride = comm->nRanks * comm->config.llMaxTokensPerRank,
       .numLocalExperts = comm->numLocalExperts};
   *result_p = r;
-  if (!d->sendOnly) MOE_CHECK(moe_ll_dispatch_recv(comm, handle, stream));
+  if (!d->sendOnly) { /* the send kernel ran the receive half too */
+    ll->pending[set] = NULL;
+    h->state = MOE_LL_DISPATCHED;
+  }
   return ncclSuccess;
 }
 
@@ -291,12 +300,15 @@ static ncclResult_t moe_ll_combine(ncclMoeComm_t comm, const ncclMoeLowLatencyCo
   moe_ll_args_t a;
   moe_ll_args(comm, h, &a);
   a.x = args->x;
+  a.weights = args->topkWeights;
+  a.out = args->out;
+  a.fused = !args->sendOnly;
   MOE_CHECK(moe_ll_send(comm, MOE_LL_OP_COMBINE, &a, stream));
+  if (!args->sendOnly) return ncclSuccess; /* the send kernel ran the receive half too */
   h->weights = args->topkWeights;
   h->out = args->out;
   h->state = MOE_LL_COMBINE_SENT;
   comm->ll.pending[h->set] = handle;
-  if (!args->sendOnly) MOE_CHECK(moe_ll_combine_recv(comm, handle, stream));
   return ncclSuccess;
 }
 

@@ -35,25 +35,27 @@ static void check_layout(int N, int H, int E, int K, int M) {
   moe_ll_layout_t l;
   const size_t end = moe_ll_layout_compute(&c, N, start, &l);
   ck_assert_uint_eq(end - (start + ALIGN - 1) / ALIGN * ALIGN, l.bytes);
-  const size_t L = (size_t)E / N, rows = L * N * M, nS = (H + 127) / 128, f = 8;
+  const size_t L = (size_t)E / N, rows = L * N * M, nS = (H + 127) / 128, f = 8, F = (H + 511) / 512;
+  ck_assert_int_eq(l.flagChunks, (int)F);
   ck_assert_int_ge(l.msgInts, E + MOE_LL_MSG_EXTRA);
   ck_assert_int_eq(l.msgInts % 4, 0);
   region_t r[64];
   int n = 0;
 #define R(field, size) r[n++] = (region_t){#field, l.field, (size)}
   R(seq, f * MOE_LL_SETS * MOE_LL_OPS);
-  R(done, 4 * MOE_LL_SETS * MOE_LL_DONE_KINDS);
+  R(done, 4 * MOE_LL_SETS * MOE_LL_OPS);
   R(cntFlag, f * MOE_LL_SETS * N);
-  R(dataFlag, f * MOE_LL_SETS * N);
-  R(combFlag, f * MOE_LL_SETS * N);
-  R(combAck, f * MOE_LL_SETS * N);
+  for (int b = 0; b < MOE_LL_SETS; b++) {
+    R(rowFlag[b], f * rows * F);
+    R(combFlag[b], f * 2 * (size_t)M * K * F);
+  }
   for (int b = 0; b < MOE_LL_SETS; b++) {
     R(counts[b], 4 * (size_t)N * l.msgInts);
     R(recvX[b], rows * H * 2);           /* BF16 rows; FP8 uses half */
     R(recvScales[b], rows * nS * 4);     /* UE8M0 rows: ceil(nS / 4) * 4 bytes <= nS * 4 */
     R(recvSrc[b], rows * 4);
     R(recvK[b], rows * 4);
-    R(combX[b], (size_t)M * K * H * 2);
+    R(combX[b], 2 * (size_t)M * K * H * 2); /* two halves */
     R(route[b], (size_t)M * K * 4);
     R(recvCount[b], L * 4);
   }
@@ -67,11 +69,12 @@ static void check_layout(int N, int H, int E, int K, int M) {
   }
   /* The zeroed state covers every flag and counter, nothing else. */
   ck_assert_uint_eq(l.state, l.seq);
-  ck_assert_uint_ge(l.state + l.stateBytes, l.combAck + f * MOE_LL_SETS * N);
+  for (int b = 0; b < MOE_LL_SETS; b++)
+    ck_assert_uint_ge(l.state + l.stateBytes, l.combFlag[b] + f * 2 * (size_t)M * K * F);
   ck_assert_uint_le(l.state + l.stateBytes, l.counts[0]);
   /* The documented size per set, within alignment slack. */
-  const size_t perSet = rows * (2 * (size_t)H + 4 * nS + 8) + (size_t)M * K * (2 * (size_t)H + 4) +
-                        (size_t)N * (4 * (size_t)E + 48);
+  const size_t perSet = rows * (2 * (size_t)H + 4 * nS + 8 + 8 * F) + (size_t)M * K * (4 * (size_t)H + 4 + 16 * F) +
+                        (size_t)N * (4 * (size_t)E + 8);
   ck_assert_uint_ge(l.bytes, 2 * perSet - 64 * (size_t)N - 32 * 4);
   ck_assert_uint_le(l.bytes, 2 * perSet + 20 * ALIGN);
 }
