@@ -121,6 +121,10 @@ cudaError_t moe_ll_preload(void);
  * an event recorded after it start together when the host sets the flag. */
 cudaError_t moe_ll_gate_launch(const volatile int* flag, long long timeoutNs, cudaStream_t stream);
 
+/* Benchmark helper: an empty kernel of `blocks` low-latency-sized blocks (what
+ * launching a kernel costs, without its work). */
+cudaError_t moe_ll_noop_launch(int blocks, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -682,6 +682,45 @@ START_TEST(test_timeout_when_peer_never_arrives) {
 }
 END_TEST
 
+/* Rank 0 combines, rank 1 never does: rank 0's receive half times out on
+ * the rows rank 1 should send back, and says what it waited for. */
+START_TEST(test_combine_timeout_when_expert_rank_never_sends) {
+  ncclMoeComm_t comms[2];
+  make_comms(2, 16, 300, comms);
+  ncclMoeHandle_t h[2];
+  cudaStream_t s[2];
+  void *x, *idx, *y, *out;
+  cudaMalloc(&x, 16 * 1024 * 2);
+  cudaMalloc(&idx, 16 * 4 * 8);
+  cudaMalloc(&y, 4 * 2 * 16 * 1024 * 2); /* [L, N * M, H] */
+  cudaMalloc(&out, 16 * 1024 * 2);
+  int64_t hidx[16 * 4];
+  for (int i = 0; i < 16 * 4; i++) hidx[i] = i % 4 == 0 ? 4 : -1; /* expert 4 lives on rank 1 */
+  cudaMemcpy(idx, hidx, sizeof(hidx), cudaMemcpyHostToDevice);
+  cudaMemset(x, 0, 16 * 1024 * 2);
+  for (int r = 0; r < 2; r++) {
+    ck_assert_int_eq(ncclMoeHandleCreate(comms[r], &h[r]), ncclSuccess);
+    cudaStreamCreateWithFlags(&s[r], cudaStreamNonBlocking);
+    ncclMoeLowLatencyDispatchArgs_t a = {.x = r == 0 ? x : NULL, .numTokens = r == 0 ? 16 : 0, .hidden = 1024,
+                                         .topk = 4, .topkIdx = r == 0 ? idx : NULL, .sendType = ncclBfloat16};
+    ncclMoeLowLatencyDispatchResult_t res;
+    ck_assert_int_eq(ncclMoeLowLatencyDispatch(comms[r], &a, h[r], &res, s[r]), ncclSuccess);
+  }
+  ck_assert_int_eq(cudaDeviceSynchronize(), cudaSuccess);
+  ncclMoeLowLatencyCombineArgs_t c = {.x = y, .out = out};
+  ck_assert_int_eq(ncclMoeLowLatencyCombine(comms[0], &c, h[0], s[0]), ncclSuccess);
+  ck_assert_int_eq(cudaDeviceSynchronize(), cudaSuccess); /* kernels end, no trap */
+  ncclResult_t async;
+  ck_assert_int_eq(ncclMoeCommGetAsyncError(comms[0], &async), ncclSuccess);
+  ck_assert_int_eq(async, ncclSystemError);
+  ck_assert_msg(strstr(ncclMoeGetLastError(), "combine rows") != NULL, "message: %s", ncclMoeGetLastError());
+  for (int r = 0; r < 2; r++) ncclMoeHandleDestroy(h[r]), cudaStreamDestroy(s[r]);
+  cudaFree(x), cudaFree(idx), cudaFree(y), cudaFree(out);
+  ncclMoeCommDestroy(comms[0]);
+  ncclMoeCommDestroy(comms[1]);
+}
+END_TEST
+
 START_TEST(test_bad_arguments) {
   ncclMoeComm_t comms[1];
   ncclMoeComm_t comm = make_comms(1, 16, 2000, comms);
@@ -845,6 +884,7 @@ int main(void) {
   TCase* te = tcase_create("errors");
   tcase_set_timeout(te, 120);
   tcase_add_test(te, test_timeout_when_peer_never_arrives);
+  tcase_add_test(te, test_combine_timeout_when_expert_rank_never_sends);
   tcase_add_test(te, test_bad_arguments);
   tcase_add_test(te, test_call_order);
   suite_add_tcase(s, te);

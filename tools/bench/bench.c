@@ -199,6 +199,7 @@ static void draw_inputs(const opts_t* o, uint16_t* hx, int64_t* hidx, float* hw)
 #define LL_GATE_TIMEOUT_NS 10000000000LL
 #define LL_HEADER_BYTES 16 /* per pair, in DeepEP's accounting */
 #define LL_EXPERT_OUT_BYTE 0x3c /* expert outputs: every BF16 value 0x3c3c */
+#define LL_FLOOR_BLOCKS 16 /* blocks of the empty kernels (their number barely matters) */
 
 enum { LL_DISPATCH = 0, LL_COMBINE = 1 };
 
@@ -289,6 +290,26 @@ static cudaGraphExec_t ll_capture_all(ll_rank_t* rk, int ranks, int op, cudaStre
   for (int r = 0; r < ranks; r++) {
     CK(cudaStreamWaitEvent(rk[r].stream, fork, 0));
     ll_call(&rk[r], op);
+    CK(cudaEventRecord(rk[r].end, rk[r].stream));
+    CK(cudaStreamWaitEvent(stream, rk[r].end, 0));
+  }
+  CK(cudaStreamEndCapture(stream, &g));
+  CK(cudaGraphInstantiate(&exec, g, 0));
+  CK(cudaGraphDestroy(g));
+  return exec;
+}
+
+/* The same graph shape with an empty kernel in each rank's branch: what
+ * launching the all-rank graph costs on this GPU, printed beside the figures
+ * (separate GPUs would each launch one branch). */
+static cudaGraphExec_t ll_capture_floor(ll_rank_t* rk, int ranks, int blocks, cudaStream_t stream, cudaEvent_t fork) {
+  cudaGraph_t g;
+  cudaGraphExec_t exec;
+  CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  CK(cudaEventRecord(fork, stream));
+  for (int r = 0; r < ranks; r++) {
+    CK(cudaStreamWaitEvent(rk[r].stream, fork, 0));
+    CK(moe_ll_noop_launch(blocks, rk[r].stream));
     CK(cudaEventRecord(rk[r].end, rk[r].stream));
     CK(cudaStreamWaitEvent(stream, rk[r].end, 0));
   }
@@ -441,8 +462,12 @@ static int ll_main(const opts_t* o) {
   ll_time(rk, o, &gate, span, skew);
   cudaGraphExec_t all[2];
   for (int op = LL_DISPATCH; op <= LL_COMBINE; op++) all[op] = ll_capture_all(rk, o->ranks, op, gate.stream, gate.open);
-  float allSpan[2];
+  float allSpan[2], floorSpan[2];
   ll_time_all(all, o, gate.stream, allSpan);
+  cudaGraphExec_t floorGraph[2];
+  floorGraph[0] = floorGraph[1] = ll_capture_floor(rk, o->ranks, LL_FLOOR_BLOCKS, gate.stream, gate.open);
+  ll_time_all(floorGraph, o, gate.stream, floorSpan);
+  cudaGraphExecDestroy(floorGraph[0]);
   const float tDispatch = allSpan[LL_DISPATCH], tCombine = allSpan[LL_COMBINE];
   ll_check_async(rk, o->ranks);
   if (ll_received(rk, o->ranks) != pairs) {
@@ -469,6 +494,7 @@ static int ll_main(const opts_t* o) {
          skew[LL_DISPATCH] * 1e3);
   printf("%-34s %10.1f   (start skew of the ranks %.1f)\n", "ll combine", span[LL_COMBINE] * 1e3,
          skew[LL_COMBINE] * 1e3);
+  printf("%-34s %10.1f   (the same graph with an empty kernel per rank)\n", "launch floor", floorSpan[0] * 1e3);
   printf("%-34s %10s %12.1f\n", "device copy (bytes once)", "", copy);
   printf("RESULT mode=ll gpus=1 ranks=%d tokens=%d ll_dispatch_us=%.1f ll_combine_us=%.1f ll_ratio=%.3f "
          "ll_dispatch_GBps=%.1f ll_combine_GBps=%.1f copy_GBps=%.1f ll_dispatch_ratio=%.3f ll_combine_ratio=%.3f\n",
