@@ -49,11 +49,28 @@
 #define MOE_LL_FP8_LANES MOE_FP8_BLOCK_LANES
 #define MOE_LL_CHUNK_GROUPS 4                              /* dispatch item: 4 blocks = 512 channels */
 #define MOE_LL_CHUNK (MOE_LL_CHUNK_GROUPS * NCCL_MOE_FP8_BLOCK)
+#define MOE_LL_LANE_VECS (MOE_LL_CHUNK / MOE_LL_VEC / MOE_LL_WARP) /* 16-byte vectors per lane per chunk */
 #define MOE_LL_FLAG_VEC (MOE_LL_FLAG_CHANNELS / MOE_LL_VEC) /* 16-byte vectors per flagged chunk */
 #define MOE_LL_COMBINE_SEND_FLAGS 4                        /* combine send item: 4 flagged chunks */
 #define MOE_LL_COMBINE_KGROUP 4                            /* top-k rows loaded at once */
 #define MOE_LL_BATCH 4                                     /* items a warp stores before one fence */
+#define MOE_LL_PREFETCH 4                                  /* token rows of expert ids loaded at once */
 #define MOE_LL_BROKEN_CHECK_NS 1000000                     /* how often a long wait reads the error word (host memory) */
+
+#ifdef MOE_LL_TRACE /* a diagnostic build: phase times of the low-latency kernels */
+#define MOE_LL_TRACE_POINTS 16
+__device__ unsigned long long moe_ll_trace_buf[NCCL_MOE_MAX_RANKS][MOE_LL_TRACE_POINTS];
+#define MOE_LL_T(c, i) \
+  do { if (threadIdx.x == 0) atomicMax(&moe_ll_trace_buf[(c).rc.rank][i], (unsigned long long)moe_now_ns()); } while (0)
+extern "C" cudaError_t moe_ll_trace_take(unsigned long long* out, int n) {
+  cudaError_t e = cudaMemcpyFromSymbol(out, moe_ll_trace_buf, sizeof(unsigned long long) * n * MOE_LL_TRACE_POINTS);
+  static const unsigned long long zero[NCCL_MOE_MAX_RANKS][MOE_LL_TRACE_POINTS] = {};
+  if (e == cudaSuccess) e = cudaMemcpyToSymbol(moe_ll_trace_buf, zero, sizeof(zero));
+  return e;
+}
+#else
+#define MOE_LL_T(c, i) do { } while (0)
+#endif
 
 static_assert(MOE_LL_CHUNK == MOE_LL_FLAG_CHANNELS, "a dispatch item is one flagged chunk");
 static_assert(MOE_LL_FLAG_VEC == 2 * MOE_LL_WARP, "a combine receive item is two vectors per lane");
@@ -191,16 +208,25 @@ __device__ __forceinline__ unsigned long long moe_ll_key(int64_t id, int E, int 
 __device__ void moe_ll_count(const moe_ll_args_t& a, int E, int tBegin, int* sCnt, int* sStart) {
   const int lane = threadIdx.x % MOE_LL_WARP, warp = threadIdx.x / MOE_LL_WARP;
   const int nWarps = blockDim.x / MOE_LL_WARP, half = lane / 16, k = lane % 16;
-  for (int t0 = 2 * warp; t0 < a.numTokens; t0 += 2 * nWarps) {
-    const int t = t0 + half;
-    int64_t id = -1;
-    if (t < a.numTokens && k < a.topk) id = __ldg(a.topkIdx + (size_t)t * a.topk + k);
-    bool valid;
-    const unsigned long long key = moe_ll_key(id, E, half, lane, &valid);
-    const unsigned m = __match_any_sync(MOE_LL_FULL, key);
-    if (valid && __ffs(m) - 1 == lane) {
-      atomicAdd(&sCnt[id], 1);
-      if (t < tBegin) atomicAdd(&sStart[id], 1);
+  const int T = a.numTokens, step = 2 * nWarps;
+  for (int t0 = 2 * warp; t0 < T; t0 += MOE_LL_PREFETCH * step) {
+    int64_t ids[MOE_LL_PREFETCH]; /* every load first: one latency, not one per token pair */
+#pragma unroll
+    for (int j = 0; j < MOE_LL_PREFETCH; j++) {
+      const int t = t0 + j * step + half;
+      ids[j] = t < T && k < a.topk ? __ldg(a.topkIdx + (size_t)t * a.topk + k) : -1;
+    }
+#pragma unroll
+    for (int j = 0; j < MOE_LL_PREFETCH; j++) {
+      if (t0 + j * step >= T) break; /* warp-uniform */
+      const int t = t0 + j * step + half;
+      bool valid;
+      const unsigned long long key = moe_ll_key(ids[j], E, half, lane, &valid);
+      const unsigned m = __match_any_sync(MOE_LL_FULL, key);
+      if (valid && __ffs(m) - 1 == lane) {
+        atomicAdd(&sCnt[ids[j]], 1);
+        if (t < tBegin) atomicAdd(&sStart[ids[j]], 1);
+      }
     }
   }
 }
@@ -227,9 +253,10 @@ __device__ void moe_ll_send_counts(const moe_ll_ctx_t& c, const moe_ll_args_t& a
       moe_st_release_sys(moe_ll_cnt_flag(c, r, a.set, c.rc.rank), n);
 }
 
-/* A count from a peer's message, checked: 0 <= v <= M. */
-__device__ __forceinline__ int moe_ll_msg_count(const volatile int* msg, int M, int* fault) {
-  int v = *msg;
+/* A count from a peer's message (after its flag was acquired), checked:
+ * 0 <= v <= M. */
+__device__ __forceinline__ int moe_ll_msg_count(const int* msg, int M, int* fault) {
+  int v = __ldcg(msg);
   if (v < 0 || v > M) {
     *fault = MOE_KERR_BAD_NOTIFY;
     v = v < 0 ? 0 : M;
@@ -245,11 +272,12 @@ __device__ __forceinline__ int moe_ll_msg_count(const volatile int* msg, int M, 
 __device__ bool moe_ll_place(const moe_ll_ctx_t& c, const moe_ll_args_t& a, bool hasTokens, int* sStart, int* sTot) {
   const int N = c.rc.nRanks, E = c.numExperts, L = c.rc.numLocalExperts, M = c.maxTokens, MI = c.l.msgInts;
   const int s = c.rc.rank;
-  const volatile int* msgs = reinterpret_cast<const int*>(c.rc.peers.base[s] + c.l.counts[a.set]);
+  const int* msgs = reinterpret_cast<const int*>(c.rc.peers.base[s] + c.l.counts[a.set]);
   const int typeCode = a.sendFp8 ? 1 + a.scaleFormat : 0;
   int fault = 0, differs = 0;
   for (int r = threadIdx.x; r < N; r += blockDim.x)
-    differs |= msgs[(size_t)r * MI + MOE_LL_MSG_HIDDEN(E)] != a.hidden || msgs[(size_t)r * MI + MOE_LL_MSG_TYPE(E)] != typeCode;
+    differs |= __ldcg(msgs + (size_t)r * MI + MOE_LL_MSG_HIDDEN(E)) != a.hidden ||
+               __ldcg(msgs + (size_t)r * MI + MOE_LL_MSG_TYPE(E)) != typeCode;
   const bool mismatch = __syncthreads_or(differs);
   if (hasTokens)
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
@@ -279,27 +307,33 @@ __device__ void moe_ll_assign_rows(const moe_ll_ctx_t& c, const moe_ll_args_t& a
                                    bool place, int* route) {
   const int lane = threadIdx.x % MOE_LL_WARP, K = a.topk, E = c.numExperts;
   bool bad = false;
-  for (int t = tBegin; t < tEnd; t++) {
-    int64_t id = -1;
-    if (lane < K) {
-      id = __ldg(a.topkIdx + (size_t)t * K + lane);
-      bad |= id < -1 || id >= E;
-    }
-    bool valid;
-    const unsigned long long key = moe_ll_key(id, E, 0, lane, &valid);
-    const unsigned m = __match_any_sync(MOE_LL_FULL, key);
-    const int leader = __ffs(m) - 1;
-    int rv = -1;
-    if (valid && place) {
-      if (leader == lane) {
-        rv = sStart[id]; /* repeats were folded: the ids of leaders differ */
-        sStart[id] = rv + 1;
-      } else {
-        rv = -2 - leader;
+  for (int t0 = tBegin; t0 < tEnd; t0 += MOE_LL_PREFETCH) {
+    int64_t ids[MOE_LL_PREFETCH]; /* the rows depend on each other, the loads do not */
+#pragma unroll
+    for (int j = 0; j < MOE_LL_PREFETCH; j++)
+      ids[j] = lane < K && t0 + j < tEnd ? __ldg(a.topkIdx + (size_t)(t0 + j) * K + lane) : -1;
+#pragma unroll
+    for (int j = 0; j < MOE_LL_PREFETCH; j++) {
+      const int t = t0 + j;
+      if (t >= tEnd) break;
+      const int64_t id = ids[j];
+      bad |= lane < K && (id < -1 || id >= E);
+      bool valid;
+      const unsigned long long key = moe_ll_key(id, E, 0, lane, &valid);
+      const unsigned m = __match_any_sync(MOE_LL_FULL, key);
+      const int leader = __ffs(m) - 1;
+      int rv = -1;
+      if (valid && place) {
+        if (leader == lane) {
+          rv = sStart[id]; /* repeats were folded: the ids of leaders differ */
+          sStart[id] = rv + 1;
+        } else {
+          rv = -2 - leader;
+        }
       }
+      if (lane < K) route[(size_t)t * K + lane] = rv;
+      __syncwarp();
     }
-    if (lane < K) route[(size_t)t * K + lane] = rv;
-    __syncwarp();
   }
   if (__any_sync(MOE_LL_FULL, bad) && lane == 0) moe_record_error(c.rc, MOE_KERR_BAD_EXPERT);
 }
@@ -307,7 +341,25 @@ __device__ void moe_ll_assign_rows(const moe_ll_ctx_t& c, const moe_ll_args_t& a
 /* One 512-channel chunk of a token, cast to FP8 (a half-warp per 128-channel
  * block), stored to every destination lane in dmask. Lane k holds the
  * destination rank and row of top-k slot k. */
-__device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_ctx_t& c, const moe_ll_args_t& a, const uint4* xrow,
+/* A lane's vectors of one 512-channel chunk of BF16 token t: FP8 layout (a
+ * half-warp per 128-channel block) or plain (lane-strided). */
+__device__ __forceinline__ void moe_ll_load_chunk(const moe_ll_args_t& a, int t, int chunk, uint4* v) {
+  const int lane = threadIdx.x % MOE_LL_WARP;
+  const uint4* xrow = reinterpret_cast<const uint4*>(static_cast<const char*>(a.x) + (size_t)t * a.hidden * 2);
+#pragma unroll
+  for (int u = 0; u < MOE_LL_LANE_VECS; u++) {
+    v[u] = make_uint4(0, 0, 0, 0);
+    if (a.sendFp8) {
+      const int g = chunk * MOE_LL_CHUNK_GROUPS + 2 * u + lane / MOE_LL_FP8_LANES;
+      if (g < a.hidden / NCCL_MOE_FP8_BLOCK) v[u] = moe_ld_nc(xrow + (size_t)g * MOE_LL_FP8_LANES + lane % MOE_LL_FP8_LANES);
+    } else {
+      const int i = chunk * (MOE_LL_CHUNK / MOE_LL_VEC) + u * MOE_LL_WARP + lane;
+      if (i < a.hidden / MOE_LL_VEC) v[u] = moe_ld_nc(xrow + i);
+    }
+  }
+}
+
+__device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_ctx_t& c, const moe_ll_args_t& a, const uint4* v,
                                                int chunk, unsigned dmask, int dRank, long long dRow) {
   const int lane = threadIdx.x % MOE_LL_WARP, half = lane / MOE_LL_FP8_LANES, sub = lane % MOE_LL_FP8_LANES;
   const int nS = a.hidden / NCCL_MOE_FP8_BLOCK;
@@ -315,12 +367,7 @@ __device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_ctx_t& c, const moe_
   uint2 code[MOE_LL_CHUNK_GROUPS / 2];
   float scale[MOE_LL_CHUNK_GROUPS / 2];
 #pragma unroll
-  for (int u = 0; u < MOE_LL_CHUNK_GROUPS / 2; u++) {
-    const int g = chunk * MOE_LL_CHUNK_GROUPS + 2 * u + half;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (g < nS) v = moe_ld_nc(xrow + (size_t)g * MOE_LL_FP8_LANES + sub);
-    code[u] = moe_fp8_cast_block_dev(v, pow2, MOE_LL_FULL, &scale[u]);
-  }
+  for (int u = 0; u < MOE_LL_CHUNK_GROUPS / 2; u++) code[u] = moe_fp8_cast_block_dev(v[u], pow2, MOE_LL_FULL, &scale[u]);
   const int ue8m0Row = (nS + 3) / 4 * 4; /* bytes per UE8M0 scale row */
   for (unsigned m = dmask; m != 0; m &= m - 1) {
     const int k = __ffs(m) - 1;
@@ -345,26 +392,19 @@ __device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_ctx_t& c, const moe_
 }
 
 /* One 512-channel chunk of a BF16 token to every destination in dmask. */
-__device__ __forceinline__ void moe_ll_put_bf16(const moe_ll_ctx_t& c, const moe_ll_args_t& a, const uint4* xrow,
+__device__ __forceinline__ void moe_ll_put_bf16(const moe_ll_ctx_t& c, const moe_ll_args_t& a, const uint4* v,
                                                 int chunk, unsigned dmask, int dRank, long long dRow) {
   const int lane = threadIdx.x % MOE_LL_WARP;
   const int nVec = a.hidden / MOE_LL_VEC;
-  constexpr int U = MOE_LL_CHUNK / MOE_LL_VEC / MOE_LL_WARP;
-  uint4 buf[U];
-#pragma unroll
-  for (int u = 0; u < U; u++) {
-    const int v = chunk * (MOE_LL_CHUNK / MOE_LL_VEC) + u * MOE_LL_WARP + lane;
-    if (v < nVec) buf[u] = moe_ld_nc(xrow + v);
-  }
   for (unsigned m = dmask; m != 0; m &= m - 1) {
     const int k = __ffs(m) - 1;
     const int r = __shfl_sync(MOE_LL_FULL, dRank, k);
     const long long row = __shfl_sync(MOE_LL_FULL, dRow, k);
     uint4* dst = reinterpret_cast<uint4*>(c.rc.peers.base[r] + c.l.recvX[a.set]) + (size_t)row * nVec;
 #pragma unroll
-    for (int u = 0; u < U; u++) {
-      const int v = chunk * (MOE_LL_CHUNK / MOE_LL_VEC) + u * MOE_LL_WARP + lane;
-      if (v < nVec) dst[v] = buf[u];
+    for (int u = 0; u < MOE_LL_LANE_VECS; u++) {
+      const int i = chunk * (MOE_LL_CHUNK / MOE_LL_VEC) + u * MOE_LL_WARP + lane;
+      if (i < nVec) dst[i] = v[u];
     }
   }
 }
@@ -375,13 +415,12 @@ __device__ __forceinline__ void moe_ll_put_bf16(const moe_ll_ctx_t& c, const moe
  * This is the only place that stores dispatch rows into peers: an
  * internode (proxy) path would take the pairs of remote ranks here. */
 __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a, int tBegin, int tEnd,
-                                  const int* route, unsigned long long n) {
+                                  const int* route, unsigned long long n, const uint4* first) {
   const int lane = threadIdx.x % MOE_LL_WARP, warp = threadIdx.x / MOE_LL_WARP;
   const int nWarps = blockDim.x / MOE_LL_WARP, K = a.topk, L = c.rc.numLocalExperts, M = c.maxTokens;
   const long long rowsPerExpert = (long long)c.rc.nRanks * M;
   const int nChunks = (a.hidden + MOE_LL_CHUNK - 1) / MOE_LL_CHUNK;
   const int items = (tEnd - tBegin) * nChunks;
-  const size_t xBytes = (size_t)a.hidden * 2;
   for (int it0 = warp; it0 < items; it0 += MOE_LL_BATCH * nWarps) {
     unsigned long long* marks[MOE_LL_BATCH];
 #pragma unroll
@@ -407,9 +446,15 @@ __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a,
         reinterpret_cast<int*>(peer + c.l.recvSrc[a.set])[dRow] = c.rc.rank * M + t;
         reinterpret_cast<int*>(peer + c.l.recvK[a.set])[dRow] = lane;
       }
-      const uint4* xrow = reinterpret_cast<const uint4*>(static_cast<const char*>(a.x) + (size_t)t * xBytes);
-      if (a.sendFp8) moe_ll_put_fp8(c, a, xrow, chunk, dmask, dRank, dRow);
-      else moe_ll_put_bf16(c, a, xrow, chunk, dmask, dRank, dRow);
+      uint4 v[MOE_LL_LANE_VECS];
+      if (it == warp) { /* the warp's first item, loaded before the count messages arrived */
+#pragma unroll
+        for (int u = 0; u < MOE_LL_LANE_VECS; u++) v[u] = first[u];
+      } else {
+        moe_ll_load_chunk(a, t, chunk, v);
+      }
+      if (a.sendFp8) moe_ll_put_fp8(c, a, v, chunk, dmask, dRank, dRow);
+      else moe_ll_put_bf16(c, a, v, chunk, dmask, dRank, dRow);
       if (rv >= 0) marks[j] = moe_ll_row_flag(c, dRank, a.set, (size_t)dRow, chunk);
     }
     moe_ll_mark(marks, n);
@@ -448,7 +493,7 @@ __device__ __forceinline__ int moe_ll_find_expert(const int* sOff, int L, int g)
 /* The source rank of row i of local expert l (for a timeout message). */
 __device__ int moe_ll_row_source(const moe_ll_ctx_t& c, int set, int l, int i) {
   const int N = c.rc.nRanks, MI = c.l.msgInts, L = c.rc.numLocalExperts, M = c.maxTokens;
-  const volatile int* msgs = reinterpret_cast<const int*>(c.rc.peers.base[c.rc.rank] + c.l.counts[set]);
+  const int* msgs = reinterpret_cast<const int*>(c.rc.peers.base[c.rc.rank] + c.l.counts[set]);
   int fault = 0;
   for (int r = 0; r < N; r++) {
     const int n = moe_ll_msg_count(msgs + (size_t)r * MI + c.rc.rank * L + l, M, &fault);
@@ -493,6 +538,7 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   const int per = (T + gridDim.x - 1) / gridDim.x;
   const int tBegin = min(T, (int)blockIdx.x * per), tEnd = min(T, tBegin + per);
   const bool hasTokens = tBegin < tEnd;
+  MOE_LL_T(c, 0);
   for (int i = threadIdx.x; i < E; i += blockDim.x) sCnt[i] = sStart[i] = 0;
   for (int i = threadIdx.x; i < L; i += blockDim.x) sTot[i] = 0;
   __syncthreads();
@@ -501,19 +547,33 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   if (hasTokens || (int)blockIdx.x < c.rc.nRanks) moe_ll_count(a, E, tBegin, sCnt, sStart);
   __syncthreads();
   moe_ll_send_counts(c, a, sCnt, n);
+  MOE_LL_T(c, 1);
+
+  /* Each warp's first token chunk is loaded while the count messages travel. */
+  uint4 first[MOE_LL_LANE_VECS];
+  {
+    const int nChunks = (a.hidden + MOE_LL_CHUNK - 1) / MOE_LL_CHUNK, w = threadIdx.x / MOE_LL_WARP;
+    if (w < (tEnd - tBegin) * nChunks) moe_ll_load_chunk(a, tBegin + w / nChunks, w % nChunks, first);
+  }
 
   /* Every block needs the counts when it also receives; block 0 writes
    * recvCount. */
   if (FUSED || hasTokens || blockIdx.x == 0) {
     bool ok = moe_ll_wait_counts(c, a.set, n);
+    MOE_LL_T(c, 2);
     if (ok) ok = moe_ll_place(c, a, hasTokens, sStart, sTot);
+    MOE_LL_T(c, 3);
     int* route = reinterpret_cast<int*>(c.rc.peers.base[c.rc.rank] + c.l.route[a.set]);
     if (threadIdx.x < MOE_LL_WARP) moe_ll_assign_rows(c, a, tBegin, tEnd, sStart, ok, route);
     __syncthreads(); /* the block's routes, written by warp 0, are read by all warps */
-    if (ok) moe_ll_put_tokens(c, a, tBegin, tEnd, route, n);
+    MOE_LL_T(c, 4);
+    if (ok) moe_ll_put_tokens(c, a, tBegin, tEnd, route, n, first);
+    __syncthreads();
+    MOE_LL_T(c, 5);
   }
   moe_ll_count_use(c, a.set, MOE_LL_OP_DISPATCH, n);
   if (FUSED) moe_ll_dispatch_wait(c, a, n, sTot);
+  MOE_LL_T(c, 6);
 }
 
 extern "C" cudaError_t moe_ll_dispatch_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
@@ -688,9 +748,14 @@ __global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
 moe_ll_combine_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sOff[NCCL_MOE_MAX_EXPERTS + 1];
   const unsigned long long cu = moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE) + 1;
+  MOE_LL_T(c, 8);
   moe_ll_combine_put(c, a, cu, sOff);
+  __syncthreads();
+  MOE_LL_T(c, 9);
   moe_ll_count_use(c, a.set, MOE_LL_OP_COMBINE, cu);
   if (FUSED) moe_ll_combine_reduce(c, a, cu);
+  __syncthreads();
+  MOE_LL_T(c, 10);
 }
 
 extern "C" cudaError_t moe_ll_combine_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,

@@ -388,6 +388,30 @@ static void ll_time(ll_rank_t* rk, const opts_t* o, ll_gate_t* gate, float* span
   for (int i = 0; i < 4; i++) free(t[i]);
 }
 
+#ifdef MOE_LL_TRACE
+cudaError_t moe_ll_trace_take(unsigned long long* out, int n);
+/* Diagnostic build: one replay of each all-rank graph, then the latest time
+ * any block of each rank reached each phase point, relative to the earliest
+ * start of any rank. */
+static void ll_trace(cudaGraphExec_t* exec, const opts_t* o, cudaStream_t stream) {
+  unsigned long long t[MAXR][16];
+  for (int op = LL_DISPATCH; op <= LL_COMBINE; op++) {
+    CK(moe_ll_trace_take(&t[0][0], o->ranks));
+    CK(cudaGraphLaunch(exec[op], stream));
+    CK(cudaStreamSynchronize(stream));
+    CK(moe_ll_trace_take(&t[0][0], o->ranks));
+    const int first = op == LL_DISPATCH ? 0 : 8, last = op == LL_DISPATCH ? 6 : 10;
+    unsigned long long t0 = ~0ull;
+    for (int r = 0; r < o->ranks; r++) if (t[r][first] && t[r][first] < t0) t0 = t[r][first];
+    for (int r = 0; r < o->ranks; r++) {
+      printf("trace %s rank %d:", op == LL_DISPATCH ? "dispatch" : "combine", r);
+      for (int i = first; i <= last; i++) printf(" %6.2f", t[r][i] ? (t[r][i] - t0) * 1e-3 : -1.0);
+      printf("\n");
+    }
+  }
+}
+#endif
+
 /* Rows received over all ranks (after a dispatch). */
 static long long ll_received(ll_rank_t* rk, int ranks) {
   long long n = 0;
@@ -469,6 +493,9 @@ static int ll_main(const opts_t* o) {
   ll_time_all(floorGraph, o, gate.stream, floorSpan);
   cudaGraphExecDestroy(floorGraph[0]);
   const float tDispatch = allSpan[LL_DISPATCH], tCombine = allSpan[LL_COMBINE];
+#ifdef MOE_LL_TRACE
+  ll_trace(all, o, gate.stream);
+#endif
   ll_check_async(rk, o->ranks);
   if (ll_received(rk, o->ranks) != pairs) {
     fprintf(stderr, "nccl-moe-bench: the replays received a different number of rows\n");
