@@ -65,6 +65,85 @@ __device__ __forceinline__ char* moe_slab(const moe_net_ctx_t& n, char* base, in
   return base + n.geom.off[ch] + (size_t)node * n.geom.slab[ch];
 }
 
+/* ---------------------------------------------------------------- chunks */
+/* One more write of chunk i of the slab (channel ch, node m) being filled,
+ * whose slab holds cnt records: the write that completes the chunk marks it
+ * ready for the proxy. Chunk 0 also counts the header. Called by one thread
+ * after a system fence over what it (or its warp) wrote. */
+__device__ void moe_net_chunk_add(const moe_net_ctx_t& n, int ch, int m, int i, int cnt, unsigned long long seq) {
+  const int C = n.chunkRecords;
+  const unsigned target = (unsigned)(min(C, cnt - i * C) + (i == 0 ? 1 : 0));
+  unsigned int* done = n.chunkDone + ((size_t)ch * MOE_MAX_NODES + m) * MOE_NET_MAX_CHUNKS + i;
+  if (atomicAdd(done, 1u) + 1 == target) {
+    *done = 0; /* nobody else adds to it in this operation */
+    moe_net_publish(&n.flags->chunkReady[ch][m][i], seq);
+  }
+}
+
+/* A warp wrote record `slot` of the slab (ch, m) holding cnt records. */
+__device__ __forceinline__ void moe_net_record_done(const moe_net_ctx_t& n, int ch, int m, int slot, int cnt,
+                                                    unsigned long long seq, int lane) {
+  __syncwarp();
+  if (lane == 0) {
+    __threadfence_system(); /* with the warp barrier: the whole record before the count */
+    moe_net_chunk_add(n, ch, m, slot / n.chunkRecords, cnt, seq);
+  }
+  __syncwarp();
+}
+
+/* One thread, before any record of slab seq to every other node: the record
+ * count into each slab's header, its size and chunk geometry to the proxy,
+ * then ready = seq, and the header's share of chunk 0. cnt[m]: records to
+ * node m. */
+__device__ void moe_net_begin_slabs(const moe_net_ctx_t& n, int ch, const int* cnt, int recBytes,
+                                    unsigned long long seq) {
+  const moe_topo_t& tp = n.topo;
+  const int C = n.chunkRecords;
+  for (int m = 0; m < tp.nNodes; m++) {
+    if (m == tp.node) continue;
+    *reinterpret_cast<volatile int*>(moe_slab(n, n.sendBuf, ch, m)) = cnt[m];
+    n.flags->bytes[ch][m] = MOE_SLAB_HEADER + (unsigned long long)cnt[m] * recBytes;
+    n.flags->chunkBytes[ch][m] = (unsigned long long)C * recBytes;
+    n.flags->nchunks[ch][m] = cnt[m] == 0 ? 1 : (cnt[m] + C - 1) / C;
+  }
+  __threadfence_system();
+  for (int m = 0; m < tp.nNodes; m++) {
+    if (m == tp.node) continue;
+    moe_net_publish(&n.flags->ready[ch][m], seq);
+    moe_net_chunk_add(n, ch, m, 0, cnt[m], seq);
+  }
+}
+
+/* One thread: waits until chunk i of slab seq from node m has landed (its
+ * progress counter); *seen caches the last value read. False on a timeout
+ * (recorded) or once the comm is broken. */
+__device__ bool moe_net_wait_chunk(const moe_rank_ctx_t& c, const moe_net_ctx_t& n, int ch, int m,
+                                   unsigned long long seq, int i, unsigned long long* seen) {
+  const unsigned long long want = MOE_NET_PROGRESS(seq, 0, i + 1);
+  if (*seen >= want) return true;
+  const unsigned long long* f = const_cast<const unsigned long long*>(&n.flags->progress[ch][m]);
+  const long long start = moe_now_ns();
+  unsigned long long v;
+  while ((v = moe_ld_acquire_sys(f)) < want) {
+    if (moe_comm_broken(c)) return false; /* the proxy failed, or another wait timed out */
+    if (moe_now_ns() - start > c.timeoutNs) {
+      moe_record_timeout(c, seq, n.topo.rankAt[m * n.topo.ranksPerNode + n.topo.local], v >> 17, MOE_WAIT_NET);
+      return false;
+    }
+  }
+  *seen = v;
+  return true;
+}
+
+/* The same for a whole warp (lane 0 waits); true in every lane. */
+__device__ __forceinline__ bool moe_net_warp_wait_chunk(const moe_rank_ctx_t& c, const moe_net_ctx_t& n, int ch,
+                                                        int m, unsigned long long seq, int i, unsigned long long* seen,
+                                                        int lane) {
+  int ok = 1;
+  if (lane == 0) ok = moe_net_wait_chunk(c, n, ch, m, seq, i, seen);
+  return __shfl_sync(MOE_FULL_MASK, ok, 0) != 0;
+}
+
 /* Record count of a received slab, bounded (it came from the network). */
 __device__ __forceinline__ int moe_slab_count(const moe_rank_ctx_t& c, const moe_net_ctx_t& n, int ch, int node) {
   const int cnt = *reinterpret_cast<const volatile int*>(moe_slab(n, n.recvBuf, ch, node));
@@ -178,7 +257,11 @@ moe_inter_notify_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_f
   if (threadIdx.x == 0) {
     for (int m = 0; m < nN; m++) {
       if (m == tp.node) continue;
-      n.flags->bytes[MOE_CH_NOTIFY][m] = sizeof(int) * (unsigned long long)R * M;
+      const unsigned long long bytes = sizeof(int) * (unsigned long long)R * M;
+      n.flags->bytes[MOE_CH_NOTIFY][m] = bytes; /* one chunk: no header, no records */
+      n.flags->chunkBytes[MOE_CH_NOTIFY][m] = bytes;
+      n.flags->nchunks[MOE_CH_NOTIFY][m] = 1;
+      n.flags->chunkReady[MOE_CH_NOTIFY][m][0] = seq;
       moe_net_publish(&n.flags->ready[MOE_CH_NOTIFY][m], seq);
     }
     proceed = moe_net_wait_nodes(c, n, n.flags->arrived, MOE_CH_NOTIFY, seq);
@@ -225,21 +308,25 @@ moe_inter_notify_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_f
  * record per token in the slab to its forwarder. */
 __global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
                                           moe_dispatch_args_t a) {
-  __shared__ int sBase[MOE_WARP], sCap[MOE_WARP], sRank[MOE_WARP];
+  __shared__ int sBase[MOE_WARP], sCap[MOE_WARP], sRank[MOE_WARP], sCount[MOE_MAX_NODES];
   __shared__ int proceed;
   const moe_topo_t& tp = n.topo;
   const int N = c.nRanks, K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
   const unsigned long long seq = n.seq[MOE_CH_DISPATCH] + 1;
+  const moe_record_t rec = moe_dispatch_record(R, K, a.hidden, a.sendFp8);
   moe_load_node_rows(n, rt, sRank, sBase, sCap);
-  if (threadIdx.x == 0)
+  for (int m = threadIdx.x; m < nN; m += blockDim.x) sCount[m] = fw.tokensPerNode[m];
+  __syncthreads();
+  if (threadIdx.x == 0) {
     proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_DISPATCH, seq - 1);
+    if (proceed && blockIdx.x == 0) moe_net_begin_slabs(n, MOE_CH_DISPATCH, sCount, rec.bytes, seq);
+  }
   __syncthreads();
   if (!proceed) return;
   const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
   const int nScales = a.hidden / NCCL_MOE_FP8_BLOCK;
   const int inBytes = a.hidden * (a.xIsFp8 ? 1 : 2), outBytes = a.hidden * (a.sendFp8 ? 1 : 2);
   const bool withWeights = a.topkWeights != NULL;
-  const moe_record_t rec = moe_dispatch_record(R, K, a.hidden, a.sendFp8);
   for (int t = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP; t < a.numTokens;
        t += gridDim.x * warpsPerBlock) {
     int64_t e = -1;
@@ -289,16 +376,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe
       moe_dests_t one = {0, -1, NULL, r + rec.payload, scales};
       if (cast) moe_cast_row_to(c, src, a.hidden, a.pow2Scales, one, lane);
       else moe_copy_row_to(c, src, outBytes / 16, one, lane, false);
-    }
-  }
-  if (moe_last_block(c)) {
-    for (int m = 0; m < nN; m++) {
-      if (m == tp.node) continue;
-      const int cnt = fw.tokensPerNode[m];
-      *reinterpret_cast<volatile int*>(moe_slab(n, n.sendBuf, MOE_CH_DISPATCH, m)) = cnt;
-      __threadfence_system();
-      n.flags->bytes[MOE_CH_DISPATCH][m] = MOE_SLAB_HEADER + (unsigned long long)cnt * rec.bytes;
-      moe_net_publish(&n.flags->ready[MOE_CH_DISPATCH][m], seq);
+      moe_net_record_done(n, MOE_CH_DISPATCH, m, slot, sCount[m], seq, lane);
     }
   }
 }
@@ -316,8 +394,11 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
   moe_fill_lane_ranks(n, tp.node, sRank);
   __syncthreads();
   for (int l = threadIdx.x; l < R; l += blockDim.x) sCap[l] = rt.cap[sRank[l]];
+  /* Chunk 0 (the header) of every node's slab; the rest is waited for chunk
+   * by chunk, so forwarding overlaps the transfer. */
   if (threadIdx.x == 0)
-    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->arrived, MOE_CH_DISPATCH, seq);
+    proceed = !moe_comm_broken(c) &&
+              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_DISPATCH, MOE_NET_PROGRESS(seq, 0, 1));
   __syncthreads();
   const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
   const int gwarp = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP, nwarps = gridDim.x * warpsPerBlock;
@@ -331,7 +412,9 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
     const int cnt = moe_slab_count(c, n, MOE_CH_DISPATCH, m);
     if (blockIdx.x == 0 && threadIdx.x == 0) fw.fwdCount[m] = cnt;
     const char* slab = moe_slab(n, n.recvBuf, MOE_CH_DISPATCH, m) + MOE_SLAB_HEADER;
+    unsigned long long seen = 0;
     for (int i = gwarp; i < cnt; i += nwarps) {
+      if (!moe_net_warp_wait_chunk(c, n, MOE_CH_DISPATCH, m, seq, i / n.chunkRecords, &seen, lane)) break;
       const char* r = slab + (size_t)i * rec.bytes;
       int row = -1;
       if (lane < R) {
@@ -363,7 +446,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
     }
   }
   if (moe_last_block(c)) {
-    if (proceed) {
+    if (proceed && !moe_comm_broken(c)) {
       for (int m = 0; m < nN; m++)
         if (m != tp.node) moe_net_publish(&n.flags->consumed[MOE_CH_DISPATCH][m], seq);
       n.seq[MOE_CH_DISPATCH] = seq;
@@ -409,23 +492,27 @@ __device__ __forceinline__ float moe_sum_local_weights(const moe_rank_ctx_t& c, 
  * over this node's ranks, into the slab back to the record's node. */
 __global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
                                               moe_fwd_route_t fw, moe_combine_args_t a) {
-  __shared__ int sRank[MOE_WARP];
+  __shared__ int sRank[MOE_WARP], sCount[MOE_MAX_NODES];
   __shared__ int proceed;
   const moe_topo_t& tp = n.topo;
   const int K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
   const unsigned long long seq = n.seq[MOE_CH_COMBINE] + 1;
+  const moe_record_t rec = moe_combine_record(K, a.hidden);
   moe_fill_lane_ranks(n, tp.node, sRank);
-  if (threadIdx.x == 0)
+  for (int m = threadIdx.x; m < nN; m += blockDim.x) sCount[m] = m == tp.node ? 0 : fw.fwdCount[m];
+  __syncthreads();
+  if (threadIdx.x == 0) {
     proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_COMBINE, seq - 1);
+    if (proceed && blockIdx.x == 0) moe_net_begin_slabs(n, MOE_CH_COMBINE, sCount, rec.bytes, seq);
+  }
   __syncthreads();
   if (!proceed) return;
   const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
   const int gwarp = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP, nwarps = gridDim.x * warpsPerBlock;
   const int nvec = a.hidden / MOE_VEC_BF16;
-  const moe_record_t rec = moe_combine_record(K, a.hidden);
   for (int m = 0; m < nN; m++) {
     if (m == tp.node) continue;
-    const int cnt = fw.fwdCount[m];
+    const int cnt = sCount[m];
     char* slab = moe_slab(n, n.sendBuf, MOE_CH_COMBINE, m) + MOE_SLAB_HEADER;
     for (int i = gwarp; i < cnt; i += nwarps) {
       const int row = lane < R ? fw.fwdRows[((size_t)m * n.maxTokens + i) * R + lane] : -1;
@@ -447,16 +534,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c,
       /* Always: the source decides whether it wants weights back. */
       const float sum = moe_sum_local_weights(c, sRank, dmask, row, K, lane);
       if (lane < K) reinterpret_cast<float*>(reinterpret_cast<char*>(out) + rec.weights)[lane] = sum;
-    }
-  }
-  if (moe_last_block(c)) {
-    for (int m = 0; m < nN; m++) {
-      if (m == tp.node) continue;
-      const int cnt = fw.fwdCount[m];
-      *reinterpret_cast<volatile int*>(moe_slab(n, n.sendBuf, MOE_CH_COMBINE, m)) = cnt;
-      __threadfence_system();
-      n.flags->bytes[MOE_CH_COMBINE][m] = MOE_SLAB_HEADER + (unsigned long long)cnt * rec.bytes;
-      moe_net_publish(&n.flags->ready[MOE_CH_COMBINE][m], seq);
+      moe_net_record_done(n, MOE_CH_COMBINE, m, i, cnt, seq, lane);
     }
   }
 }
@@ -466,22 +544,37 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c,
 __global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
                                               moe_fwd_route_t fw, moe_combine_args_t a) {
   __shared__ int sBase[MOE_WARP], sCap[MOE_WARP], sRank[MOE_WARP], sCount[MOE_MAX_NODES];
+  __shared__ unsigned long long sSeen[MOE_INTER_THREADS / MOE_WARP][MOE_MAX_NODES]; /* per warp: progress read */
   __shared__ int proceed;
   const moe_topo_t& tp = n.topo;
   const int N = c.nRanks, K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
   const unsigned long long seq = n.seq[MOE_CH_COMBINE] + 1;
   moe_load_node_rows(n, rt, sRank, sBase, sCap);
+  for (int i = threadIdx.x; i < (MOE_INTER_THREADS / MOE_WARP) * MOE_MAX_NODES; i += blockDim.x)
+    (&sSeen[0][0])[i] = 0;
+  /* Chunk 0 (the header) of every node's slab; the partials are waited for
+   * chunk by chunk, so the sum overlaps the transfer. */
   if (threadIdx.x == 0)
-    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->arrived, MOE_CH_COMBINE, seq);
+    proceed = !moe_comm_broken(c) &&
+              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_COMBINE, MOE_NET_PROGRESS(seq, 0, 1));
   __syncthreads();
   for (int m = threadIdx.x; m < nN && proceed; m += blockDim.x)
     sCount[m] = m == tp.node ? 0 : moe_slab_count(c, n, MOE_CH_COMBINE, m);
   __syncthreads();
-  const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
+  const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP, warp = threadIdx.x / MOE_WARP;
   const int nvec = a.hidden / MOE_VEC_BF16;
   const moe_record_t rec = moe_combine_record(K, a.hidden);
-  for (int t = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP; t < a.numTokens && proceed;
+  for (int t = blockIdx.x * warpsPerBlock + warp; t < a.numTokens && proceed;
        t += gridDim.x * warpsPerBlock) {
+    /* Every node's partial of this token has landed. */
+    bool landed = true;
+    for (int m = 0; m < nN && landed; m++) {
+      if (m == tp.node) continue;
+      const int slot = fw.nodePos[(size_t)t * nN + m];
+      if (slot < 0 || slot >= sCount[m]) continue;
+      landed = moe_net_warp_wait_chunk(c, n, MOE_CH_COMBINE, m, seq, slot / n.chunkRecords, &sSeen[warp][m], lane);
+    }
+    if (!landed) break;
     int row = -1;
     if (lane < R) {
       const int p = rt.pos[(size_t)t * N + sRank[lane]];
@@ -546,7 +639,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c,
     }
   }
   if (moe_last_block(c)) {
-    if (proceed) {
+    if (proceed && !moe_comm_broken(c)) {
       for (int m = 0; m < nN; m++)
         if (m != tp.node) moe_net_publish(&n.flags->consumed[MOE_CH_COMBINE][m], seq);
       n.seq[MOE_CH_COMBINE] = seq;

@@ -4,21 +4,29 @@
  * "forwarder"), which writes it over NVLink to the ranks of its node.
  *
  * Every rank has a send region and a receive region for the network, each cut
- * into one slab per (channel, peer node). A slab goes from a sender to its
- * peer as one one-sided write with an immediate; the counters below, in
- * host-mapped memory, tell the GPU and the proxy thread where each slab is:
+ * into one slab per (channel, peer node). A slab is cut into chunks (runs of
+ * records; chunk 0 also holds the header) that travel as soon as the GPU has
+ * written them, so the GPU filling a slab, the network and the GPU reading
+ * it at the far end overlap. The counters below, in host-mapped memory, tell
+ * the GPU and the proxy thread where each slab is:
  *
- *   GPU (sender)   fills send slab k of (channel c, node m), writes bytes, then
- *                  ready[c][m] = k (release, system scope)
- *   proxy          waits for credit[c][m] >= k - 1 (the peer read slab k - 1),
- *                  writes it to the peer, sets sent[c][m] = k when the local
- *                  slab may be reused
- *   proxy (peer)   sees the immediate, sets arrived[c][n] = k
- *   GPU (peer)     waits for arrived[c][n] >= k, reads the slab, then
+ *   GPU (sender)   once sent[c][m] >= k - 1, writes slab k's header, bytes,
+ *                  nchunks and chunkBytes, then ready[c][m] = k; marks each
+ *                  chunk i once all its records are written:
+ *                  chunkReady[c][m][i] = k (release, system scope)
+ *   proxy          once credit[c][m] >= k - 1 (the peer read slab k - 1),
+ *                  writes runs of ready chunks to the peer in order, one
+ *                  write with an immediate each; sets sent[c][m] = k when
+ *                  every write of the slab completed
+ *   proxy (peer)   sees the immediates, sets progress[c][n] (chunks landed,
+ *                  see MOE_NET_PROGRESS) and, with the last one,
+ *                  arrived[c][n] = k
+ *   GPU (peer)     reads each chunk once progress covers it, then
  *                  consumed[c][n] = k; the peer's proxy returns it as credit.
  *
  * k counts operations of channel c on this comm, from 1, on the device (so
- * CUDA graph replays keep counting). */
+ * CUDA graph replays keep counting). Writes on one connection land in the
+ * order they were posted (both transports), so "chunks landed" is a count. */
 #ifndef MOE_INTERNODE_H_
 #define MOE_INTERNODE_H_
 
@@ -36,10 +44,22 @@ extern "C" {
 enum { MOE_CH_NOTIFY = 0, MOE_CH_DISPATCH = 1, MOE_CH_COMBINE = 2, MOE_NET_CHANNELS = 3 };
 #define MOE_MAX_NODES NCCL_MOE_MAX_RANKS
 
+/* Chunks per slab at most, and the smallest chunk worth a message of its own. */
+#define MOE_NET_MAX_CHUNKS 64
+#define MOE_NET_CHUNK_MIN_BYTES (256u << 10)
+/* progress[c][n] of slab k with `chunks` landed (`last`: all of them):
+ * grows with k, then with chunks, so one comparison answers "has chunk i of
+ * slab k landed". */
+#define MOE_NET_PROGRESS(k, last, chunks) (((unsigned long long)(k) << 17) | ((unsigned long long)(last) << 16) | (unsigned long long)(chunks))
+
 typedef struct {
-  volatile unsigned long long ready[MOE_NET_CHANNELS][MOE_MAX_NODES];    /* GPU -> proxy */
-  volatile unsigned long long bytes[MOE_NET_CHANNELS][MOE_MAX_NODES];    /* GPU -> proxy */
+  volatile unsigned long long ready[MOE_NET_CHANNELS][MOE_MAX_NODES];    /* GPU -> proxy: slab k began */
+  volatile unsigned long long bytes[MOE_NET_CHANNELS][MOE_MAX_NODES];    /* GPU -> proxy: slab size */
+  volatile unsigned long long nchunks[MOE_NET_CHANNELS][MOE_MAX_NODES];  /* GPU -> proxy: 1..MOE_NET_MAX_CHUNKS */
+  volatile unsigned long long chunkBytes[MOE_NET_CHANNELS][MOE_MAX_NODES]; /* GPU -> proxy (see moe_net_chunk_range) */
+  volatile unsigned long long chunkReady[MOE_NET_CHANNELS][MOE_MAX_NODES][MOE_NET_MAX_CHUNKS]; /* GPU -> proxy */
   volatile unsigned long long sent[MOE_NET_CHANNELS][MOE_MAX_NODES];     /* proxy -> GPU */
+  volatile unsigned long long progress[MOE_NET_CHANNELS][MOE_MAX_NODES]; /* proxy -> GPU */
   volatile unsigned long long arrived[MOE_NET_CHANNELS][MOE_MAX_NODES];  /* proxy -> GPU */
   volatile unsigned long long consumed[MOE_NET_CHANNELS][MOE_MAX_NODES]; /* GPU -> proxy */
 } moe_net_flags_t;
@@ -81,7 +101,10 @@ typedef struct {
   moe_net_geom_t geom;
   moe_net_flags_t* flags;   /* host-mapped, as the GPU addresses it */
   unsigned long long* seq;  /* device [MOE_NET_CHANNELS]: operations finished per channel */
+  unsigned int* chunkDone;  /* device [MOE_NET_CHANNELS][MOE_MAX_NODES][MOE_NET_MAX_CHUNKS]: records written
+                               into each chunk of the slab being filled (zero between operations) */
   int maxTokens;            /* records one dispatch or combine slab holds (config.maxTokensPerRank) */
+  int chunkRecords;         /* records per chunk of a dispatch or combine slab */
 } moe_net_ctx_t;
 
 /* Routing an internode handle keeps besides moe_route_t (device arrays). */
@@ -123,6 +146,16 @@ static inline MOE_HD moe_record_t moe_combine_record(int topk, int hidden) {
   r.weights = hidden * 2;
   r.bytes = (int)moe_align16((size_t)r.weights + sizeof(float) * (size_t)topk);
   return r;
+}
+
+/* Bytes [*begin, *end) of chunk i of a slab of `bytes` bytes: the records
+ * after the header in runs of chunkBytes; chunk 0 also carries the header. */
+static inline MOE_HD void moe_net_chunk_range(unsigned long long bytes, unsigned long long chunkBytes, int i,
+                                                    unsigned long long* begin, unsigned long long* end) {
+  const unsigned long long b = i == 0 ? 0 : MOE_SLAB_HEADER + (unsigned long long)i * chunkBytes;
+  const unsigned long long e = MOE_SLAB_HEADER + (unsigned long long)(i + 1) * chunkBytes;
+  *begin = b < bytes ? b : bytes;
+  *end = e < bytes ? e : bytes;
 }
 
 /* Launches, in stream order (see internode.cu). layout: after moe_layout_launch

@@ -59,6 +59,19 @@ static void moe_inter_geom(const ncclMoeConfig_t* c, int notifyInts, const moe_t
   g->total = off;
 }
 
+/* Records per chunk of a dispatch or combine slab: at most
+ * MOE_NET_MAX_CHUNKS chunks per slab, and chunks of at least
+ * MOE_NET_CHUNK_MIN_BYTES at the largest record (fewer, larger messages). */
+static int moe_inter_chunk_records(const ncclMoeConfig_t* c, const moe_topo_t* t) {
+  const moe_record_t d = moe_dispatch_record(t->ranksPerNode, c->maxTopk, c->hidden, 0);
+  const moe_record_t k = moe_combine_record(c->maxTopk, c->hidden);
+  const int rec = d.bytes > k.bytes ? d.bytes : k.bytes;
+  const int bySize = (int)((MOE_NET_CHUNK_MIN_BYTES + rec - 1) / rec);
+  const int byCount = (c->maxTokensPerRank + MOE_NET_MAX_CHUNKS - 1) / MOE_NET_MAX_CHUNKS;
+  const int records = bySize > byCount ? bySize : byCount;
+  return records > 0 ? records : 1;
+}
+
 static ncclResult_t moe_host_alloc(size_t bytes, char** host_p, char** dev_p, const char* what) {
   cudaError_t e = cudaHostAlloc((void**)host_p, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
   if (e != cudaSuccess)
@@ -77,6 +90,7 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
   n->topo = *topo;
   n->maxTokens = comm->config.maxTokensPerRank;
   moe_inter_geom(&comm->config, comm->layout.notifyInts, topo, &n->geom);
+  n->chunkRecords = moe_inter_chunk_records(&comm->config, topo);
   for (int ch = 0; ch < MOE_NET_CHANNELS; ch++)
     if (n->geom.slab[ch] > MOE_NET_MAX_MSG_BYTES) {
       res = MOE_ERROR(ncclInvalidArgument, "a network slab would take %zu bytes, more than the transport's %zu per "
@@ -114,6 +128,9 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
   }
   MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->seq, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
   MOE_CUDA_CHECK_GOTO(cudaMemset(n->seq, 0, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
+  const size_t chunkCounters = sizeof(unsigned int) * MOE_NET_CHANNELS * MOE_MAX_NODES * MOE_NET_MAX_CHUNKS;
+  MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->chunkDone, chunkCounters), res, fail);
+  MOE_CUDA_CHECK_GOTO(cudaMemset(n->chunkDone, 0, chunkCounters), res, fail);
   /* The callers' streams do not wait for the legacy stream the memset ran on. */
   MOE_CUDA_CHECK_GOTO(cudaStreamSynchronize(0), res, fail);
 
@@ -148,6 +165,7 @@ void moe_inter_destroy(moe_inter_comm_t* in) {
   if (in == NULL) return;
   moe_proxy_destroy(in->proxy);
   if (in->net.seq != NULL) cudaFree(in->net.seq);
+  if (in->net.chunkDone != NULL) cudaFree(in->net.chunkDone);
   if (in->gpuSlabs) {
     if (in->recvHost != NULL) cudaFree(in->recvHost);
     if (in->sendHost != NULL) cudaFree(in->sendHost);

@@ -8,11 +8,12 @@
  * (my send comm carries what the peer's recv comm expects, in order).
  *
  * Steady state: one thread per rank polls the counters the GPU writes, posts
- * one write (with an immediate) per ready slab, and polls immediates. Each
- * (channel, peer) has at most one data write and one credit in flight, and a
- * slab is written only after the peer returned the credit of the previous
- * one, so a slow receiver is never overwritten. Every value that arrives from
- * the network is checked before it becomes a counter the GPU trusts. */
+ * one write (with an immediate) per run of ready chunks of a slab, in order,
+ * and polls immediates. Each (channel, peer) sends one slab at a time, with at
+ * most MOE_PROXY_WRITES writes and one credit in flight, and a slab is
+ * written only after the peer returned the credit of the previous one, so a
+ * slow receiver is never overwritten. Every value that arrives from the
+ * network is checked before it becomes a counter the GPU trusts. */
 #include "moe_proxy.h"
 
 #include <pthread.h>
@@ -31,6 +32,8 @@
 #define MOE_PROXY_IDLE_SPINS 4096   /* empty polls before the thread naps */
 #define MOE_PROXY_NAP_NS 20000
 #define MOE_PROXY_ERR_MAX 256
+#define MOE_PROXY_WRITES 4               /* data writes in flight per (channel, peer) */
+#define MOE_PROXY_MIN_WRITE (256u << 10) /* a shorter run waits while a write is in flight */
 
 typedef struct {
   uint32_t magic, tag;
@@ -62,12 +65,18 @@ typedef struct {
   moe_net_request_t* sendReq;
   moe_net_request_t* recvReq;
   int helloSent, keyPosted, keySent, haveKey;
-  /* steady state */
+  /* steady state, sending: slab issued[c] is being sent while active[c] */
   unsigned long long issued[MOE_NET_CHANNELS], creditIn[MOE_NET_CHANNELS], creditOut[MOE_NET_CHANNELS];
-  unsigned long long arrived[MOE_NET_CHANNELS];
-  moe_net_request_t* flushReq[MOE_NET_CHANNELS]; /* GPU slabs: arrival published once flushed */
-  moe_net_request_t* dataReq[MOE_NET_CHANNELS];
+  int active[MOE_NET_CHANNELS], nChunks[MOE_NET_CHANNELS], nextChunk[MOE_NET_CHANNELS];
+  unsigned long long slabBytes[MOE_NET_CHANNELS], chunkBytes[MOE_NET_CHANNELS];
+  moe_net_request_t* dataReq[MOE_NET_CHANNELS][MOE_PROXY_WRITES]; /* a ring, oldest at dataHead */
+  int dataHead[MOE_NET_CHANNELS], dataCount[MOE_NET_CHANNELS];
   moe_net_request_t* creditReq[MOE_NET_CHANNELS];
+  /* receiving: slabs landed whole, chunks of the next one, progress values */
+  unsigned long long arrived[MOE_NET_CHANNELS];
+  int chunksIn[MOE_NET_CHANNELS];
+  unsigned long long landed[MOE_NET_CHANNELS], flushing[MOE_NET_CHANNELS], published[MOE_NET_CHANNELS];
+  moe_net_request_t* flushReq[MOE_NET_CHANNELS]; /* GPU slabs: progress published once flushed */
 } moe_proxy_peer_t;
 
 struct moe_proxy {
@@ -274,37 +283,76 @@ static unsigned long long moe_proxy_widen(unsigned long long last, uint32_t low)
   return last + (((unsigned long long)low - last) & MOE_IMM_SEQ_MASK);
 }
 
-/* Sends slab `ready` of channel c to node m when its credit is back. */
-static ncclResult_t moe_proxy_send_data(moe_proxy_t* p, int m, int c, int* progress) {
-  const moe_transport_t* t = p->a.transport;
+/* Takes slab issued + 1 of channel c to node m from the GPU once its credit
+ * is back: its size and chunk geometry, checked. */
+static ncclResult_t moe_proxy_take_slab(moe_proxy_t* p, int m, int c, int* progress) {
   moe_proxy_peer_t* q = &p->peer[m];
-  moe_net_flags_t* f = p->a.flags;
-  int done = 0;
-  if (q->dataReq[c] != NULL) {
-    MOE_CHECK(moe_proxy_test(t, &q->dataReq[c], &done));
-    if (done) {
-      moe_proxy_store(&f->sent[c][m], q->issued[c]);
-      *progress = 1;
-    }
-    return ncclSuccess;
-  }
-  unsigned long long ready = moe_proxy_load(&f->ready[c][m]);
+  const moe_net_flags_t* f = p->a.flags;
+  const unsigned long long ready = moe_proxy_load(&f->ready[c][m]);
   if (ready == q->issued[c]) return ncclSuccess;
   if (ready != q->issued[c] + 1)
     return MOE_ERROR(ncclInternalError, "rank %d: channel %d slab for node %d jumped from %llu to %llu", p->a.rank, c,
                      m, q->issued[c], ready);
   if (q->creditIn[c] + 1 < ready) return ncclSuccess; /* the peer still reads the previous slab */
-  const unsigned long long bytes = f->bytes[c][m];
-  if (bytes > p->a.geom.slab[c])
-    return MOE_ERROR(ncclInternalError, "rank %d: channel %d slab of %llu bytes exceeds %zu", p->a.rank, c, bytes,
-                     p->a.geom.slab[c]);
-  /* The peer's receive region holds one slab per source node: ours is p->a.node. */
-  const size_t off = moe_net_slab_offset(&p->a.geom, c, m);
-  const size_t remoteOff = moe_net_slab_offset(&p->a.geom, c, p->a.node);
-  MOE_CHECK(t->write(q->send, p->a.sendBuf + off, bytes, q->sendMr, &q->remote, remoteOff, 1,
-                     moe_imm_encode(c, ready), &q->dataReq[c]));
-  if (q->dataReq[c] != NULL) {
-    q->issued[c] = ready;
+  const unsigned long long bytes = f->bytes[c][m], nChunks = f->nchunks[c][m], chunkBytes = f->chunkBytes[c][m];
+  unsigned long long begin, end;
+  moe_net_chunk_range(bytes, chunkBytes, (int)nChunks - 1, &begin, &end);
+  if (bytes > p->a.geom.slab[c] || nChunks < 1 || nChunks > MOE_NET_MAX_CHUNKS || end != bytes ||
+      (nChunks > 1 && begin >= end))
+    return MOE_ERROR(ncclInternalError, "rank %d: channel %d slab of %llu bytes in %llu chunks of %llu (at most %zu "
+                     "bytes, %d chunks, covering it)", p->a.rank, c, bytes, nChunks, chunkBytes, p->a.geom.slab[c],
+                     MOE_NET_MAX_CHUNKS);
+  q->issued[c] = ready;
+  q->active[c] = 1;
+  q->slabBytes[c] = bytes;
+  q->chunkBytes[c] = chunkBytes;
+  q->nChunks[c] = (int)nChunks;
+  q->nextChunk[c] = 0;
+  *progress = 1;
+  return ncclSuccess;
+}
+
+/* Channel c to node m: completes writes, marks the slab sent once all are
+ * done, takes the next slab, and writes runs of its chunks the GPU marked
+ * ready, in order. */
+static ncclResult_t moe_proxy_send_data(moe_proxy_t* p, int m, int c, int* progress) {
+  const moe_transport_t* t = p->a.transport;
+  moe_proxy_peer_t* q = &p->peer[m];
+  moe_net_flags_t* f = p->a.flags;
+  while (q->dataCount[c] > 0) { /* writes on one connection complete in order */
+    int done = 0;
+    MOE_CHECK(moe_proxy_test(t, &q->dataReq[c][q->dataHead[c]], &done));
+    if (!done) break;
+    q->dataHead[c] = (q->dataHead[c] + 1) % MOE_PROXY_WRITES;
+    q->dataCount[c]--;
+    *progress = 1;
+  }
+  if (q->active[c] && q->nextChunk[c] == q->nChunks[c] && q->dataCount[c] == 0) {
+    moe_proxy_store(&f->sent[c][m], q->issued[c]);
+    q->active[c] = 0;
+    *progress = 1;
+  }
+  if (!q->active[c]) MOE_CHECK(moe_proxy_take_slab(p, m, c, progress));
+  while (q->active[c] && q->nextChunk[c] < q->nChunks[c] && q->dataCount[c] < MOE_PROXY_WRITES) {
+    int end = q->nextChunk[c];
+    while (end < q->nChunks[c] && moe_proxy_load(&f->chunkReady[c][m][end]) == q->issued[c]) end++;
+    if (end == q->nextChunk[c]) break;
+    unsigned long long b, e, unused;
+    moe_net_chunk_range(q->slabBytes[c], q->chunkBytes[c], q->nextChunk[c], &b, &unused);
+    moe_net_chunk_range(q->slabBytes[c], q->chunkBytes[c], end - 1, &unused, &e);
+    /* While a write is in flight a short run waits for more chunks: fewer,
+     * larger messages. */
+    if (q->dataCount[c] > 0 && end < q->nChunks[c] && e - b < MOE_PROXY_MIN_WRITE) break;
+    /* The peer's receive region holds one slab per source node: ours is p->a.node. */
+    const size_t off = moe_net_slab_offset(&p->a.geom, c, m) + b;
+    const size_t remoteOff = moe_net_slab_offset(&p->a.geom, c, p->a.node) + b;
+    moe_net_request_t* req = NULL;
+    MOE_CHECK(t->write(q->send, p->a.sendBuf + off, e - b, q->sendMr, &q->remote, remoteOff, 1,
+                       moe_imm_data(c, q->issued[c], end, end == q->nChunks[c]), &req));
+    if (req == NULL) break; /* the connection's request slots are full: later */
+    q->dataReq[c][(q->dataHead[c] + q->dataCount[c]) % MOE_PROXY_WRITES] = req;
+    q->dataCount[c]++;
+    q->nextChunk[c] = end;
     *progress = 1;
   }
   return ncclSuccess;
@@ -331,6 +379,14 @@ static ncclResult_t moe_proxy_send_credit(moe_proxy_t* p, int m, int c, int* pro
   return ncclSuccess;
 }
 
+/* Makes a progress value of channel c from node m visible to the GPU. */
+static void moe_proxy_publish(moe_proxy_t* p, int m, int c, unsigned long long v) {
+  moe_proxy_peer_t* q = &p->peer[m];
+  moe_proxy_store(&p->a.flags->progress[c][m], v);
+  if ((v >> 16) & 1) moe_proxy_store(&p->a.flags->arrived[c][m], v >> 17); /* the slab's last chunk */
+  q->published[c] = v;
+}
+
 static ncclResult_t moe_proxy_receive(moe_proxy_t* p, int m, int* progress) {
   moe_proxy_peer_t* q = &p->peer[m];
   for (;;) {
@@ -339,23 +395,23 @@ static ncclResult_t moe_proxy_receive(moe_proxy_t* p, int m, int* progress) {
     MOE_CHECK(p->a.transport->poll_imm(q->recv, &imm, &got));
     if (!got) return ncclSuccess;
     *progress = 1;
-    const int kind = (int)(imm >> MOE_IMM_SEQ_BITS);
+    const int kind = (int)(imm >> MOE_IMM_KIND_SHIFT);
     const uint32_t low = imm & MOE_IMM_SEQ_MASK;
     if (kind < MOE_NET_CHANNELS) {
       const unsigned long long k = q->arrived[kind] + 1;
-      if ((k & MOE_IMM_SEQ_MASK) != low || q->flushReq[kind] != NULL)
-        return MOE_ERROR(ncclRemoteError, "rank %d: rank %d sent channel %d slab %u, expected %llu", p->a.rank,
-                         p->a.peerRank[m], kind, low, k);
-      q->arrived[kind] = k;
-      if (p->a.bufType == NCCL_PTR_CUDA) {
-        /* The NIC wrote GPU memory: make it visible to the GPU before the
-         * kernels may read it (a no-op request when the NIC needs none). */
-        void* slab = p->a.recvBuf + moe_net_slab_offset(&p->a.geom, kind, m);
-        const int size = (int)p->a.geom.slab[kind];
-        MOE_CHECK(p->a.transport->iflush(q->recv, 1, &slab, &size, &q->recvMr, &q->flushReq[kind]));
+      const int chunks = (int)((imm >> MOE_IMM_CHUNK_SHIFT) & MOE_IMM_CHUNK_MASK), last = (imm & MOE_IMM_LAST) != 0;
+      if ((k & MOE_IMM_SEQ_MASK) != low || chunks <= q->chunksIn[kind] || chunks > MOE_NET_MAX_CHUNKS)
+        return MOE_ERROR(ncclRemoteError, "rank %d: rank %d sent channel %d slab %u up to chunk %d, expected slab %llu "
+                         "past chunk %d", p->a.rank, p->a.peerRank[m], kind, low, chunks, k, q->chunksIn[kind]);
+      q->landed[kind] = MOE_NET_PROGRESS(k, last, chunks);
+      q->chunksIn[kind] = chunks;
+      if (last) {
+        q->arrived[kind] = k;
+        q->chunksIn[kind] = 0;
       }
-      if (q->flushReq[kind] == NULL) moe_proxy_store(&p->a.flags->arrived[kind][m], k);
-    } else if (kind >= MOE_IMM_CREDIT && kind < MOE_IMM_CREDIT + MOE_NET_CHANNELS) {
+      /* GPU slabs wait for a flush (moe_proxy_flushes) before the GPU may read them. */
+      if (p->a.bufType != NCCL_PTR_CUDA) moe_proxy_publish(p, m, kind, q->landed[kind]);
+    } else if (kind >= MOE_IMM_CREDIT && kind < MOE_IMM_CREDIT + MOE_NET_CHANNELS && (imm & ~(MOE_IMM_SEQ_MASK | (7u << MOE_IMM_KIND_SHIFT))) == 0) {
       const int c = kind - MOE_IMM_CREDIT;
       const unsigned long long k = moe_proxy_widen(q->creditIn[c], low);
       if (k == q->creditIn[c] || k > q->issued[c])
@@ -369,14 +425,27 @@ static ncclResult_t moe_proxy_receive(moe_proxy_t* p, int m, int* progress) {
   }
 }
 
+/* GPU slabs: the NIC wrote GPU memory; a flush makes it visible to the GPU
+ * before the progress that covers it is published (a no-op request when the
+ * NIC needs none). One flush per channel at a time, covering all that landed
+ * when it was posted. */
 static ncclResult_t moe_proxy_flushes(moe_proxy_t* p, int m, int* progress) {
   moe_proxy_peer_t* q = &p->peer[m];
+  if (p->a.bufType != NCCL_PTR_CUDA) return ncclSuccess;
   for (int c = 0; c < MOE_NET_CHANNELS; c++) {
-    int done = 0;
-    if (q->flushReq[c] == NULL) continue;
-    MOE_CHECK(moe_proxy_test(p->a.transport, &q->flushReq[c], &done));
-    if (!done) continue;
-    moe_proxy_store(&p->a.flags->arrived[c][m], q->arrived[c]);
+    if (q->flushReq[c] != NULL) {
+      int done = 0;
+      MOE_CHECK(moe_proxy_test(p->a.transport, &q->flushReq[c], &done));
+      if (!done) continue;
+      moe_proxy_publish(p, m, c, q->flushing[c]);
+      *progress = 1;
+    }
+    if (q->landed[c] == q->published[c]) continue;
+    void* slab = p->a.recvBuf + moe_net_slab_offset(&p->a.geom, c, m);
+    const int size = (int)p->a.geom.slab[c];
+    q->flushing[c] = q->landed[c];
+    MOE_CHECK(p->a.transport->iflush(q->recv, 1, &slab, &size, &q->recvMr, &q->flushReq[c]));
+    if (q->flushReq[c] == NULL) moe_proxy_publish(p, m, c, q->flushing[c]);
     *progress = 1;
   }
   return ncclSuccess;
@@ -385,8 +454,8 @@ static ncclResult_t moe_proxy_flushes(moe_proxy_t* p, int m, int* progress) {
 static ncclResult_t moe_proxy_step(moe_proxy_t* p, int* progress) {
   for (int m = 0; m < p->a.nNodes; m++) {
     if (m == p->a.node) continue;
-    MOE_CHECK(moe_proxy_flushes(p, m, progress));
     MOE_CHECK(moe_proxy_receive(p, m, progress));
+    MOE_CHECK(moe_proxy_flushes(p, m, progress));
     for (int c = 0; c < MOE_NET_CHANNELS; c++) {
       MOE_CHECK(moe_proxy_send_data(p, m, c, progress));
       MOE_CHECK(moe_proxy_send_credit(p, m, c, progress));
@@ -395,14 +464,14 @@ static ncclResult_t moe_proxy_step(moe_proxy_t* p, int* progress) {
   return ncclSuccess;
 }
 
-/* Nothing of ours still in flight: every slab the GPU marked ready went out,
- * and every slab it read was returned as credit. */
+/* Nothing of ours still in flight: every slab the GPU handed over went out
+ * whole, and every slab it read was returned as credit. */
 static int moe_proxy_quiet(moe_proxy_t* p) {
   for (int m = 0; m < p->a.nNodes; m++) {
     if (m == p->a.node) continue;
     const moe_proxy_peer_t* q = &p->peer[m];
     for (int c = 0; c < MOE_NET_CHANNELS; c++)
-      if (q->dataReq[c] != NULL || q->creditReq[c] != NULL ||
+      if (q->active[c] || q->dataCount[c] > 0 || q->creditReq[c] != NULL ||
           moe_proxy_load(&p->a.flags->ready[c][m]) != q->issued[c] ||
           moe_proxy_load(&p->a.flags->consumed[c][m]) != q->creditOut[c])
         return 0;

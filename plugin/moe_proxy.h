@@ -1,6 +1,6 @@
 /* The network proxy of one rank: connections to the rank with the same local
  * index on every other node, made through the internal transport interface,
- * and a thread that turns slabs the GPU marks ready into one-sided writes,
+ * and a thread that turns slab chunks the GPU marks ready into one-sided writes,
  * turns arriving immediates into counters the GPU polls, and returns credits
  * so that a sender never overwrites a slab its receiver has not read. See
  * kernels/moe_internode.h for the protocol. Nothing here touches CUDA: the
@@ -50,13 +50,22 @@ void moe_proxy_destroy(moe_proxy_t* proxy);
 /* The message of the error that stopped the thread ("" if none). */
 const char* moe_proxy_error(const moe_proxy_t* proxy);
 
-/* Immediates: the kind (channel, or 4 + channel for a credit) in bits 24..27,
- * the low 24 bits of the operation number below. */
-#define MOE_IMM_SEQ_BITS 24
+/* Immediates (below 2^31): the kind (channel, or MOE_IMM_CREDIT + channel
+ * for a credit) in bits 28..30, the low 20 bits of the operation number in
+ * bits 0..19; a data write also carries the number of the slab's chunks
+ * landed with it (bits 20..26) and whether it ends the slab (bit 27). */
+#define MOE_IMM_SEQ_BITS 20
 #define MOE_IMM_SEQ_MASK ((1u << MOE_IMM_SEQ_BITS) - 1u)
+#define MOE_IMM_CHUNK_SHIFT 20
+#define MOE_IMM_CHUNK_MASK 0x7fu
+#define MOE_IMM_LAST (1u << 27)
+#define MOE_IMM_KIND_SHIFT 28
 #define MOE_IMM_CREDIT 4
 static inline uint32_t moe_imm_encode(int kind, unsigned long long seq) {
-  return ((uint32_t)kind << MOE_IMM_SEQ_BITS) | ((uint32_t)seq & MOE_IMM_SEQ_MASK);
+  return ((uint32_t)kind << MOE_IMM_KIND_SHIFT) | ((uint32_t)seq & MOE_IMM_SEQ_MASK);
+}
+static inline uint32_t moe_imm_data(int channel, unsigned long long seq, int chunkEnd, int last) {
+  return moe_imm_encode(channel, seq) | ((uint32_t)chunkEnd << MOE_IMM_CHUNK_SHIFT) | (last ? MOE_IMM_LAST : 0u);
 }
 
 #ifdef __cplusplus

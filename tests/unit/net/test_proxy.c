@@ -1,9 +1,11 @@
 /* The internode network proxy on the socket transport over loopback, with
  * host memory standing in for the GPU: test threads play each rank's
- * kernels (fill a slab, mark it ready; wait for arrival, check, mark it
- * consumed). Covers set-up between several nodes, many operations on every
- * channel with random slab sizes, flow control (a receiver that has not
- * consumed a slab is never overwritten), and a peer that disappears. */
+ * kernels (hand a slab over, fill it and mark its chunks ready in random
+ * order; wait for arrival, check, mark it consumed). Covers set-up between
+ * several nodes, many operations on every channel with random slab sizes and
+ * chunk counts, chunks landing in order while the rest is still being
+ * written, flow control (a receiver that has not consumed a slab is never
+ * overwritten), corrupt counters, and a peer that disappears. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -104,6 +106,41 @@ static int wait_ge(const volatile unsigned long long* v, unsigned long long want
   return 1;
 }
 
+/* Chunk geometry of a slab cut into about `want` chunks: no chunk empty. */
+static void chunk_geom(size_t bytes, int want, int* n_p, unsigned long long* chunkBytes_p) {
+  if (want <= 1 || bytes <= MOE_SLAB_HEADER + (size_t)want) {
+    *n_p = 1;
+    *chunkBytes_p = bytes;
+    return;
+  }
+  const unsigned long long records = bytes - MOE_SLAB_HEADER, cb = (records + want - 1) / want;
+  *chunkBytes_p = cb;
+  *n_p = (int)((records + cb - 1) / cb);
+}
+
+/* What a kernel does when it starts slab k: size and chunk geometry, then
+ * ready (chunks follow with mark_chunk). Returns the number of chunks. */
+static int begin_slab(node_t* nd, int c, int m, unsigned long long k, size_t bytes, int want) {
+  int n;
+  unsigned long long chunkBytes;
+  chunk_geom(bytes, want, &n, &chunkBytes);
+  nd->flags.bytes[c][m] = bytes;
+  nd->flags.nchunks[c][m] = (unsigned long long)n;
+  nd->flags.chunkBytes[c][m] = chunkBytes;
+  store(&nd->flags.ready[c][m], k);
+  return n;
+}
+
+static void mark_chunk(node_t* nd, int c, int m, int i, unsigned long long k) {
+  store(&nd->flags.chunkReady[c][m][i], k);
+}
+
+/* A whole slab in one chunk, already written. */
+static void hand_over(node_t* nd, int c, int m, unsigned long long k, size_t bytes) {
+  begin_slab(nd, c, m, k, bytes, 1);
+  mark_chunk(nd, c, m, 0, k);
+}
+
 static size_t slab_size(uint64_t seed, int k, int src, int dst, int c) {
   moe_rng_t r;
   moe_rng_init(&r, seed ^ ((uint64_t)k << 32) ^ ((uint64_t)src << 16) ^ ((uint64_t)dst << 8) ^ (uint64_t)c);
@@ -134,8 +171,19 @@ typedef struct {
     return NULL;                                            \
   } while (0)
 
-/* One rank's "GPU": every op sends a slab to each peer on each channel, then
- * reads the slab of each peer and returns it. */
+/* Chunks of a slab: asks for 1 to 8 (chunk_geom decides). */
+static int slab_chunks(uint64_t seed, int k, int src, int dst, int c, size_t bytes) {
+  moe_rng_t r;
+  moe_rng_init(&r, seed ^ 0x5eedull ^ ((uint64_t)k << 40) ^ ((uint64_t)src << 24) ^ ((uint64_t)dst << 12) ^ (uint64_t)c);
+  int n;
+  unsigned long long unused;
+  chunk_geom(bytes, 1 + (int)moe_rng_below(&r, 8), &n, &unused);
+  return n;
+}
+
+/* One rank's "GPU": every op sends a slab to each peer on each channel (its
+ * chunks marked ready in random order, each once written), then reads the
+ * slab of each peer and returns it. */
 static void* rank_main(void* p) {
   rank_arg_t* a = p;
   node_t* nd = &a->cl->node[a->me];
@@ -147,10 +195,19 @@ static void* rank_main(void* p) {
         if (m == a->me) continue;
         if (!wait_ge(&nd->flags.sent[c][m], k - 1, NET_TEST_DEADLINE_MS))
           RANK_FAIL(a, "op %d channel %d: slab %d to node %d never sent", k, c, k - 1, m);
-        size_t bytes = slab_size(a->seed, k, a->me, m, c);
+        const size_t bytes = slab_size(a->seed, k, a->me, m, c);
+        const int nChunks = begin_slab(nd, c, m, k, bytes, slab_chunks(a->seed, k, a->me, m, c, bytes));
         net_fill(nd->sendBuf + moe_net_slab_offset(g, c, m), bytes, pattern_seed(a->seed, k, a->me, m, c));
-        nd->flags.bytes[c][m] = bytes;
-        store(&nd->flags.ready[c][m], k);
+        int order[8];
+        for (int i = 0; i < nChunks; i++) order[i] = i;
+        moe_rng_t r;
+        moe_rng_init(&r, pattern_seed(a->seed, k, a->me, m, c));
+        for (int i = nChunks - 1; i > 0; i--) {
+          const int j = (int)moe_rng_below(&r, (uint64_t)i + 1), t = order[i];
+          order[i] = order[j];
+          order[j] = t;
+        }
+        for (int i = 0; i < nChunks; i++) mark_chunk(nd, c, m, order[i], k);
       }
     }
     for (int c = 0; c < MOE_NET_CHANNELS; c++) {
@@ -161,6 +218,10 @@ static void* rank_main(void* p) {
         if (load(&nd->flags.arrived[c][m]) != (unsigned long long)k)
           RANK_FAIL(a, "op %d channel %d: slab from node %d ahead of its credit", k, c, m);
         size_t bytes = slab_size(a->seed, k, m, a->me, c);
+        const int nChunks = slab_chunks(a->seed, k, m, a->me, c, bytes);
+        if (load(&nd->flags.progress[c][m]) != MOE_NET_PROGRESS(k, 1, nChunks))
+          RANK_FAIL(a, "op %d channel %d: progress of node %d's slab is %llx, want %llx", k, c, m,
+                    load(&nd->flags.progress[c][m]), MOE_NET_PROGRESS(k, 1, nChunks));
         if (!net_check(nd->recvBuf + moe_net_slab_offset(g, c, m), bytes, pattern_seed(a->seed, k, m, a->me, c)))
         {
           const char* got = nd->recvBuf + moe_net_slab_offset(g, c, m);
@@ -227,12 +288,11 @@ START_TEST(test_credit_holds_back_second_slab) {
   const int c = MOE_CH_DISPATCH;
   const size_t soff = moe_net_slab_offset(&cl.geom, c, 1), roff = moe_net_slab_offset(&cl.geom, c, 0);
   net_fill(s->sendBuf + soff, 4096, 1);
-  s->flags.bytes[c][1] = 4096;
-  store(&s->flags.ready[c][1], 1);
+  hand_over(s, c, 1, 1, 4096);
   ck_assert(wait_ge(&r->flags.arrived[c][0], 1, NET_TEST_DEADLINE_MS));
   ck_assert(wait_ge(&s->flags.sent[c][1], 1, NET_TEST_DEADLINE_MS));
   net_fill(s->sendBuf + soff, 4096, 2);
-  store(&s->flags.ready[c][1], 2);
+  hand_over(s, c, 1, 2, 4096);
   struct timespec pause = {0, 300 * 1000 * 1000};
   nanosleep(&pause, NULL);
   ck_assert_uint_eq(load(&r->flags.arrived[c][0]), 1);
@@ -266,8 +326,7 @@ START_TEST(test_destroy_sends_the_last_slab) {
   node_t *s = &cl.node[0], *r = &cl.node[1];
   const int c = MOE_CH_COMBINE;
   net_fill(s->sendBuf + moe_net_slab_offset(&cl.geom, c, 1), SLAB_BYTES, 7);
-  s->flags.bytes[c][1] = SLAB_BYTES;
-  store(&s->flags.ready[c][1], 1);
+  hand_over(s, c, 1, 1, SLAB_BYTES);
   moe_proxy_destroy(s->proxy);
   s->proxy = NULL;
   ck_assert(wait_ge(&r->flags.arrived[c][0], 1, NET_TEST_DEADLINE_MS));
@@ -282,12 +341,64 @@ START_TEST(test_oversized_slab_is_an_error) {
   cluster_t cl;
   cluster_up(&cl, 2);
   node_t* s = &cl.node[0];
-  s->flags.bytes[MOE_CH_COMBINE][1] = SLAB_BYTES + 1;
-  store(&s->flags.ready[MOE_CH_COMBINE][1], 1);
+  hand_over(s, MOE_CH_COMBINE, 1, 1, SLAB_BYTES + 1);
   uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
   while (s->error[MOE_ERR_CODE] == MOE_KERR_NONE) ck_assert(net_now_ms() < deadline);
   ck_assert_uint_eq(load(&cl.node[1].flags.arrived[MOE_CH_COMBINE][0]), 0);
   cluster_down(&cl);
+}
+END_TEST
+
+/* Chunks go out as they are marked, in order: chunk 0 lands alone while
+ * chunk 1 is not ready, the slab counts as sent only once all landed. */
+START_TEST(test_chunks_land_in_order_as_marked) {
+  cluster_t cl;
+  cluster_up(&cl, 2);
+  node_t *s = &cl.node[0], *r = &cl.node[1];
+  const int c = MOE_CH_DISPATCH;
+  const size_t bytes = SLAB_BYTES, soff = moe_net_slab_offset(&cl.geom, c, 1), roff = moe_net_slab_offset(&cl.geom, c, 0);
+  net_fill(s->sendBuf + soff, bytes, 3);
+  ck_assert_int_eq(begin_slab(s, c, 1, 1, bytes, 4), 4);
+  mark_chunk(s, c, 1, 2, 1); /* out of order: waits for 0 and 1 */
+  mark_chunk(s, c, 1, 0, 1);
+  ck_assert(wait_ge(&r->flags.progress[c][0], MOE_NET_PROGRESS(1, 0, 1), NET_TEST_DEADLINE_MS));
+  struct timespec pause = {0, 100 * 1000 * 1000};
+  nanosleep(&pause, NULL);
+  ck_assert_uint_eq(load(&r->flags.progress[c][0]), MOE_NET_PROGRESS(1, 0, 1));
+  ck_assert_uint_eq(load(&r->flags.arrived[c][0]), 0);
+  ck_assert_uint_eq(load(&s->flags.sent[c][1]), 0);
+  unsigned long long b, e;
+  moe_net_chunk_range(bytes, s->flags.chunkBytes[c][1], 0, &b, &e);
+  ck_assert(net_check(r->recvBuf + roff, e / 8 * 8, 3)); /* chunk 0 (a prefix of the pattern) landed */
+  mark_chunk(s, c, 1, 1, 1);
+  ck_assert(wait_ge(&r->flags.progress[c][0], MOE_NET_PROGRESS(1, 0, 3), NET_TEST_DEADLINE_MS));
+  mark_chunk(s, c, 1, 3, 1);
+  ck_assert(wait_ge(&r->flags.arrived[c][0], 1, NET_TEST_DEADLINE_MS));
+  ck_assert_uint_eq(load(&r->flags.progress[c][0]), MOE_NET_PROGRESS(1, 1, 4));
+  ck_assert(wait_ge(&s->flags.sent[c][1], 1, NET_TEST_DEADLINE_MS));
+  ck_assert(net_check(r->recvBuf + roff, bytes, 3));
+  cluster_down(&cl);
+}
+END_TEST
+
+/* Chunk geometry that does not cover the slab, or too many chunks: an error,
+ * nothing written. */
+START_TEST(test_bad_chunk_geometry_is_an_error) {
+  for (int bad = 0; bad < 2; bad++) {
+    cluster_t cl;
+    cluster_up(&cl, 2);
+    node_t* s = &cl.node[0];
+    const int c = MOE_CH_NOTIFY;
+    s->flags.bytes[c][1] = 4096;
+    s->flags.nchunks[c][1] = bad == 0 ? 2 : MOE_NET_MAX_CHUNKS + 1;
+    s->flags.chunkBytes[c][1] = bad == 0 ? 1000 : 64; /* 2 x 1000 after the header < 4096 */
+    store(&s->flags.ready[c][1], 1);
+    uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+    while (s->error[MOE_ERR_CODE] == MOE_KERR_NONE) ck_assert(net_now_ms() < deadline);
+    ck_assert_ptr_nonnull(strstr(moe_proxy_error(s->proxy), "chunks"));
+    ck_assert_uint_eq(load(&cl.node[1].flags.arrived[c][0]), 0);
+    cluster_down(&cl);
+  }
 }
 END_TEST
 
@@ -306,5 +417,7 @@ int main(void) {
   add_case(s, "dead_peer", test_dead_peer_is_an_error);
   add_case(s, "oversized_slab", test_oversized_slab_is_an_error);
   add_case(s, "destroy_drains", test_destroy_sends_the_last_slab);
+  add_case(s, "chunks_in_order", test_chunks_land_in_order_as_marked);
+  add_case(s, "bad_chunk_geometry", test_bad_chunk_geometry_is_an_error);
   return moe_test_run(s);
 }
