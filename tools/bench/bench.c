@@ -201,7 +201,8 @@ static void draw_inputs(const opts_t* o, uint16_t* hx, int64_t* hidx, float* hw)
 #define LL_EXPERT_OUT_BYTE 0x3c /* expert outputs: every BF16 value 0x3c3c */
 #define LL_FLOOR_BLOCKS 16 /* blocks of the empty kernels (their number barely matters) */
 
-enum { LL_DISPATCH = 0, LL_COMBINE = 1 };
+/* LL_FLOOR: an empty kernel per rank instead of a call, for the launch floor. */
+enum { LL_DISPATCH = 0, LL_COMBINE = 1, LL_FLOOR = 2 };
 
 typedef struct {
   ncclMoeComm_t comm;
@@ -281,7 +282,10 @@ static void ll_capture(ll_rank_t* rk, int ranks, int op) {
 
 /* One graph holding `op` of every rank as parallel branches, forked from
  * and joined to `stream`: the ranks start together, as separate GPUs would,
- * without the front end's skew between eight streams' launches. */
+ * without the front end's skew between eight streams' launches. With
+ * LL_FLOOR, the same shape with an empty kernel per rank: what launching the
+ * all-rank graph costs on this GPU (separate GPUs would launch one branch
+ * each), printed beside the figures. */
 static cudaGraphExec_t ll_capture_all(ll_rank_t* rk, int ranks, int op, cudaStream_t stream, cudaEvent_t fork) {
   cudaGraph_t g;
   cudaGraphExec_t exec;
@@ -289,27 +293,8 @@ static cudaGraphExec_t ll_capture_all(ll_rank_t* rk, int ranks, int op, cudaStre
   CK(cudaEventRecord(fork, stream));
   for (int r = 0; r < ranks; r++) {
     CK(cudaStreamWaitEvent(rk[r].stream, fork, 0));
-    ll_call(&rk[r], op);
-    CK(cudaEventRecord(rk[r].end, rk[r].stream));
-    CK(cudaStreamWaitEvent(stream, rk[r].end, 0));
-  }
-  CK(cudaStreamEndCapture(stream, &g));
-  CK(cudaGraphInstantiate(&exec, g, 0));
-  CK(cudaGraphDestroy(g));
-  return exec;
-}
-
-/* The same graph shape with an empty kernel in each rank's branch: what
- * launching the all-rank graph costs on this GPU, printed beside the figures
- * (separate GPUs would each launch one branch). */
-static cudaGraphExec_t ll_capture_floor(ll_rank_t* rk, int ranks, int blocks, cudaStream_t stream, cudaEvent_t fork) {
-  cudaGraph_t g;
-  cudaGraphExec_t exec;
-  CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  CK(cudaEventRecord(fork, stream));
-  for (int r = 0; r < ranks; r++) {
-    CK(cudaStreamWaitEvent(rk[r].stream, fork, 0));
-    CK(moe_ll_noop_launch(blocks, rk[r].stream));
+    if (op == LL_FLOOR) CK(moe_ll_noop_launch(LL_FLOOR_BLOCKS, rk[r].stream));
+    else ll_call(&rk[r], op);
     CK(cudaEventRecord(rk[r].end, rk[r].stream));
     CK(cudaStreamWaitEvent(stream, rk[r].end, 0));
   }
@@ -489,7 +474,7 @@ static int ll_main(const opts_t* o) {
   float allSpan[2], floorSpan[2];
   ll_time_all(all, o, gate.stream, allSpan);
   cudaGraphExec_t floorGraph[2];
-  floorGraph[0] = floorGraph[1] = ll_capture_floor(rk, o->ranks, LL_FLOOR_BLOCKS, gate.stream, gate.open);
+  floorGraph[0] = floorGraph[1] = ll_capture_all(rk, o->ranks, LL_FLOOR, gate.stream, gate.open);
   ll_time_all(floorGraph, o, gate.stream, floorSpan);
   cudaGraphExecDestroy(floorGraph[0]);
   const float tDispatch = allSpan[LL_DISPATCH], tCombine = allSpan[LL_COMBINE];
