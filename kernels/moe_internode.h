@@ -44,9 +44,8 @@ extern "C" {
 enum { MOE_CH_NOTIFY = 0, MOE_CH_DISPATCH = 1, MOE_CH_COMBINE = 2, MOE_NET_CHANNELS = 3 };
 #define MOE_MAX_NODES NCCL_MOE_MAX_RANKS
 
-/* Chunks per slab at most, and the smallest chunk worth a message of its own. */
+/* Chunks per slab at most (their smallest size: NCCL_MOE_NET_CHUNK_KB). */
 #define MOE_NET_MAX_CHUNKS 64
-#define MOE_NET_CHUNK_MIN_BYTES (256u << 10)
 /* progress[c][n] of slab k with `chunks` landed (`last`: all of them):
  * grows with k, then with chunks, so one comparison answers "has chunk i of
  * slab k landed". */

@@ -20,6 +20,7 @@ typedef struct {
   int p2p_disable;         /* NCCL_MOE_P2P_DISABLE: 1 = never map peers' memory directly */
   int num_sms;             /* NCCL_MOE_NUM_SMS: SM budget override, 0 = config/auto */
   int net_backend;         /* NCCL_MOE_NET_BACKEND: auto|ib|socket (moe_net_backend_t) */
+  int net_chunk_kb;        /* NCCL_MOE_NET_CHUNK_KB: smallest internode slab chunk, default 256 */
   /* NCCL's own variables, honoured with NCCL's meaning. */
   char ib_hca[MOE_ENV_STR_MAX];         /* NCCL_IB_HCA, "" = all devices */
   int ib_gid_index;                     /* NCCL_IB_GID_INDEX, -1 = choose by NCCL's rules */

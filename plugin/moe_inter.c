@@ -13,6 +13,7 @@
 
 #include "moe_check.h"
 #include "moe_comm.h"
+#include "moe_env.h"
 #include "moe_log.h"
 
 #define MOE_MAX_LOCAL_RANKS 32
@@ -61,12 +62,13 @@ static void moe_inter_geom(const ncclMoeConfig_t* c, int notifyInts, const moe_t
 
 /* Records per chunk of a dispatch or combine slab: at most
  * MOE_NET_MAX_CHUNKS chunks per slab, and chunks of at least
- * MOE_NET_CHUNK_MIN_BYTES at the largest record (fewer, larger messages). */
+ * NCCL_MOE_NET_CHUNK_KB at the largest record (fewer, larger messages). */
 static int moe_inter_chunk_records(const ncclMoeConfig_t* c, const moe_topo_t* t) {
   const moe_record_t d = moe_dispatch_record(t->ranksPerNode, c->maxTopk, c->hidden, 0);
   const moe_record_t k = moe_combine_record(c->maxTopk, c->hidden);
   const int rec = d.bytes > k.bytes ? d.bytes : k.bytes;
-  const int bySize = (int)((MOE_NET_CHUNK_MIN_BYTES + rec - 1) / rec);
+  const size_t minBytes = (size_t)moe_env()->net_chunk_kb << 10;
+  const int bySize = (int)((minBytes + rec - 1) / rec);
   const int byCount = (c->maxTokensPerRank + MOE_NET_MAX_CHUNKS - 1) / MOE_NET_MAX_CHUNKS;
   const int records = bySize > byCount ? bySize : byCount;
   return records > 0 ? records : 1;

@@ -11,6 +11,7 @@
 
 #include "moe_case.h"
 #include "moe_comm.h"
+#include "moe_env.h"
 #include "nccl_moe.h"
 #include "test_common.h"
 
@@ -24,6 +25,19 @@ START_TEST(test_2x4_cast_fp8) {
   case_t c = nodes_case(2, 4, 96, 2048, 8, 64);
   c.sendFp8 = 1, c.dropProb = 9;
   run_case(&c);
+}
+END_TEST
+
+/* Chunks of 4 KiB: every slab travels in dozens of chunks (the kernels wait
+ * and mark chunk by chunk). */
+START_TEST(test_2x4_many_chunks) {
+  setenv("NCCL_MOE_NET_CHUNK_KB", "4", 1);
+  moe_env_reload();
+  case_t c = nodes_case(2, 4, 96, 2048, 8, 64);
+  c.weights = 1, c.dropProb = 7;
+  run_case(&c);
+  unsetenv("NCCL_MOE_NET_CHUNK_KB");
+  moe_env_reload();
 }
 END_TEST
 
@@ -167,6 +181,7 @@ int main(void) {
   TCase* tc = tcase_create("virtual_nodes");
   tcase_set_timeout(tc, 300);
   tcase_add_test(tc, test_2x4_cast_fp8);
+  tcase_add_test(tc, test_2x4_many_chunks);
   tcase_add_test(tc, test_4x2_bf16_exact_uneven);
   tcase_add_test(tc, test_3x1_fp8_input_capacity_graph);
   tcase_add_test(tc, test_2x4_reuse_zero_copy_all_to_one_rank);
