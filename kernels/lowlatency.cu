@@ -62,6 +62,8 @@
 __device__ unsigned long long moe_ll_trace_buf[NCCL_MOE_MAX_RANKS][MOE_LL_TRACE_POINTS];
 #define MOE_LL_T(c, i) \
   do { if (threadIdx.x == 0) atomicMax(&moe_ll_trace_buf[(c).rc.rank][i], (unsigned long long)moe_now_ns()); } while (0)
+/* The same once every thread of the block got there. */
+#define MOE_LL_T_ALL(c, i) do { __syncthreads(); MOE_LL_T(c, i); } while (0)
 extern "C" cudaError_t moe_ll_trace_take(unsigned long long* out, int n) {
   cudaError_t e = cudaMemcpyFromSymbol(out, moe_ll_trace_buf, sizeof(unsigned long long) * n * MOE_LL_TRACE_POINTS);
   static const unsigned long long zero[NCCL_MOE_MAX_RANKS][MOE_LL_TRACE_POINTS] = {};
@@ -70,6 +72,7 @@ extern "C" cudaError_t moe_ll_trace_take(unsigned long long* out, int n) {
 }
 #else
 #define MOE_LL_T(c, i) do { } while (0)
+#define MOE_LL_T_ALL(c, i) do { } while (0)
 #endif
 
 static_assert(MOE_LL_CHUNK == MOE_LL_FLAG_CHANNELS, "a dispatch item is one flagged chunk");
@@ -568,8 +571,7 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
     __syncthreads(); /* the block's routes, written by warp 0, are read by all warps */
     MOE_LL_T(c, 4);
     if (ok) moe_ll_put_tokens(c, a, tBegin, tEnd, route, n, first);
-    __syncthreads();
-    MOE_LL_T(c, 5);
+    MOE_LL_T_ALL(c, 5);
   }
   moe_ll_count_use(c, a.set, MOE_LL_OP_DISPATCH, n);
   if (FUSED) moe_ll_dispatch_wait(c, a, n, sTot);
@@ -666,14 +668,6 @@ __device__ __forceinline__ void moe_ll_fma_bf16x8(float* acc, uint4 v, float w) 
   }
 }
 
-__device__ __forceinline__ uint4 moe_ll_pack_bf16x8(const float* acc) {
-  uint4 v;
-  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; i++) p[i] = __float22bfloat162_rn(make_float2(acc[2 * i], acc[2 * i + 1]));
-  return v;
-}
-
 /* The receive half of combine use cu: per (token, 512-channel chunk), one
  * warp waits for the chunk's marks on the token's rows (lane k: top-k slot
  * k when its row was sent), then reduces them in k order. */
@@ -737,7 +731,7 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
 #pragma unroll
     for (int u = 0; u < U; u++) {
       const int v = f * MOE_LL_FLAG_VEC + u * MOE_LL_WARP + lane;
-      if (v < nVec) reinterpret_cast<uint4*>(a.out)[(size_t)t * nVec + v] = moe_ll_pack_bf16x8(acc[u]);
+      if (v < nVec) reinterpret_cast<uint4*>(a.out)[(size_t)t * nVec + v] = moe_pack_bf16x8(acc[u]);
     }
   }
 }
@@ -750,12 +744,10 @@ moe_ll_combine_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   const unsigned long long cu = moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE) + 1;
   MOE_LL_T(c, 8);
   moe_ll_combine_put(c, a, cu, sOff);
-  __syncthreads();
-  MOE_LL_T(c, 9);
+  MOE_LL_T_ALL(c, 9);
   moe_ll_count_use(c, a.set, MOE_LL_OP_COMBINE, cu);
   if (FUSED) moe_ll_combine_reduce(c, a, cu);
-  __syncthreads();
-  MOE_LL_T(c, 10);
+  MOE_LL_T_ALL(c, 10);
 }
 
 extern "C" cudaError_t moe_ll_combine_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,

@@ -234,8 +234,9 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
   h->hidden = d->hidden;
   h->topk = d->topk;
   h->cumulative = d->cumulativeRecvCount;
-  h->state = MOE_LL_DISPATCH_SENT;
-  ll->pending[set] = handle;
+  /* Without sendOnly the send kernel ran the receive half too. */
+  h->state = d->sendOnly ? MOE_LL_DISPATCH_SENT : MOE_LL_DISPATCHED;
+  ll->pending[set] = d->sendOnly ? handle : NULL;
 
   const moe_ll_layout_t* l = &ll->ctx.l;
   char* buf = comm->buffer;
@@ -249,10 +250,6 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
       .expertStride = comm->nRanks * comm->config.llMaxTokensPerRank,
       .numLocalExperts = comm->numLocalExperts};
   *result_p = r;
-  if (!d->sendOnly) { /* the send kernel ran the receive half too */
-    ll->pending[set] = NULL;
-    h->state = MOE_LL_DISPATCHED;
-  }
   return ncclSuccess;
 }
 

@@ -411,7 +411,8 @@ static ncclResult_t moe_proxy_receive(moe_proxy_t* p, int m, int* progress) {
       }
       /* GPU slabs wait for a flush (moe_proxy_flushes) before the GPU may read them. */
       if (p->a.bufType != NCCL_PTR_CUDA) moe_proxy_publish(p, m, kind, q->landed[kind]);
-    } else if (kind >= MOE_IMM_CREDIT && kind < MOE_IMM_CREDIT + MOE_NET_CHANNELS && (imm & ~(MOE_IMM_SEQ_MASK | (7u << MOE_IMM_KIND_SHIFT))) == 0) {
+    } else if (kind >= MOE_IMM_CREDIT && kind < MOE_IMM_CREDIT + MOE_NET_CHANNELS &&
+               (imm & ~(MOE_IMM_SEQ_MASK | MOE_IMM_KIND_MASK)) == 0) { /* credits carry no chunk bits */
       const int c = kind - MOE_IMM_CREDIT;
       const unsigned long long k = moe_proxy_widen(q->creditIn[c], low);
       if (k == q->creditIn[c] || k > q->issued[c])

@@ -60,6 +60,7 @@ const char* moe_proxy_error(const moe_proxy_t* proxy);
 #define MOE_IMM_CHUNK_MASK 0x7fu
 #define MOE_IMM_LAST (1u << 27)
 #define MOE_IMM_KIND_SHIFT 28
+#define MOE_IMM_KIND_MASK (7u << MOE_IMM_KIND_SHIFT)
 #define MOE_IMM_CREDIT 4
 static inline uint32_t moe_imm_encode(int kind, unsigned long long seq) {
   return ((uint32_t)kind << MOE_IMM_KIND_SHIFT) | ((uint32_t)seq & MOE_IMM_SEQ_MASK);
