@@ -43,6 +43,9 @@ extern "C" {
 
 enum { MOE_CH_NOTIFY = 0, MOE_CH_DISPATCH = 1, MOE_CH_COMBINE = 2, MOE_NET_CHANNELS = 3 };
 #define MOE_MAX_NODES NCCL_MOE_MAX_RANKS
+/* Channels a proxy can serve: the normal path uses MOE_NET_CHANNELS, the
+ * low-latency path one per (operation, buffer set). */
+#define MOE_NET_MAX_CHANNELS 4
 
 /* Chunks per slab at most (their smallest size: NCCL_MOE_NET_CHUNK_KB). */
 #define MOE_NET_MAX_CHUNKS 64
@@ -52,23 +55,23 @@ enum { MOE_CH_NOTIFY = 0, MOE_CH_DISPATCH = 1, MOE_CH_COMBINE = 2, MOE_NET_CHANN
 #define MOE_NET_PROGRESS(k, last, chunks) (((unsigned long long)(k) << 17) | ((unsigned long long)(last) << 16) | (unsigned long long)(chunks))
 
 typedef struct {
-  volatile unsigned long long ready[MOE_NET_CHANNELS][MOE_MAX_NODES];    /* GPU -> proxy: slab k began */
-  volatile unsigned long long bytes[MOE_NET_CHANNELS][MOE_MAX_NODES];    /* GPU -> proxy: slab size */
-  volatile unsigned long long nchunks[MOE_NET_CHANNELS][MOE_MAX_NODES];  /* GPU -> proxy: 1..MOE_NET_MAX_CHUNKS */
-  volatile unsigned long long chunkBytes[MOE_NET_CHANNELS][MOE_MAX_NODES]; /* GPU -> proxy (see moe_net_chunk_range) */
-  volatile unsigned long long chunkReady[MOE_NET_CHANNELS][MOE_MAX_NODES][MOE_NET_MAX_CHUNKS]; /* GPU -> proxy */
-  volatile unsigned long long sent[MOE_NET_CHANNELS][MOE_MAX_NODES];     /* proxy -> GPU */
-  volatile unsigned long long progress[MOE_NET_CHANNELS][MOE_MAX_NODES]; /* proxy -> GPU */
-  volatile unsigned long long arrived[MOE_NET_CHANNELS][MOE_MAX_NODES];  /* proxy -> GPU */
-  volatile unsigned long long consumed[MOE_NET_CHANNELS][MOE_MAX_NODES]; /* GPU -> proxy */
+  volatile unsigned long long ready[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES];    /* GPU -> proxy: slab k began */
+  volatile unsigned long long bytes[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES];    /* GPU -> proxy: slab size */
+  volatile unsigned long long nchunks[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES];  /* GPU -> proxy: 1..MOE_NET_MAX_CHUNKS */
+  volatile unsigned long long chunkBytes[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES]; /* GPU -> proxy (see moe_net_chunk_range) */
+  volatile unsigned long long chunkReady[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES][MOE_NET_MAX_CHUNKS]; /* GPU -> proxy */
+  volatile unsigned long long sent[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES];     /* proxy -> GPU */
+  volatile unsigned long long progress[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES]; /* proxy -> GPU */
+  volatile unsigned long long arrived[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES];  /* proxy -> GPU */
+  volatile unsigned long long consumed[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES]; /* GPU -> proxy */
 } moe_net_flags_t;
 
 /* Where the slabs are: slab (c, m) of the send region starts at
  * off[c] + m * slab[c]; the receive region has the same shape, indexed by
  * the source node. */
 typedef struct {
-  size_t slab[MOE_NET_CHANNELS];
-  size_t off[MOE_NET_CHANNELS];
+  size_t slab[MOE_NET_MAX_CHANNELS];
+  size_t off[MOE_NET_MAX_CHANNELS];
   size_t total;
 } moe_net_geom_t;
 

@@ -136,11 +136,15 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
   /* The callers' streams do not wait for the legacy stream the memset ran on. */
   MOE_CUDA_CHECK_GOTO(cudaStreamSynchronize(0), res, fail);
 
-  moe_proxy_args_t a = {.transport = transport, .dev = dev, .rank = comm->rank, .node = topo->node,
-                        .nNodes = topo->nNodes, .sendBuf = in->sendHost, .recvBuf = in->recvHost,
+  /* Peers are indexed by node: slab m of each region is for node m. */
+  moe_proxy_args_t a = {.transport = transport, .dev = dev, .rank = comm->rank, .nPeers = topo->nNodes,
+                        .nChannels = MOE_NET_CHANNELS, .sendBuf = in->sendHost, .recvBuf = in->recvHost,
                         .bufType = in->gpuSlabs ? NCCL_PTR_CUDA : NCCL_PTR_HOST, .geom = n->geom, .flags = in->flags,
                         .error = comm->hostError, .timeoutMs = comm->config.timeoutMs};
-  for (int m = 0; m < topo->nNodes; m++) a.peerRank[m] = topo->rankAt[m * topo->ranksPerNode + topo->local];
+  for (int m = 0; m < topo->nNodes; m++) {
+    a.peerRank[m] = m == topo->node ? -1 : topo->rankAt[m * topo->ranksPerNode + topo->local];
+    a.remoteSlot[m] = topo->node;
+  }
   MOE_CHECK_GOTO(moe_proxy_create(&a, in->handle, &in->proxy), res, fail);
   MOE_INFO(NCCL_INIT | NCCL_NET, "rank %d: node %d of %d, local rank %d of %d, %s transport, 2 x %zu bytes of %s slabs",
            comm->rank, topo->node, topo->nNodes, topo->local, topo->ranksPerNode, transport->name, n->geom.total,

@@ -1,7 +1,7 @@
 /* The network proxy of one rank (see moe_proxy.h and kernels/moe_internode.h).
  *
- * Set-up: every rank listens once; it connects to the peer with its local
- * index on every other node and sends a hello naming itself, so the peer can
+ * Set-up: every rank listens once; it connects to each of its peers and
+ * sends a hello naming itself, so the peer can
  * tell its accepted connections apart; once a peer's hello arrived, the rank
  * registers its receive region on that connection and sends the peer the
  * region's key. Both messages travel on the connection pair of the two ranks
@@ -34,10 +34,11 @@
 #define MOE_PROXY_ERR_MAX 256
 #define MOE_PROXY_WRITES 4               /* data writes in flight per (channel, peer) */
 #define MOE_PROXY_MIN_WRITE (256u << 10) /* a shorter run waits while a write is in flight */
+#define MOE_PROXY_CH MOE_NET_MAX_CHANNELS
 
 typedef struct {
   uint32_t magic, tag;
-  int32_t rank, node;
+  int32_t rank, pad;
   uint64_t regionBytes;
   moe_net_rkey_t key;
 } moe_proxy_msg_t;
@@ -66,21 +67,22 @@ typedef struct {
   moe_net_request_t* recvReq;
   int helloSent, keyPosted, keySent, haveKey;
   /* steady state, sending: slab issued[c] is being sent while active[c] */
-  unsigned long long issued[MOE_NET_CHANNELS], creditIn[MOE_NET_CHANNELS], creditOut[MOE_NET_CHANNELS];
-  int active[MOE_NET_CHANNELS], nChunks[MOE_NET_CHANNELS], nextChunk[MOE_NET_CHANNELS];
-  unsigned long long slabBytes[MOE_NET_CHANNELS], chunkBytes[MOE_NET_CHANNELS];
-  moe_net_request_t* dataReq[MOE_NET_CHANNELS][MOE_PROXY_WRITES]; /* a ring, oldest at dataHead */
-  int dataHead[MOE_NET_CHANNELS], dataCount[MOE_NET_CHANNELS];
-  moe_net_request_t* creditReq[MOE_NET_CHANNELS];
+  unsigned long long issued[MOE_PROXY_CH], creditIn[MOE_PROXY_CH], creditOut[MOE_PROXY_CH];
+  int active[MOE_PROXY_CH], nChunks[MOE_PROXY_CH], nextChunk[MOE_PROXY_CH];
+  unsigned long long slabBytes[MOE_PROXY_CH], chunkBytes[MOE_PROXY_CH];
+  moe_net_request_t* dataReq[MOE_PROXY_CH][MOE_PROXY_WRITES]; /* a ring, oldest at dataHead */
+  int dataHead[MOE_PROXY_CH], dataCount[MOE_PROXY_CH];
+  moe_net_request_t* creditReq[MOE_PROXY_CH];
   /* receiving: slabs landed whole, chunks of the next one, progress values */
-  unsigned long long arrived[MOE_NET_CHANNELS];
-  int chunksIn[MOE_NET_CHANNELS];
-  unsigned long long landed[MOE_NET_CHANNELS], flushing[MOE_NET_CHANNELS], published[MOE_NET_CHANNELS];
-  moe_net_request_t* flushReq[MOE_NET_CHANNELS]; /* GPU slabs: progress published once flushed */
+  unsigned long long arrived[MOE_PROXY_CH];
+  int chunksIn[MOE_PROXY_CH];
+  unsigned long long landed[MOE_PROXY_CH], flushing[MOE_PROXY_CH], published[MOE_PROXY_CH];
+  moe_net_request_t* flushReq[MOE_PROXY_CH]; /* GPU slabs: progress published once flushed */
 } moe_proxy_peer_t;
 
 struct moe_proxy {
   moe_proxy_args_t a;
+  int nActive;             /* indices with a peer */
   moe_net_comm_t* listen;
   moe_proxy_peer_t peer[MOE_MAX_NODES];
   moe_proxy_incoming_t incoming[MOE_MAX_NODES];
@@ -103,11 +105,21 @@ static ncclResult_t moe_proxy_fail(moe_proxy_t* p, ncclResult_t res) {
 
 ncclResult_t moe_proxy_create(const moe_proxy_args_t* args, void* handle, moe_proxy_t** proxy_p) {
   MOE_ARG_CHECK(args != NULL && handle != NULL && proxy_p != NULL, "moe_proxy_create: NULL argument");
-  MOE_ARG_CHECK(args->nNodes >= 2 && args->nNodes <= MOE_MAX_NODES && args->node >= 0 && args->node < args->nNodes,
-                "proxy: node %d of %d", args->node, args->nNodes);
+  MOE_ARG_CHECK(args->nPeers >= 1 && args->nPeers <= MOE_MAX_NODES && args->nChannels >= 1 &&
+                    args->nChannels <= MOE_NET_MAX_CHANNELS,
+                "proxy: %d peer indices, %d channels", args->nPeers, args->nChannels);
+  int active = 0;
+  for (int i = 0; i < args->nPeers; i++) {
+    MOE_ARG_CHECK(args->peerRank[i] < 0 || (args->peerRank[i] != args->rank && args->remoteSlot[i] >= 0 &&
+                                            args->remoteSlot[i] < MOE_MAX_NODES),
+                  "proxy: peer index %d is rank %d, slot %d there", i, args->peerRank[i], args->remoteSlot[i]);
+    active += args->peerRank[i] >= 0;
+  }
+  MOE_ARG_CHECK(active >= 1, "proxy: no peer");
   moe_proxy_t* p = calloc(1, sizeof(*p));
   if (p == NULL) return MOE_ERROR(ncclSystemError, "out of host memory for the network proxy");
   p->a = *args;
+  p->nActive = active;
   ncclResult_t res = args->transport->listen(args->dev, handle, &p->listen);
   if (res != ncclSuccess) {
     free(p);
@@ -126,18 +138,24 @@ static ncclResult_t moe_proxy_test(const moe_transport_t* t, moe_net_request_t**
   return ncclSuccess;
 }
 
+/* The peer index of `rank`, -1 if it is not a peer. */
+static int moe_proxy_index_of(const moe_proxy_t* p, int rank) {
+  for (int i = 0; i < p->a.nPeers; i++)
+    if (p->a.peerRank[i] >= 0 && p->a.peerRank[i] == rank) return i;
+  return -1;
+}
+
 static ncclResult_t moe_proxy_check_msg(const moe_proxy_t* p, const moe_proxy_msg_t* m, uint32_t tag) {
-  if (m->magic != MOE_PROXY_MSG_MAGIC || m->tag != tag || m->node < 0 || m->node >= p->a.nNodes ||
-      m->node == p->a.node || m->rank != p->a.peerRank[m->node])
-    return MOE_ERROR(ncclRemoteError, "rank %d: unexpected set-up message (magic 0x%x, tag %u, rank %d, node %d)",
-                     p->a.rank, m->magic, m->tag, m->rank, m->node);
+  if (m->magic != MOE_PROXY_MSG_MAGIC || m->tag != tag || moe_proxy_index_of(p, m->rank) < 0)
+    return MOE_ERROR(ncclRemoteError, "rank %d: unexpected set-up message (magic 0x%x, tag %u, rank %d)",
+                     p->a.rank, m->magic, m->tag, m->rank);
   if (tag == MOE_PROXY_TAG_KEY && (m->regionBytes != p->a.geom.total || m->key.size < p->a.geom.total))
     return MOE_ERROR(ncclRemoteError, "rank %d: rank %d's receive region has %llu bytes, expected %zu (configs differ?)",
                      p->a.rank, m->rank, (unsigned long long)m->regionBytes, p->a.geom.total);
   return ncclSuccess;
 }
 
-/* My side of the connection to node m: connect, hello, then (once the peer
+/* My side of the connection to peer index m: connect, hello, then (once the peer
  * has said hello on its connection) the key of my receive region. */
 static ncclResult_t moe_proxy_progress_send(moe_proxy_t* p, int m, const char* handle) {
   const moe_transport_t* t = p->a.transport;
@@ -159,15 +177,14 @@ static ncclResult_t moe_proxy_progress_send(moe_proxy_t* p, int m, const char* h
   MOE_CHECK(moe_proxy_test(t, &q->sendReq, &done));
   if (q->sendReq != NULL) return ncclSuccess;
   if (!q->helloSent) {
-    q->out[0] = (moe_proxy_msg_t){.magic = MOE_PROXY_MSG_MAGIC, .tag = MOE_PROXY_TAG_HELLO, .rank = p->a.rank,
-                                  .node = p->a.node};
+    q->out[0] = (moe_proxy_msg_t){.magic = MOE_PROXY_MSG_MAGIC, .tag = MOE_PROXY_TAG_HELLO, .rank = p->a.rank};
     MOE_CHECK(t->isend(q->send, &q->out[0], sizeof(q->out[0]), MOE_PROXY_TAG_HELLO, q->sendMsgMr, &q->sendReq));
     if (q->sendReq != NULL) q->helloSent = 1;
     return ncclSuccess;
   }
   if (!q->keyPosted && q->recv != NULL) {
     q->out[1] = (moe_proxy_msg_t){.magic = MOE_PROXY_MSG_MAGIC, .tag = MOE_PROXY_TAG_KEY, .rank = p->a.rank,
-                                  .node = p->a.node, .regionBytes = p->a.geom.total};
+                                  .regionBytes = p->a.geom.total};
     MOE_CHECK(t->mr_key(q->recvMr, &q->out[1].key));
     MOE_CHECK(t->isend(q->send, &q->out[1], sizeof(q->out[1]), MOE_PROXY_TAG_KEY, q->sendMsgMr, &q->sendReq));
     if (q->sendReq != NULL) q->keyPosted = 1;
@@ -180,7 +197,7 @@ static ncclResult_t moe_proxy_progress_send(moe_proxy_t* p, int m, const char* h
 /* Accepted connections: read each one's hello, then the key that follows. */
 static ncclResult_t moe_proxy_progress_accept(moe_proxy_t* p) {
   const moe_transport_t* t = p->a.transport;
-  if (p->nIncoming < p->a.nNodes - 1) {
+  if (p->nIncoming < p->nActive) {
     moe_net_comm_t* recv = NULL;
     MOE_CHECK(t->accept(p->listen, &recv));
     if (recv != NULL) {
@@ -203,7 +220,7 @@ static ncclResult_t moe_proxy_progress_accept(moe_proxy_t* p) {
     MOE_CHECK(moe_proxy_test(t, &in->req, &done));
     if (!done) continue;
     MOE_CHECK(moe_proxy_check_msg(p, &in->msg, MOE_PROXY_TAG_HELLO));
-    moe_proxy_peer_t* q = &p->peer[in->msg.node];
+    moe_proxy_peer_t* q = &p->peer[moe_proxy_index_of(p, in->msg.rank)];
     if (q->recv != NULL)
       return MOE_ERROR(ncclRemoteError, "rank %d: two connections claim to come from rank %d", p->a.rank, in->msg.rank);
     q->recv = in->comm;
@@ -215,9 +232,9 @@ static ncclResult_t moe_proxy_progress_accept(moe_proxy_t* p) {
      * exactly the registered pages). */
     MOE_CHECK(t->reg_mr(q->recv, &q->in, sizeof(q->in), NCCL_PTR_HOST, -1, 0, &q->recvMsgMr));
   }
-  for (int m = 0; m < p->a.nNodes; m++) {
+  for (int m = 0; m < p->a.nPeers; m++) {
     moe_proxy_peer_t* q = &p->peer[m];
-    if (m == p->a.node || q->recv == NULL || q->haveKey) continue;
+    if (p->a.peerRank[m] < 0 || q->recv == NULL || q->haveKey) continue;
     int done = 0;
     if (q->recvReq == NULL) {
       void* data = &q->in;
@@ -229,9 +246,9 @@ static ncclResult_t moe_proxy_progress_accept(moe_proxy_t* p) {
     MOE_CHECK(moe_proxy_test(t, &q->recvReq, &done));
     if (!done) continue;
     MOE_CHECK(moe_proxy_check_msg(p, &q->in, MOE_PROXY_TAG_KEY));
-    if (q->in.node != m)
-      return MOE_ERROR(ncclRemoteError, "rank %d: key message of node %d on node %d's connection", p->a.rank,
-                       q->in.node, m);
+    if (q->in.rank != p->a.peerRank[m])
+      return MOE_ERROR(ncclRemoteError, "rank %d: key message of rank %d on rank %d's connection", p->a.rank,
+                       q->in.rank, p->a.peerRank[m]);
     q->remote = q->in.key;
     q->haveKey = 1;
   }
@@ -243,27 +260,27 @@ ncclResult_t moe_proxy_connect(moe_proxy_t* p, const char* handles, int* done_p)
   *done_p = 0;
   if (p->deadlineNs == 0) p->deadlineNs = moe_proxy_now_ns() + (long long)p->a.timeoutMs * 1000000LL;
   int all = 1;
-  for (int m = 0; m < p->a.nNodes; m++) {
-    if (m == p->a.node) continue;
+  for (int m = 0; m < p->a.nPeers; m++) {
+    if (p->a.peerRank[m] < 0) continue;
     MOE_CHECK(moe_proxy_progress_send(p, m, handles + (size_t)m * MOE_NET_HANDLE_BYTES));
     if (!p->peer[m].keySent) all = 0;
   }
   MOE_CHECK(moe_proxy_progress_accept(p));
-  for (int m = 0; m < p->a.nNodes; m++)
-    if (m != p->a.node && !p->peer[m].haveKey) all = 0;
+  for (int m = 0; m < p->a.nPeers; m++)
+    if (p->a.peerRank[m] >= 0 && !p->peer[m].haveKey) all = 0;
   if (all) {
     *done_p = 1;
     return ncclSuccess;
   }
   if (moe_proxy_now_ns() > p->deadlineNs) {
-    for (int m = 0; m < p->a.nNodes; m++)
-      if (m != p->a.node && (!p->peer[m].keySent || !p->peer[m].haveKey))
-        return MOE_ERROR(ncclSystemError, "rank %d: rank %d (node %d) did not connect within %d ms (NCCL_MOE_TIMEOUT_MS): "
+    for (int m = 0; m < p->a.nPeers; m++)
+      if (p->a.peerRank[m] >= 0 && (!p->peer[m].keySent || !p->peer[m].haveKey))
+        return MOE_ERROR(ncclSystemError, "rank %d: rank %d (peer %d) did not connect within %d ms (NCCL_MOE_TIMEOUT_MS): "
                          "connected %d, hello sent %d, key sent %d, its connection identified %d, its key received %d "
                          "(%d of %d connections accepted, %d identified)",
                          p->a.rank, p->a.peerRank[m], m, p->a.timeoutMs, p->peer[m].send != NULL,
                          p->peer[m].helloSent, p->peer[m].keySent, p->peer[m].recv != NULL, p->peer[m].haveKey,
-                         p->nIncoming, p->a.nNodes - 1, p->nIdentified);
+                         p->nIncoming, p->nActive, p->nIdentified);
   }
   return ncclSuccess;
 }
@@ -283,7 +300,7 @@ static unsigned long long moe_proxy_widen(unsigned long long last, uint32_t low)
   return last + (((unsigned long long)low - last) & MOE_IMM_SEQ_MASK);
 }
 
-/* Takes slab issued + 1 of channel c to node m from the GPU once its credit
+/* Takes slab issued + 1 of channel c to peer m from the GPU once its credit
  * is back: its size and chunk geometry, checked. */
 static ncclResult_t moe_proxy_take_slab(moe_proxy_t* p, int m, int c, int* progress) {
   moe_proxy_peer_t* q = &p->peer[m];
@@ -291,7 +308,7 @@ static ncclResult_t moe_proxy_take_slab(moe_proxy_t* p, int m, int c, int* progr
   const unsigned long long ready = moe_proxy_load(&f->ready[c][m]);
   if (ready == q->issued[c]) return ncclSuccess;
   if (ready != q->issued[c] + 1)
-    return MOE_ERROR(ncclInternalError, "rank %d: channel %d slab for node %d jumped from %llu to %llu", p->a.rank, c,
+    return MOE_ERROR(ncclInternalError, "rank %d: channel %d slab for peer %d jumped from %llu to %llu", p->a.rank, c,
                      m, q->issued[c], ready);
   if (q->creditIn[c] + 1 < ready) return ncclSuccess; /* the peer still reads the previous slab */
   const unsigned long long bytes = f->bytes[c][m], nChunks = f->nchunks[c][m], chunkBytes = f->chunkBytes[c][m];
@@ -312,7 +329,7 @@ static ncclResult_t moe_proxy_take_slab(moe_proxy_t* p, int m, int c, int* progr
   return ncclSuccess;
 }
 
-/* Channel c to node m: completes writes, marks the slab sent once all are
+/* Channel c to peer m: completes writes, marks the slab sent once all are
  * done, takes the next slab, and writes runs of its chunks the GPU marked
  * ready, in order. */
 static ncclResult_t moe_proxy_send_data(moe_proxy_t* p, int m, int c, int* progress) {
@@ -343,9 +360,9 @@ static ncclResult_t moe_proxy_send_data(moe_proxy_t* p, int m, int c, int* progr
     /* While a write is in flight a short run waits for more chunks: fewer,
      * larger messages. */
     if (q->dataCount[c] > 0 && end < q->nChunks[c] && e - b < MOE_PROXY_MIN_WRITE) break;
-    /* The peer's receive region holds one slab per source node: ours is p->a.node. */
+    /* The peer's receive region holds one slab per source: ours is remoteSlot[m]. */
     const size_t off = moe_net_slab_offset(&p->a.geom, c, m) + b;
-    const size_t remoteOff = moe_net_slab_offset(&p->a.geom, c, p->a.node) + b;
+    const size_t remoteOff = moe_net_slab_offset(&p->a.geom, c, p->a.remoteSlot[m]) + b;
     moe_net_request_t* req = NULL;
     MOE_CHECK(t->write(q->send, p->a.sendBuf + off, e - b, q->sendMr, &q->remote, remoteOff, 1,
                        moe_imm_data(c, q->issued[c], end, end == q->nChunks[c]), &req));
@@ -358,7 +375,7 @@ static ncclResult_t moe_proxy_send_data(moe_proxy_t* p, int m, int c, int* progr
   return ncclSuccess;
 }
 
-/* Returns the GPU's "slab read" of channel c from node m as a credit. */
+/* Returns the GPU's "slab read" of channel c from peer m as a credit. */
 static ncclResult_t moe_proxy_send_credit(moe_proxy_t* p, int m, int c, int* progress) {
   const moe_transport_t* t = p->a.transport;
   moe_proxy_peer_t* q = &p->peer[m];
@@ -379,7 +396,7 @@ static ncclResult_t moe_proxy_send_credit(moe_proxy_t* p, int m, int c, int* pro
   return ncclSuccess;
 }
 
-/* Makes a progress value of channel c from node m visible to the GPU. */
+/* Makes a progress value of channel c from peer m visible to the GPU. */
 static void moe_proxy_publish(moe_proxy_t* p, int m, int c, unsigned long long v) {
   moe_proxy_peer_t* q = &p->peer[m];
   moe_proxy_store(&p->a.flags->progress[c][m], v);
@@ -397,7 +414,7 @@ static ncclResult_t moe_proxy_receive(moe_proxy_t* p, int m, int* progress) {
     *progress = 1;
     const int kind = (int)(imm >> MOE_IMM_KIND_SHIFT);
     const uint32_t low = imm & MOE_IMM_SEQ_MASK;
-    if (kind < MOE_NET_CHANNELS) {
+    if (kind < p->a.nChannels) {
       const unsigned long long k = q->arrived[kind] + 1;
       const int chunks = (int)((imm >> MOE_IMM_CHUNK_SHIFT) & MOE_IMM_CHUNK_MASK), last = (imm & MOE_IMM_LAST) != 0;
       if ((k & MOE_IMM_SEQ_MASK) != low || chunks <= q->chunksIn[kind] || chunks > MOE_NET_MAX_CHUNKS)
@@ -411,7 +428,7 @@ static ncclResult_t moe_proxy_receive(moe_proxy_t* p, int m, int* progress) {
       }
       /* GPU slabs wait for a flush (moe_proxy_flushes) before the GPU may read them. */
       if (p->a.bufType != NCCL_PTR_CUDA) moe_proxy_publish(p, m, kind, q->landed[kind]);
-    } else if (kind >= MOE_IMM_CREDIT && kind < MOE_IMM_CREDIT + MOE_NET_CHANNELS &&
+    } else if (kind >= MOE_IMM_CREDIT && kind < MOE_IMM_CREDIT + p->a.nChannels &&
                (imm & ~(MOE_IMM_SEQ_MASK | MOE_IMM_KIND_MASK)) == 0) { /* credits carry no chunk bits */
       const int c = kind - MOE_IMM_CREDIT;
       const unsigned long long k = moe_proxy_widen(q->creditIn[c], low);
@@ -433,7 +450,7 @@ static ncclResult_t moe_proxy_receive(moe_proxy_t* p, int m, int* progress) {
 static ncclResult_t moe_proxy_flushes(moe_proxy_t* p, int m, int* progress) {
   moe_proxy_peer_t* q = &p->peer[m];
   if (p->a.bufType != NCCL_PTR_CUDA) return ncclSuccess;
-  for (int c = 0; c < MOE_NET_CHANNELS; c++) {
+  for (int c = 0; c < p->a.nChannels; c++) {
     if (q->flushReq[c] != NULL) {
       int done = 0;
       MOE_CHECK(moe_proxy_test(p->a.transport, &q->flushReq[c], &done));
@@ -453,11 +470,11 @@ static ncclResult_t moe_proxy_flushes(moe_proxy_t* p, int m, int* progress) {
 }
 
 static ncclResult_t moe_proxy_step(moe_proxy_t* p, int* progress) {
-  for (int m = 0; m < p->a.nNodes; m++) {
-    if (m == p->a.node) continue;
+  for (int m = 0; m < p->a.nPeers; m++) {
+    if (p->a.peerRank[m] < 0) continue;
     MOE_CHECK(moe_proxy_receive(p, m, progress));
     MOE_CHECK(moe_proxy_flushes(p, m, progress));
-    for (int c = 0; c < MOE_NET_CHANNELS; c++) {
+    for (int c = 0; c < p->a.nChannels; c++) {
       MOE_CHECK(moe_proxy_send_data(p, m, c, progress));
       MOE_CHECK(moe_proxy_send_credit(p, m, c, progress));
     }
@@ -468,10 +485,10 @@ static ncclResult_t moe_proxy_step(moe_proxy_t* p, int* progress) {
 /* Nothing of ours still in flight: every slab the GPU handed over went out
  * whole, and every slab it read was returned as credit. */
 static int moe_proxy_quiet(moe_proxy_t* p) {
-  for (int m = 0; m < p->a.nNodes; m++) {
-    if (m == p->a.node) continue;
+  for (int m = 0; m < p->a.nPeers; m++) {
+    if (p->a.peerRank[m] < 0) continue;
     const moe_proxy_peer_t* q = &p->peer[m];
-    for (int c = 0; c < MOE_NET_CHANNELS; c++)
+    for (int c = 0; c < p->a.nChannels; c++)
       if (q->active[c] || q->dataCount[c] > 0 || q->creditReq[c] != NULL ||
           moe_proxy_load(&p->a.flags->ready[c][m]) != q->issued[c] ||
           moe_proxy_load(&p->a.flags->consumed[c][m]) != q->creditOut[c])
@@ -531,7 +548,7 @@ void moe_proxy_destroy(moe_proxy_t* p) {
     if (p->incoming[i].mr != NULL) t->dereg_mr(p->incoming[i].comm, p->incoming[i].mr);
     t->close(p->incoming[i].comm);
   }
-  for (int m = 0; m < p->a.nNodes; m++) {
+  for (int m = 0; m < p->a.nPeers; m++) {
     moe_proxy_peer_t* q = &p->peer[m];
     if (q->send != NULL) {
       if (q->sendMr != NULL) t->dereg_mr(q->send, q->sendMr);

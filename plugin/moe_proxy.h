@@ -1,5 +1,6 @@
-/* The network proxy of one rank: connections to the rank with the same local
- * index on every other node, made through the internal transport interface,
+/* The network proxy of one rank: connections to a set of peers (the normal
+ * path: the rank with the same local index on every other node, indexed by
+ * node; the low-latency path: every rank of another node), made through the internal transport interface,
  * and a thread that turns slab chunks the GPU marks ready into one-sided writes,
  * turns arriving immediates into counters the GPU polls, and returns credits
  * so that a sender never overwrites a slab its receiver has not read. See
@@ -21,8 +22,11 @@ typedef struct moe_proxy moe_proxy_t;
 typedef struct {
   const moe_transport_t* transport;
   int dev;                 /* the transport's device */
-  int rank, node, nNodes;
-  int peerRank[MOE_MAX_NODES]; /* global rank of the peer on each node (own node: this rank) */
+  int rank;
+  int nPeers;              /* peer indices 0..nPeers-1 (slabs of both regions are per index) */
+  int peerRank[MOE_MAX_NODES]; /* global rank of the peer at each index; -1: none there */
+  int remoteSlot[MOE_MAX_NODES]; /* the index of this rank in that peer's receive region */
+  int nChannels;           /* 1..MOE_NET_MAX_CHANNELS */
   char* sendBuf;           /* geom.total bytes: slabs this rank sends */
   char* recvBuf;           /* geom.total bytes: slabs peers write */
   int bufType;             /* NCCL_PTR_HOST or NCCL_PTR_CUDA */
@@ -36,8 +40,7 @@ typedef struct {
 ncclResult_t moe_proxy_create(const moe_proxy_args_t* args, void* handle, moe_proxy_t** proxy_p);
 
 /* Connects to every peer and identifies every accepted connection; never
- * blocks. handles[m * MOE_NET_HANDLE_BYTES] is the handle of the peer on node
- * m. Call until *done_p; ranks of one process are progressed in turn. A peer
+ * blocks. handles[i * MOE_NET_HANDLE_BYTES] is the handle of peer index i. Call until *done_p; ranks of one process are progressed in turn. A peer
  * that does not finish within timeoutMs of the first call is an error. */
 ncclResult_t moe_proxy_connect(moe_proxy_t* proxy, const char* handles, int* done_p);
 
@@ -62,6 +65,8 @@ const char* moe_proxy_error(const moe_proxy_t* proxy);
 #define MOE_IMM_KIND_SHIFT 28
 #define MOE_IMM_KIND_MASK (7u << MOE_IMM_KIND_SHIFT)
 #define MOE_IMM_CREDIT 4
+_Static_assert(MOE_IMM_CREDIT >= MOE_NET_MAX_CHANNELS && MOE_IMM_CREDIT + MOE_NET_MAX_CHANNELS <= 8,
+               "a channel's data and credit kinds fit in 3 bits");
 static inline uint32_t moe_imm_encode(int kind, unsigned long long seq) {
   return ((uint32_t)kind << MOE_IMM_KIND_SHIFT) | ((uint32_t)seq & MOE_IMM_SEQ_MASK);
 }

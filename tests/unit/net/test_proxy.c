@@ -60,10 +60,13 @@ static void cluster_up(cluster_t* cl, int nNodes) {
     node_t* nd = &cl->node[n];
     nd->sendBuf = calloc(1, cl->geom.total);
     nd->recvBuf = calloc(1, cl->geom.total);
-    moe_proxy_args_t a = {.transport = cl->t, .dev = 0, .rank = n, .node = n, .nNodes = nNodes,
+    moe_proxy_args_t a = {.transport = cl->t, .dev = 0, .rank = n, .nPeers = nNodes, .nChannels = MOE_NET_CHANNELS,
                           .sendBuf = nd->sendBuf, .recvBuf = nd->recvBuf, .bufType = NCCL_PTR_HOST,
                           .geom = cl->geom, .flags = &nd->flags, .error = nd->error, .timeoutMs = NET_TEST_DEADLINE_MS / 2};
-    for (int m = 0; m < nNodes; m++) a.peerRank[m] = m;
+    for (int m = 0; m < nNodes; m++) {
+      a.peerRank[m] = m == n ? -1 : m;
+      a.remoteSlot[m] = n;
+    }
     ck_assert_int_eq(moe_proxy_create(&a, nd->handle, &nd->proxy), ncclSuccess);
     memcpy(handles + (size_t)n * MOE_NET_HANDLE_BYTES, nd->handle, MOE_NET_HANDLE_BYTES);
   }
