@@ -521,11 +521,15 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm,
  * 0. Per set, with L = numExperts / nRanks, M = llMaxTokensPerRank,
  * H = config.hidden, K = config.maxTopk, N = nRanks, E = numExperts,
  * F = ceil(H / 512):
- *   L*N*M * (2H + 4*ceil(H/128) + 8 + 8F)   received rows, scales, sources, arrival flags
- *   + M*K * (4H + 4 + 16F)                  combine rows (two halves), routing, flags
- *   + N * (4E + 8) + small                  counts and flags
+ *   L*N*M * (2H + 4*ceil(H/128) + 12 + 8F)  received rows, scales, sources, arrival flags
+ *   + M*K * (4H + 8 + 16F)                  combine rows (two halves), routing, flags
+ *   + N * (4E + 20) + small                 counts and flags
  * (H=7168, M=128, E=256, N=8: about 0.5 GB per set). Also part of
- * ncclMoeCommBufferBytes. */
+ * ncclMoeCommBufferBytes. Across nodes, each rank also has a send and a
+ * receive region for the R ranks of other nodes (both sets, dispatch and
+ * combine slabs), pinned host memory (socket transport) or GPU memory
+ * (GPUDirect RDMA), each of at most
+ *   R * (M*min(K, L) * (8H + 32) + 8L + 64)   bytes. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyBufferBytes(ncclMoeComm_t comm, size_t* bytes_p);
 
 #ifdef __cplusplus

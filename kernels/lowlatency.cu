@@ -153,27 +153,93 @@ __device__ bool moe_ll_wait(const moe_ll_ctx_t& c, const unsigned long long* fla
 }
 
 /* Every thread of the block: waits for the count messages of use n from
- * every rank. True in every thread when all arrived. Ends with a block
+ * every rank of this node. True in every thread when all arrived. Ends with a block
  * barrier. */
 __device__ bool moe_ll_wait_counts(const moe_ll_ctx_t& c, int set, unsigned long long n) {
   bool ok = true;
   for (int r = threadIdx.x; r < c.rc.nRanks; r += blockDim.x)
-    ok &= moe_ll_wait(c, moe_ll_cnt_flag(c, c.rc.rank, set, r), n, r, MOE_WAIT_LL_COUNTS);
+    if (c.rc.peers.base[r] != NULL) ok &= moe_ll_wait(c, moe_ll_cnt_flag(c, c.rc.rank, set, r), n, r, MOE_WAIT_LL_COUNTS);
   return __syncthreads_and(ok);
 }
 
-/* A warp's arrival marks, stored once the warp's data stores are visible:
- * one fence for up to MOE_LL_BATCH items. NULL entries are skipped. */
-__device__ __forceinline__ void moe_ll_mark(unsigned long long* const* flags, unsigned long long n) {
+/* ------------------------------------------------------------- network */
+__device__ __forceinline__ char* moe_ll_net_slab(const moe_ll_ctx_t& c, char* region, int ch, int j) {
+  return region + moe_net_slab_offset(&c.net.geom, ch, j);
+}
+
+/* Every thread of the block: waits until counter[ch][j] >= want for every
+ * remote rank j (the proxy's counters, host memory). Ends with a block
+ * barrier. */
+__device__ bool moe_ll_net_wait(const moe_ll_ctx_t& c, const volatile unsigned long long (*counter)[MOE_MAX_NODES],
+                                int ch, unsigned long long want) {
+  bool ok = true;
+  for (int j = threadIdx.x; j < c.net.nRemote; j += blockDim.x)
+    ok &= moe_ll_wait(c, const_cast<const unsigned long long*>(&counter[ch][j]), want, c.net.remoteRank[j],
+                      MOE_WAIT_NET);
+  return __syncthreads_and(ok);
+}
+
+/* The slabs a send half writes to the remote ranks: rows[j] records of
+ * `record` bytes after a `header`, each record written in partsPerRow parts
+ * by warps, the header in one more. */
+struct moe_ll_slabs_t {
+  int ch, partsPerRow;
+  unsigned long long header, record;
+  const int* rows; /* [nRemote] */
+};
+
+/* One more part of slab j of use n written (the caller fenced its stores at
+ * system scope): the part that completes the slab hands it to the proxy as
+ * one chunk. */
+__device__ void moe_ll_net_add(const moe_ll_ctx_t& c, const moe_ll_slabs_t& s, int j, unsigned long long n) {
+  unsigned int* done = reinterpret_cast<unsigned int*>(c.rc.peers.base[c.rc.rank] + c.l.netDone) +
+                       (size_t)s.ch * c.rc.nRanks + j;
+  const unsigned total = (unsigned)s.rows[j] * s.partsPerRow + 1;
+  if (atomicAdd(done, 1u) + 1 != total) return;
+  *done = 0; /* every part of this use is in: the next use starts from 0 */
+  moe_net_flags_t* f = c.net.flags;
+  const unsigned long long bytes = s.header + (unsigned long long)s.rows[j] * s.record;
+  f->bytes[s.ch][j] = bytes;
+  f->nchunks[s.ch][j] = 1;
+  f->chunkBytes[s.ch][j] = bytes;
+  f->chunkReady[s.ch][j][0] = n;
+  __threadfence_system();
+  moe_st_release_sys(const_cast<unsigned long long*>(&f->ready[s.ch][j]), n);
+}
+
+/* Every thread of every block, at the end of a receive half that read the
+ * network slabs of use n of (set, op): the last block to finish returns
+ * them to the proxy (consumed = n), which lets the senders reuse them. */
+__device__ void moe_ll_net_release(const moe_ll_ctx_t& c, int set, int op, unsigned long long n) {
+  __syncthreads(); /* the block's reads of the slabs are done */
+  if (threadIdx.x != 0) return;
+  unsigned int* done = reinterpret_cast<unsigned int*>(c.rc.peers.base[c.rc.rank] + c.l.recvDone) + set * MOE_LL_OPS + op;
+  __threadfence();
+  if (atomicAdd(done, 1u) != gridDim.x - 1) return;
+  *done = 0;
+  __threadfence_system();
+  const int ch = MOE_LL_NET_CHANNEL(op, set);
+  for (int j = 0; j < c.net.nRemote; j++)
+    moe_st_release_sys(const_cast<unsigned long long*>(&c.net.flags->consumed[ch][j]), n);
+}
+
+/* A warp's arrival marks and network parts, stored once the warp's data
+ * stores are visible: one fence for up to MOE_LL_BATCH items. Marks: NULL
+ * entries are skipped; parts: net[j] is the remote rank whose slab (of
+ * `slabs`) the item wrote, -1 none. */
+__device__ __forceinline__ void moe_ll_mark(const moe_ll_ctx_t& c, unsigned long long* const* flags, const int* net,
+                                            const moe_ll_slabs_t& slabs, unsigned long long n) {
   __syncwarp();
   bool any = false;
 #pragma unroll
-  for (int j = 0; j < MOE_LL_BATCH; j++) any |= flags[j] != NULL;
+  for (int j = 0; j < MOE_LL_BATCH; j++) any |= flags[j] != NULL || net[j] >= 0;
   if (!__any_sync(MOE_LL_FULL, any)) return;
   __threadfence_system(); /* with the warp barrier: every lane's stores before any mark */
 #pragma unroll
-  for (int j = 0; j < MOE_LL_BATCH; j++)
+  for (int j = 0; j < MOE_LL_BATCH; j++) {
     if (flags[j] != NULL) moe_ll_st_relaxed_sys(flags[j], n);
+    if (net[j] >= 0) moe_ll_net_add(c, slabs, net[j], n);
+  }
 }
 
 /* In-place exclusive scan of s[0..n) by one full warp; s[n] = total. */
@@ -234,14 +300,16 @@ __device__ void moe_ll_count(const moe_ll_args_t& a, int E, int tBegin, int* sCn
   }
 }
 
-/* Phase B: this block's share of the count messages (ranks blockIdx.x,
- * blockIdx.x + gridDim.x, ...), each followed by its flag. */
+/* Phase B: this block's share of the count messages to the ranks of this
+ * node (ranks blockIdx.x, blockIdx.x + gridDim.x, ...), each followed by its
+ * flag. (Remote ranks get the counts in their slab's header.) */
 __device__ void moe_ll_send_counts(const moe_ll_ctx_t& c, const moe_ll_args_t& a, const int* sCnt,
                                    unsigned long long n) {
   const int N = c.rc.nRanks, E = c.numExperts, MI = c.l.msgInts;
   if ((int)blockIdx.x >= N) return;
   const int typeCode = a.sendFp8 ? 1 + a.scaleFormat : 0;
   for (int r = blockIdx.x; r < N; r += gridDim.x) {
+    if (c.rc.peers.base[r] == NULL) continue;
     volatile int* msg = reinterpret_cast<int*>(c.rc.peers.base[r] + c.l.counts[a.set]) + (size_t)c.rc.rank * MI;
     for (int i = threadIdx.x; i < E; i += blockDim.x) msg[i] = sCnt[i];
     if (threadIdx.x == 0) {
@@ -253,7 +321,7 @@ __device__ void moe_ll_send_counts(const moe_ll_ctx_t& c, const moe_ll_args_t& a
   __syncthreads();
   if (threadIdx.x == 0)
     for (int r = blockIdx.x; r < N; r += gridDim.x)
-      moe_st_release_sys(moe_ll_cnt_flag(c, r, a.set, c.rc.rank), n);
+      if (c.rc.peers.base[r] != NULL) moe_st_release_sys(moe_ll_cnt_flag(c, r, a.set, c.rc.rank), n);
 }
 
 /* A count from a peer's message (after its flag was acquired), checked:
@@ -267,47 +335,90 @@ __device__ __forceinline__ int moe_ll_msg_count(const int* msg, int M, int* faul
   return v;
 }
 
-/* Phase C (after every count message arrived): sStart[e] += rows of sources
- * before this rank at e's receiver (blocks with tokens), sTot[l] = rows local
- * expert l receives (every block; block 0 also stores them in recvCount).
- * Returns false in every thread when the ranks disagree on hidden / type
- * (then nothing is sent and sTot is 0). */
-__device__ bool moe_ll_place(const moe_ll_ctx_t& c, const moe_ll_args_t& a, bool hasTokens, int* sStart, int* sTot) {
+/* Phase C (after every count message of this node arrived): sStart[e] +=
+ * the rows before this rank's at e's receiver (blocks with tokens): on this
+ * node, those of the sources before this rank; on another node, this rank's
+ * rows to that receiver's experts before e (records in the slab to it).
+ * sTot[l] = rows local expert l receives from this node (every block; block
+ * 0 also stores them in localCount). Returns false in every thread when
+ * the ranks disagree on hidden / type (then nothing is sent and sTot is 0). */
+__device__ bool moe_ll_place(const moe_ll_ctx_t& c, const moe_ll_args_t& a, bool hasTokens, const int* sCnt,
+                             int* sStart, int* sTot) {
   const int N = c.rc.nRanks, E = c.numExperts, L = c.rc.numLocalExperts, M = c.maxTokens, MI = c.l.msgInts;
   const int s = c.rc.rank;
   const int* msgs = reinterpret_cast<const int*>(c.rc.peers.base[s] + c.l.counts[a.set]);
   const int typeCode = a.sendFp8 ? 1 + a.scaleFormat : 0;
   int fault = 0, differs = 0;
   for (int r = threadIdx.x; r < N; r += blockDim.x)
-    differs |= __ldcg(msgs + (size_t)r * MI + MOE_LL_MSG_HIDDEN(E)) != a.hidden ||
-               __ldcg(msgs + (size_t)r * MI + MOE_LL_MSG_TYPE(E)) != typeCode;
+    if (c.rc.peers.base[r] != NULL)
+      differs |= __ldcg(msgs + (size_t)r * MI + MOE_LL_MSG_HIDDEN(E)) != a.hidden ||
+                 __ldcg(msgs + (size_t)r * MI + MOE_LL_MSG_TYPE(E)) != typeCode;
   const bool mismatch = __syncthreads_or(differs);
   if (hasTokens)
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
       int base = 0;
-      for (int r = 0; r < s; r++) base += moe_ll_msg_count(msgs + (size_t)r * MI + e, M, &fault);
+      if (c.rc.peers.base[e / L] != NULL) {
+        for (int r = 0; r < s; r++)
+          if (c.rc.peers.base[r] != NULL) base += moe_ll_msg_count(msgs + (size_t)r * MI + e, M, &fault);
+      } else {
+        for (int e0 = e - e % L; e0 < e; e0++) base += sCnt[e0];
+      }
       sStart[e] += base;
     }
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     int sum = 0;
-    for (int r = 0; r < N; r++) sum += moe_ll_msg_count(msgs + (size_t)r * MI + s * L + l, M, &fault);
+    for (int r = 0; r < N; r++)
+      if (c.rc.peers.base[r] != NULL) sum += moe_ll_msg_count(msgs + (size_t)r * MI + s * L + l, M, &fault);
     sTot[l] = mismatch ? 0 : sum;
   }
   __syncthreads();
   if (blockIdx.x == 0) {
-    int* recvCount = reinterpret_cast<int*>(c.rc.peers.base[s] + c.l.recvCount[a.set]);
-    for (int l = threadIdx.x; l < L; l += blockDim.x) recvCount[l] = sTot[l];
+    int* localCount = reinterpret_cast<int*>(c.rc.peers.base[s] + c.l.localCount[a.set]);
+    for (int l = threadIdx.x; l < L; l += blockDim.x) localCount[l] = sTot[l];
     if (fault) moe_record_error(c.rc, fault); /* one report per rank */
     if (mismatch && threadIdx.x == 0) moe_record_error(c.rc, MOE_KERR_MISMATCH);
   }
   return !mismatch;
 }
 
+/* Phase B for the remote ranks (blocks with tokens, and blocks that write a
+ * header): sRows[j] = this rank's rows to remote rank j; once the proxy has
+ * sent the slabs of the previous use (sent >= n - 1), the headers of slabs
+ * j = blockIdx.x (mod gridDim.x). False when the wait failed. */
+__device__ bool moe_ll_net_begin_dispatch(const moe_ll_ctx_t& c, const moe_ll_args_t& a, const int* sCnt, int* sRows,
+                                          const moe_ll_slabs_t& slabs, unsigned long long n) {
+  const int L = c.rc.numLocalExperts, R = c.net.nRemote;
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    const int* cnt = sCnt + (size_t)c.net.remoteRank[j] * L;
+    int rows = 0;
+    for (int l = 0; l < L; l++) rows += cnt[l];
+    sRows[j] = rows;
+  }
+  if (!moe_ll_net_wait(c, c.net.flags->sent, slabs.ch, n - 1)) return false;
+  const int typeCode = a.sendFp8 ? 1 + a.scaleFormat : 0;
+  for (int j = blockIdx.x; j < R; j += gridDim.x) {
+    volatile int* h = reinterpret_cast<int*>(moe_ll_net_slab(c, c.net.sendBuf, slabs.ch, j));
+    const int* cnt = sCnt + (size_t)c.net.remoteRank[j] * L;
+    for (int l = threadIdx.x; l < L; l += blockDim.x) h[l] = cnt[l];
+    if (threadIdx.x == 0) {
+      h[L] = a.hidden;
+      h[L + 1] = typeCode;
+      h[L + 2] = sRows[j];
+    }
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int j = blockIdx.x; j < R; j += gridDim.x) moe_ll_net_add(c, slabs, j, n);
+  return true;
+}
+
 /* Phase D, one warp: rows for the pairs of tokens [tBegin, tEnd), in token
- * order, into route (see moe_lowlatency.h). With place == false every pair
- * is marked unsent. */
+ * order, into route, and with remote ranks their remote index into
+ * routePeer (see moe_lowlatency.h). With place == false every pair is
+ * marked unsent. */
 __device__ void moe_ll_assign_rows(const moe_ll_ctx_t& c, const moe_ll_args_t& a, int tBegin, int tEnd, int* sStart,
-                                   bool place, int* route) {
+                                   bool place, int* route, int* routePeer) {
   const int lane = threadIdx.x % MOE_LL_WARP, K = a.topk, E = c.numExperts;
   bool bad = false;
   for (int t0 = tBegin; t0 < tEnd; t0 += MOE_LL_PREFETCH) {
@@ -335,6 +446,7 @@ __device__ void moe_ll_assign_rows(const moe_ll_ctx_t& c, const moe_ll_args_t& a
         }
       }
       if (lane < K) route[(size_t)t * K + lane] = rv;
+      if (lane < K && routePeer != NULL) routePeer[(size_t)t * K + lane] = valid ? c.net.slot[id / c.rc.numLocalExperts] : -1;
       __syncwarp();
     }
   }
@@ -362,8 +474,12 @@ __device__ __forceinline__ void moe_ll_load_chunk(const moe_ll_args_t& a, int t,
   }
 }
 
-__device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_ctx_t& c, const moe_ll_args_t& a, const uint4* v,
-                                               int chunk, unsigned dmask, int dRank, long long dRow) {
+/* One 512-channel chunk of a token, cast to FP8 (a half-warp per 128-channel
+ * block), stored to every destination lane in dmask. Lane k holds the
+ * payload and scale row of top-k slot k's destination (an output row on
+ * this node, or a record in the slab to a remote rank). */
+__device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_args_t& a, const uint4* v, int chunk, unsigned dmask,
+                                               char* dPay, char* dScale) {
   const int lane = threadIdx.x % MOE_LL_WARP, half = lane / MOE_LL_FP8_LANES, sub = lane % MOE_LL_FP8_LANES;
   const int nS = a.hidden / NCCL_MOE_FP8_BLOCK;
   const int pow2 = a.scaleFormat != MOE_LL_SCALE_FLOAT;
@@ -374,36 +490,31 @@ __device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_ctx_t& c, const moe_
   const int ue8m0Row = (nS + 3) / 4 * 4; /* bytes per UE8M0 scale row */
   for (unsigned m = dmask; m != 0; m &= m - 1) {
     const int k = __ffs(m) - 1;
-    const int r = __shfl_sync(MOE_LL_FULL, dRank, k);
-    const long long row = __shfl_sync(MOE_LL_FULL, dRow, k);
-    char* peer = c.rc.peers.base[r];
-    uint8_t* xdst = reinterpret_cast<uint8_t*>(peer + c.l.recvX[a.set]) + (size_t)row * a.hidden;
+    uint8_t* xdst = reinterpret_cast<uint8_t*>(__shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(dPay), k));
+    uint8_t* sdst = reinterpret_cast<uint8_t*>(__shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(dScale), k));
 #pragma unroll
     for (int u = 0; u < MOE_LL_CHUNK_GROUPS / 2; u++) {
       const int g = chunk * MOE_LL_CHUNK_GROUPS + 2 * u + half;
       if (g >= nS) continue;
       reinterpret_cast<uint2*>(xdst + (size_t)g * NCCL_MOE_FP8_BLOCK)[sub] = code[u];
       if (a.scaleFormat == MOE_LL_SCALE_UE8M0) {
-        uint8_t* sdst = reinterpret_cast<uint8_t*>(peer + c.l.recvScales[a.set]) + (size_t)row * ue8m0Row;
         if (sub == 0) sdst[g] = (uint8_t)(__float_as_uint(scale[u]) >> 23);
         if (g == nS - 1 && sub > 0 && g + sub < ue8m0Row) sdst[g + sub] = 0; /* pad the last word */
       } else if (sub == 0) {
-        reinterpret_cast<float*>(peer + c.l.recvScales[a.set])[(size_t)row * nS + g] = scale[u];
+        reinterpret_cast<float*>(sdst)[g] = scale[u];
       }
     }
   }
 }
 
 /* One 512-channel chunk of a BF16 token to every destination in dmask. */
-__device__ __forceinline__ void moe_ll_put_bf16(const moe_ll_ctx_t& c, const moe_ll_args_t& a, const uint4* v,
-                                                int chunk, unsigned dmask, int dRank, long long dRow) {
+__device__ __forceinline__ void moe_ll_put_bf16(const moe_ll_args_t& a, const uint4* v, int chunk, unsigned dmask,
+                                                char* dPay) {
   const int lane = threadIdx.x % MOE_LL_WARP;
   const int nVec = a.hidden / MOE_LL_VEC;
   for (unsigned m = dmask; m != 0; m &= m - 1) {
     const int k = __ffs(m) - 1;
-    const int r = __shfl_sync(MOE_LL_FULL, dRank, k);
-    const long long row = __shfl_sync(MOE_LL_FULL, dRow, k);
-    uint4* dst = reinterpret_cast<uint4*>(c.rc.peers.base[r] + c.l.recvX[a.set]) + (size_t)row * nVec;
+    uint4* dst = reinterpret_cast<uint4*>(__shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(dPay), k));
 #pragma unroll
     for (int u = 0; u < MOE_LL_LANE_VECS; u++) {
       const int i = chunk * (MOE_LL_CHUNK / MOE_LL_VEC) + u * MOE_LL_WARP + lane;
@@ -414,40 +525,61 @@ __device__ __forceinline__ void moe_ll_put_bf16(const moe_ll_ctx_t& c, const moe
 
 /* Phase D, all warps: every (token, chunk) of the block's tokens to every
  * rank its experts live on; chunk 0 also writes each row's source and slot.
- * Each stored chunk is then marked arrived (rowFlag = n) at its receiver.
- * This is the only place that stores dispatch rows into peers: an
- * internode (proxy) path would take the pairs of remote ranks here. */
+ * On this node each stored chunk is then marked arrived (rowFlag = n) at
+ * its receiver; a chunk of a record in a remote rank's slab counts as one
+ * part of that slab (`slabs`). */
 __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a, int tBegin, int tEnd,
-                                  const int* route, unsigned long long n, const uint4* first) {
+                                  const int* route, unsigned long long n, const uint4* first,
+                                  const moe_ll_slabs_t& slabs) {
   const int lane = threadIdx.x % MOE_LL_WARP, warp = threadIdx.x / MOE_LL_WARP;
   const int nWarps = blockDim.x / MOE_LL_WARP, K = a.topk, L = c.rc.numLocalExperts, M = c.maxTokens;
   const long long rowsPerExpert = (long long)c.rc.nRanks * M;
   const int nChunks = (a.hidden + MOE_LL_CHUNK - 1) / MOE_LL_CHUNK;
   const int items = (tEnd - tBegin) * nChunks;
+  const int esz = a.sendFp8 ? 1 : 2;
+  const int scaleRow = moe_ll_scale_bytes(a.hidden, a.sendFp8, a.scaleFormat == MOE_LL_SCALE_UE8M0);
+  const size_t recPayload = 16 + moe_align16((size_t)scaleRow);
   for (int it0 = warp; it0 < items; it0 += MOE_LL_BATCH * nWarps) {
     unsigned long long* marks[MOE_LL_BATCH];
+    int net[MOE_LL_BATCH];
 #pragma unroll
     for (int j = 0; j < MOE_LL_BATCH; j++) {
       marks[j] = NULL;
+      net[j] = -1;
       const int it = it0 + j * nWarps;
       if (it >= items) continue;
       const int t = tBegin + it / nChunks, chunk = it % nChunks;
-      int rv = -1, dRank = 0;
+      int rv = -1, dRank = 0, pj = -1;
       long long dRow = 0;
+      char *dPay = NULL, *dScale = NULL;
       if (lane < K) {
         rv = route[(size_t)t * K + lane];
         if (rv >= 0) {
           const int e = (int)__ldg(a.topkIdx + (size_t)t * K + lane); /* checked when rv was assigned */
           dRank = e / L;
-          dRow = (long long)(e - dRank * L) * rowsPerExpert + rv;
+          pj = c.net.slot[dRank];
+          if (pj < 0) {
+            char* peer = c.rc.peers.base[dRank];
+            dRow = (long long)(e - dRank * L) * rowsPerExpert + rv;
+            dPay = peer + c.l.recvX[a.set] + (size_t)dRow * a.hidden * esz;
+            dScale = peer + c.l.recvScales[a.set] + (size_t)dRow * scaleRow;
+          } else {
+            char* rec = moe_ll_net_slab(c, c.net.sendBuf, slabs.ch, pj) + slabs.header + (size_t)rv * slabs.record;
+            dScale = rec + 16;
+            dPay = rec + recPayload;
+          }
         }
       }
       const unsigned dmask = __ballot_sync(MOE_LL_FULL, rv >= 0);
       if (dmask == 0) continue;
       if (chunk == 0 && rv >= 0) {
-        char* peer = c.rc.peers.base[dRank];
-        reinterpret_cast<int*>(peer + c.l.recvSrc[a.set])[dRow] = c.rc.rank * M + t;
-        reinterpret_cast<int*>(peer + c.l.recvK[a.set])[dRow] = lane;
+        if (pj < 0) {
+          char* peer = c.rc.peers.base[dRank];
+          reinterpret_cast<int*>(peer + c.l.recvSrc[a.set])[dRow] = c.rc.rank * M + t;
+          reinterpret_cast<int*>(peer + c.l.recvK[a.set])[dRow] = lane;
+        } else {
+          *reinterpret_cast<int4*>(dScale - 16) = make_int4(t, lane, 0, 0);
+        }
       }
       uint4 v[MOE_LL_LANE_VECS];
       if (it == warp) { /* the warp's first item, loaded before the count messages arrived */
@@ -456,11 +588,12 @@ __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a,
       } else {
         moe_ll_load_chunk(a, t, chunk, v);
       }
-      if (a.sendFp8) moe_ll_put_fp8(c, a, v, chunk, dmask, dRank, dRow);
-      else moe_ll_put_bf16(c, a, v, chunk, dmask, dRank, dRow);
-      if (rv >= 0) marks[j] = moe_ll_row_flag(c, dRank, a.set, (size_t)dRow, chunk);
+      if (a.sendFp8) moe_ll_put_fp8(a, v, chunk, dmask, dPay, dScale);
+      else moe_ll_put_bf16(a, v, chunk, dmask, dPay);
+      if (rv >= 0 && pj < 0) marks[j] = moe_ll_row_flag(c, dRank, a.set, (size_t)dRow, chunk);
+      if (rv >= 0) net[j] = pj;
     }
-    moe_ll_mark(marks, n);
+    moe_ll_mark(c, marks, net, slabs, n);
   }
 }
 
@@ -474,12 +607,13 @@ __device__ int moe_ll_scan_rows(const moe_ll_ctx_t& c, int* sOff) {
   return sOff[c.rc.numLocalExperts];
 }
 
-/* sOff[0..L) = this rank's own recvCount (written by its dispatch), clamped
- * to the expert's rows anyway. */
-__device__ void moe_ll_load_counts(const moe_ll_ctx_t& c, int set, int* sOff) {
+/* sOff[0..L) = counts[0..L), one of this rank's own arrays of rows per
+ * local expert (written by its dispatch), clamped to the expert's rows
+ * anyway. */
+__device__ void moe_ll_load_counts(const moe_ll_ctx_t& c, size_t counts, int* sOff) {
   const int L = c.rc.numLocalExperts, rows = c.rc.nRanks * c.maxTokens;
-  const int* recvCount = reinterpret_cast<const int*>(c.rc.peers.base[c.rc.rank] + c.l.recvCount[set]);
-  for (int l = threadIdx.x; l < L; l += blockDim.x) sOff[l] = min(max(recvCount[l], 0), rows);
+  const int* cnt = reinterpret_cast<const int*>(c.rc.peers.base[c.rc.rank] + counts);
+  for (int l = threadIdx.x; l < L; l += blockDim.x) sOff[l] = min(max(cnt[l], 0), rows);
 }
 
 /* The expert whose flattened rows hold row g (< sOff[L]): sOff[l] <= g < sOff[l + 1]. */
@@ -493,12 +627,14 @@ __device__ __forceinline__ int moe_ll_find_expert(const int* sOff, int L, int g)
   return lo;
 }
 
-/* The source rank of row i of local expert l (for a timeout message). */
+/* The source rank of row i (from this node) of local expert l (for a
+ * timeout message). */
 __device__ int moe_ll_row_source(const moe_ll_ctx_t& c, int set, int l, int i) {
   const int N = c.rc.nRanks, MI = c.l.msgInts, L = c.rc.numLocalExperts, M = c.maxTokens;
   const int* msgs = reinterpret_cast<const int*>(c.rc.peers.base[c.rc.rank] + c.l.counts[set]);
   int fault = 0;
   for (int r = 0; r < N; r++) {
+    if (c.rc.peers.base[r] == NULL) continue;
     const int n = moe_ll_msg_count(msgs + (size_t)r * MI + c.rc.rank * L + l, M, &fault);
     if (i < n) return r;
     i -= n;
@@ -506,10 +642,131 @@ __device__ int moe_ll_row_source(const moe_ll_ctx_t& c, int set, int l, int i) {
   return -1;
 }
 
+/* Dispatch receive from remote ranks, every block, after the rows of this
+ * node (sOff: their offsets per local expert, sOff[L] in all): waits for
+ * every remote slab of use n, checks the headers, and copies the records
+ * to the rows after this node's, sources in rank order; sRem[l] = rows
+ * local expert l got from remote ranks. Block 0 keeps each slab's rows in
+ * netRows for the combine. The slabs go back to the proxy at the end.
+ * False in every thread when a wait failed or a header was bad (recorded). */
+__device__ bool moe_ll_net_receive(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long n,
+                                   const int* sOff, int* sRem) {
+  __shared__ int sPre[NCCL_MOE_MAX_EXPERTS + NCCL_MOE_MAX_RANKS]; /* [j][L + 1]: records of slab j before expert l */
+  __shared__ int sBase[NCCL_MOE_MAX_EXPERTS];                    /* [j][L]: first row of slab j's rows at expert l */
+  __shared__ int sRowsPre[NCCL_MOE_MAX_RANKS + 1];               /* records of slabs before j */
+  const int R = c.net.nRemote, L = c.rc.numLocalExperts, M = c.maxTokens;
+  const int ch = MOE_LL_NET_CHANNEL(MOE_LL_OP_DISPATCH, a.set);
+  if (!moe_ll_net_wait(c, c.net.flags->arrived, ch, n)) return false;
+  const bool ue8m0 = a.scaleFormat == MOE_LL_SCALE_UE8M0;
+  const size_t header = moe_ll_net_dispatch_header(L), record = moe_ll_net_dispatch_record(a.hidden, a.sendFp8, ue8m0);
+  const int typeCode = a.sendFp8 ? 1 + a.scaleFormat : 0;
+  /* Headers: every count read at once (host memory: one round trip). */
+  int fault = 0;
+  for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
+    const int j = i / L, l = i % L;
+    int v = reinterpret_cast<const volatile int*>(moe_ll_net_slab(c, c.net.recvBuf, ch, j))[l];
+    if (v < 0 || v > M) {
+      fault = MOE_KERR_BAD_NOTIFY;
+      v = 0;
+    }
+    sBase[i] = v;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    const volatile int* h = reinterpret_cast<const volatile int*>(moe_ll_net_slab(c, c.net.recvBuf, ch, j));
+    int sum = 0;
+    for (int l = 0; l < L; l++) {
+      sPre[j * (L + 1) + l] = sum;
+      sum += sBase[j * L + l];
+    }
+    sPre[j * (L + 1) + L] = sum;
+    if (h[L] != a.hidden || h[L + 1] != typeCode) fault = MOE_KERR_MISMATCH;
+    else if (h[L + 2] != sum || header + (size_t)sum * record > c.net.geom.slab[ch]) fault = MOE_KERR_BAD_NOTIFY;
+  }
+  const int bad = __syncthreads_or(fault);
+  if (bad) {
+    if (fault) moe_record_error(c.rc, fault);
+    return false;
+  }
+  if (threadIdx.x == 0) {
+    int sum = 0;
+    for (int j = 0; j < R; j++) {
+      sRowsPre[j] = sum;
+      sum += sPre[j * (L + 1) + L];
+    }
+    sRowsPre[R] = sum;
+  }
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    int base = sOff[l + 1] - sOff[l];
+    for (int j = 0; j < R; j++) {
+      const int cnt = sBase[j * L + l];
+      sBase[j * L + l] = base;
+      base += cnt;
+    }
+    sRem[l] = base - (sOff[l + 1] - sOff[l]);
+  }
+  __syncthreads();
+  if (blockIdx.x == 0) {
+    int* netRows = reinterpret_cast<int*>(c.rc.peers.base[c.rc.rank] + c.l.netRows[a.set]);
+    for (int j = threadIdx.x; j < R; j += blockDim.x) netRows[j] = sRowsPre[j + 1] - sRowsPre[j];
+  }
+  /* Records, a warp per (record, 512-channel chunk). */
+  const int lane = threadIdx.x % MOE_LL_WARP;
+  const int esz = a.sendFp8 ? 1 : 2, nChunks = (a.hidden + MOE_LL_CHUNK - 1) / MOE_LL_CHUNK;
+  const int nVec = a.hidden * esz / 16, chunkVec = MOE_LL_CHUNK * esz / 16;
+  const int scaleRow = moe_ll_scale_bytes(a.hidden, a.sendFp8, ue8m0);
+  const long long rowsPerExpert = (long long)c.rc.nRanks * M;
+  char* own = c.rc.peers.base[c.rc.rank];
+  const long long items = (long long)sRowsPre[R] * nChunks;
+  const long long warps = (long long)gridDim.x * (blockDim.x / MOE_LL_WARP);
+  bool badRec = false;
+  for (long long it = blockIdx.x * (blockDim.x / MOE_LL_WARP) + threadIdx.x / MOE_LL_WARP; it < items; it += warps) {
+    const int g = (int)(it / nChunks), chunk = (int)(it % nChunks);
+    int j = 0;
+    while (sRowsPre[j + 1] <= g) j++; /* R is small */
+    const int i = g - sRowsPre[j];
+    const int* pre = sPre + j * (L + 1);
+    int lo = 0, hi = L; /* the expert: pre[lo] <= i < pre[lo + 1] */
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (pre[mid] <= i) lo = mid;
+      else hi = mid;
+    }
+    const size_t row = (size_t)lo * rowsPerExpert + sBase[j * L + lo] + (i - pre[lo]);
+    const char* rec = moe_ll_net_slab(c, c.net.recvBuf, ch, j) + header + (size_t)i * record;
+    const uint4* src = reinterpret_cast<const uint4*>(rec + 16 + moe_align16((size_t)scaleRow));
+    uint4* dst = reinterpret_cast<uint4*>(own + c.l.recvX[a.set] + row * a.hidden * esz);
+    for (int u = 0; u < esz; u++) {
+      const int v = chunk * chunkVec + u * MOE_LL_WARP + lane;
+      if (v < nVec) dst[v] = moe_ld_volatile(src + v);
+    }
+    if (chunk != 0) continue;
+    const volatile int* words = reinterpret_cast<const volatile int*>(rec + 16);
+    int* sdst = reinterpret_cast<int*>(own + c.l.recvScales[a.set] + row * scaleRow);
+    for (int w = lane; w < scaleRow / 4; w += MOE_LL_WARP) sdst[w] = words[w];
+    if (lane == 0) {
+      const int t = reinterpret_cast<const volatile int*>(rec)[0], k = reinterpret_cast<const volatile int*>(rec)[1];
+      if (t < 0 || t >= M || k < 0 || k >= c.maxTopk) {
+        badRec = true;
+        continue;
+      }
+      reinterpret_cast<int*>(own + c.l.recvSrc[a.set])[row] = c.net.remoteRank[j] * M + t;
+      reinterpret_cast<int*>(own + c.l.recvK[a.set])[row] = k;
+      reinterpret_cast<int*>(own + c.l.recvPos[a.set])[row] = i;
+    }
+  }
+  if (badRec) moe_record_error(c.rc, MOE_KERR_BAD_NOTIFY);
+  moe_ll_net_release(c, a.set, MOE_LL_OP_DISPATCH, n);
+  return true;
+}
+
 /* Dispatch receive, every block: waits until every chunk of every row this
- * rank receives is marked n; sOff[0..L) holds the rows per local expert
- * (turned into offsets). Then block 0 adds them to the cumulative counter. */
+ * rank receives from its node is marked n (sOff[0..L): those rows per
+ * local expert, turned into offsets), then takes the rows of remote ranks.
+ * Block 0 then stores the rows per local expert in recvCount and adds them
+ * to the cumulative counter. */
 __device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long n, int* sOff) {
+  __shared__ int sRem[NCCL_MOE_MAX_EXPERTS];
   const int L = c.rc.numLocalExperts;
   const long long rowsPerExpert = (long long)c.rc.nRanks * c.maxTokens;
   const int F = (a.hidden + MOE_LL_FLAG_CHANNELS - 1) / MOE_LL_FLAG_CHANNELS;
@@ -523,9 +780,16 @@ __device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t&
     if (moe_ld_acquire_sys(flag) >= n) continue;
     ok = moe_ll_wait(c, flag, n, moe_ll_row_source(c, a.set, l, g - sOff[l]), MOE_WAIT_LL_DATA);
   }
-  if (__syncthreads_and(ok) && blockIdx.x == 0 && a.cumulative != NULL)
-    for (int l = threadIdx.x; l < L; l += blockDim.x)
-      atomicAdd(reinterpret_cast<unsigned long long*>(a.cumulative) + l, (unsigned long long)(sOff[l + 1] - sOff[l]));
+  for (int l = threadIdx.x; l < L; l += blockDim.x) sRem[l] = 0;
+  ok = __syncthreads_and(ok);
+  if (ok && c.net.nRemote > 0) ok = moe_ll_net_receive(c, a, n, sOff, sRem);
+  if (!ok || blockIdx.x != 0) return;
+  int* recvCount = reinterpret_cast<int*>(c.rc.peers.base[c.rc.rank] + c.l.recvCount[a.set]);
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    const int rows = sOff[l + 1] - sOff[l] + sRem[l];
+    recvCount[l] = rows;
+    if (a.cumulative != NULL) atomicAdd(reinterpret_cast<unsigned long long*>(a.cumulative) + l, (unsigned long long)rows);
+  }
 }
 
 /* ------------------------------------------------------------ dispatch */
@@ -536,6 +800,7 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sCnt[NCCL_MOE_MAX_EXPERTS];
   __shared__ int sStart[NCCL_MOE_MAX_EXPERTS];
   __shared__ int sTot[NCCL_MOE_MAX_EXPERTS + 1];
+  __shared__ int sRows[NCCL_MOE_MAX_RANKS]; /* rows to each remote rank */
   const int E = c.numExperts, T = a.numTokens, L = c.rc.numLocalExperts;
   const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_DISPATCH) + 1;
   const int per = (T + gridDim.x - 1) / gridDim.x;
@@ -550,6 +815,13 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   if (hasTokens || (int)blockIdx.x < c.rc.nRanks) moe_ll_count(a, E, tBegin, sCnt, sStart);
   __syncthreads();
   moe_ll_send_counts(c, a, sCnt, n);
+  const moe_ll_slabs_t slabs = {MOE_LL_NET_CHANNEL(MOE_LL_OP_DISPATCH, a.set), (a.hidden + MOE_LL_CHUNK - 1) / MOE_LL_CHUNK,
+                                moe_ll_net_dispatch_header(L),
+                                moe_ll_net_dispatch_record(a.hidden, a.sendFp8, a.scaleFormat == MOE_LL_SCALE_UE8M0),
+                                sRows};
+  bool netOk = true;
+  if (c.net.nRemote > 0 && (hasTokens || (int)blockIdx.x < c.net.nRemote))
+    netOk = moe_ll_net_begin_dispatch(c, a, sCnt, sRows, slabs, n);
   MOE_LL_T(c, 1);
 
   /* Each warp's first token chunk is loaded while the count messages travel. */
@@ -562,15 +834,17 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   /* Every block needs the counts when it also receives; block 0 writes
    * recvCount. */
   if (FUSED || hasTokens || blockIdx.x == 0) {
-    bool ok = moe_ll_wait_counts(c, a.set, n);
+    bool ok = moe_ll_wait_counts(c, a.set, n) && netOk;
     MOE_LL_T(c, 2);
-    if (ok) ok = moe_ll_place(c, a, hasTokens, sStart, sTot);
+    if (ok) ok = moe_ll_place(c, a, hasTokens, sCnt, sStart, sTot);
     MOE_LL_T(c, 3);
-    int* route = reinterpret_cast<int*>(c.rc.peers.base[c.rc.rank] + c.l.route[a.set]);
-    if (threadIdx.x < MOE_LL_WARP) moe_ll_assign_rows(c, a, tBegin, tEnd, sStart, ok, route);
+    char* own = c.rc.peers.base[c.rc.rank];
+    int* route = reinterpret_cast<int*>(own + c.l.route[a.set]);
+    int* routePeer = c.net.nRemote > 0 ? reinterpret_cast<int*>(own + c.l.routePeer[a.set]) : NULL;
+    if (threadIdx.x < MOE_LL_WARP) moe_ll_assign_rows(c, a, tBegin, tEnd, sStart, ok, route, routePeer);
     __syncthreads(); /* the block's routes, written by warp 0, are read by all warps */
     MOE_LL_T(c, 4);
-    if (ok) moe_ll_put_tokens(c, a, tBegin, tEnd, route, n, first);
+    if (ok) moe_ll_put_tokens(c, a, tBegin, tEnd, route, n, first, slabs);
     MOE_LL_T_ALL(c, 5);
   }
   moe_ll_count_use(c, a.set, MOE_LL_OP_DISPATCH, n);
@@ -589,7 +863,7 @@ __global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
 moe_ll_dispatch_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sOff[NCCL_MOE_MAX_EXPERTS + 1];
   const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_DISPATCH);
-  moe_ll_load_counts(c, a.set, sOff); /* rows per local expert, from the send half */
+  moe_ll_load_counts(c, c.l.localCount[a.set], sOff); /* rows per local expert from this node, from the send half */
   moe_ll_dispatch_wait(c, a, n, sOff);
 }
 
@@ -600,13 +874,36 @@ extern "C" cudaError_t moe_ll_dispatch_recv_launch(const moe_ll_ctx_t* ctx, cons
 }
 
 /* ------------------------------------------------------------- combine */
+/* Combine send to remote ranks, every block, before any row: sRows[j] =
+ * rows received from remote rank j (its slab's records); once the proxy
+ * has sent the slabs of the previous use, the headers of slabs j =
+ * blockIdx.x (mod gridDim.x). False when the wait failed. */
+__device__ bool moe_ll_net_begin_combine(const moe_ll_ctx_t& c, const moe_ll_args_t& a, int* sRows,
+                                         const moe_ll_slabs_t& slabs, unsigned long long cu) {
+  const int R = c.net.nRemote, maxRows = c.maxTokens * min(c.maxTopk, c.rc.numLocalExperts);
+  const int* netRows = reinterpret_cast<const int*>(c.rc.peers.base[c.rc.rank] + c.l.netRows[a.set]);
+  for (int j = threadIdx.x; j < R; j += blockDim.x) sRows[j] = min(max(netRows[j], 0), maxRows);
+  if (!moe_ll_net_wait(c, c.net.flags->sent, slabs.ch, cu - 1)) return false;
+  if (threadIdx.x == 0)
+    for (int j = blockIdx.x; j < R; j += gridDim.x)
+      *reinterpret_cast<int4*>(moe_ll_net_slab(c, c.net.sendBuf, slabs.ch, j)) = make_int4(sRows[j], a.hidden, 0, 0);
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int j = blockIdx.x; j < R; j += gridDim.x) moe_ll_net_add(c, slabs, j, cu);
+  return true;
+}
+
 /* The send half of combine use cu: every received row (its expert output)
- * back to half cu % 2 of its source's combine rows, 1024 channels per item,
- * each 512-channel chunk marked. */
+ * back to its source, 1024 channels per item: on this node into half cu % 2
+ * of the source's combine rows, each 512-channel chunk marked; on another
+ * node into the record of the source's slab that carried it (one part of
+ * that slab per item). */
 __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long cu, int* sOff) {
+  __shared__ int sRows[NCCL_MOE_MAX_RANKS];
   const int N = c.rc.nRanks, M = c.maxTokens, L = c.rc.numLocalExperts;
   const int half = (int)(cu % MOE_LL_COMB_HALVES);
-  moe_ll_load_counts(c, a.set, sOff);
+  moe_ll_load_counts(c, c.l.recvCount[a.set], sOff);
   const int total = moe_ll_scan_rows(c, sOff);
   const int lane = threadIdx.x % MOE_LL_WARP;
   const int nVec = a.hidden / MOE_LL_VEC;
@@ -617,14 +914,20 @@ __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a
   const char* own = c.rc.peers.base[c.rc.rank];
   const int* recvSrc = reinterpret_cast<const int*>(own + c.l.recvSrc[a.set]);
   const int* recvK = reinterpret_cast<const int*>(own + c.l.recvK[a.set]);
+  const int* recvPos = reinterpret_cast<const int*>(own + c.l.recvPos[a.set]);
+  const moe_ll_slabs_t slabs = {MOE_LL_NET_CHANNEL(MOE_LL_OP_COMBINE, a.set), perRow, MOE_LL_NET_COMBINE_HEADER,
+                                (unsigned long long)a.hidden * 2, sRows};
+  if (c.net.nRemote > 0 && !moe_ll_net_begin_combine(c, a, sRows, slabs, cu)) return;
   bool bad = false;
   const long long items = (long long)total * perRow;
   for (long long it0 = blockIdx.x * (blockDim.x / MOE_LL_WARP) + threadIdx.x / MOE_LL_WARP; it0 < items;
        it0 += MOE_LL_BATCH * warps) {
     unsigned long long* marks[MOE_LL_BATCH];
+    int net[MOE_LL_BATCH];
 #pragma unroll
     for (int j = 0; j < MOE_LL_BATCH; j++) {
       marks[j] = NULL;
+      net[j] = -1;
       const long long it = it0 + j * warps;
       if (it >= items) continue;
       const int g = (int)(it / perRow), p = (int)(it % perRow);
@@ -635,10 +938,21 @@ __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a
         bad = true;
         continue;
       }
-      const int s = src / M, t = src % M;
+      const int s = src / M, t = src % M, pj = c.net.slot[s];
       const size_t crow = moe_ll_comb_row(c, half, t, k);
       const uint4* in = reinterpret_cast<const uint4*>(a.x) + row * nVec;
-      uint4* dst = reinterpret_cast<uint4*>(c.rc.peers.base[s] + c.l.combX[a.set] + crow * c.rowBytes);
+      uint4* dst;
+      if (pj < 0) {
+        dst = reinterpret_cast<uint4*>(c.rc.peers.base[s] + c.l.combX[a.set] + crow * c.rowBytes);
+      } else {
+        const int pos = __ldcg(recvPos + row);
+        if (pos < 0 || pos >= sRows[pj]) {
+          bad = true;
+          continue;
+        }
+        dst = reinterpret_cast<uint4*>(moe_ll_net_slab(c, c.net.sendBuf, slabs.ch, pj) + MOE_LL_NET_COMBINE_HEADER +
+                                       (size_t)pos * slabs.record);
+      }
       uint4 buf[U];
 #pragma unroll
       for (int u = 0; u < U; u++) {
@@ -651,9 +965,10 @@ __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a
         if (v < nVec) dst[v] = buf[u];
       }
       const int f = p * MOE_LL_COMBINE_SEND_FLAGS + lane;
-      if (lane < MOE_LL_COMBINE_SEND_FLAGS && f < F) marks[j] = moe_ll_comb_flag(c, s, a.set, crow, f);
+      if (pj < 0 && lane < MOE_LL_COMBINE_SEND_FLAGS && f < F) marks[j] = moe_ll_comb_flag(c, s, a.set, crow, f);
+      if (pj >= 0 && lane == 0) net[j] = pj;
     }
-    moe_ll_mark(marks, cu);
+    moe_ll_mark(c, marks, net, slabs, cu);
   }
   if (bad) moe_record_error(c.rc, MOE_KERR_BAD_NOTIFY);
 }
@@ -668,38 +983,88 @@ __device__ __forceinline__ void moe_ll_fma_bf16x8(float* acc, uint4 v, float w) 
   }
 }
 
+/* Combine receive from remote ranks, every block, before any reduction:
+ * waits until every remote rank's slab of use cu has landed and checks its
+ * header; sRows[j] = its records. False in every thread when a wait failed
+ * or a header was bad (recorded). */
+__device__ bool moe_ll_net_combine_wait(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long cu,
+                                        int* sRows) {
+  const int ch = MOE_LL_NET_CHANNEL(MOE_LL_OP_COMBINE, a.set);
+  if (!moe_ll_net_wait(c, c.net.flags->arrived, ch, cu)) return false;
+  const unsigned long long room = (c.net.geom.slab[ch] - MOE_LL_NET_COMBINE_HEADER) / ((unsigned long long)a.hidden * 2);
+  int bad = 0;
+  for (int j = threadIdx.x; j < c.net.nRemote; j += blockDim.x) {
+    const volatile int* h = reinterpret_cast<const volatile int*>(moe_ll_net_slab(c, c.net.recvBuf, ch, j));
+    const int rows = h[0];
+    bad |= h[1] != a.hidden || rows < 0 || (unsigned long long)rows > room;
+    sRows[j] = rows;
+  }
+  if (__syncthreads_or(bad)) {
+    if (bad) moe_record_error(c.rc, MOE_KERR_BAD_NOTIFY);
+    return false;
+  }
+  return true;
+}
+
 /* The receive half of combine use cu: per (token, 512-channel chunk), one
- * warp waits for the chunk's marks on the token's rows (lane k: top-k slot
- * k when its row was sent), then reduces them in k order. */
+ * warp waits for the chunk's marks on the token's rows of this node (lane
+ * k: top-k slot k when its row was sent), then reduces them in k order.
+ * Rows from remote ranks are read from their slabs, which have all landed
+ * before the first token (and go back to the proxy after the last). */
 __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long cu) {
+  __shared__ int sRows[NCCL_MOE_MAX_RANKS];
   const int half = (int)(cu % MOE_LL_COMB_HALVES);
   const int lane = threadIdx.x % MOE_LL_WARP, K = a.topk;
   const int nVec = a.hidden / MOE_LL_VEC;
   const int F = (a.hidden + MOE_LL_FLAG_CHANNELS - 1) / MOE_LL_FLAG_CHANNELS;
   constexpr int U = MOE_LL_FLAG_VEC / MOE_LL_WARP; /* vectors per lane per item */
   const long long warps = (long long)gridDim.x * (blockDim.x / MOE_LL_WARP);
+  const bool remote = c.net.nRemote > 0;
+  if (remote && !moe_ll_net_combine_wait(c, a, cu, sRows)) return;
   const char* own = c.rc.peers.base[c.rc.rank];
   const int* route = reinterpret_cast<const int*>(own + c.l.route[a.set]);
+  const int* routePeer = reinterpret_cast<const int*>(own + c.l.routePeer[a.set]);
+  const int ch = MOE_LL_NET_CHANNEL(MOE_LL_OP_COMBINE, a.set);
   const uint4* rows = reinterpret_cast<const uint4*>(own + c.l.combX[a.set]);
   const size_t rowVec = c.rowBytes / 16;
   const long long items = (long long)a.numTokens * F;
-  for (long long it = blockIdx.x * (blockDim.x / MOE_LL_WARP) + threadIdx.x / MOE_LL_WARP; it < items; it += warps) {
+  bool ok = true, bad = false;
+  for (long long it = blockIdx.x * (blockDim.x / MOE_LL_WARP) + threadIdx.x / MOE_LL_WARP; ok && it < items;
+       it += warps) {
     const int t = (int)(it / F), f = (int)(it % F);
-    /* Lane k: the combine row slot holding top-k entry k (its own slot, or
-     * the first slot of the same expert), -1 if none; and its weight. */
-    int slot = -1;
+    /* Lane k: the row holding top-k entry k (its own, or that of the first
+     * slot of the same expert; NULL if none), whether it is in a network
+     * slab, and its weight. */
+    const uint4* mine = NULL;
+    int mineNet = 0, slot = -1;
     float w = 0.0f;
     bool arrived = true;
     if (lane < K) {
       const int rv = route[(size_t)t * K + lane];
       slot = rv >= 0 ? lane : (rv <= -2 && -2 - rv < K ? -2 - rv : -1);
       w = a.weights != NULL ? __ldg(a.weights + (size_t)t * K + lane) : 1.0f;
-      if (rv >= 0) {
+      const int pj = rv >= 0 && remote ? routePeer[(size_t)t * K + lane] : -1;
+      if (rv >= 0 && pj < 0) {
+        mine = rows + moe_ll_comb_row(c, half, t, lane) * rowVec;
         const unsigned long long* flag = moe_ll_comb_flag(c, c.rc.rank, a.set, moe_ll_comb_row(c, half, t, lane), f);
         if (moe_ld_acquire_sys(flag) < cu) arrived = moe_ll_wait(c, flag, cu, -1, MOE_WAIT_LL_COMBINE);
+      } else if (pj >= 0 && pj < c.net.nRemote && rv < sRows[pj]) {
+        mine = reinterpret_cast<const uint4*>(moe_ll_net_slab(c, c.net.recvBuf, ch, pj) + MOE_LL_NET_COMBINE_HEADER +
+                                              (size_t)rv * a.hidden * 2);
+        mineNet = 1;
+      } else if (rv >= 0) {
+        bad = true; /* a row the remote rank did not send */
+        slot = -1;
       }
     }
-    if (!__all_sync(MOE_LL_FULL, arrived)) return; /* timed out (recorded): the comm is broken */
+    if (!__all_sync(MOE_LL_FULL, arrived)) { /* timed out (recorded): the comm is broken */
+      ok = false;
+      break;
+    }
+    const uint4* src = reinterpret_cast<const uint4*>(
+        __shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(mine), slot >= 0 ? slot : lane));
+    const int srcNet = __shfl_sync(MOE_LL_FULL, mineNet, slot >= 0 ? slot : lane);
+    if (slot < 0) src = NULL;
     float acc[U][MOE_LL_VEC];
 #pragma unroll
     for (int u = 0; u < U; u++)
@@ -707,15 +1072,17 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
       for (int i = 0; i < MOE_LL_VEC; i++) acc[u][i] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += MOE_LL_COMBINE_KGROUP) {
       uint4 buf[MOE_LL_COMBINE_KGROUP][U];
-      int sl[MOE_LL_COMBINE_KGROUP];
+      const uint4* p[MOE_LL_COMBINE_KGROUP];
 #pragma unroll
       for (int j = 0; j < MOE_LL_COMBINE_KGROUP; j++) {
-        sl[j] = __shfl_sync(MOE_LL_FULL, slot, (k0 + j) % MOE_LL_WARP);
+        const int from = (k0 + j) % MOE_LL_WARP;
+        p[j] = reinterpret_cast<const uint4*>(__shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(src), from));
+        const int net = __shfl_sync(MOE_LL_FULL, srcNet, from);
+        if (k0 + j >= K) p[j] = NULL;
 #pragma unroll
         for (int u = 0; u < U; u++) {
           const int v = f * MOE_LL_FLAG_VEC + u * MOE_LL_WARP + lane;
-          if (k0 + j < K && sl[j] >= 0 && v < nVec)
-            buf[j][u] = __ldcg(rows + moe_ll_comb_row(c, half, t, sl[j]) * rowVec + v);
+          if (p[j] != NULL && v < nVec) buf[j][u] = net ? moe_ld_volatile(p[j] + v) : __ldcg(p[j] + v);
         }
       }
 #pragma unroll
@@ -724,7 +1091,7 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
 #pragma unroll
         for (int u = 0; u < U; u++) {
           const int v = f * MOE_LL_FLAG_VEC + u * MOE_LL_WARP + lane;
-          if (k0 + j < K && sl[j] >= 0 && v < nVec) moe_ll_fma_bf16x8(acc[u], buf[j][u], wk);
+          if (p[j] != NULL && v < nVec) moe_ll_fma_bf16x8(acc[u], buf[j][u], wk);
         }
       }
     }
@@ -734,6 +1101,8 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
       if (v < nVec) reinterpret_cast<uint4*>(a.out)[(size_t)t * nVec + v] = moe_pack_bf16x8(acc[u]);
     }
   }
+  if (bad) moe_record_error(c.rc, MOE_KERR_BAD_NOTIFY);
+  if (remote) moe_ll_net_release(c, a.set, MOE_LL_OP_COMBINE, cu);
 }
 
 /* The send half; with FUSED also the receive half (one kernel per call). */

@@ -66,6 +66,12 @@ typedef struct {
   volatile unsigned long long consumed[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES]; /* GPU -> proxy */
 } moe_net_flags_t;
 
+#ifdef __CUDACC__
+#define MOE_HD __host__ __device__
+#else
+#define MOE_HD
+#endif
+
 /* Where the slabs are: slab (c, m) of the send region starts at
  * off[c] + m * slab[c]; the receive region has the same shape, indexed by
  * the source node. */
@@ -75,15 +81,9 @@ typedef struct {
   size_t total;
 } moe_net_geom_t;
 
-static inline size_t moe_net_slab_offset(const moe_net_geom_t* g, int c, int node) {
+static inline MOE_HD size_t moe_net_slab_offset(const moe_net_geom_t* g, int c, int node) {
   return g->off[c] + (size_t)node * g->slab[c];
 }
-
-#ifdef __CUDACC__
-#define MOE_HD __host__ __device__
-#else
-#define MOE_HD
-#endif
 
 /* Which node each rank is on; ranks need not be numbered node by node, but
  * every node has ranksPerNode ranks. A rank's forwarder on node m is

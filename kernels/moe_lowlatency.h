@@ -11,6 +11,7 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
+#include "moe_internode.h"
 #include "moe_intranode.h"
 #include "nccl_moe.h"
 
@@ -44,6 +45,10 @@ enum { MOE_LL_SCALE_FLOAT = 0, MOE_LL_SCALE_POW2 = 1, MOE_LL_SCALE_UE8M0 = 2 };
  *   rowFlag   uint64 [SETS][R][F]: chunk f of dispatch row i holds use n's data
  *   combFlag  uint64 [SETS][2][M][K][F]: chunk f of combine row (half, t, k)
  *             holds combine use c's data
+ *   netDone   uint32 [MOE_LL_NET_CHANNELS][N]: parts of the network slab to
+ *             each remote rank written so far (private)
+ *   recvDone  uint32 [SETS][OPS]: grid-completion counters of the receive
+ *             halves that read network slabs (private)
  * Per set (not initialized):
  *   counts    int32 [N][msgInts]: each source's rows per global expert, then
  *             MOE_LL_MSG_EXTRA ints (hidden, type code)
@@ -51,15 +56,22 @@ enum { MOE_LL_SCALE_FLOAT = 0, MOE_LL_SCALE_POW2 = 1, MOE_LL_SCALE_UE8M0 = 2 };
  *   recvScales fp32 [R][ceil(H/128)] (UE8M0: bytes, 4-byte padded rows)
  *   recvSrc   int32 [R]: srcRank * M + token
  *   recvK     int32 [R]: the top-k slot of the row at its source (combine)
+ *   recvPos   int32 [R]: rows from another node: the record in the source's
+ *             network slab (its combine row goes back to the same place)
  *   combX     BF16 [2][M][K] rows of H: combine rows, by (half, token, top-k
  *             slot)
  *   route     int32 [M][K]: per (token, k) of this rank's dispatch: the row
  *             at the receiver (>= 0), -1 (not sent), or -2 - k0 (a repeat of
- *             the expert of slot k0) (private)
+ *             the expert of slot k0) (private); for a receiver on another
+ *             node, the record in the network slab to it
+ *   routePeer int32 [M][K]: the remote index of the receiver, -1 on this
+ *             node (private)
+ *   localCount int32 [L]: rows per local expert from this node (private)
+ *   netRows   int32 [N]: records in each remote rank's dispatch slab (private)
  *   recvCount int32 [L]: rows per local expert (private) */
 typedef struct {
   size_t state, stateBytes;
-  size_t seq, done, cntFlag;
+  size_t seq, done, cntFlag, netDone, recvDone;
   size_t rowFlag[MOE_LL_SETS];
   size_t combFlag[MOE_LL_SETS];
   size_t counts[MOE_LL_SETS];
@@ -67,18 +79,63 @@ typedef struct {
   size_t recvScales[MOE_LL_SETS];
   size_t recvSrc[MOE_LL_SETS];
   size_t recvK[MOE_LL_SETS];
+  size_t recvPos[MOE_LL_SETS];
   size_t combX[MOE_LL_SETS];
   size_t route[MOE_LL_SETS];
+  size_t routePeer[MOE_LL_SETS];
+  size_t localCount[MOE_LL_SETS];
+  size_t netRows[MOE_LL_SETS];
   size_t recvCount[MOE_LL_SETS];
   size_t bytes;          /* all low-latency regions together; 0 = none */
   int msgInts;           /* ints per count message (16-byte multiple) */
   int flagChunks;        /* F */
 } moe_ll_layout_t;
 
+/* Across nodes. Ranks of this node are reached with peer stores; every rank
+ * of another node ("remote", numbered 0..nRemote-1 in rank order) through
+ * this rank's low-latency proxy: one slab per (channel, remote rank) in a
+ * send and a receive region, counters in moe_net_flags_t (the protocol of
+ * kernels/moe_internode.h with one chunk per slab; use n of a set is slab
+ * n of its channel). A receiver places the rows of remote sources after
+ * those of its own node, each group in rank order. */
+#define MOE_LL_NET_CHANNELS (MOE_LL_OPS * MOE_LL_SETS)
+#define MOE_LL_NET_CHANNEL(op, set) ((op) * MOE_LL_SETS + (set))
+/* Dispatch slab: a header of ints [L rows per local expert of the receiver]
+ * [hidden] [type code] [rows], padded to 16 bytes, then `rows` records
+ * packed by local expert, each [token, top-k slot, 0, 0] [scales as in the
+ * output row] [payload]. */
+#define MOE_LL_NET_HDR_EXTRA 3
+static inline MOE_HD size_t moe_ll_net_dispatch_header(int L) {
+  return moe_align16(sizeof(int) * (size_t)(L + MOE_LL_NET_HDR_EXTRA));
+}
+/* Bytes of a row's scales: floats, or UE8M0 bytes padded to 4. */
+static inline MOE_HD int moe_ll_scale_bytes(int hidden, int sendFp8, int ue8m0) {
+  const int nS = hidden / NCCL_MOE_FP8_BLOCK;
+  return !sendFp8 ? 0 : ue8m0 ? (nS + 3) / 4 * 4 : nS * (int)sizeof(float);
+}
+static inline MOE_HD size_t moe_ll_net_dispatch_record(int hidden, int sendFp8, int ue8m0) {
+  return 16 + moe_align16((size_t)moe_ll_scale_bytes(hidden, sendFp8, ue8m0)) +
+         moe_align16((size_t)hidden * (sendFp8 ? 1 : 2));
+}
+/* Combine slab: a header [rows, hidden, 0, 0], then the BF16 rows in the
+ * order of the dispatch slab they answer. */
+#define MOE_LL_NET_COMBINE_HEADER 16
+
+typedef struct {
+  int nRemote;                          /* 0: every rank is on this node */
+  int slot[NCCL_MOE_MAX_RANKS];         /* rank -> remote index, -1 on this node */
+  int remoteRank[NCCL_MOE_MAX_RANKS];   /* remote index -> rank */
+  char* sendBuf;                        /* the regions as the GPU addresses them */
+  char* recvBuf;
+  moe_net_geom_t geom;
+  moe_net_flags_t* flags;               /* host-mapped, as the GPU addresses it */
+} moe_ll_net_t;
+
 /* What every low-latency kernel of one rank needs (passed by value). */
 typedef struct {
   moe_rank_ctx_t rc;     /* peers, rank, nRanks, numLocalExperts, error, timeout */
   moe_ll_layout_t l;
+  moe_ll_net_t net;
   int numExperts;
   int maxTokens;         /* M = config.llMaxTokensPerRank */
   int maxTopk;           /* K of the layout = config.maxTopk */

@@ -197,11 +197,12 @@ ncclResult_t moe_comm_error(ncclMoeComm_t comm) {
       return MOE_ERROR(ncclInvalidArgument, "a rank received more tokens than its capacity; the extra tokens were dropped");
     case MOE_KERR_MISMATCH:
       return MOE_ERROR(ncclInvalidArgument, "ranks called dispatch with different hidden, sendType or topk");
-    case MOE_KERR_NET:
-      return MOE_ERROR(ncclSystemError, "rank %d: the network proxy failed: %s; the comm is unusable", comm->rank,
-                       comm->inter != NULL && moe_proxy_error(comm->inter->proxy)[0] != '\0'
-                           ? moe_proxy_error(comm->inter->proxy)
-                           : "a peer sent data that does not fit its slab");
+    case MOE_KERR_NET: {
+      const char* why = "a peer sent data that does not fit its slab";
+      if (comm->inter != NULL && moe_proxy_error(comm->inter->ep.proxy)[0] != '\0') why = moe_proxy_error(comm->inter->ep.proxy);
+      if (comm->inter != NULL && moe_proxy_error(comm->inter->ll.proxy)[0] != '\0') why = moe_proxy_error(comm->inter->ll.proxy);
+      return MOE_ERROR(ncclSystemError, "rank %d: the network proxy failed: %s; the comm is unusable", comm->rank, why);
+    }
     default:
       return MOE_ERROR(ncclRemoteError, "rank %d: a peer sent an invalid notify message", comm->rank);
   }
@@ -300,13 +301,13 @@ static ncclResult_t moe_init_virtual(int nRanks, int ranksPerNode, int device, c
     res = moe_comm_finish(comms[r]);
   }
   if (res == ncclSuccess && topo.nNodes > 1) {
-    handles = calloc(nRanks, MOE_NET_HANDLE_BYTES);
+    handles = calloc(nRanks, MOE_INTER_HANDLE_BYTES);
     if (handles == NULL) res = MOE_ERROR(ncclSystemError, "out of host memory");
     for (int r = 0; r < nRanks && res == ncclSuccess; r++) {
       moe_topo_t t;
       res = moe_topo_build(nRanks, r, nodeKey, &t);
       if (res == ncclSuccess) res = moe_inter_create(comms[r], &t, &comms[r]->inter);
-      if (res == ncclSuccess) memcpy(handles + (size_t)r * MOE_NET_HANDLE_BYTES, comms[r]->inter->handle, MOE_NET_HANDLE_BYTES);
+      if (res == ncclSuccess) moe_inter_handles(comms[r]->inter, handles + (size_t)r * MOE_INTER_HANDLE_BYTES);
     }
     if (res == ncclSuccess) res = moe_inter_connect_all(comms, nRanks, handles);
   }
@@ -501,10 +502,10 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfi
   if (topo.nNodes > 1) {
     /* Every rank listens, then one more all-gather carries the handles. */
     MOE_CHECK_GOTO(moe_inter_create(comm, &topo, &comm->inter), res, out_comm);
-    handles = calloc(nRanks, MOE_NET_HANDLE_BYTES);
+    handles = calloc(nRanks, MOE_INTER_HANDLE_BYTES);
     if (handles == NULL) { res = MOE_ERROR(ncclSystemError, "out of host memory"); goto out_comm; }
-    memcpy(handles + (size_t)rank * MOE_NET_HANDLE_BYTES, comm->inter->handle, MOE_NET_HANDLE_BYTES);
-    MOE_CHECK_GOTO(moe_exchange(nccl, handles, MOE_NET_HANDLE_BYTES, rank, nRanks), res, out_comm);
+    moe_inter_handles(comm->inter, handles + (size_t)rank * MOE_INTER_HANDLE_BYTES);
+    MOE_CHECK_GOTO(moe_exchange(nccl, handles, MOE_INTER_HANDLE_BYTES, rank, nRanks), res, out_comm);
     MOE_CHECK_GOTO(moe_inter_connect_all(&comm, 1, handles), res, out_comm);
   }
   *comm_p = comm;

@@ -78,9 +78,111 @@ static ncclResult_t moe_host_alloc(size_t bytes, char** host_p, char** dev_p, co
   cudaError_t e = cudaHostAlloc((void**)host_p, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
   if (e != cudaSuccess)
     return MOE_ERROR(ncclSystemError, "cannot pin %zu bytes of host memory for the %s (%s): lower "
-                     "config.maxTokensPerRank or hidden", bytes, what, cudaGetErrorString(e));
+                     "config.maxTokensPerRank, llMaxTokensPerRank or hidden", bytes, what, cudaGetErrorString(e));
   memset(*host_p, 0, bytes);
   MOE_CUDA_CHECK(cudaHostGetDevicePointer((void**)dev_p, *host_p, 0));
+  return ncclSuccess;
+}
+
+/* Regions of a->geom.total bytes each, counters, and a proxy listening for
+ * the peers of `a` (whose transport, device, peers and channels are set). */
+static ncclResult_t moe_net_ep_open(struct ncclMoeComm* comm, moe_proxy_args_t* a, const char* what,
+                                    moe_net_ep_t* ep) {
+  for (int ch = 0; ch < a->nChannels; ch++)
+    if (a->geom.slab[ch] > MOE_NET_MAX_MSG_BYTES)
+      return MOE_ERROR(ncclInvalidArgument, "a %s network slab would take %zu bytes, more than the transport's %zu per "
+                       "message: lower config.maxTokensPerRank, llMaxTokensPerRank or hidden", what, a->geom.slab[ch],
+                       (size_t)MOE_NET_MAX_MSG_BYTES);
+  moe_net_props_t props;
+  MOE_CHECK(a->transport->get_properties(a->dev, &props));
+  MOE_CHECK(moe_host_alloc(sizeof(moe_net_flags_t), (char**)&ep->flags, (char**)&ep->devFlags, "network counters"));
+  /* GPU memory when the NIC can reach it (GPUDirect RDMA): kernels write
+   * slabs at device speed and the NIC reads them directly. Else pinned host
+   * memory the GPU maps (the socket backend, or NICs without GPUDirect). */
+  ep->gpuSlabs = (props.ptr_support & NCCL_PTR_CUDA) != 0;
+  if (ep->gpuSlabs) {
+    MOE_CUDA_CHECK(cudaMalloc((void**)&ep->sendDev, a->geom.total));
+    ep->sendHost = ep->sendDev; /* the proxy only hands them to the transport */
+    MOE_CUDA_CHECK(cudaMalloc((void**)&ep->recvDev, a->geom.total));
+    ep->recvHost = ep->recvDev;
+  } else {
+    MOE_CHECK(moe_host_alloc(a->geom.total, &ep->sendHost, &ep->sendDev, "network send slabs"));
+    MOE_CHECK(moe_host_alloc(a->geom.total, &ep->recvHost, &ep->recvDev, "network receive slabs"));
+  }
+  a->sendBuf = ep->sendHost;
+  a->recvBuf = ep->recvHost;
+  a->bufType = ep->gpuSlabs ? NCCL_PTR_CUDA : NCCL_PTR_HOST;
+  a->flags = ep->flags;
+  a->rank = comm->rank;
+  a->error = comm->hostError;
+  a->timeoutMs = comm->config.timeoutMs;
+  MOE_CHECK(moe_proxy_create(a, ep->handle, &ep->proxy));
+  MOE_INFO(NCCL_INIT | NCCL_NET, "rank %d: %s proxy with %d channels, 2 x %zu bytes of %s slabs", comm->rank, what,
+           a->nChannels, a->geom.total, ep->gpuSlabs ? "GPU" : "pinned host");
+  return ncclSuccess;
+}
+
+static void moe_net_ep_close(moe_net_ep_t* ep) {
+  moe_proxy_destroy(ep->proxy);
+  if (ep->gpuSlabs) {
+    if (ep->recvDev != NULL) cudaFree(ep->recvDev);
+    if (ep->sendDev != NULL) cudaFree(ep->sendDev);
+  } else {
+    if (ep->recvHost != NULL) cudaFreeHost(ep->recvHost);
+    if (ep->sendHost != NULL) cudaFreeHost(ep->sendHost);
+  }
+  if (ep->flags != NULL) cudaFreeHost(ep->flags);
+  memset(ep, 0, sizeof(*ep));
+}
+
+/* Low latency: a slab per (operation, buffer set) channel and remote rank,
+ * sized for the most records one rank sends another (each token at most
+ * once per expert of the receiver), BF16. */
+static void moe_ll_net_geom(const ncclMoeConfig_t* c, int nRanks, int nRemote, moe_net_geom_t* g) {
+  const int L = c->numExperts / nRanks, K = c->maxTopk;
+  const size_t rows = (size_t)c->llMaxTokensPerRank * (size_t)(K < L ? K : L);
+  const size_t dispatch = moe_ll_net_dispatch_header(L) + rows * moe_ll_net_dispatch_record(c->hidden, 0, 0);
+  const size_t combine = MOE_LL_NET_COMBINE_HEADER + rows * (size_t)c->hidden * 2;
+  size_t off = 0;
+  memset(g, 0, sizeof(*g));
+  for (int op = 0; op < MOE_LL_OPS; op++)
+    for (int set = 0; set < MOE_LL_SETS; set++) {
+      const int ch = MOE_LL_NET_CHANNEL(op, set);
+      g->slab[ch] = op == MOE_LL_OP_DISPATCH ? dispatch : combine;
+      g->off[ch] = off;
+      off += g->slab[ch] * (size_t)nRemote;
+    }
+  g->total = off;
+}
+
+/* The low-latency proxy: peers are the ranks of other nodes in rank order;
+ * this rank's slot at each is its place among that rank's remote ranks. */
+static ncclResult_t moe_inter_ll_open(struct ncclMoeComm* comm, const moe_topo_t* t, moe_proxy_args_t* a,
+                                      moe_inter_comm_t* in) {
+  moe_ll_net_t* net = &comm->ll.ctx.net;
+  int nRemote = 0;
+  for (int r = 0; r < comm->nRanks; r++) {
+    if (t->nodeOf[r] == t->node) continue;
+    int slot = 0;
+    for (int q = 0; q < comm->rank; q++) slot += t->nodeOf[q] != t->nodeOf[r];
+    a->peerRank[nRemote] = r;
+    a->remoteSlot[nRemote] = slot;
+    nRemote++;
+  }
+  a->nPeers = nRemote;
+  a->nChannels = MOE_LL_NET_CHANNELS;
+  moe_ll_net_geom(&comm->config, comm->nRanks, nRemote, &a->geom);
+  MOE_CHECK(moe_net_ep_open(comm, a, "low-latency", &in->ll));
+  in->hasLL = 1;
+  net->nRemote = nRemote;
+  for (int j = 0; j < nRemote; j++) {
+    net->remoteRank[j] = a->peerRank[j];
+    net->slot[a->peerRank[j]] = j;
+  }
+  net->sendBuf = in->ll.sendDev;
+  net->recvBuf = in->ll.recvDev;
+  net->geom = a->geom;
+  net->flags = in->ll.devFlags;
   return ncclSuccess;
 }
 
@@ -93,13 +195,6 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
   n->maxTokens = comm->config.maxTokensPerRank;
   moe_inter_geom(&comm->config, comm->layout.notifyInts, topo, &n->geom);
   n->chunkRecords = moe_inter_chunk_records(&comm->config, topo);
-  for (int ch = 0; ch < MOE_NET_CHANNELS; ch++)
-    if (n->geom.slab[ch] > MOE_NET_MAX_MSG_BYTES) {
-      res = MOE_ERROR(ncclInvalidArgument, "a network slab would take %zu bytes, more than the transport's %zu per "
-                      "message: lower config.maxTokensPerRank or hidden", n->geom.slab[ch], MOE_NET_MAX_MSG_BYTES);
-      free(in);
-      return res;
-    }
   const moe_transport_t* transport = NULL;
   MOE_CHECK_GOTO(moe_transport_select(&transport), res, fail);
   int ndev = 0;
@@ -108,26 +203,17 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
     res = MOE_ERROR(ncclSystemError, "the %s transport has no device", transport->name);
     goto fail;
   }
-  const int dev = topo->local % ndev;
-  moe_net_props_t props;
-  MOE_CHECK_GOTO(transport->get_properties(dev, &props), res, fail);
-  char* devFlags = NULL;
-  MOE_CHECK_GOTO(moe_host_alloc(sizeof(moe_net_flags_t), (char**)&in->flags, &devFlags, "network counters"), res, fail);
-  n->flags = (moe_net_flags_t*)devFlags;
-  /* GPU memory when the NIC can reach it (GPUDirect RDMA): kernels write
-   * slabs at device speed and the NIC reads them directly. Else pinned host
-   * memory the GPU maps (the socket backend, or NICs without GPUDirect). */
-  in->gpuSlabs = (props.ptr_support & NCCL_PTR_CUDA) != 0;
-  if (in->gpuSlabs) {
-    /* The proxy only hands them to the transport. */
-    MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->sendBuf, n->geom.total), res, fail);
-    in->sendHost = n->sendBuf;
-    MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->recvBuf, n->geom.total), res, fail);
-    in->recvHost = n->recvBuf;
-  } else {
-    MOE_CHECK_GOTO(moe_host_alloc(n->geom.total, &in->sendHost, &n->sendBuf, "network send slabs"), res, fail);
-    MOE_CHECK_GOTO(moe_host_alloc(n->geom.total, &in->recvHost, &n->recvBuf, "network receive slabs"), res, fail);
+  /* Normal mode: peers are indexed by node, slab m of each region is for node m. */
+  moe_proxy_args_t a = {.transport = transport, .dev = topo->local % ndev, .nPeers = topo->nNodes,
+                        .nChannels = MOE_NET_CHANNELS, .geom = n->geom};
+  for (int m = 0; m < topo->nNodes; m++) {
+    a.peerRank[m] = m == topo->node ? -1 : topo->rankAt[m * topo->ranksPerNode + topo->local];
+    a.remoteSlot[m] = topo->node;
   }
+  MOE_CHECK_GOTO(moe_net_ep_open(comm, &a, "normal-mode", &in->ep), res, fail);
+  n->sendBuf = in->ep.sendDev;
+  n->recvBuf = in->ep.recvDev;
+  n->flags = in->ep.devFlags;
   MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->seq, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
   MOE_CUDA_CHECK_GOTO(cudaMemset(n->seq, 0, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
   const size_t chunkCounters = sizeof(unsigned int) * MOE_NET_CHANNELS * MOE_MAX_NODES * MOE_NET_MAX_CHUNKS;
@@ -135,20 +221,12 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
   MOE_CUDA_CHECK_GOTO(cudaMemset(n->chunkDone, 0, chunkCounters), res, fail);
   /* The callers' streams do not wait for the legacy stream the memset ran on. */
   MOE_CUDA_CHECK_GOTO(cudaStreamSynchronize(0), res, fail);
-
-  /* Peers are indexed by node: slab m of each region is for node m. */
-  moe_proxy_args_t a = {.transport = transport, .dev = dev, .rank = comm->rank, .nPeers = topo->nNodes,
-                        .nChannels = MOE_NET_CHANNELS, .sendBuf = in->sendHost, .recvBuf = in->recvHost,
-                        .bufType = in->gpuSlabs ? NCCL_PTR_CUDA : NCCL_PTR_HOST, .geom = n->geom, .flags = in->flags,
-                        .error = comm->hostError, .timeoutMs = comm->config.timeoutMs};
-  for (int m = 0; m < topo->nNodes; m++) {
-    a.peerRank[m] = m == topo->node ? -1 : topo->rankAt[m * topo->ranksPerNode + topo->local];
-    a.remoteSlot[m] = topo->node;
+  if (comm->ll.ctx.l.bytes > 0) {
+    moe_proxy_args_t b = {.transport = transport, .dev = topo->local % ndev};
+    MOE_CHECK_GOTO(moe_inter_ll_open(comm, topo, &b, in), res, fail);
   }
-  MOE_CHECK_GOTO(moe_proxy_create(&a, in->handle, &in->proxy), res, fail);
-  MOE_INFO(NCCL_INIT | NCCL_NET, "rank %d: node %d of %d, local rank %d of %d, %s transport, 2 x %zu bytes of %s slabs",
-           comm->rank, topo->node, topo->nNodes, topo->local, topo->ranksPerNode, transport->name, n->geom.total,
-           in->gpuSlabs ? "GPU" : "pinned host");
+  MOE_INFO(NCCL_INIT | NCCL_NET, "rank %d: node %d of %d, local rank %d of %d, %s transport", comm->rank, topo->node,
+           topo->nNodes, topo->local, topo->ranksPerNode, transport->name);
   *inter_p = in;
   return ncclSuccess;
 fail:
@@ -156,30 +234,43 @@ fail:
   return res;
 }
 
-ncclResult_t moe_inter_connect(moe_inter_comm_t* in, const char* handles, int* done_p) {
-  const moe_topo_t* t = &in->net.topo;
-  char byNode[MOE_MAX_NODES * MOE_NET_HANDLE_BYTES];
-  for (int m = 0; m < t->nNodes; m++)
-    memcpy(byNode + (size_t)m * MOE_NET_HANDLE_BYTES,
-           handles + (size_t)t->rankAt[m * t->ranksPerNode + t->local] * MOE_NET_HANDLE_BYTES, MOE_NET_HANDLE_BYTES);
-  return moe_proxy_connect(in->proxy, byNode, done_p);
+void moe_inter_handles(const moe_inter_comm_t* in, char* out) {
+  memcpy(out, in->ep.handle, MOE_NET_HANDLE_BYTES);
+  memcpy(out + MOE_NET_HANDLE_BYTES, in->ll.handle, MOE_NET_HANDLE_BYTES);
 }
 
-ncclResult_t moe_inter_start(moe_inter_comm_t* in) { return moe_proxy_start(in->proxy); }
+ncclResult_t moe_inter_connect(moe_inter_comm_t* in, const char* handles, int* done_p) {
+  const moe_topo_t* t = &in->net.topo;
+  char byPeer[MOE_MAX_NODES * MOE_NET_HANDLE_BYTES];
+  int done = 0, llDone = 1;
+  for (int m = 0; m < t->nNodes; m++)
+    memcpy(byPeer + (size_t)m * MOE_NET_HANDLE_BYTES,
+           handles + (size_t)t->rankAt[m * t->ranksPerNode + t->local] * MOE_INTER_HANDLE_BYTES, MOE_NET_HANDLE_BYTES);
+  MOE_CHECK(moe_proxy_connect(in->ep.proxy, byPeer, &done));
+  if (in->hasLL) {
+    int j = 0;
+    for (int r = 0; r < t->nNodes * t->ranksPerNode; r++)
+      if (t->nodeOf[r] != t->node)
+        memcpy(byPeer + (size_t)j++ * MOE_NET_HANDLE_BYTES,
+               handles + (size_t)r * MOE_INTER_HANDLE_BYTES + MOE_NET_HANDLE_BYTES, MOE_NET_HANDLE_BYTES);
+    MOE_CHECK(moe_proxy_connect(in->ll.proxy, byPeer, &llDone));
+  }
+  *done_p = done && llDone;
+  return ncclSuccess;
+}
+
+ncclResult_t moe_inter_start(moe_inter_comm_t* in) {
+  MOE_CHECK(moe_proxy_start(in->ep.proxy));
+  if (in->hasLL) MOE_CHECK(moe_proxy_start(in->ll.proxy));
+  return ncclSuccess;
+}
 
 void moe_inter_destroy(moe_inter_comm_t* in) {
   if (in == NULL) return;
-  moe_proxy_destroy(in->proxy);
+  moe_net_ep_close(&in->ll);
+  moe_net_ep_close(&in->ep);
   if (in->net.seq != NULL) cudaFree(in->net.seq);
   if (in->net.chunkDone != NULL) cudaFree(in->net.chunkDone);
-  if (in->gpuSlabs) {
-    if (in->recvHost != NULL) cudaFree(in->recvHost);
-    if (in->sendHost != NULL) cudaFree(in->sendHost);
-  } else {
-    if (in->recvHost != NULL) cudaFreeHost(in->recvHost);
-    if (in->sendHost != NULL) cudaFreeHost(in->sendHost);
-  }
-  if (in->flags != NULL) cudaFreeHost(in->flags);
   free(in);
 }
 

@@ -42,6 +42,8 @@ size_t moe_ll_layout_compute(const ncclMoeConfig_t* c, int nRanks, size_t off, m
   MOE_LL_REGION(seq, flag * MOE_LL_SETS * MOE_LL_OPS);
   MOE_LL_REGION(done, sizeof(unsigned int) * MOE_LL_SETS * MOE_LL_OPS);
   MOE_LL_REGION(cntFlag, flag * MOE_LL_SETS * N);
+  MOE_LL_REGION(netDone, sizeof(unsigned int) * MOE_LL_NET_CHANNELS * N);
+  MOE_LL_REGION(recvDone, sizeof(unsigned int) * MOE_LL_SETS * MOE_LL_OPS);
   for (int b = 0; b < MOE_LL_SETS; b++) {
     MOE_LL_REGION(rowFlag[b], flag * rows * F);
     MOE_LL_REGION(combFlag[b], flag * MOE_LL_COMB_HALVES * M * K * F);
@@ -53,8 +55,12 @@ size_t moe_ll_layout_compute(const ncclMoeConfig_t* c, int nRanks, size_t off, m
     MOE_LL_REGION(recvScales[b], rows * nS * sizeof(float));
     MOE_LL_REGION(recvSrc[b], rows * sizeof(int));
     MOE_LL_REGION(recvK[b], rows * sizeof(int));
+    MOE_LL_REGION(recvPos[b], rows * sizeof(int));
     MOE_LL_REGION(combX[b], MOE_LL_COMB_HALVES * M * K * H * 2);
     MOE_LL_REGION(route[b], M * K * sizeof(int));
+    MOE_LL_REGION(routePeer[b], M * K * sizeof(int));
+    MOE_LL_REGION(localCount[b], sizeof(int) * (E / N));
+    MOE_LL_REGION(netRows[b], sizeof(int) * N);
     MOE_LL_REGION(recvCount[b], sizeof(int) * (E / N));
   }
 #undef MOE_LL_REGION
@@ -78,6 +84,9 @@ ncclResult_t moe_ll_comm_init(ncclMoeComm_t comm) {
   c->maxTokens = comm->config.llMaxTokensPerRank;
   c->maxTopk = comm->config.maxTopk;
   c->rowBytes = comm->config.hidden * 2;
+  /* Every rank on this node until the internode set-up names the others. */
+  memset(&c->net, 0, sizeof(c->net));
+  for (int r = 0; r < NCCL_MOE_MAX_RANKS; r++) c->net.slot[r] = -1;
   MOE_CUDA_CHECK(moe_ll_preload());
   /* The state clear ran on the legacy stream; the callers' streams may not
    * be ordered after it. */
@@ -98,12 +107,10 @@ static ncclResult_t moe_ll_ready(ncclMoeComm_t comm, ncclMoeHandle_t handle) {
   MOE_ARG_CHECK(comm->ll.ctx.l.bytes > 0,
                 "this comm has no low-latency buffers: set config.llMaxTokensPerRank > 0 at init");
   MOE_ARG_CHECK(handle != NULL && handle->comm == comm, "handle is NULL or belongs to another comm");
-  /* Peer stores reach mapped peers only; ranks of other nodes (no mapping)
-   * need the proxy path, not written yet. */
+  /* Mapped peers get peer stores, the others go through the low-latency proxy. */
   for (int r = 0; r < comm->nRanks; r++)
-    if (comm->ctx.peers.base[r] == NULL)
-      return MOE_ERROR(ncclInvalidUsage, "rank %d: low-latency mode does not reach rank %d (another node) yet: "
-                                         "it runs within one node only", comm->rank, r);
+    if (comm->ctx.peers.base[r] == NULL && comm->ll.ctx.net.slot[r] < 0)
+      return MOE_ERROR(ncclInternalError, "rank %d: rank %d is neither mapped nor reached by the network", comm->rank, r);
   return ncclSuccess;
 }
 
@@ -153,9 +160,7 @@ static const moe_ll_ctx_t* moe_ll_ctx(ncclMoeComm_t comm) {
   return &comm->ll.ctx;
 }
 
-/* The send halves (with args->fused, both halves in one kernel): today every
- * peer is reached with peer stores inside the kernels. An internode path
- * (proxy and transport) would branch here. */
+/* The send halves (with args->fused, both halves in one kernel). */
 static ncclResult_t moe_ll_send(ncclMoeComm_t comm, int op, const moe_ll_args_t* a, cudaStream_t stream) {
   const moe_ll_ctx_t* c = moe_ll_ctx(comm);
   if (op == MOE_LL_OP_DISPATCH) MOE_CUDA_CHECK(moe_ll_dispatch_send_launch(c, a, stream));

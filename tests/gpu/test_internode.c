@@ -143,8 +143,8 @@ START_TEST(test_peer_node_never_arrives) {
 END_TEST
 
 static void close_rank1(void) {
-  moe_proxy_destroy(g_comms[1]->inter->proxy);
-  g_comms[1]->inter->proxy = NULL;
+  moe_proxy_destroy(g_comms[1]->inter->ep.proxy);
+  g_comms[1]->inter->ep.proxy = NULL;
 }
 
 /* Rank 1's proxy goes away (its connections close): rank 0's proxy sees it,

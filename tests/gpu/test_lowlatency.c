@@ -43,6 +43,7 @@ typedef struct {
   tok_mode_t tokens;
   route_mode_t route;
   int fixedOrder;    /* ORDER_* + 1 to force one order; 0 = random per round */
+  int ranksPerNode;  /* virtual nodes of this many ranks (through the socket transport); 0 = one node */
 } ll_case_t;
 
 /* One step of one rank: inputs, the reference of what it receives, outputs. */
@@ -133,31 +134,40 @@ static void gen_inputs(ll_t* t, step_t* s, int T) {
   }
 }
 
-/* Reference routing of one slot over all ranks: rows per (rank, expert) in
- * source-rank, then token order; rowOf for each source entry. */
+static int same_node(const ll_t* t, int a, int b) {
+  const int rpn = t->cs->ranksPerNode > 0 ? t->cs->ranksPerNode : t->N;
+  return a / rpn == b / rpn;
+}
+
+/* Reference routing of one slot over all ranks: the rows of each (rank,
+ * expert) come from the sources of the receiver's node, then from the other
+ * nodes' (each group in source-rank, then token order); rowOf for each
+ * source entry (a repeated expert shares the row of its first slot). */
 static void ref_route(ll_t* t, int slot) {
   const int N = t->N, L = t->L, M = t->M, K = t->K, E = t->E;
   for (int r = 0; r < N; r++) memset(t->st[r][slot].count, 0, sizeof(int) * L);
-  for (int s = 0; s < N; s++) {
-    step_t* src = &t->st[s][slot];
-    for (int i = 0; i < src->T; i++)
-      for (int k = 0; k < K; k++) {
-        const int64_t e = src->idx[(size_t)i * K + k];
-        int row = -1;
-        if (e >= 0 && e < E) {
+  for (int pass = 0; pass < 3; pass++) /* same node, other nodes, repeats */
+    for (int s = 0; s < N; s++) {
+      step_t* src = &t->st[s][slot];
+      for (int i = 0; i < src->T; i++)
+        for (int k = 0; k < K; k++) {
+          const int64_t e = src->idx[(size_t)i * K + k];
+          const int valid = e >= 0 && e < E;
           int first = k;
-          for (int j = 0; j < k; j++)
+          for (int j = 0; valid && j < k; j++)
             if (src->idx[(size_t)i * K + j] == e) { first = j; break; }
-          if (first < k) row = src->rowOf[(size_t)i * K + first];
-          else {
-            step_t* dst = &t->st[e / L][slot];
-            row = dst->count[e % L]++;
-            dst->rowSrc[(size_t)(e % L) * N * M + row] = s * M + i;
+          int* rowOf = &src->rowOf[(size_t)i * K + k];
+          if (pass == 2) {
+            if (!valid) *rowOf = -1;
+            else if (first < k) *rowOf = src->rowOf[(size_t)i * K + first];
+            continue;
           }
+          if (!valid || first < k || same_node(t, s, (int)(e / L)) != (pass == 0)) continue;
+          step_t* dst = &t->st[e / L][slot];
+          *rowOf = dst->count[e % L]++;
+          dst->rowSrc[(size_t)(e % L) * N * M + *rowOf] = s * M + i;
         }
-        src->rowOf[(size_t)i * K + k] = row;
-      }
-  }
+    }
 }
 
 /* Expert outputs for every valid row, uploaded to dy. */
@@ -436,8 +446,14 @@ static void setup(ll_t* t, const ll_case_t* cs) {
   cfg.maxTopk = t->K;
   cfg.timeoutMs = 10000;
   cfg.llMaxTokensPerRank = t->M;
-  ncclResult_t ir = ncclMoeCommInitVirtual(t->N, 0, &cfg, t->comms);
+  ncclResult_t ir = cs->ranksPerNode > 0 ? ncclMoeCommInitVirtualNodes(t->N, cs->ranksPerNode, 0, &cfg, t->comms)
+                                          : ncclMoeCommInitVirtual(t->N, 0, &cfg, t->comms);
   ck_assert_msg(ir == ncclSuccess, "init: %s", ncclMoeGetLastError());
+  if (cs->ranksPerNode > 0) {
+    int nodes = 0;
+    ck_assert_int_eq(ncclMoeCommQuery(t->comms[0], NULL, NULL, NULL, &nodes, NULL), ncclSuccess);
+    ck_assert_int_eq(nodes, t->N / cs->ranksPerNode);
+  }
   size_t llBytes = 0, allBytes = 0;
   ck_assert_int_eq(ncclMoeLowLatencyBufferBytes(t->comms[0], &llBytes), ncclSuccess);
   ck_assert_int_eq(ncclMoeCommBufferBytes(t->comms[0], &allBytes), ncclSuccess);
@@ -642,18 +658,59 @@ START_TEST(test_bad_expert_ids_are_reported_and_dropped) {
 }
 END_TEST
 
+/* ----------------------------------------------------------------- nodes */
+/* Virtual nodes: ranks of other nodes through the proxy and the socket
+ * transport on loopback, those of the same node with peer stores. */
+START_TEST(test_nodes_2x4_fp8) {
+  ll_case_t c = base_case(8, 64, 2048, 8, 64);
+  c.ranksPerNode = 4, c.rounds = 3, c.dropProb = 10, c.dupProb = 20, c.cumulative = 1;
+  run_eager(&c);
+}
+END_TEST
+
+START_TEST(test_nodes_4x2_bf16_topk9_288_experts) {
+  ll_case_t c = base_case(8, 24, 2056, 9, 288); /* BF16, a partial last chunk */
+  c.ranksPerNode = 2, c.fp8 = 0, c.route = ROUTE_SKEWED, c.dupProb = 6;
+  run_eager(&c);
+}
+END_TEST
+
+START_TEST(test_nodes_8x1_one_token_ue8m0) {
+  ll_case_t c = base_case(8, 1, 7168, 8, 256); /* every peer on another node */
+  c.ranksPerNode = 1, c.tokens = TOK_ONE, c.scaleFormat = ncclMoeScaleUE8M0, c.rounds = 4;
+  run_eager(&c);
+}
+END_TEST
+
+START_TEST(test_nodes_graph_replays_pow2) {
+  ll_case_t c = base_case(4, 32, 4096, 6, 32);
+  c.ranksPerNode = 2, c.rounds = 5, c.scaleFormat = ncclMoeScalePow2, c.cumulative = 1, c.dropProb = 8, c.graph = 1;
+  run_graph(&c);
+}
+END_TEST
+
+START_TEST(test_nodes_combine_repeated_max_tokens) {
+  ll_case_t c = base_case(4, 40, 1024, 4, 16);
+  c.ranksPerNode = 2, c.combineRepeat = 3, c.tokens = TOK_MAX, c.rounds = 2;
+  run_eager(&c);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- errors */
-static ncclMoeComm_t make_comms(int n, int llTokens, int timeoutMs, ncclMoeComm_t* comms) {
+/* n virtual ranks in nodes of ranksPerNode (n: one node). */
+static ncclMoeComm_t make_comms(int n, int ranksPerNode, int llTokens, int timeoutMs, ncclMoeComm_t* comms) {
   ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
   cfg.maxTokensPerRank = 16, cfg.hidden = 1024, cfg.numExperts = 8, cfg.maxTopk = 4, cfg.timeoutMs = timeoutMs;
   cfg.llMaxTokensPerRank = llTokens;
-  ck_assert_msg(ncclMoeCommInitVirtual(n, 0, &cfg, comms) == ncclSuccess, "init: %s", ncclMoeGetLastError());
+  ck_assert_msg(ncclMoeCommInitVirtualNodes(n, ranksPerNode, 0, &cfg, comms) == ncclSuccess, "init: %s",
+                ncclMoeGetLastError());
   return comms[0];
 }
 
-START_TEST(test_timeout_when_peer_never_arrives) {
+/* Rank 0 dispatches, rank 1 (on the same node, or another) never does. */
+static void dispatch_alone_times_out(int ranksPerNode) {
   ncclMoeComm_t comms[2];
-  ncclMoeComm_t comm = make_comms(2, 16, 300, comms);
+  ncclMoeComm_t comm = make_comms(2, ranksPerNode, 16, 300, comms);
   ncclMoeHandle_t h;
   ck_assert_int_eq(ncclMoeHandleCreate(comm, &h), ncclSuccess);
   void *x, *idx;
@@ -680,13 +737,22 @@ START_TEST(test_timeout_when_peer_never_arrives) {
   ncclMoeCommDestroy(comms[0]);
   ncclMoeCommDestroy(comms[1]);
 }
+
+START_TEST(test_timeout_when_peer_never_arrives) {
+  dispatch_alone_times_out(2);
+}
+END_TEST
+
+START_TEST(test_nodes_timeout_when_remote_rank_never_sends) {
+  dispatch_alone_times_out(1);
+}
 END_TEST
 
 /* Rank 0 combines, rank 1 never does: rank 0's receive half times out on
  * the rows rank 1 should send back, and says what it waited for. */
 START_TEST(test_combine_timeout_when_expert_rank_never_sends) {
   ncclMoeComm_t comms[2];
-  make_comms(2, 16, 300, comms);
+  make_comms(2, 2, 16, 300, comms);
   ncclMoeHandle_t h[2];
   cudaStream_t s[2];
   void *x, *idx, *y, *out;
@@ -723,7 +789,7 @@ END_TEST
 
 START_TEST(test_bad_arguments) {
   ncclMoeComm_t comms[1];
-  ncclMoeComm_t comm = make_comms(1, 16, 2000, comms);
+  ncclMoeComm_t comm = make_comms(1, 1, 16, 2000, comms);
   ncclMoeHandle_t h;
   ck_assert_int_eq(ncclMoeHandleCreate(comm, &h), ncclSuccess);
   char *x, *idx, *cum;
@@ -784,7 +850,7 @@ START_TEST(test_bad_arguments) {
 
   /* A comm without low-latency buffers. */
   ncclMoeComm_t plain[1];
-  make_comms(1, 0, 2000, plain);
+  make_comms(1, 1, 0, 2000, plain);
   size_t bytes = 1;
   ck_assert_int_eq(ncclMoeLowLatencyBufferBytes(plain[0], &bytes), ncclSuccess);
   ck_assert_uint_eq(bytes, 0);
@@ -815,7 +881,7 @@ END_TEST
  * of the calls that do go through complete on their own). */
 START_TEST(test_call_order) {
   ncclMoeComm_t comms[1];
-  ncclMoeComm_t comm = make_comms(1, 16, 2000, comms);
+  ncclMoeComm_t comm = make_comms(1, 1, 16, 2000, comms);
   ncclMoeHandle_t h[3];
   for (int i = 0; i < 3; i++) ck_assert_int_eq(ncclMoeHandleCreate(comm, &h[i]), ncclSuccess);
   char *x, *idx;
@@ -880,10 +946,19 @@ int main(void) {
   tcase_add_test(tc, test_graph_replays);
   tcase_add_test(tc, test_graph_replays_ue8m0_small);
   tcase_add_test(tc, test_bad_expert_ids_are_reported_and_dropped);
+  TCase* tn = tcase_create("nodes");
+  tcase_set_timeout(tn, 600);
+  tcase_add_test(tn, test_nodes_2x4_fp8);
+  tcase_add_test(tn, test_nodes_4x2_bf16_topk9_288_experts);
+  tcase_add_test(tn, test_nodes_8x1_one_token_ue8m0);
+  tcase_add_test(tn, test_nodes_graph_replays_pow2);
+  tcase_add_test(tn, test_nodes_combine_repeated_max_tokens);
   suite_add_tcase(s, tc);
+  suite_add_tcase(s, tn);
   TCase* te = tcase_create("errors");
   tcase_set_timeout(te, 120);
   tcase_add_test(te, test_timeout_when_peer_never_arrives);
+  tcase_add_test(te, test_nodes_timeout_when_remote_rank_never_sends);
   tcase_add_test(te, test_combine_timeout_when_expert_rank_never_sends);
   tcase_add_test(te, test_bad_arguments);
   tcase_add_test(te, test_call_order);

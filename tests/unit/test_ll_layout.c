@@ -45,6 +45,8 @@ static void check_layout(int N, int H, int E, int K, int M) {
   R(seq, f * MOE_LL_SETS * MOE_LL_OPS);
   R(done, 4 * MOE_LL_SETS * MOE_LL_OPS);
   R(cntFlag, f * MOE_LL_SETS * N);
+  R(netDone, 4 * MOE_LL_NET_CHANNELS * N);
+  R(recvDone, 4 * MOE_LL_SETS * MOE_LL_OPS);
   for (int b = 0; b < MOE_LL_SETS; b++) {
     R(rowFlag[b], f * rows * F);
     R(combFlag[b], f * 2 * (size_t)M * K * F);
@@ -55,8 +57,12 @@ static void check_layout(int N, int H, int E, int K, int M) {
     R(recvScales[b], rows * nS * 4);     /* UE8M0 rows: ceil(nS / 4) * 4 bytes <= nS * 4 */
     R(recvSrc[b], rows * 4);
     R(recvK[b], rows * 4);
+    R(recvPos[b], rows * 4);
     R(combX[b], 2 * (size_t)M * K * H * 2); /* two halves */
     R(route[b], (size_t)M * K * 4);
+    R(routePeer[b], (size_t)M * K * 4);
+    R(localCount[b], L * 4);
+    R(netRows[b], N * 4);
     R(recvCount[b], L * 4);
   }
 #undef R
@@ -73,10 +79,10 @@ static void check_layout(int N, int H, int E, int K, int M) {
     ck_assert_uint_ge(l.state + l.stateBytes, l.combFlag[b] + f * 2 * (size_t)M * K * F);
   ck_assert_uint_le(l.state + l.stateBytes, l.counts[0]);
   /* The documented size per set, within alignment slack. */
-  const size_t perSet = rows * (2 * (size_t)H + 4 * nS + 8 + 8 * F) + (size_t)M * K * (4 * (size_t)H + 4 + 16 * F) +
-                        (size_t)N * (4 * (size_t)E + 8);
+  const size_t perSet = rows * (2 * (size_t)H + 4 * nS + 12 + 8 * F) + (size_t)M * K * (4 * (size_t)H + 8 + 16 * F) +
+                        (size_t)N * (4 * (size_t)E + 20);
   ck_assert_uint_ge(l.bytes, 2 * perSet - 64 * (size_t)N - 32 * 4);
-  ck_assert_uint_le(l.bytes, 2 * perSet + 20 * ALIGN);
+  ck_assert_uint_le(l.bytes, 2 * perSet + 30 * ALIGN);
 }
 
 START_TEST(test_layouts) {

@@ -33,7 +33,7 @@
 
 typedef struct {
   int ranks, tokens, hidden, topk, experts, iters, warmup, sms, fp8, cast;
-  int nodes;                       /* --nodes: virtual nodes (normal mode) */
+  int nodes;                       /* --nodes: virtual nodes */
   int gpus;                        /* --gpus: one process per GPU (normal mode) */
   unsigned long long seed;
   int ll;                          /* --mode ll */
@@ -54,7 +54,8 @@ static void usage(void) {
          "  ranks; GB/s are per GPU.\n"
          "  --mode ll: low-latency dispatch/combine, 128 tokens/rank, BF16 x cast to FP8 in the kernel\n"
          "  (fp8 and cast alike; bf16 sends BF16) with --scales (default float), median of 200 graph\n"
-         "  replays after 20.\n");
+         "  replays after 20. With --nodes M the ranks of other nodes are reached through the\n"
+         "  low-latency proxy and the network transport.\n");
 }
 
 static int cmp_float(const void* a, const void* b) {
@@ -433,7 +434,7 @@ static int ll_main(const opts_t* o) {
   cfg.hidden = o->hidden, cfg.numExperts = o->experts, cfg.maxTopk = o->topk, cfg.numSMs = o->sms;
   cfg.llMaxTokensPerRank = o->tokens;
   ncclMoeComm_t comms[MAXR];
-  NK(ncclMoeCommInitVirtual(o->ranks, 0, &cfg, comms));
+  NK(ncclMoeCommInitVirtualNodes(o->ranks, o->ranks / o->nodes, 0, &cfg, comms));
   size_t llBytes = 0;
   NK(ncclMoeLowLatencyBufferBytes(comms[0], &llBytes));
 
@@ -492,9 +493,9 @@ static int ll_main(const opts_t* o) {
   const double dGBps = dispBytes / (tDispatch * 1e-3) / 1e9, cGBps = combBytes / (tCombine * 1e-3) / 1e9;
   const double dRatio = dGBps / copy, cRatio = cGBps / copy;
   const char* scales = o->scaleFormat == ncclMoeScaleUE8M0 ? "UE8M0" : o->scaleFormat == ncclMoeScalePow2 ? "pow2" : "float";
-  printf("nccl-moe-bench --mode ll: %s, %d SMs; %d virtual ranks, %d tokens/rank, hidden %d, top-%d of %d experts, "
-         "%s%s%s dispatch, BF16 combine; %zu MiB low-latency buffers/rank\n",
-         prop.name, prop.multiProcessorCount, o->ranks, o->tokens, o->hidden, o->topk, o->experts,
+  printf("nccl-moe-bench --mode ll: %s, %d SMs; %d virtual ranks in %d node(s), %d tokens/rank, hidden %d, top-%d of "
+         "%d experts, %s%s%s dispatch, BF16 combine; %zu MiB low-latency buffers/rank\n",
+         prop.name, prop.multiProcessorCount, o->ranks, o->nodes, o->tokens, o->hidden, o->topk, o->experts,
          o->fp8 ? "FP8 (BF16 cast in the kernel, " : "BF16", o->fp8 ? scales : "", o->fp8 ? " scales)" : "",
          llBytes >> 20);
   printf("valid (token, expert) pairs (all ranks): %lld (%.2f per token)\n", pairs, pairs / ((double)o->ranks * T));
@@ -509,9 +510,10 @@ static int ll_main(const opts_t* o) {
   printf("%-34s %10.1f   (the same graph with an empty kernel per rank)\n", "launch floor", floorSpan[0] * 1e3);
   printf("%-34s %10s %12.1f\n", "device copy (bytes once)", "", copy);
   printf("RESULT mode=ll gpus=1 ranks=%d tokens=%d ll_dispatch_us=%.1f ll_combine_us=%.1f ll_ratio=%.3f "
-         "ll_dispatch_GBps=%.1f ll_combine_GBps=%.1f copy_GBps=%.1f ll_dispatch_ratio=%.3f ll_combine_ratio=%.3f\n",
+         "ll_dispatch_GBps=%.1f ll_combine_GBps=%.1f copy_GBps=%.1f ll_dispatch_ratio=%.3f ll_combine_ratio=%.3f "
+         "nodes=%d\n",
          o->ranks, o->tokens, tDispatch * 1e3, tCombine * 1e3, dRatio < cRatio ? dRatio : cRatio, dGBps, cGBps, copy,
-         dRatio, cRatio);
+         dRatio, cRatio, o->nodes);
   cudaGraphExecDestroy(all[LL_DISPATCH]);
   cudaGraphExecDestroy(all[LL_COMBINE]);
   for (int r = 0; r < o->ranks; r++) {
@@ -841,7 +843,7 @@ int main(int argc, char** argv) {
   if (o.warmup < 0) o.warmup = o.ll ? LL_DEFAULT_WARMUP : 5;
   if (o.gpus > 1) o.ranks = o.gpus; /* one rank per GPU */
   if (o.ranks < 1 || o.ranks > MAXR || o.iters < 1 || o.tokens < 1 || o.nodes < 1 || o.ranks % o.nodes != 0 ||
-      o.gpus < 1 || o.gpus > MAXR || (o.gpus > 1 && o.nodes > 1) || (o.ll && (o.nodes > 1 || o.gpus > 1))) {
+      o.gpus < 1 || o.gpus > MAXR || (o.gpus > 1 && o.nodes > 1) || (o.ll && o.gpus > 1)) {
     usage();
     return 2;
   }
