@@ -528,6 +528,7 @@ __device__ __forceinline__ void moe_ll_put_bf16(const moe_ll_args_t& a, const ui
  * On this node each stored chunk is then marked arrived (rowFlag = n) at
  * its receiver; a chunk of a record in a remote rank's slab counts as one
  * part of that slab (`slabs`). */
+template <bool NET>
 __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a, int tBegin, int tEnd,
                                   const int* route, unsigned long long n, const uint4* first,
                                   const moe_ll_slabs_t& slabs) {
@@ -557,7 +558,7 @@ __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a,
         if (rv >= 0) {
           const int e = (int)__ldg(a.topkIdx + (size_t)t * K + lane); /* checked when rv was assigned */
           dRank = e / L;
-          pj = c.net.slot[dRank];
+          pj = NET ? c.net.slot[dRank] : -1;
           if (pj < 0) {
             char* peer = c.rc.peers.base[dRank];
             dRow = (long long)(e - dRank * L) * rowsPerExpert + rv;
@@ -765,6 +766,7 @@ __device__ bool moe_ll_net_receive(const moe_ll_ctx_t& c, const moe_ll_args_t& a
  * local expert, turned into offsets), then takes the rows of remote ranks.
  * Block 0 then stores the rows per local expert in recvCount and adds them
  * to the cumulative counter. */
+template <bool NET>
 __device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long n, int* sOff) {
   __shared__ int sRem[NCCL_MOE_MAX_EXPERTS];
   const int L = c.rc.numLocalExperts;
@@ -782,7 +784,7 @@ __device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t&
   }
   for (int l = threadIdx.x; l < L; l += blockDim.x) sRem[l] = 0;
   ok = __syncthreads_and(ok);
-  if (ok && c.net.nRemote > 0) ok = moe_ll_net_receive(c, a, n, sOff, sRem);
+  if (NET && ok) ok = moe_ll_net_receive(c, a, n, sOff, sRem);
   if (!ok || blockIdx.x != 0) return;
   int* recvCount = reinterpret_cast<int*>(c.rc.peers.base[c.rc.rank] + c.l.recvCount[a.set]);
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
@@ -793,8 +795,9 @@ __device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t&
 }
 
 /* ------------------------------------------------------------ dispatch */
-/* The send half; with FUSED also the receive half (one kernel per call). */
-template <bool FUSED>
+/* The send half; with FUSED also the receive half (one kernel per call).
+ * NET: some ranks are on other nodes (c.net.nRemote > 0). */
+template <bool FUSED, bool NET>
 __global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
 moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sCnt[NCCL_MOE_MAX_EXPERTS];
@@ -820,7 +823,7 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
                                 moe_ll_net_dispatch_record(a.hidden, a.sendFp8, a.scaleFormat == MOE_LL_SCALE_UE8M0),
                                 sRows};
   bool netOk = true;
-  if (c.net.nRemote > 0 && (hasTokens || (int)blockIdx.x < c.net.nRemote))
+  if (NET && (hasTokens || (int)blockIdx.x < c.net.nRemote))
     netOk = moe_ll_net_begin_dispatch(c, a, sCnt, sRows, slabs, n);
   MOE_LL_T(c, 1);
 
@@ -840,36 +843,44 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
     MOE_LL_T(c, 3);
     char* own = c.rc.peers.base[c.rc.rank];
     int* route = reinterpret_cast<int*>(own + c.l.route[a.set]);
-    int* routePeer = c.net.nRemote > 0 ? reinterpret_cast<int*>(own + c.l.routePeer[a.set]) : NULL;
+    int* routePeer = NET ? reinterpret_cast<int*>(own + c.l.routePeer[a.set]) : NULL;
     if (threadIdx.x < MOE_LL_WARP) moe_ll_assign_rows(c, a, tBegin, tEnd, sStart, ok, route, routePeer);
     __syncthreads(); /* the block's routes, written by warp 0, are read by all warps */
     MOE_LL_T(c, 4);
-    if (ok) moe_ll_put_tokens(c, a, tBegin, tEnd, route, n, first, slabs);
+    if (ok) moe_ll_put_tokens<NET>(c, a, tBegin, tEnd, route, n, first, slabs);
     MOE_LL_T_ALL(c, 5);
   }
   moe_ll_count_use(c, a.set, MOE_LL_OP_DISPATCH, n);
-  if (FUSED) moe_ll_dispatch_wait(c, a, n, sTot);
+  if (FUSED) moe_ll_dispatch_wait<NET>(c, a, n, sTot);
   MOE_LL_T(c, 6);
 }
 
 extern "C" cudaError_t moe_ll_dispatch_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
                                                    cudaStream_t stream) {
-  if (args->fused) moe_ll_dispatch_send_kernel<true><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
-  else moe_ll_dispatch_send_kernel<false><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  const dim3 grid(args->numBlocks), block(MOE_LL_THREADS);
+  if (ctx->net.nRemote > 0) {
+    if (args->fused) moe_ll_dispatch_send_kernel<true, true><<<grid, block, 0, stream>>>(*ctx, *args);
+    else moe_ll_dispatch_send_kernel<false, true><<<grid, block, 0, stream>>>(*ctx, *args);
+  } else {
+    if (args->fused) moe_ll_dispatch_send_kernel<true, false><<<grid, block, 0, stream>>>(*ctx, *args);
+    else moe_ll_dispatch_send_kernel<false, false><<<grid, block, 0, stream>>>(*ctx, *args);
+  }
   return cudaGetLastError();
 }
 
+template <bool NET>
 __global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
 moe_ll_dispatch_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sOff[NCCL_MOE_MAX_EXPERTS + 1];
   const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_DISPATCH);
   moe_ll_load_counts(c, c.l.localCount[a.set], sOff); /* rows per local expert from this node, from the send half */
-  moe_ll_dispatch_wait(c, a, n, sOff);
+  moe_ll_dispatch_wait<NET>(c, a, n, sOff);
 }
 
 extern "C" cudaError_t moe_ll_dispatch_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
                                                    cudaStream_t stream) {
-  moe_ll_dispatch_recv_kernel<<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  if (ctx->net.nRemote > 0) moe_ll_dispatch_recv_kernel<true><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  else moe_ll_dispatch_recv_kernel<false><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
   return cudaGetLastError();
 }
 
@@ -899,6 +910,7 @@ __device__ bool moe_ll_net_begin_combine(const moe_ll_ctx_t& c, const moe_ll_arg
  * of the source's combine rows, each 512-channel chunk marked; on another
  * node into the record of the source's slab that carried it (one part of
  * that slab per item). */
+template <bool NET>
 __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long cu, int* sOff) {
   __shared__ int sRows[NCCL_MOE_MAX_RANKS];
   const int N = c.rc.nRanks, M = c.maxTokens, L = c.rc.numLocalExperts;
@@ -917,7 +929,7 @@ __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a
   const int* recvPos = reinterpret_cast<const int*>(own + c.l.recvPos[a.set]);
   const moe_ll_slabs_t slabs = {MOE_LL_NET_CHANNEL(MOE_LL_OP_COMBINE, a.set), perRow, MOE_LL_NET_COMBINE_HEADER,
                                 (unsigned long long)a.hidden * 2, sRows};
-  if (c.net.nRemote > 0 && !moe_ll_net_begin_combine(c, a, sRows, slabs, cu)) return;
+  if (NET && !moe_ll_net_begin_combine(c, a, sRows, slabs, cu)) return;
   bool bad = false;
   const long long items = (long long)total * perRow;
   for (long long it0 = blockIdx.x * (blockDim.x / MOE_LL_WARP) + threadIdx.x / MOE_LL_WARP; it0 < items;
@@ -938,7 +950,7 @@ __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a
         bad = true;
         continue;
       }
-      const int s = src / M, t = src % M, pj = c.net.slot[s];
+      const int s = src / M, t = src % M, pj = NET ? c.net.slot[s] : -1;
       const size_t crow = moe_ll_comb_row(c, half, t, k);
       const uint4* in = reinterpret_cast<const uint4*>(a.x) + row * nVec;
       uint4* dst;
@@ -1011,6 +1023,7 @@ __device__ bool moe_ll_net_combine_wait(const moe_ll_ctx_t& c, const moe_ll_args
  * k: top-k slot k when its row was sent), then reduces them in k order.
  * Rows from remote ranks are read from their slabs, which have all landed
  * before the first token (and go back to the proxy after the last). */
+template <bool NET>
 __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long cu) {
   __shared__ int sRows[NCCL_MOE_MAX_RANKS];
   const int half = (int)(cu % MOE_LL_COMB_HALVES);
@@ -1019,7 +1032,7 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
   const int F = (a.hidden + MOE_LL_FLAG_CHANNELS - 1) / MOE_LL_FLAG_CHANNELS;
   constexpr int U = MOE_LL_FLAG_VEC / MOE_LL_WARP; /* vectors per lane per item */
   const long long warps = (long long)gridDim.x * (blockDim.x / MOE_LL_WARP);
-  const bool remote = c.net.nRemote > 0;
+  const bool remote = NET;
   if (remote && !moe_ll_net_combine_wait(c, a, cu, sRows)) return;
   const char* own = c.rc.peers.base[c.rc.rank];
   const int* route = reinterpret_cast<const int*>(own + c.l.route[a.set]);
@@ -1105,35 +1118,44 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
   if (remote) moe_ll_net_release(c, a.set, MOE_LL_OP_COMBINE, cu);
 }
 
-/* The send half; with FUSED also the receive half (one kernel per call). */
-template <bool FUSED>
+/* The send half; with FUSED also the receive half (one kernel per call).
+ * NET: some ranks are on other nodes. */
+template <bool FUSED, bool NET>
 __global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
 moe_ll_combine_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sOff[NCCL_MOE_MAX_EXPERTS + 1];
   const unsigned long long cu = moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE) + 1;
   MOE_LL_T(c, 8);
-  moe_ll_combine_put(c, a, cu, sOff);
+  moe_ll_combine_put<NET>(c, a, cu, sOff);
   MOE_LL_T_ALL(c, 9);
   moe_ll_count_use(c, a.set, MOE_LL_OP_COMBINE, cu);
-  if (FUSED) moe_ll_combine_reduce(c, a, cu);
+  if (FUSED) moe_ll_combine_reduce<NET>(c, a, cu);
   MOE_LL_T_ALL(c, 10);
 }
 
 extern "C" cudaError_t moe_ll_combine_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
                                                   cudaStream_t stream) {
-  if (args->fused) moe_ll_combine_send_kernel<true><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
-  else moe_ll_combine_send_kernel<false><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  const dim3 grid(args->numBlocks), block(MOE_LL_THREADS);
+  if (ctx->net.nRemote > 0) {
+    if (args->fused) moe_ll_combine_send_kernel<true, true><<<grid, block, 0, stream>>>(*ctx, *args);
+    else moe_ll_combine_send_kernel<false, true><<<grid, block, 0, stream>>>(*ctx, *args);
+  } else {
+    if (args->fused) moe_ll_combine_send_kernel<true, false><<<grid, block, 0, stream>>>(*ctx, *args);
+    else moe_ll_combine_send_kernel<false, false><<<grid, block, 0, stream>>>(*ctx, *args);
+  }
   return cudaGetLastError();
 }
 
+template <bool NET>
 __global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
 moe_ll_combine_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
-  moe_ll_combine_reduce(c, a, moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE));
+  moe_ll_combine_reduce<NET>(c, a, moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE));
 }
 
 extern "C" cudaError_t moe_ll_combine_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
                                                   cudaStream_t stream) {
-  moe_ll_combine_recv_kernel<<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  if (ctx->net.nRemote > 0) moe_ll_combine_recv_kernel<true><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  else moe_ll_combine_recv_kernel<false><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
   return cudaGetLastError();
 }
 
@@ -1157,10 +1179,16 @@ extern "C" cudaError_t moe_ll_noop_launch(int blocks, cudaStream_t stream) {
 }
 
 extern "C" cudaError_t moe_ll_preload(void) {
-  const void* kernels[] = {(const void*)moe_ll_dispatch_send_kernel<false>, (const void*)moe_ll_dispatch_send_kernel<true>,
-                           (const void*)moe_ll_dispatch_recv_kernel,
-                           (const void*)moe_ll_combine_send_kernel<false>, (const void*)moe_ll_combine_send_kernel<true>,
-                           (const void*)moe_ll_combine_recv_kernel, (const void*)moe_ll_gate_kernel,
-                           (const void*)moe_ll_noop_kernel};
+  const void* kernels[] = {(const void*)moe_ll_dispatch_send_kernel<false, false>,
+                           (const void*)moe_ll_dispatch_send_kernel<true, false>,
+                           (const void*)moe_ll_dispatch_send_kernel<false, true>,
+                           (const void*)moe_ll_dispatch_send_kernel<true, true>,
+                           (const void*)moe_ll_dispatch_recv_kernel<false>, (const void*)moe_ll_dispatch_recv_kernel<true>,
+                           (const void*)moe_ll_combine_send_kernel<false, false>,
+                           (const void*)moe_ll_combine_send_kernel<true, false>,
+                           (const void*)moe_ll_combine_send_kernel<false, true>,
+                           (const void*)moe_ll_combine_send_kernel<true, true>,
+                           (const void*)moe_ll_combine_recv_kernel<false>, (const void*)moe_ll_combine_recv_kernel<true>,
+                           (const void*)moe_ll_gate_kernel, (const void*)moe_ll_noop_kernel};
   return moe_preload_kernels(kernels, sizeof(kernels) / sizeof(kernels[0]));
 }

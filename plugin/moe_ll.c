@@ -174,6 +174,8 @@ static void moe_ll_args(ncclMoeComm_t comm, const moe_ll_handle_t* h, moe_ll_arg
   a->numTokens = h->numTokens;
   a->hidden = h->hidden;
   a->topk = h->topk;
+  a->sendFp8 = h->sendFp8;
+  a->scaleFormat = h->scaleFormat;
   a->cumulative = h->cumulative;
   a->weights = h->weights;
   a->out = h->out;
@@ -238,6 +240,8 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
   h->numTokens = d->numTokens;
   h->hidden = d->hidden;
   h->topk = d->topk;
+  h->sendFp8 = fp8;
+  h->scaleFormat = scaleFormat;
   h->cumulative = d->cumulativeRecvCount;
   /* Without sendOnly the send kernel ran the receive half too. */
   h->state = d->sendOnly ? MOE_LL_DISPATCH_SENT : MOE_LL_DISPATCHED;

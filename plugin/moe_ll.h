@@ -35,6 +35,7 @@ typedef struct {
   int set;
   unsigned long long gen;      /* comm gen[set] when the dispatch took the set */
   int numTokens, hidden, topk;
+  int sendFp8, scaleFormat;    /* the dispatch's payload (its receive half reads network slabs of it) */
   int64_t* cumulative;         /* pending dispatch receive */
   const float* weights;        /* pending combine receive */
   void* out;
