@@ -107,23 +107,28 @@ def bf16_rows(gen, n, H, scale=1.0):
 
 
 # ------------------------------------------------------------- low latency
-def ll_routing(idxs, N, E):
+def ll_routing(idxs, N, E, ranks_per_node=None):
     """Low-latency receive order. rows[r][l]: the (source rank, token) pairs
-    local expert l of rank r receives, in order (source rank, then token; a
-    token once per distinct expert); at[(s, t, e)]: the row of token t of
-    rank s at expert e."""
+    local expert l of rank r receives, in order (sources of r's node, then
+    those of other nodes, each in source rank, then token order; a token once
+    per distinct expert); at[(s, t, e)]: the row of token t of rank s at
+    expert e."""
     L = E // N
+    per_node = ranks_per_node or N
     rows = [[[] for _ in range(L)] for _ in range(N)]
     at = {}
-    for s in range(N):
-        for t in range(idxs[s].shape[0]):
-            seen = set()
-            for e in idxs[s][t].tolist():
-                if e < 0 or e in seen:
-                    continue
-                seen.add(e)
-                at[(s, t, e)] = len(rows[e // L][e % L])
-                rows[e // L][e % L].append((s, t))
+    for same_node in (True, False):
+        for s in range(N):
+            for t in range(idxs[s].shape[0]):
+                seen = set()
+                for e in idxs[s][t].tolist():
+                    if e < 0 or e in seen:
+                        continue
+                    seen.add(e)
+                    if (s // per_node == (e // L) // per_node) != same_node:
+                        continue
+                    at[(s, t, e)] = len(rows[e // L][e % L])
+                    rows[e // L][e % L].append((s, t))
     return rows, at
 
 

@@ -122,6 +122,33 @@ def test_low_latency_round_trip(seed, fmt, send_only):
             assert_close(outs[s], want[s], "rank %d: combined" % s, rel=8e-3)
 
 
+@pytest.mark.parametrize("send_only", [False, True], ids=["whole", "halves"])
+def test_low_latency_virtual_nodes(seed, send_only):
+    """Two virtual nodes of two ranks: the ranks of the other node through
+    the network proxy, their rows after those of the receiver's node."""
+    gen = torch.Generator().manual_seed(seed)
+    with make_buffer(ranks_per_node=2) as vb:
+        for _ in range(3):  # both buffer sets, then the first again
+            xs, idxs, ws = make_step(gen)
+            rows, at = ll_routing(idxs, N, E, ranks_per_node=2)
+            res = vb.low_latency_dispatch([x.to(DEV) for x in xs], [i.to(DEV) for i in idxs], send_fp8=True,
+                                          scale_format="ue8m0", send_only=send_only)
+            handles = [r.handle for r in res]
+            if send_only:
+                vb.low_latency_dispatch_recv(handles)
+            check_dispatch(res, xs, rows, "ue8m0")
+            ys = expert_outputs(gen, rows)
+            outs = vb.low_latency_combine([y.to(DEV) for y in ys], handles, [w.to(DEV) for w in ws],
+                                          send_only=send_only)
+            if send_only:
+                vb.low_latency_combine_recv(handles)
+            torch.cuda.synchronize()
+            vb.check_async_error()
+            want = combine_reference(idxs, ws, ys, at)
+            for s in range(N):
+                assert_close(outs[s], want[s], "rank %d: combined" % s, rel=8e-3)
+
+
 def test_low_latency_two_steps_in_flight(seed):
     # dispatch A, dispatch B (the other buffer set), combine A, combine B.
     gen = torch.Generator().manual_seed(seed)
