@@ -386,7 +386,7 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCom
  * half (the kernel that waits for the peers' data and finishes the outputs)
  * is enqueued later by ncclMoeLowLatencyDispatchRecv / ...CombineRecv, so
  * compute can run in between. The send half of a dispatch also waits (on the
- * GPU) until every rank has started the same dispatch; a receive half waits
+ * GPU) until every rank of its node has started the same dispatch; a receive half waits
  * until every row this rank receives has arrived. Without sendOnly both
  * halves run as one kernel.
  *
@@ -394,8 +394,10 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCom
  * rank at a time (one stream per rank), or the spinning kernels may not fit
  * on the GPU together.
  *
- * Scope: ranks of one node (peer stores over NVLink / PCIe). On a comm whose
- * ranks span several nodes the calls return ncclInvalidUsage for now. */
+ * Nodes: ranks of this node are reached with peer stores (NVLink / PCIe),
+ * ranks of other nodes directly (no forwarding) through a network proxy and
+ * the transport; see docs/INTERNODE.md. The send half of a dispatch waits
+ * for the ranks of its own node only. */
 #define NCCL_MOE_HAS_LOW_LATENCY 1
 /* Largest config.llMaxTokensPerRank. */
 #define NCCL_MOE_LL_MAX_TOKENS 4096
@@ -454,7 +456,9 @@ typedef struct {
   /* Elements (fp32 scales or uint32 words) per row of recvScales: hidden/128
    * or ceil(hidden / 512); 0 for BF16. */
   int scaleStride;
-  /* device int32 [numLocalExperts]: rows received per local expert. */
+  /* device int32 [numLocalExperts]: rows received per local expert. The
+   * rows of an expert come from the ranks of this node, then from those of
+   * other nodes, each in source rank, then token order. */
   int* recvCountPerExpert;
   /* device int32 [numLocalExperts, expertStride]: where each valid row came
    * from: srcRank * config.llMaxTokensPerRank + token index at srcRank. */
