@@ -225,10 +225,11 @@ void run_case(const case_t* cs) {
     pthread_create(&th[r], NULL, worker, &w[r]);
   }
   for (int r = 0; r < N; r++) pthread_join(th[r], NULL);
-  for (int r = 0; r < N; r++) {
-    ncclResult_t want = cs->overflow ? ncclInvalidArgument : ncclSuccess;
+  const ncclResult_t want = cs->overflow ? ncclInvalidArgument : ncclSuccess;
+  for (int r = 0; r < N; r++) /* every rank's outcome first: one failure often explains another */
+    if (w[r].res != want) fprintf(stderr, "rank %d: %d (want %d) %s\n", r, w[r].res, want, w[r].err);
+  for (int r = 0; r < N; r++)
     ck_assert_msg(w[r].res == want, "rank %d: %d (want %d) %s", r, w[r].res, want, w[r].err);
-  }
 
   const int esz = cs->sendFp8 ? 1 : 2;
   for (int r = 0; r < N; r++) {
