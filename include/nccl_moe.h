@@ -163,8 +163,11 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfi
  * Set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process first uses CUDA (and
  * use at most 32 streams): with fewer hardware queues than streams, a rank's
  * waiting kernel can sit in front of a peer's kernel in the same queue and
- * the two time out. Do not allocate or free device memory while the ranks'
- * kernels run (cudaMalloc/cudaFree serialize streams). */
+ * the two time out. Set CUDA_MODULE_LOADING=EAGER too: with lazy loading, the
+ * first launch of a kernel (a memset, the caller's own kernels) in one rank's
+ * thread can wait for the other ranks' kernels, which wait for that rank,
+ * until they time out. Do not allocate or free device memory while the
+ * ranks' kernels run (cudaMalloc/cudaFree serialize streams). */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtual(int nRanks, int device,
                                                     const ncclMoeConfig_t* config,
                                                     ncclMoeComm_t* comms);

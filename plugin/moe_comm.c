@@ -276,6 +276,11 @@ static ncclResult_t moe_init_virtual(int nRanks, int ranksPerNode, int device, c
   if (nRanks > 1 && (conn == NULL || atoi(conn) < nRanks + 1))
     MOE_WARN("virtual ranks: set CUDA_DEVICE_MAX_CONNECTIONS=32 before CUDA starts, or ranks whose streams "
              "share a hardware queue can time out waiting for each other");
+  const char* loading = getenv("CUDA_MODULE_LOADING");
+  if (nRanks > 1 && (loading == NULL || strcmp(loading, "EAGER") != 0))
+    MOE_WARN("virtual ranks: set CUDA_MODULE_LOADING=EAGER before CUDA starts, or a kernel loaded on first use "
+             "in one rank's thread (a memset, your own kernel) can wait for the other ranks' waiting kernels "
+             "until they time out");
   int nodeKey[NCCL_MOE_MAX_RANKS];
   for (int r = 0; r < nRanks; r++) nodeKey[r] = r / ranksPerNode;
   moe_topo_t topo;

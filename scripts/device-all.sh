@@ -10,6 +10,7 @@ phase="${1:-tests}"
 bin=build-device
 out="${OUT:-/tmp}"
 export CUDA_DEVICE_MAX_CONNECTIONS=32
+export CUDA_MODULE_LOADING=EAGER  # virtual ranks: see ncclMoeCommInitVirtual
 
 case "$phase" in
   tests)

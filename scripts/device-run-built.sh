@@ -15,6 +15,7 @@ bin="$1"
 shift
 out="${OUT:-/tmp}"
 export CUDA_DEVICE_MAX_CONNECTIONS=32
+export CUDA_MODULE_LOADING=EAGER  # virtual ranks: see ncclMoeCommInitVirtual
 export NCCL_MOE_LIBRARY="$PWD/$bin/libnccl-net-moe.so"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1

@@ -74,6 +74,11 @@ int moe_test_gpu_count(void) {
   return count;
 }
 
+void moe_test_virtual_env(void) {
+  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+  setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+}
+
 void moe_test_require_gpus(int n) {
   int have = moe_test_gpu_count();
   if (have < n) {

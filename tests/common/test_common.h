@@ -27,6 +27,12 @@ float moe_rng_normal(moe_rng_t* rng);
  * fork). 0 when there is no driver or no device. */
 int moe_test_gpu_count(void);
 
+/* Before CUDA starts, what virtual ranks need (unless the environment
+ * already says otherwise): a hardware queue per stream
+ * (CUDA_DEVICE_MAX_CONNECTIONS=32) and every kernel loaded at start
+ * (CUDA_MODULE_LOADING=EAGER; see ncclMoeCommInitVirtual). */
+void moe_test_virtual_env(void);
+
 /* Exits with 77 (Meson's "skip") when fewer than `n` GPUs exist. */
 void moe_test_require_gpus(int n);
 

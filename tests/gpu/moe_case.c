@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "moe_comm.h"
+#include "moe_inter.h"
 #include "moe_fp8.h"
 #include "nccl_moe.h"
 #include "test_common.h"
@@ -226,8 +227,21 @@ void run_case(const case_t* cs) {
   }
   for (int r = 0; r < N; r++) pthread_join(th[r], NULL);
   const ncclResult_t want = cs->overflow ? ncclInvalidArgument : ncclSuccess;
+  int failed = 0;
   for (int r = 0; r < N; r++) /* every rank's outcome first: one failure often explains another */
-    if (w[r].res != want) fprintf(stderr, "rank %d: %d (want %d) %s\n", r, w[r].res, want, w[r].err);
+    if (w[r].res != want) {
+      fprintf(stderr, "rank %d: %d (want %d) %s\n", r, w[r].res, want, w[r].err);
+      failed = 1;
+    }
+  for (int r = 0; failed && r < N; r++) /* and where each rank's network slabs were */
+    if (comms[r]->inter != NULL)
+      for (int c = 0; c < MOE_NET_CHANNELS; c++)
+        for (int m = 0; m < comms[r]->inter->net.topo.nNodes; m++) {
+          const moe_net_flags_t* f = comms[r]->inter->ep.flags;
+          if (m != comms[r]->inter->net.topo.node)
+            fprintf(stderr, "rank %d channel %d node %d: ready %llu sent %llu progress %llx arrived %llu consumed %llu\n",
+                    r, c, m, f->ready[c][m], f->sent[c][m], f->progress[c][m], f->arrived[c][m], f->consumed[c][m]);
+        }
   for (int r = 0; r < N; r++)
     ck_assert_msg(w[r].res == want, "rank %d: %d (want %d) %s", r, w[r].res, want, w[r].err);
 

@@ -172,7 +172,7 @@ START_TEST(test_bad_node_shapes) {
 END_TEST
 
 int main(void) {
-  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+  moe_test_virtual_env();
   setenv("NCCL_MOE_NET_BACKEND", "socket", 0);
   setenv("NCCL_SOCKET_IFNAME", "lo", 0);
   moe_test_require_gpus(1);

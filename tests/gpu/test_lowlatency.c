@@ -927,9 +927,7 @@ START_TEST(test_call_order) {
 END_TEST
 
 int main(void) {
-  /* Virtual ranks wait on each other across streams: each stream needs its
-   * own hardware queue, or a spinning kernel blocks a peer queued behind it. */
-  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+  moe_test_virtual_env();
   moe_test_require_gpus(1);
   moe_test_seed();
   Suite* s = suite_create("lowlatency");

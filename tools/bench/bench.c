@@ -847,8 +847,10 @@ int main(int argc, char** argv) {
     usage();
     return 2;
   }
-  /* One hardware queue per rank's stream (see ncclMoeCommInitVirtual). */
+  /* One hardware queue per rank's stream, every kernel loaded at start (see
+   * ncclMoeCommInitVirtual). */
   setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+  setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   setvbuf(stdout, NULL, _IOLBF, 0);
   if (o.gpus > 1) return mp_main(&o); /* before this process touches CUDA */
   int ndev = 0;
