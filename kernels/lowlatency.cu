@@ -855,19 +855,6 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   MOE_LL_T(c, 6);
 }
 
-extern "C" cudaError_t moe_ll_dispatch_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
-                                                   cudaStream_t stream) {
-  const dim3 grid(args->numBlocks), block(MOE_LL_THREADS);
-  if (ctx->net.nRemote > 0) {
-    if (args->fused) moe_ll_dispatch_send_kernel<true, true><<<grid, block, 0, stream>>>(*ctx, *args);
-    else moe_ll_dispatch_send_kernel<false, true><<<grid, block, 0, stream>>>(*ctx, *args);
-  } else {
-    if (args->fused) moe_ll_dispatch_send_kernel<true, false><<<grid, block, 0, stream>>>(*ctx, *args);
-    else moe_ll_dispatch_send_kernel<false, false><<<grid, block, 0, stream>>>(*ctx, *args);
-  }
-  return cudaGetLastError();
-}
-
 template <bool NET>
 __global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
 moe_ll_dispatch_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
@@ -875,13 +862,6 @@ moe_ll_dispatch_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_DISPATCH);
   moe_ll_load_counts(c, c.l.localCount[a.set], sOff); /* rows per local expert from this node, from the send half */
   moe_ll_dispatch_wait<NET>(c, a, n, sOff);
-}
-
-extern "C" cudaError_t moe_ll_dispatch_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
-                                                   cudaStream_t stream) {
-  if (ctx->net.nRemote > 0) moe_ll_dispatch_recv_kernel<true><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
-  else moe_ll_dispatch_recv_kernel<false><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
-  return cudaGetLastError();
 }
 
 /* ------------------------------------------------------------- combine */
@@ -1133,30 +1113,10 @@ moe_ll_combine_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   MOE_LL_T_ALL(c, 10);
 }
 
-extern "C" cudaError_t moe_ll_combine_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
-                                                  cudaStream_t stream) {
-  const dim3 grid(args->numBlocks), block(MOE_LL_THREADS);
-  if (ctx->net.nRemote > 0) {
-    if (args->fused) moe_ll_combine_send_kernel<true, true><<<grid, block, 0, stream>>>(*ctx, *args);
-    else moe_ll_combine_send_kernel<false, true><<<grid, block, 0, stream>>>(*ctx, *args);
-  } else {
-    if (args->fused) moe_ll_combine_send_kernel<true, false><<<grid, block, 0, stream>>>(*ctx, *args);
-    else moe_ll_combine_send_kernel<false, false><<<grid, block, 0, stream>>>(*ctx, *args);
-  }
-  return cudaGetLastError();
-}
-
 template <bool NET>
 __global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
 moe_ll_combine_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   moe_ll_combine_reduce<NET>(c, a, moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE));
-}
-
-extern "C" cudaError_t moe_ll_combine_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
-                                                  cudaStream_t stream) {
-  if (ctx->net.nRemote > 0) moe_ll_combine_recv_kernel<true><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
-  else moe_ll_combine_recv_kernel<false><<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
-  return cudaGetLastError();
 }
 
 /* ------------------------------------------------------------ helpers */
@@ -1178,17 +1138,62 @@ extern "C" cudaError_t moe_ll_noop_launch(int blocks, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+/* ------------------------------------------------------------- launches */
+typedef void (*moe_ll_kernel_t)(moe_ll_ctx_t, moe_ll_args_t);
+
+/* Every variant: [net][fused] for the send kernels, [net] for the receive
+ * kernels (net: some rank is on another node). */
+static const moe_ll_kernel_t moe_ll_dispatch_send[2][2] = {
+    {moe_ll_dispatch_send_kernel<false, false>, moe_ll_dispatch_send_kernel<true, false>},
+    {moe_ll_dispatch_send_kernel<false, true>, moe_ll_dispatch_send_kernel<true, true>}};
+static const moe_ll_kernel_t moe_ll_combine_send[2][2] = {
+    {moe_ll_combine_send_kernel<false, false>, moe_ll_combine_send_kernel<true, false>},
+    {moe_ll_combine_send_kernel<false, true>, moe_ll_combine_send_kernel<true, true>}};
+static const moe_ll_kernel_t moe_ll_dispatch_recv[2] = {moe_ll_dispatch_recv_kernel<false>,
+                                                        moe_ll_dispatch_recv_kernel<true>};
+static const moe_ll_kernel_t moe_ll_combine_recv[2] = {moe_ll_combine_recv_kernel<false>,
+                                                       moe_ll_combine_recv_kernel<true>};
+
+static cudaError_t moe_ll_launch(moe_ll_kernel_t k, const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                 cudaStream_t stream) {
+  k<<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  return cudaGetLastError();
+}
+
+static int moe_ll_net(const moe_ll_ctx_t* ctx) { return ctx->net.nRemote > 0; }
+
+extern "C" cudaError_t moe_ll_dispatch_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                                   cudaStream_t stream) {
+  return moe_ll_launch(moe_ll_dispatch_send[moe_ll_net(ctx)][args->fused != 0], ctx, args, stream);
+}
+
+extern "C" cudaError_t moe_ll_dispatch_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                                   cudaStream_t stream) {
+  return moe_ll_launch(moe_ll_dispatch_recv[moe_ll_net(ctx)], ctx, args, stream);
+}
+
+extern "C" cudaError_t moe_ll_combine_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                                  cudaStream_t stream) {
+  return moe_ll_launch(moe_ll_combine_send[moe_ll_net(ctx)][args->fused != 0], ctx, args, stream);
+}
+
+extern "C" cudaError_t moe_ll_combine_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
+                                                  cudaStream_t stream) {
+  return moe_ll_launch(moe_ll_combine_recv[moe_ll_net(ctx)], ctx, args, stream);
+}
+
 extern "C" cudaError_t moe_ll_preload(void) {
-  const void* kernels[] = {(const void*)moe_ll_dispatch_send_kernel<false, false>,
-                           (const void*)moe_ll_dispatch_send_kernel<true, false>,
-                           (const void*)moe_ll_dispatch_send_kernel<false, true>,
-                           (const void*)moe_ll_dispatch_send_kernel<true, true>,
-                           (const void*)moe_ll_dispatch_recv_kernel<false>, (const void*)moe_ll_dispatch_recv_kernel<true>,
-                           (const void*)moe_ll_combine_send_kernel<false, false>,
-                           (const void*)moe_ll_combine_send_kernel<true, false>,
-                           (const void*)moe_ll_combine_send_kernel<false, true>,
-                           (const void*)moe_ll_combine_send_kernel<true, true>,
-                           (const void*)moe_ll_combine_recv_kernel<false>, (const void*)moe_ll_combine_recv_kernel<true>,
-                           (const void*)moe_ll_gate_kernel, (const void*)moe_ll_noop_kernel};
-  return moe_preload_kernels(kernels, sizeof(kernels) / sizeof(kernels[0]));
+  const void* kernels[14];
+  int n = 0;
+  for (int net = 0; net < 2; net++) {
+    for (int fused = 0; fused < 2; fused++) {
+      kernels[n++] = (const void*)moe_ll_dispatch_send[net][fused];
+      kernels[n++] = (const void*)moe_ll_combine_send[net][fused];
+    }
+    kernels[n++] = (const void*)moe_ll_dispatch_recv[net];
+    kernels[n++] = (const void*)moe_ll_combine_recv[net];
+  }
+  kernels[n++] = (const void*)moe_ll_gate_kernel;
+  kernels[n++] = (const void*)moe_ll_noop_kernel;
+  return moe_preload_kernels(kernels, n);
 }

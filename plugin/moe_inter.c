@@ -117,6 +117,8 @@ static ncclResult_t moe_net_ep_open(struct ncclMoeComm* comm, moe_proxy_args_t* 
   a->error = comm->hostError;
   a->timeoutMs = comm->config.timeoutMs;
   MOE_CHECK(moe_proxy_create(a, ep->handle, &ep->proxy));
+  ep->nPeers = a->nPeers;
+  memcpy(ep->peerRank, a->peerRank, sizeof(ep->peerRank));
   MOE_INFO(NCCL_INIT | NCCL_NET, "rank %d: %s proxy with %d channels, 2 x %zu bytes of %s slabs", comm->rank, what,
            a->nChannels, a->geom.total, ep->gpuSlabs ? "GPU" : "pinned host");
   return ncclSuccess;
@@ -235,26 +237,26 @@ fail:
 }
 
 void moe_inter_handles(const moe_inter_comm_t* in, char* out) {
-  memcpy(out, in->ep.handle, MOE_NET_HANDLE_BYTES);
-  memcpy(out + MOE_NET_HANDLE_BYTES, in->ll.handle, MOE_NET_HANDLE_BYTES);
+  memcpy(out, in->ep.handle, MOE_NET_HANDLE_BYTES);                        /* which = 0 */
+  memcpy(out + MOE_NET_HANDLE_BYTES, in->ll.handle, MOE_NET_HANDLE_BYTES); /* which = 1 */
+}
+
+/* Advances the connections of one proxy; `which` picks its handle in each
+ * rank's MOE_INTER_HANDLE_BYTES. */
+static ncclResult_t moe_net_ep_connect(const moe_net_ep_t* ep, const char* handles, int which, int* done_p) {
+  char byPeer[MOE_MAX_NODES * MOE_NET_HANDLE_BYTES];
+  for (int i = 0; i < ep->nPeers; i++)
+    if (ep->peerRank[i] >= 0)
+      memcpy(byPeer + (size_t)i * MOE_NET_HANDLE_BYTES,
+             handles + (size_t)ep->peerRank[i] * MOE_INTER_HANDLE_BYTES + (size_t)which * MOE_NET_HANDLE_BYTES,
+             MOE_NET_HANDLE_BYTES);
+  return moe_proxy_connect(ep->proxy, byPeer, done_p);
 }
 
 ncclResult_t moe_inter_connect(moe_inter_comm_t* in, const char* handles, int* done_p) {
-  const moe_topo_t* t = &in->net.topo;
-  char byPeer[MOE_MAX_NODES * MOE_NET_HANDLE_BYTES];
   int done = 0, llDone = 1;
-  for (int m = 0; m < t->nNodes; m++)
-    memcpy(byPeer + (size_t)m * MOE_NET_HANDLE_BYTES,
-           handles + (size_t)t->rankAt[m * t->ranksPerNode + t->local] * MOE_INTER_HANDLE_BYTES, MOE_NET_HANDLE_BYTES);
-  MOE_CHECK(moe_proxy_connect(in->ep.proxy, byPeer, &done));
-  if (in->hasLL) {
-    int j = 0;
-    for (int r = 0; r < t->nNodes * t->ranksPerNode; r++)
-      if (t->nodeOf[r] != t->node)
-        memcpy(byPeer + (size_t)j++ * MOE_NET_HANDLE_BYTES,
-               handles + (size_t)r * MOE_INTER_HANDLE_BYTES + MOE_NET_HANDLE_BYTES, MOE_NET_HANDLE_BYTES);
-    MOE_CHECK(moe_proxy_connect(in->ll.proxy, byPeer, &llDone));
-  }
+  MOE_CHECK(moe_net_ep_connect(&in->ep, handles, 0, &done));
+  if (in->hasLL) MOE_CHECK(moe_net_ep_connect(&in->ll, handles, 1, &llDone));
   *done_p = done && llDone;
   return ncclSuccess;
 }

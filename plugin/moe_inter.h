@@ -23,6 +23,8 @@ typedef struct {
   int gpuSlabs;               /* 1: regions in GPU memory (GPUDirect RDMA), else pinned host */
   moe_proxy_t* proxy;
   char handle[MOE_NET_HANDLE_BYTES]; /* its listen handle */
+  int nPeers;                 /* the proxy's peers (moe_proxy_args_t) */
+  int peerRank[MOE_MAX_NODES];
 } moe_net_ep_t;
 
 typedef struct moe_inter_comm {
