@@ -13,12 +13,12 @@
  * moe_internode.h for the counters. Every wait is bounded by the comm's
  * timeout; a proxy error (MOE_KERR_NET) ends every wait at once. Values read
  * from the network (record counts, positions) are bounded before use. */
-#include "moe_copy.cuh"
-#include "moe_fp8.cuh"
-#include "moe_kernels.h"
-#include "moe_internode.h"
-#include "moe_notify.cuh"
-#include "moe_sync.cuh"
+#include "kernels/moe_copy.cuh"
+#include "kernels/moe_fp8.cuh"
+#include "kernels/moe_kernels.h"
+#include "kernels/moe_internode.h"
+#include "kernels/moe_notify.cuh"
+#include "kernels/moe_sync.cuh"
 
 #define MOE_INTER_LAYOUT_THREADS 1024
 /* The grid kernels wait for peers at their start, so every virtual rank's

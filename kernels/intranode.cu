@@ -3,12 +3,12 @@
  * comm-owned output rows (no intermediate ring), once per destination rank;
  * combine pulls every copy back from the peers and reduces in fp32 in rank
  * order. See moe_intranode.h for the buffer layout and notify message. */
-#include "moe_copy.cuh"
-#include "moe_fp8.cuh"
-#include "moe_kernels.h"
-#include "moe_intranode.h"
-#include "moe_notify.cuh"
-#include "moe_sync.cuh"
+#include "kernels/moe_copy.cuh"
+#include "kernels/moe_fp8.cuh"
+#include "kernels/moe_kernels.h"
+#include "kernels/moe_intranode.h"
+#include "kernels/moe_notify.cuh"
+#include "kernels/moe_sync.cuh"
 
 #define MOE_LAYOUT_THREADS 1024
 

@@ -35,11 +35,11 @@
  * on the GPU (seq), so graph replays advance it. Every wait is bounded by the
  * comm's timeout and records MOE_KERR_TIMEOUT; ids out of range are dropped
  * and recorded; counts and row metadata from peers are checked before use. */
-#include "moe_copy.cuh"
-#include "moe_fp8.cuh"
-#include "moe_kernels.h"
-#include "moe_lowlatency.h"
-#include "moe_sync.cuh"
+#include "kernels/moe_copy.cuh"
+#include "kernels/moe_fp8.cuh"
+#include "kernels/moe_kernels.h"
+#include "kernels/moe_lowlatency.h"
+#include "kernels/moe_sync.cuh"
 
 #define MOE_LL_WARP 32
 #define MOE_LL_FULL 0xffffffffu
@@ -1119,25 +1119,6 @@ moe_ll_combine_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   moe_ll_combine_reduce<NET>(c, a, moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE));
 }
 
-/* ------------------------------------------------------------ helpers */
-__global__ void moe_ll_gate_kernel(const volatile int* flag, long long timeoutNs) {
-  const long long start = moe_now_ns();
-  while (*flag == 0 && moe_now_ns() - start < timeoutNs) {
-  }
-}
-
-extern "C" cudaError_t moe_ll_gate_launch(const volatile int* flag, long long timeoutNs, cudaStream_t stream) {
-  moe_ll_gate_kernel<<<1, 1, 0, stream>>>(flag, timeoutNs);
-  return cudaGetLastError();
-}
-
-__global__ void moe_ll_noop_kernel(void) {}
-
-extern "C" cudaError_t moe_ll_noop_launch(int blocks, cudaStream_t stream) {
-  moe_ll_noop_kernel<<<blocks, MOE_LL_THREADS, 0, stream>>>();
-  return cudaGetLastError();
-}
-
 /* ------------------------------------------------------------- launches */
 typedef void (*moe_ll_kernel_t)(moe_ll_ctx_t, moe_ll_args_t);
 
@@ -1183,7 +1164,7 @@ extern "C" cudaError_t moe_ll_combine_recv_launch(const moe_ll_ctx_t* ctx, const
 }
 
 extern "C" cudaError_t moe_ll_preload(void) {
-  const void* kernels[14];
+  const void* kernels[12];
   int n = 0;
   for (int net = 0; net < 2; net++) {
     for (int fused = 0; fused < 2; fused++) {
@@ -1193,7 +1174,5 @@ extern "C" cudaError_t moe_ll_preload(void) {
     kernels[n++] = (const void*)moe_ll_dispatch_recv[net];
     kernels[n++] = (const void*)moe_ll_combine_recv[net];
   }
-  kernels[n++] = (const void*)moe_ll_gate_kernel;
-  kernels[n++] = (const void*)moe_ll_noop_kernel;
   return moe_preload_kernels(kernels, n);
 }

@@ -7,8 +7,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#include "moe_fp8.cuh"
-#include "moe_intranode.h"
+#include "kernels/moe_fp8.cuh"
+#include "kernels/moe_intranode.h"
 #include "nccl_moe.h"
 
 #define MOE_WARP 32

@@ -35,7 +35,7 @@
 #include <stdint.h>
 
 #include "nccl_moe.h"
-#include "moe_intranode.h"
+#include "kernels/moe_intranode.h"
 
 #ifdef __cplusplus
 extern "C" {

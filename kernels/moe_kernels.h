@@ -10,11 +10,6 @@
 extern "C" {
 #endif
 
-/* BF16 [rows, hidden] -> FP8 e4m3 codes [rows, hidden] + fp32 scales
- * [rows, hidden / 128]; hidden a multiple of 128; 16-byte aligned pointers. */
-cudaError_t moe_fp8_quantize_launch(const void* x, int rows, int hidden, int pow2, void* codes,
-                                    float* scales, cudaStream_t stream);
-
 /* CUDA loads kernels lazily, at their first launch, and that load waits for
  * the device: a first launch while a peer's kernel spins at a barrier would
  * stall until the timeout. Comm init loads every kernel up front with this. */

@@ -11,8 +11,8 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
-#include "moe_internode.h"
-#include "moe_intranode.h"
+#include "kernels/moe_internode.h"
+#include "kernels/moe_intranode.h"
 #include "nccl_moe.h"
 
 #ifdef __cplusplus
@@ -172,15 +172,6 @@ cudaError_t moe_ll_combine_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_arg
 
 /* Loads every low-latency kernel now (see intranode.cu: lazy loading). */
 cudaError_t moe_ll_preload(void);
-
-/* Benchmark / test helper: one thread that spins until *flag (device view of
- * host-mapped memory) is non-zero, or timeoutNs passed. Streams that wait on
- * an event recorded after it start together when the host sets the flag. */
-cudaError_t moe_ll_gate_launch(const volatile int* flag, long long timeoutNs, cudaStream_t stream);
-
-/* Benchmark helper: an empty kernel of `blocks` low-latency-sized blocks (what
- * launching a kernel costs, without its work). */
-cudaError_t moe_ll_noop_launch(int blocks, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -5,8 +5,8 @@
 #ifndef MOE_NOTIFY_CUH_
 #define MOE_NOTIFY_CUH_
 
-#include "moe_intranode.h"
-#include "moe_sync.cuh"
+#include "kernels/moe_intranode.h"
+#include "kernels/moe_sync.cuh"
 
 /* Int j of this rank's notify message to rank r. */
 __device__ __forceinline__ int moe_notify_value(const moe_rank_ctx_t& c, const moe_route_t& rt,

@@ -5,7 +5,7 @@
 #ifndef MOE_SYNC_CUH_
 #define MOE_SYNC_CUH_
 
-#include "moe_intranode.h"
+#include "kernels/moe_intranode.h"
 
 __device__ __forceinline__ void moe_st_release_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");

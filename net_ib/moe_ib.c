@@ -29,11 +29,11 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
-#include "moe_check.h"
-#include "moe_env.h"
+#include "common/moe_check.h"
+#include "common/moe_env.h"
 #include "net_ib/moe_ib_devs.h"
 #include "net_ib/moe_ib_wire.h"
-#include "net_socket/moe_sock.h"
+#include "transport/moe_net_ifaces.h"
 
 #define MOE_IB_SEND_WR 1024  /* per QP: data writes + sizes + immediates of 32 slots */
 #define MOE_IB_CQ_DEPTH 4096
@@ -74,7 +74,7 @@ static struct {
   int ndevs;
   moe_ib_dev_t devs[MOE_NET_MAX_DEVS];
   int dev_failed[MOE_NET_MAX_DEVS]; /* a fatal async event was seen */
-  moe_sock_dev_t side_dev;          /* the interface of the TCP side channel */
+  moe_net_iface_t side_dev;          /* the interface of the TCP side channel */
   moe_ib_pending_t* pending[MOE_IB_MAX_PENDING];
   moe_ib_mr_entry_t** mrs;          /* the registration cache */
   int nmrs, cap_mrs;
@@ -97,7 +97,7 @@ static ncclResult_t moe_ib_init(void) {
     MOE_CHECK_GOTO(moe_ib_find_devs(v, moe_env()->ib_hca, &rules, moe_ib_g.devs, MOE_NET_MAX_DEVS, &n), res,
                    out_unlock);
     int nside = 0;
-    if (n > 0 && (moe_sock_find_devs(moe_env()->socket_ifname, "/sys/class/net", &moe_ib_g.side_dev, 1, &nside) !=
+    if (n > 0 && (moe_net_find_ifaces(moe_env()->socket_ifname, "/sys/class/net", &moe_ib_g.side_dev, 1, &nside) !=
                       ncclSuccess || nside == 0)) {
       moe_ib_close_devs(v, moe_ib_g.devs, n);
       res = MOE_ERROR(ncclSystemError, "ib: no IP interface for the connection side channel (NCCL_SOCKET_IFNAME)");
@@ -720,11 +720,11 @@ out_free:
 
 static ncclResult_t moe_ib_connect(int dev, const moe_net_conn_config_t* config, void* handle,
                                    moe_net_comm_t** send_p) {
-  uint8_t* scratch = (uint8_t*)handle + MOE_SOCK_HANDLE_SCRATCH_OFF;
+  uint8_t* scratch = (uint8_t*)handle + MOE_NET_ADDR_HANDLE_SCRATCH_OFF;
   moe_ib_pending_t* p = NULL;
   ncclResult_t res = ncclSuccess;
   *send_p = NULL;
-  if (!moe_all_zero(scratch, MOE_SOCK_HANDLE_SCRATCH_BYTES)) {
+  if (!moe_all_zero(scratch, MOE_NET_ADDR_HANDLE_SCRATCH_BYTES)) {
     uint32_t slot = moe_get_u32(scratch + 4);
     if (moe_get_u32(scratch) != MOE_IB_PENDING_MAGIC || slot >= MOE_IB_MAX_PENDING)
       return MOE_ERROR(ncclInvalidArgument, "ib connect: handle scratch area corrupted");
@@ -770,11 +770,11 @@ static ncclResult_t moe_ib_connect(int dev, const moe_net_conn_config_t* config,
   MOE_CHECK_GOTO(moe_ib_comm_connect(p->comm, &p->me, &peer, p->traffic_class), res, out_abandon);
   *send_p = &p->comm->base;
   p->comm = NULL;
-  memset(scratch, 0, MOE_SOCK_HANDLE_SCRATCH_BYTES);
+  memset(scratch, 0, MOE_NET_ADDR_HANDLE_SCRATCH_BYTES);
   moe_ib_pending_free(p);
   return ncclSuccess;
 out_abandon:
-  memset(scratch, 0, MOE_SOCK_HANDLE_SCRATCH_BYTES);
+  memset(scratch, 0, MOE_NET_ADDR_HANDLE_SCRATCH_BYTES);
   moe_ib_pending_free(p);
   return res;
 }
@@ -1186,3 +1186,5 @@ const moe_transport_t moe_transport_ib = {
     .write = moe_ib_write,
     .poll_imm = moe_ib_poll_imm,
 };
+
+__attribute__((constructor)) static void moe_transport_ib_register(void) { moe_transport_register(&moe_transport_ib); }

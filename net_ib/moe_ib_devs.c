@@ -10,8 +10,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "moe_check.h"
-#include "moe_env.h"
+#include "common/moe_check.h"
+#include "common/moe_env.h"
 #include "net_ib/moe_ib_wire.h"
 
 ncclResult_t moe_ib_parse_family(const char* text, int* family_p) {

@@ -61,6 +61,9 @@ ncclResult_t moe_ib_find_devs(const moe_ib_verbs_t* v, const char* hca_spec, con
                               moe_ib_dev_t* devs, int max_devs, int* ndev_p);
 void moe_ib_close_devs(const moe_ib_verbs_t* v, moe_ib_dev_t* devs, int ndev);
 
+/* The backend's table (registered with transport/ when the library loads). */
+extern const moe_transport_t moe_transport_ib;
+
 #ifdef __cplusplus
 }
 #endif

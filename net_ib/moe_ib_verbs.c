@@ -3,7 +3,7 @@
 #include <dlfcn.h>
 #include <pthread.h>
 
-#include "moe_log.h"
+#include "common/moe_log.h"
 
 static moe_ib_verbs_t moe_ib_verbs_table;
 static ncclResult_t moe_ib_verbs_status = ncclSystemError;

@@ -2,7 +2,7 @@
 
 #include <string.h>
 
-#include "moe_log.h"
+#include "common/moe_log.h"
 #include "transport/moe_net_util.h"
 
 _Static_assert(sizeof(moe_ib_cts_elem_t) == 24, "CTS element layout");

@@ -17,7 +17,7 @@
 
 #include <stdint.h>
 
-#include "net_socket/moe_sock_wire.h"
+#include "transport/moe_net_handle.h"
 #include "transport/moe_transport.h"
 
 #ifdef __cplusplus
@@ -29,7 +29,7 @@ extern "C" {
 #define MOE_IB_MAX_QPS 16
 #define MOE_IB_FIFO_DEPTH MOE_NET_MAX_REQUESTS
 
-typedef moe_sock_handle_t moe_ib_handle_t;
+typedef moe_net_addr_handle_t moe_ib_handle_t;
 ncclResult_t moe_ib_handle_encode(const moe_ib_handle_t* h, void* buf, size_t len);
 ncclResult_t moe_ib_handle_decode(const void* buf, size_t len, moe_ib_handle_t* h_p);
 

@@ -24,8 +24,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "moe_check.h"
-#include "moe_env.h"
+#include "common/moe_check.h"
+#include "common/moe_env.h"
 #include "net_socket/moe_sock.h"
 
 #define MOE_SOCK_LISTEN_BACKLOG 4096
@@ -55,7 +55,7 @@ static struct {
   pthread_mutex_t lock;
   int refs;
   int ndevs;
-  moe_sock_dev_t devs[MOE_NET_MAX_DEVS];
+  moe_net_iface_t devs[MOE_NET_MAX_DEVS];
   moe_sock_pending_t* pending[MOE_SOCK_MAX_PENDING];
   moe_sock_mr_t* mrs[MOE_SOCK_MAX_MRS];
   uint32_t mr_generation;
@@ -409,7 +409,7 @@ static ncclResult_t moe_sock_init(void) {
   pthread_mutex_lock(&moe_sock_g.lock);
   if (moe_sock_g.refs == 0) {
     int n = 0;
-    MOE_CHECK_GOTO(moe_sock_find_devs(moe_env()->socket_ifname, "/sys/class/net", moe_sock_g.devs,
+    MOE_CHECK_GOTO(moe_net_find_ifaces(moe_env()->socket_ifname, "/sys/class/net", moe_sock_g.devs,
                                       MOE_NET_MAX_DEVS, &n), res, out_unlock);
     if (n == 0) {
       res = MOE_ERROR(ncclSystemError, "socket: no usable network interface (NCCL_SOCKET_IFNAME=\"%s\")",
@@ -420,7 +420,7 @@ static ncclResult_t moe_sock_init(void) {
     for (int i = 0; i < n; i++) {
       char buf[96];
       MOE_INFO(NCCL_INIT | NCCL_NET, "socket device %d: %s %s", i, moe_sock_g.devs[i].name,
-               moe_sock_addr_str(&moe_sock_g.devs[i].addr, buf, sizeof(buf)));
+               moe_net_addr_str(&moe_sock_g.devs[i].addr, buf, sizeof(buf)));
     }
   }
   moe_sock_g.refs++;
@@ -443,7 +443,7 @@ static ncclResult_t moe_sock_devices(int* ndev_p) {
   return ncclSuccess;
 }
 
-static ncclResult_t moe_sock_get_dev(int dev, moe_sock_dev_t* dev_p) {
+static ncclResult_t moe_sock_get_dev(int dev, moe_net_iface_t* dev_p) {
   pthread_mutex_lock(&moe_sock_g.lock);
   int n = moe_sock_g.ndevs;
   if (dev >= 0 && dev < n) *dev_p = moe_sock_g.devs[dev];
@@ -453,7 +453,7 @@ static ncclResult_t moe_sock_get_dev(int dev, moe_sock_dev_t* dev_p) {
 }
 
 static ncclResult_t moe_sock_get_properties(int dev, moe_net_props_t* props_p) {
-  moe_sock_dev_t d;
+  moe_net_iface_t d;
   MOE_CHECK(moe_sock_get_dev(dev, &d));
   moe_net_props_t p = {0};
   snprintf(p.name, sizeof(p.name), "%s", d.name);
@@ -505,7 +505,7 @@ typedef struct {
 
 static ncclResult_t moe_sock_listen(int dev, void* handle, moe_net_comm_t** listen_p) {
   ncclResult_t res = ncclSuccess;
-  moe_sock_dev_t d;
+  moe_net_iface_t d;
   MOE_CHECK(moe_sock_get_dev(dev, &d));
   moe_sock_listen_t* l = calloc(1, sizeof(*l));
   if (l == NULL) return MOE_ERROR(ncclSystemError, "socket: out of memory for a listen comm");
@@ -520,17 +520,17 @@ static ncclResult_t moe_sock_listen(int dev, void* handle, moe_net_comm_t** list
   if (bind(l->fd, (struct sockaddr*)&addr, len) != 0 || listen(l->fd, MOE_SOCK_LISTEN_BACKLOG) != 0 ||
       getsockname(l->fd, (struct sockaddr*)&addr, &len) != 0) {
     res = MOE_ERROR(ncclSystemError, "socket: cannot listen on %s (%s): %m", d.name,
-                    moe_sock_addr_str(&d.addr, buf, sizeof(buf)));
+                    moe_net_addr_str(&d.addr, buf, sizeof(buf)));
     goto out_close;
   }
   MOE_CHECK_GOTO(moe_sock_set_opts(l->fd, 0), res, out_close);
   l->nonce = moe_net_random_u64();
-  moe_sock_handle_t h = {.addr = addr, .addr_len = len, .nonce = l->nonce};
+  moe_net_addr_handle_t h = {.addr = addr, .addr_len = len, .nonce = l->nonce};
   MOE_CHECK_GOTO(moe_sock_handle_encode(&h, handle, MOE_NET_HANDLE_BYTES), res, out_close);
   l->base = (moe_net_comm_t){.magic = MOE_NET_COMM_MAGIC, .type = MOE_NET_COMM_LISTEN, .transport = &moe_transport_socket};
   pthread_mutex_init(&l->lock, NULL);
   l->dev = dev;
-  MOE_TRACE(NCCL_NET, "socket: listening on %s", moe_sock_addr_str(&addr, buf, sizeof(buf)));
+  MOE_TRACE(NCCL_NET, "socket: listening on %s", moe_net_addr_str(&addr, buf, sizeof(buf)));
   *listen_p = &l->base;
   return ncclSuccess;
 out_close:
@@ -544,7 +544,7 @@ struct moe_sock_pending {
   uint64_t cookie;
   int slot;
   int dev;
-  moe_sock_handle_t h;
+  moe_net_addr_handle_t h;
   uint64_t conn_id;
   uint64_t deadline_ns;
   int nstreams;
@@ -569,7 +569,7 @@ static void moe_sock_pending_free(moe_sock_pending_t* p, int close_fds) {
  * pointer in them). */
 static ncclResult_t moe_sock_pending_lookup(const uint8_t* scratch, moe_sock_pending_t** p_p) {
   *p_p = NULL;
-  if (moe_all_zero(scratch, MOE_SOCK_HANDLE_SCRATCH_BYTES)) return ncclSuccess;
+  if (moe_all_zero(scratch, MOE_NET_ADDR_HANDLE_SCRATCH_BYTES)) return ncclSuccess;
   uint32_t slot = moe_get_u32(scratch + 4);
   uint64_t cookie = moe_get_u64(scratch + 8);
   if (moe_get_u32(scratch) != MOE_SOCK_PENDING_MAGIC || slot >= MOE_SOCK_MAX_PENDING)
@@ -583,7 +583,7 @@ static ncclResult_t moe_sock_pending_lookup(const uint8_t* scratch, moe_sock_pen
   return ncclSuccess;
 }
 
-static ncclResult_t moe_sock_pending_start(int dev, const moe_sock_handle_t* h, uint8_t* scratch,
+static ncclResult_t moe_sock_pending_start(int dev, const moe_net_addr_handle_t* h, uint8_t* scratch,
                                            moe_sock_pending_t** p_p) {
   ncclResult_t res = ncclSuccess;
   moe_sock_pending_t* p = calloc(1, sizeof(*p));
@@ -623,7 +623,7 @@ static ncclResult_t moe_sock_pending_start(int dev, const moe_sock_handle_t* h, 
     MOE_CHECK_GOTO(moe_sock_set_opts(p->fds[i], 1), res, out_free);
     if (connect(p->fds[i], (const struct sockaddr*)&h->addr, h->addr_len) != 0 && errno != EINPROGRESS) {
       res = MOE_ERROR(ncclRemoteError, "socket: connect to %s failed: %m",
-                      moe_sock_addr_str(&h->addr, buf, sizeof(buf)));
+                      moe_net_addr_str(&h->addr, buf, sizeof(buf)));
       goto out_free;
     }
     moe_sock_hello_t hello = {.nonce = h->nonce, .conn_id = p->conn_id, .index = i - 1, .nstreams = nstreams};
@@ -655,7 +655,7 @@ static ncclResult_t moe_sock_pending_progress(moe_sock_pending_t* p, int* done_p
       getsockopt(p->fds[i], SOL_SOCKET, SO_ERROR, &err, &len);
       if (err != 0)
         return MOE_ERROR(ncclRemoteError, "socket: connect to %s failed: %s",
-                         moe_sock_addr_str(&p->h.addr, buf, sizeof(buf)), strerror(err));
+                         moe_net_addr_str(&p->h.addr, buf, sizeof(buf)), strerror(err));
       p->connected[i] = 1;
     }
     size_t n = 0;
@@ -670,13 +670,13 @@ static ncclResult_t moe_sock_pending_progress(moe_sock_pending_t* p, int* done_p
 static ncclResult_t moe_sock_connect(int dev, const moe_net_conn_config_t* config, void* handle,
                                      moe_net_comm_t** send_p) {
   ncclResult_t res = ncclSuccess;
-  uint8_t* scratch = (uint8_t*)handle + MOE_SOCK_HANDLE_SCRATCH_OFF;
+  uint8_t* scratch = (uint8_t*)handle + MOE_NET_ADDR_HANDLE_SCRATCH_OFF;
   moe_sock_pending_t* p = NULL;
   *send_p = NULL;
   MOE_CHECK(moe_sock_pending_lookup(scratch, &p));
   if (p == NULL) {
-    moe_sock_handle_t h;
-    moe_sock_dev_t d;
+    moe_net_addr_handle_t h;
+    moe_net_iface_t d;
     MOE_CHECK(moe_sock_get_dev(dev, &d));
     MOE_CHECK(moe_sock_handle_decode(handle, MOE_NET_HANDLE_BYTES, &h));
     MOE_CHECK(moe_sock_pending_start(dev, &h, scratch, &p));
@@ -687,13 +687,13 @@ static ncclResult_t moe_sock_connect(int dev, const moe_net_conn_config_t* confi
     if (moe_net_now_ns() > p->deadline_ns) {
       char buf[96];
       res = MOE_ERROR(ncclRemoteError, "socket: connecting to %s timed out after %d ms",
-                      moe_sock_addr_str(&p->h.addr, buf, sizeof(buf)), moe_env()->timeout_ms);
+                      moe_net_addr_str(&p->h.addr, buf, sizeof(buf)), moe_env()->timeout_ms);
       goto out_abandon;
     }
     return ncclSuccess;
   }
   moe_sock_comm_t* comm = NULL;
-  memset(scratch, 0, MOE_SOCK_HANDLE_SCRATCH_BYTES);
+  memset(scratch, 0, MOE_NET_ADDR_HANDLE_SCRATCH_BYTES);
   int nstreams = p->nstreams;
   res = moe_sock_comm_create(MOE_NET_COMM_SEND, p->dev, p->fds[0], nstreams, p->fds + 1, &comm);
   moe_sock_pending_free(p, 0);
@@ -702,7 +702,7 @@ static ncclResult_t moe_sock_connect(int dev, const moe_net_conn_config_t* confi
   *send_p = &comm->base;
   return ncclSuccess;
 out_abandon:
-  memset(scratch, 0, MOE_SOCK_HANDLE_SCRATCH_BYTES);
+  memset(scratch, 0, MOE_NET_ADDR_HANDLE_SCRATCH_BYTES);
   moe_sock_pending_free(p, 1);
   return res;
 }
@@ -1228,3 +1228,5 @@ const moe_transport_t moe_transport_socket = {
     .write = moe_sock_write,
     .poll_imm = moe_sock_poll_imm,
 };
+
+__attribute__((constructor)) static void moe_transport_socket_register(void) { moe_transport_register(&moe_transport_socket); }

@@ -15,6 +15,8 @@
 
 #include <nccl.h>
 
+#include "transport/moe_net_handle.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -23,32 +25,10 @@ extern "C" {
 /* Data streams per connection at most (NCCL_SOCKET_NTHREADS x NCCL_NSOCKS_PERTHREAD is clamped to this). */
 #define MOE_SOCK_MAX_STREAMS 64
 
-/* --- handle: what listen() writes and connect() reads --------------------- */
-#define MOE_SOCK_HANDLE_MAGIC 0x484f454du /* "MOEH" */
-/* Bytes [0, MOE_SOCK_HANDLE_WIRE_BYTES) travel to the peer; the connector
- * keeps its retry state in [MOE_SOCK_HANDLE_SCRATCH_OFF, +SCRATCH_BYTES) of
- * its own copy (NCCL hands the same handle memory to every connect() retry),
- * and the listener leaves that range zero. */
-#define MOE_SOCK_HANDLE_WIRE_BYTES 44
-#define MOE_SOCK_HANDLE_SCRATCH_OFF 64
-#define MOE_SOCK_HANDLE_SCRATCH_BYTES 16
-
-typedef struct {
-  struct sockaddr_storage addr; /* AF_INET or AF_INET6 with the port */
-  socklen_t addr_len;
-  uint64_t nonce;               /* the listener's random id; hellos must carry it */
-} moe_sock_handle_t;
-
-/* Writes the wire part of a handle into `buf` (`len` >= 128 bytes, zeroed first). */
-ncclResult_t moe_sock_handle_encode(const moe_sock_handle_t* h, void* buf, size_t len);
-/* Parses `len` bytes. Checks magic, version, backend, family, port, nonce,
- * checksum and that every unused byte of the wire part is zero. */
-ncclResult_t moe_sock_handle_decode(const void* buf, size_t len, moe_sock_handle_t* h_p);
-
-/* The same layout with another backend byte (the verbs backend's handle is
- * the address of its TCP side channel). */
-ncclResult_t moe_net_addr_handle_encode(int kind, const moe_sock_handle_t* h, void* buf, size_t len);
-ncclResult_t moe_net_addr_handle_decode(int kind, const void* buf, size_t len, moe_sock_handle_t* h_p);
+/* --- handle: the address handle of transport/moe_net_handle.h, backend byte
+ * MOE_NET_KIND_SOCKET. */
+ncclResult_t moe_sock_handle_encode(const moe_net_addr_handle_t* h, void* buf, size_t len);
+ncclResult_t moe_sock_handle_decode(const void* buf, size_t len, moe_net_addr_handle_t* h_p);
 
 /* --- hello: the first bytes the connector sends on every socket ----------- */
 #define MOE_SOCK_HELLO_MAGIC 0x434f454du /* "MOEC" */

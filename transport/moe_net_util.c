@@ -3,7 +3,7 @@
 #include <errno.h>
 #include <stdlib.h>
 
-#include "moe_log.h"
+#include "common/moe_log.h"
 
 #define MOE_NET_PORT_MAX 255
 

@@ -5,8 +5,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "moe_check.h"
-#include "moe_env.h"
+#include "common/moe_check.h"
+#include "common/moe_env.h"
 
 uint64_t moe_net_now_ns(void) {
   struct timespec ts;
@@ -27,20 +27,36 @@ uint64_t moe_net_random_u64(void) {
   return v;
 }
 
+static const moe_transport_t* moe_transports[MOE_NET_KINDS];
+
+void moe_transport_register(const moe_transport_t* transport) {
+  if (transport != NULL && transport->kind > 0 && transport->kind < MOE_NET_KINDS)
+    __atomic_store_n(&moe_transports[transport->kind], transport, __ATOMIC_RELEASE);
+}
+
+const moe_transport_t* moe_transport_get(moe_net_kind_t kind) {
+  return kind > 0 && kind < MOE_NET_KINDS ? __atomic_load_n(&moe_transports[kind], __ATOMIC_ACQUIRE) : NULL;
+}
+
 /* auto: the ib backend when it starts and finds an active port. */
 static ncclResult_t moe_transport_try_ib(int forced, const moe_transport_t** transport_p) {
-  ncclResult_t res = moe_transport_ib.init();
+  const moe_transport_t* ib = moe_transport_get(MOE_NET_KIND_IB);
+  if (ib == NULL) {
+    if (forced) return MOE_ERROR(ncclInvalidUsage, "NCCL_MOE_NET_BACKEND=ib: this library has no verbs backend");
+    return ncclSystemError;
+  }
+  ncclResult_t res = ib->init();
   if (res != ncclSuccess) {
     if (forced) return MOE_ERROR(res, "NCCL_MOE_NET_BACKEND=ib: the verbs backend failed to start");
     return res;
   }
   int ndev = 0;
-  res = moe_transport_ib.devices(&ndev);
+  res = ib->devices(&ndev);
   if (res == ncclSuccess && ndev > 0) {
-    *transport_p = &moe_transport_ib;
+    *transport_p = ib;
     return ncclSuccess;
   }
-  moe_transport_ib.fini();
+  ib->fini();
   if (forced) return MOE_ERROR(ncclSystemError, "NCCL_MOE_NET_BACKEND=ib: no active verbs port found (NCCL_IB_HCA=\"%s\")",
                                moe_env()->ib_hca);
   return ncclSystemError;
@@ -57,8 +73,9 @@ ncclResult_t moe_transport_select(const moe_transport_t** transport_p) {
     chosen = NULL;
   }
   if (chosen == NULL) {
-    MOE_CHECK(moe_transport_socket.init());
-    chosen = &moe_transport_socket;
+    chosen = moe_transport_get(MOE_NET_KIND_SOCKET);
+    if (chosen == NULL) return MOE_ERROR(ncclInternalError, "no socket backend is registered");
+    MOE_CHECK(chosen->init());
   }
   *transport_p = chosen;
   return ncclSuccess;

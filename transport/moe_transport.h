@@ -1,6 +1,6 @@
 /* The one internal network-transport interface.
  *
- * Both the NCCL net plugin (plugin/net/) and the MoE internode path talk to
+ * Both the NCCL net plugin (plugin/) and the MoE internode path talk to
  * the network only through a moe_transport_t: a table of functions that each
  * backend (net_socket/, net_ib/) fills in. Semantics follow NCCL's net plugin
  * contract so the plugin layer stays a thin adapter:
@@ -139,9 +139,13 @@ struct moe_transport {
   ncclResult_t (*poll_imm)(moe_net_comm_t* recv, uint32_t* imm_p, int* got_p);
 };
 
-/* The backends compiled in. */
-extern const moe_transport_t moe_transport_socket;
-extern const moe_transport_t moe_transport_ib;
+/* The backend registry. Each backend registers its table from a constructor
+ * in its own folder when the library loads, so the layers above reach a
+ * backend only through here and the backends never see each other. */
+#define MOE_NET_KINDS 3 /* moe_net_kind_t values are below this */
+void moe_transport_register(const moe_transport_t* transport);
+/* The registered backend of `kind`, NULL when none is compiled in. */
+const moe_transport_t* moe_transport_get(moe_net_kind_t kind);
 
 /* Picks the backend for NCCL_MOE_NET_BACKEND (auto: ib when an active verbs
  * port exists, else socket) and initializes it. A forced backend that cannot

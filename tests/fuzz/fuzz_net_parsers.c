@@ -20,7 +20,7 @@ int LLVMFuzzerInitialize(int* argc, char*** argv) {
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  moe_sock_handle_t h;
+  moe_net_addr_handle_t h;
   if (moe_sock_handle_decode(data, size, &h) == ncclSuccess) {
     if (h.nonce == 0 || (h.addr.ss_family != AF_INET && h.addr.ss_family != AF_INET6)) abort();
     uint8_t again[MOE_NET_HANDLE_BYTES];

@@ -8,9 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "moe_comm.h"
-#include "moe_inter.h"
-#include "moe_fp8.h"
+#include "core/moe_comm.h"
+#include "core/moe_inter.h"
+#include "tests/support/moe_fp8.h"
 #include "nccl_moe.h"
 #include "test_common.h"
 

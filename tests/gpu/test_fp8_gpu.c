@@ -5,8 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "moe_fp8.h"
-#include "moe_kernels.h"
+#include "tests/support/moe_fp8.h"
+#include "tests/support/moe_test_kernels.h"
 #include "nccl_moe.h"
 #include "test_common.h"
 

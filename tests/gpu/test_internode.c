@@ -10,8 +10,8 @@
 #include <time.h>
 
 #include "moe_case.h"
-#include "moe_comm.h"
-#include "moe_env.h"
+#include "core/moe_comm.h"
+#include "common/moe_env.h"
 #include "nccl_moe.h"
 #include "test_common.h"
 

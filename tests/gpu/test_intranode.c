@@ -9,8 +9,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "moe_comm.h"
-#include "moe_fp8.h"
+#include "core/moe_comm.h"
+#include "tests/support/moe_fp8.h"
 #include "moe_case.h"
 #include "nccl_moe.h"
 #include "test_common.h"

@@ -12,9 +12,9 @@
 #include <string.h>
 #include <time.h>
 
-#include "moe_comm.h"
-#include "moe_fp8.h"
-#include "moe_kernels.h"
+#include "core/moe_comm.h"
+#include "tests/support/moe_fp8.h"
+#include "tests/support/moe_test_kernels.h"
 #include "nccl_moe.h"
 #include "test_common.h"
 

@@ -6,8 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "moe_env.h"
-#include "moe_log.h"
+#include "common/moe_env.h"
+#include "common/moe_log.h"
 #include "nccl_moe.h"
 #include "test_common.h"
 

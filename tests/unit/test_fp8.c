@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "moe_fp8.h"
+#include "tests/support/moe_fp8.h"
 #include "nccl_moe.h"
 #include "test_common.h"
 

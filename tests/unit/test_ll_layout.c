@@ -6,8 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "moe_comm.h"
-#include "moe_ll.h"
+#include "core/moe_comm.h"
+#include "core/moe_ll.h"
 #include "nccl_moe.h"
 #include "test_common.h"
 

@@ -20,9 +20,9 @@
 #include <string.h>
 
 #include "bench_net.h"
-#include "moe_fp8.h"
-#include "moe_kernels.h"
-#include "moe_lowlatency.h"
+#include "tests/support/moe_fp8.h"
+#include "tests/support/moe_test_kernels.h"
+#include "kernels/moe_lowlatency.h"
 #include "nccl_moe.h"
 
 #define MAXR NCCL_MOE_MAX_RANKS
@@ -201,6 +201,7 @@ static void draw_inputs(const opts_t* o, uint16_t* hx, int64_t* hidx, float* hw)
 #define LL_HEADER_BYTES 16 /* per pair, in DeepEP's accounting */
 #define LL_EXPERT_OUT_BYTE 0x3c /* expert outputs: every BF16 value 0x3c3c */
 #define LL_FLOOR_BLOCKS 16 /* blocks of the empty kernels (their number barely matters) */
+#define LL_FLOOR_THREADS 512 /* threads of each, as many as a low-latency kernel block */
 
 /* LL_FLOOR: an empty kernel per rank instead of a call, for the launch floor. */
 enum { LL_DISPATCH = 0, LL_COMBINE = 1, LL_FLOOR = 2 };
@@ -294,7 +295,7 @@ static cudaGraphExec_t ll_capture_all(ll_rank_t* rk, int ranks, int op, cudaStre
   CK(cudaEventRecord(fork, stream));
   for (int r = 0; r < ranks; r++) {
     CK(cudaStreamWaitEvent(rk[r].stream, fork, 0));
-    if (op == LL_FLOOR) CK(moe_ll_noop_launch(LL_FLOOR_BLOCKS, rk[r].stream));
+    if (op == LL_FLOOR) CK(moe_test_noop_launch(LL_FLOOR_BLOCKS, LL_FLOOR_THREADS, rk[r].stream));
     else ll_call(&rk[r], op);
     CK(cudaEventRecord(rk[r].end, rk[r].stream));
     CK(cudaStreamWaitEvent(stream, rk[r].end, 0));
@@ -333,7 +334,7 @@ static void ll_time_all(cudaGraphExec_t* exec, const opts_t* o, cudaStream_t str
  * much later than the first rank the last rank started. */
 static float ll_replay(ll_rank_t* rk, int ranks, ll_gate_t* gate, int op, float* skewMs) {
   __atomic_store_n(gate->hostFlag, 0, __ATOMIC_RELEASE);
-  CK(moe_ll_gate_launch(gate->devFlag, LL_GATE_TIMEOUT_NS, gate->stream));
+  CK(moe_test_gate_launch(gate->devFlag, LL_GATE_TIMEOUT_NS, gate->stream));
   CK(cudaEventRecord(gate->open, gate->stream));
   for (int r = 0; r < ranks; r++) {
     CK(cudaStreamWaitEvent(rk[r].stream, gate->open, 0));
@@ -434,6 +435,7 @@ static int ll_main(const opts_t* o) {
   cfg.hidden = o->hidden, cfg.numExperts = o->experts, cfg.maxTopk = o->topk, cfg.numSMs = o->sms;
   cfg.llMaxTokensPerRank = o->tokens;
   ncclMoeComm_t comms[MAXR];
+  CK(moe_test_kernels_preload()); /* the gate and the launch-floor kernel, before ranks wait on each other */
   NK(ncclMoeCommInitVirtualNodes(o->ranks, o->ranks / o->nodes, 0, &cfg, comms));
   size_t llBytes = 0;
   NK(ncclMoeLowLatencyBufferBytes(comms[0], &llBytes));

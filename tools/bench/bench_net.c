@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "moe_env.h"
+#include "common/moe_env.h"
 #include "nccl_moe.h"
 #include "transport/moe_transport.h"
 

@@ -11,9 +11,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "moe_env.h"
+#include "common/moe_env.h"
 #include "net_ib/moe_ib_devs.h"
 #include "net_ib/moe_ib_wire.h"
+#include "net_socket/moe_sock_wire.h"
 #include "test_common.h"
 
 START_TEST(test_hca_list) {
@@ -139,7 +140,7 @@ START_TEST(test_handle_encoding) {
   ck_assert_int_eq(moe_ib_handle_decode(buf, sizeof(buf), &out), ncclSuccess);
   ck_assert(out.nonce == 77);
   /* A socket handle is not an IB handle and the other way round. */
-  moe_sock_handle_t s;
+  moe_net_addr_handle_t s;
   ck_assert_int_eq(moe_sock_handle_decode(buf, sizeof(buf), &s), ncclInvalidArgument);
   ck_assert_int_eq(moe_sock_handle_encode(&h, buf, sizeof(buf)), ncclSuccess);
   ck_assert_int_eq(moe_ib_handle_decode(buf, sizeof(buf), &out), ncclInvalidArgument);

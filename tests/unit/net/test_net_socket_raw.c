@@ -39,7 +39,7 @@ static void teardown(void) {
 }
 
 static int raw_connect(void) {
-  moe_sock_handle_t h;
+  moe_net_addr_handle_t h;
   ck_assert_int_eq(moe_sock_handle_decode(handle, sizeof(handle), &h), ncclSuccess);
   int fd = socket(h.addr.ss_family, SOCK_STREAM, 0);
   ck_assert_int_ge(fd, 0);
@@ -53,7 +53,7 @@ static void raw_send(int fd, const void* buf, size_t len) {
 
 /* Opens a well-formed one-stream connection; returns the control fd. */
 static int raw_connection(int* data_fd, void** recv_comm) {
-  moe_sock_handle_t h;
+  moe_net_addr_handle_t h;
   ck_assert_int_eq(moe_sock_handle_decode(handle, sizeof(handle), &h), ncclSuccess);
   int ctrl = raw_connect();
   *data_fd = raw_connect();

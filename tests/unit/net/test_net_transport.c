@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "moe_env.h"
+#include "common/moe_env.h"
 #include "net_test_util.h"
 #include "test_common.h"
 #include "transport/moe_transport.h"

@@ -66,8 +66,8 @@ START_TEST(test_iflist_parse_and_match) {
 }
 END_TEST
 
-static moe_sock_handle_t sample_handle(int family) {
-  moe_sock_handle_t h;
+static moe_net_addr_handle_t sample_handle(int family) {
+  moe_net_addr_handle_t h;
   memset(&h, 0, sizeof(h));
   if (family == AF_INET) {
     struct sockaddr_in* a = (struct sockaddr_in*)&h.addr;
@@ -89,7 +89,7 @@ static moe_sock_handle_t sample_handle(int family) {
 START_TEST(test_handle_roundtrip_and_rejects) {
   for (int f = 0; f < 2; f++) {
     int family = f == 0 ? AF_INET : AF_INET6;
-    moe_sock_handle_t h = sample_handle(family), out;
+    moe_net_addr_handle_t h = sample_handle(family), out;
     uint8_t buf[128];
     ck_assert_int_eq(moe_sock_handle_encode(&h, buf, sizeof(buf)), ncclSuccess);
     ck_assert_int_eq(moe_sock_handle_decode(buf, sizeof(buf), &out), ncclSuccess);
@@ -97,11 +97,11 @@ START_TEST(test_handle_roundtrip_and_rejects) {
     ck_assert_int_eq(memcmp(&out.addr, &h.addr, h.addr_len), 0);
     ck_assert(out.nonce == h.nonce);
     /* Truncated. */
-    for (size_t len = 0; len < MOE_SOCK_HANDLE_WIRE_BYTES; len++)
+    for (size_t len = 0; len < MOE_NET_ADDR_HANDLE_WIRE_BYTES; len++)
       ck_assert_int_eq(moe_sock_handle_decode(buf, len, &out), ncclInvalidArgument);
     /* Any flipped bit outside the connector's scratch range. */
     for (int i = 0; i < 128; i++) {
-      if (i >= MOE_SOCK_HANDLE_SCRATCH_OFF && i < MOE_SOCK_HANDLE_SCRATCH_OFF + MOE_SOCK_HANDLE_SCRATCH_BYTES)
+      if (i >= MOE_NET_ADDR_HANDLE_SCRATCH_OFF && i < MOE_NET_ADDR_HANDLE_SCRATCH_OFF + MOE_NET_ADDR_HANDLE_SCRATCH_BYTES)
         continue;
       for (int bit = 0; bit < 8; bit++) {
         uint8_t bad[128];
@@ -197,24 +197,24 @@ START_TEST(test_split) {
 END_TEST
 
 START_TEST(test_find_devs) {
-  moe_sock_dev_t devs[MOE_NET_MAX_DEVS];
+  moe_net_iface_t devs[MOE_NET_MAX_DEVS];
   int n = 0;
-  ck_assert_int_eq(moe_sock_find_devs("lo", "/sys/class/net", devs, MOE_NET_MAX_DEVS, &n), ncclSuccess);
+  ck_assert_int_eq(moe_net_find_ifaces("lo", "/sys/class/net", devs, MOE_NET_MAX_DEVS, &n), ncclSuccess);
   ck_assert_int_eq(n, 1);
   ck_assert_str_eq(devs[0].name, "lo");
   ck_assert_int_eq(devs[0].addr.ss_family, AF_INET);
   ck_assert_int_gt(devs[0].speed_mbps, 0);
-  ck_assert_int_eq(moe_sock_find_devs("=l", "/sys/class/net", devs, MOE_NET_MAX_DEVS, &n), ncclSuccess);
+  ck_assert_int_eq(moe_net_find_ifaces("=l", "/sys/class/net", devs, MOE_NET_MAX_DEVS, &n), ncclSuccess);
   ck_assert_int_eq(n, 0);
-  ck_assert_int_eq(moe_sock_find_devs("^lo", "/sys/class/net", devs, MOE_NET_MAX_DEVS, &n), ncclSuccess);
+  ck_assert_int_eq(moe_net_find_ifaces("^lo", "/sys/class/net", devs, MOE_NET_MAX_DEVS, &n), ncclSuccess);
   for (int i = 0; i < n; i++) ck_assert_str_ne(devs[i].name, "lo");
-  ck_assert_int_eq(moe_sock_find_devs("lo:x", "/sys/class/net", devs, MOE_NET_MAX_DEVS, &n), ncclInvalidArgument);
+  ck_assert_int_eq(moe_net_find_ifaces("lo:x", "/sys/class/net", devs, MOE_NET_MAX_DEVS, &n), ncclInvalidArgument);
   /* Default: never a docker/virbr bridge; loopback only when nothing else is up. */
-  ck_assert_int_eq(moe_sock_find_devs("", "/sys/class/net", devs, MOE_NET_MAX_DEVS, &n), ncclSuccess);
+  ck_assert_int_eq(moe_net_find_ifaces("", "/sys/class/net", devs, MOE_NET_MAX_DEVS, &n), ncclSuccess);
   ck_assert_int_ge(n, 1);
   int nonlo = 0;
-  moe_sock_dev_t others[MOE_NET_MAX_DEVS];
-  ck_assert_int_eq(moe_sock_find_devs("^docker,lo,virbr", "/sys/class/net", others, MOE_NET_MAX_DEVS, &nonlo),
+  moe_net_iface_t others[MOE_NET_MAX_DEVS];
+  ck_assert_int_eq(moe_net_find_ifaces("^docker,lo,virbr", "/sys/class/net", others, MOE_NET_MAX_DEVS, &nonlo),
                    ncclSuccess);
   for (int i = 0; i < n; i++) {
     ck_assert(strncmp(devs[i].name, "docker", 6) != 0 && strncmp(devs[i].name, "virbr", 5) != 0);

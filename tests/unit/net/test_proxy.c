@@ -15,9 +15,9 @@
 #include <string.h>
 #include <time.h>
 
-#include "moe_env.h"
-#include "moe_intranode.h"
-#include "moe_proxy.h"
+#include "common/moe_env.h"
+#include "kernels/moe_intranode.h"
+#include "core/moe_proxy.h"
 #include "net_test_util.h"
 #include "test_common.h"
 

@@ -5,14 +5,14 @@
  * finalizes, dlclose()s and loads again starts from a clean slate; a
  * destructor covers an unload without finalize (ABIs before v11 have none).
  * Everything NCCL hands us (comms, requests, handles) is checked before use. */
-#include "net/moe_net_plugin.h"
+#include "plugin/moe_net_plugin.h"
 
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "moe_check.h"
+#include "common/moe_check.h"
 #include "transport/moe_transport.h"
 
 #define MOE_NET_CTX_MAGIC 0x7874634du /* "Mctx" */

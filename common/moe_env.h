@@ -40,10 +40,7 @@ typedef struct {
 /* The parsed environment (parsed on the first call). Never NULL. */
 const moe_env_t* moe_env(void);
 
-/* NCCL_MOE_DEBUG alone (what the logger needs, without recursion). */
-int moe_env_debug_level(void);
-
-/* Parses the environment again. Not safe while other threads read moe_env(). */
+/* Parses the environment again (NCCL_MOE_DEBUG too). Not safe while other threads read moe_env(). */
 void moe_env_reload(void);
 
 /* The integer parser behind moe_env(), exposed for tests: parses `text` as a

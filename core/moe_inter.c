@@ -5,16 +5,16 @@
  * dma-buf or nvidia-peermem: the NIC reads and writes them directly), else in
  * pinned host memory the GPU maps (the socket backend). The proxy never
  * copies payload either way. */
-#include "moe_inter.h"
+#include "core/moe_inter.h"
 
 #include <cuda_runtime_api.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "moe_check.h"
-#include "moe_comm.h"
-#include "moe_env.h"
-#include "moe_log.h"
+#include "common/moe_check.h"
+#include "core/moe_comm.h"
+#include "common/moe_env.h"
+#include "common/moe_log.h"
 
 #define MOE_MAX_LOCAL_RANKS 32
 

@@ -1,15 +1,15 @@
 /* Low-latency dispatch / combine: configuration, buffer layout, argument and
  * call-order checks, then the kernels of kernels/lowlatency.cu. Nothing here
  * waits for the GPU, so every call can be captured in a CUDA graph. */
-#include "moe_ll.h"
+#include "core/moe_ll.h"
 
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 #include <string.h>
 
-#include "moe_check.h"
-#include "moe_comm.h"
-#include "moe_log.h"
+#include "common/moe_check.h"
+#include "core/moe_comm.h"
+#include "common/moe_log.h"
 
 #define MOE_LL_REGION_ALIGN 256
 #define MOE_LL_MSG_ALIGN_INTS 4 /* count messages padded to 16 bytes */

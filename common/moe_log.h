@@ -21,6 +21,10 @@ typedef enum {
   MOE_LOG_TRACE = 3
 } moe_log_level_t;
 
+/* NCCL_MOE_DEBUG (moe_log_level_t), parsed on the first call; reload: parse again (tests). */
+int moe_log_level(void);
+void moe_log_reload(void);
+
 /* Routes all later messages through NCCL's logger (NULL: back to stderr). */
 void moe_log_set_nccl_logger(ncclDebugLogger_t logger);
 
@@ -32,6 +36,9 @@ void moe_log(moe_log_level_t level, unsigned long subsys, const char* file, int 
  * caller can write `return MOE_ERROR(ncclInvalidArgument, "...", ...)`. */
 ncclResult_t moe_error(ncclResult_t res, const char* file, int line, const char* fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+/* The name of a result code (what ncclGetErrorString says, without calling NCCL). */
+const char* moe_result_str(ncclResult_t res);
 
 /* This thread's last error message ("" when none). */
 const char* moe_last_error(void);

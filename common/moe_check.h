@@ -3,7 +3,7 @@
 #ifndef MOE_CHECK_H_
 #define MOE_CHECK_H_
 
-#include "moe_log.h"
+#include "common/moe_log.h"
 
 #define MOE_CHECK(call)                      \
   do {                                       \
@@ -40,7 +40,7 @@
   do {                                                                              \
     (res) = (call);                                                                 \
     if ((res) != ncclSuccess) {                                                     \
-      MOE_ERROR((res), "NCCL error in %s: %s", #call, ncclGetErrorString(res));     \
+      MOE_ERROR((res), "NCCL error in %s: %s", #call, moe_result_str(res));     \
       goto label;                                                                   \
     }                                                                               \
   } while (0)

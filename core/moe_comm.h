@@ -2,9 +2,9 @@
 #ifndef MOE_COMM_H_
 #define MOE_COMM_H_
 
-#include "moe_inter.h"
-#include "moe_intranode.h"
-#include "moe_ll.h"
+#include "core/moe_inter.h"
+#include "kernels/moe_intranode.h"
+#include "core/moe_ll.h"
 #include "nccl_moe.h"
 
 #ifdef __cplusplus

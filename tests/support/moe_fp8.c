@@ -1,4 +1,4 @@
-#include "moe_fp8.h"
+#include "tests/support/moe_fp8.h"
 
 #include <float.h>
 #include <math.h>

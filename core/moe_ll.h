@@ -5,7 +5,7 @@
 
 #include <stddef.h>
 
-#include "moe_lowlatency.h"
+#include "kernels/moe_lowlatency.h"
 #include "nccl_moe.h"
 
 #ifdef __cplusplus

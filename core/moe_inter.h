@@ -3,8 +3,8 @@
 #ifndef MOE_INTER_H_
 #define MOE_INTER_H_
 
-#include "moe_internode.h"
-#include "moe_proxy.h"
+#include "kernels/moe_internode.h"
+#include "core/moe_proxy.h"
 
 #ifdef __cplusplus
 extern "C" {

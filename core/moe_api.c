@@ -1,5 +1,5 @@
 /* Library-wide entry points: version and last error. */
-#include "moe_log.h"
+#include "common/moe_log.h"
 #include "nccl_moe.h"
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeGetVersion(int* version) {

@@ -5,8 +5,8 @@
 #include <stddef.h>
 #include <string.h>
 
-#include "moe_check.h"
-#include "net/moe_net_plugin.h"
+#include "common/moe_check.h"
+#include "plugin/moe_net_plugin.h"
 #include "transport/moe_transport.h"
 
 #define MOE_EXPORT __attribute__((visibility("default")))

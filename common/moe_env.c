@@ -1,4 +1,4 @@
-#include "moe_env.h"
+#include "common/moe_env.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -7,7 +7,7 @@
 #include <string.h>
 #include <strings.h>
 
-#include "moe_log.h"
+#include "common/moe_log.h"
 
 #define MOE_DEFAULT_TIMEOUT_MS 60000
 #define MOE_DEFAULT_NET_CHUNK_KB 256
@@ -54,7 +54,6 @@ static int moe_env_choice(const char* name, const char* const* names, int count,
   return def;
 }
 
-static const char* const moe_debug_names[] = {"NONE", "WARN", "INFO", "TRACE"};
 static const char* const moe_backend_names[] = {"auto", "ib", "socket"};
 static const char* const moe_gdr_names[] = {"LOC", "PIX", "PXB", "PHB", "SYS"};
 
@@ -66,35 +65,9 @@ static int moe_env_gdr_level(void) {
   return moe_env_parse_int("NCCL_NET_GDR_LEVEL", v, -1, 0, 5);
 }
 
-/* The debug level has its own once: the logger needs it, also while the rest
- * of the environment is being parsed (and warned about). */
-static int moe_debug_level = MOE_LOG_WARN;
-static int moe_debug_level_bad = 0;
-static pthread_once_t moe_debug_once = PTHREAD_ONCE_INIT;
-
-static void moe_debug_level_parse(void) {
-  const char* v = getenv("NCCL_MOE_DEBUG");
-  moe_debug_level = MOE_LOG_WARN;
-  moe_debug_level_bad = 0;
-  if (v == NULL || v[0] == '\0') return;
-  for (int i = 0; i < 4; i++)
-    if (strcasecmp(v, moe_debug_names[i]) == 0) {
-      moe_debug_level = i;
-      return;
-    }
-  moe_debug_level_bad = 1;
-}
-
-int moe_env_debug_level(void) {
-  pthread_once(&moe_debug_once, moe_debug_level_parse);
-  return moe_debug_level;
-}
-
 static void moe_env_parse(void) {
   moe_env_t* e = &moe_env_values;
-  e->debug_level = moe_env_debug_level();
-  if (moe_debug_level_bad)
-    MOE_WARN("ignoring NCCL_MOE_DEBUG=\"%s\": expected NONE, WARN, INFO or TRACE", getenv("NCCL_MOE_DEBUG"));
+  e->debug_level = moe_log_level();
   e->timeout_ms = moe_env_int("NCCL_MOE_TIMEOUT_MS", MOE_DEFAULT_TIMEOUT_MS, 1, INT_MAX);
   e->p2p_disable = moe_env_int("NCCL_MOE_P2P_DISABLE", 0, 0, 1);
   e->num_sms = moe_env_int("NCCL_MOE_NUM_SMS", 0, 0, MOE_MAX_SMS);
@@ -121,8 +94,7 @@ const moe_env_t* moe_env(void) {
 }
 
 void moe_env_reload(void) {
-  pthread_once(&moe_debug_once, moe_debug_level_parse);
   pthread_once(&moe_env_once, moe_env_parse);
-  moe_debug_level_parse();
+  moe_log_reload();
   moe_env_parse();
 }

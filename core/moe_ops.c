@@ -4,9 +4,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "moe_check.h"
-#include "moe_comm.h"
-#include "moe_log.h"
+#include "common/moe_check.h"
+#include "core/moe_comm.h"
+#include "common/moe_log.h"
 
 #define MOE_DISPATCH_THREADS 512
 #define MOE_MAX_EXPERT_ALIGNMENT (1 << 16)

@@ -14,7 +14,7 @@
  * written only after the peer returned the credit of the previous one, so a
  * slow receiver is never overwritten. Every value that arrives from the
  * network is checked before it becomes a counter the GPU trusts. */
-#include "moe_proxy.h"
+#include "core/moe_proxy.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -23,8 +23,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "moe_check.h"
-#include "moe_intranode.h"
+#include "common/moe_check.h"
+#include "kernels/moe_intranode.h"
 
 #define MOE_PROXY_MSG_MAGIC 0x6d6f6550u /* "moeP" */
 #define MOE_PROXY_TAG_HELLO 1

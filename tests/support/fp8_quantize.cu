@@ -1,7 +1,7 @@
 /* Stand-alone FP8 quantization of a BF16 tensor: the codec of moe_fp8.cuh as
  * a kernel (used by tests and the benchmark to make FP8 inputs). */
-#include "moe_fp8.cuh"
-#include "moe_kernels.h"
+#include "kernels/moe_fp8.cuh"
+#include "tests/support/moe_test_kernels.h"
 
 /* Each half-warp quantizes one 128-channel block: 16 lanes x 8 values. */
 __global__ void moe_fp8_quantize_kernel(const uint4* __restrict__ x, int rows, int hidden,

@@ -1,6 +1,6 @@
 /* MoE communicator: configuration, buffers, peer mapping (CUDA IPC between
  * processes, plain pointers between virtual ranks of one process), teardown. */
-#include "moe_comm.h"
+#include "core/moe_comm.h"
 
 #include <cuda_runtime_api.h>
 #include <limits.h>
@@ -10,9 +10,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "moe_check.h"
-#include "moe_env.h"
-#include "moe_log.h"
+#include "common/moe_check.h"
+#include "common/moe_env.h"
+#include "common/moe_log.h"
 
 #define MOE_REGION_ALIGN 256
 #define MOE_DEFAULT_TOPK 8

@@ -10,7 +10,7 @@
 #ifndef MOE_PROXY_H_
 #define MOE_PROXY_H_
 
-#include "moe_internode.h"
+#include "kernels/moe_internode.h"
 #include "transport/moe_transport.h"
 
 #ifdef __cplusplus
