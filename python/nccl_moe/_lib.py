@@ -45,7 +45,7 @@ SCALE_UE8M0 = 2  # low-latency dispatch only
 LL_MAX_TOKENS = 4096     # NCCL_MOE_LL_MAX_TOKENS: largest config.llMaxTokensPerRank
 UE8M0_PER_WORD = 4       # UE8M0 scale bytes per 32-bit word
 
-# The same limits the C entry points check (plugin/moe_ops.c, moe_comm.c):
+# The same limits the C entry points check (core/moe_ops.c, moe_comm.c):
 # checking them here too means a bad argument fails before any virtual rank
 # has started waiting for its peers on the GPU.
 DEFAULT_TOPK = 8

@@ -1,5 +1,5 @@
 """FP8 (e4m3, "fn" variant) block quantization in torch, bit for bit the
-codec of the library (plugin/moe_fp8.h documents it; the dispatch kernel's
+codec of the library (tests/support/moe_fp8.h documents it; the dispatch kernel's
 in-kernel cast produces the same bytes):
 
     amax  = max |x| over a block of 128 channels of a row (NaN, Inf ignored)
