@@ -21,13 +21,18 @@
 /* Virtual ranks need a hardware queue per stream: the ranks' streams and one more. */
 #define MOE_VIRTUAL_CONNECTIONS_HINT 32
 
-/* Frees one rank: its internode part first (the proxy threads write the
- * comm's error word), then its own memory. */
+/* Frees one rank, on its device: its internode part first (the proxy
+ * threads write the comm's error word), then its own memory. */
 static void moe_comm_destroy_rank(ncclMoeComm_t comm) {
   if (comm == NULL) return;
+  char pending[MOE_ERROR_COPY_MAX]; /* the error that brought us here, if any, stays the caller's */
+  snprintf(pending, sizeof(pending), "%s", moe_last_error());
+  moe_device_guard_t guard;
+  if (moe_device_enter(comm->device, &guard) != ncclSuccess) moe_set_last_error(pending); /* free what we can */
   moe_inter_destroy(comm->inter);
   comm->inter = NULL;
   moe_comm_free(comm);
+  moe_device_leave(&guard);
 }
 
 /* One rank, bootstrapped through `boot`: own memory, peers, kernels'
