@@ -11,7 +11,6 @@
 
 #define MOE_DEFAULT_TIMEOUT_MS 60000
 #define MOE_DEFAULT_NET_CHUNK_KB 256
-#define MOE_MAX_SMS 1024
 
 static moe_env_t moe_env_values;
 static pthread_once_t moe_env_once = PTHREAD_ONCE_INIT;
@@ -70,7 +69,7 @@ static void moe_env_parse(void) {
   e->debug_level = moe_log_level();
   e->timeout_ms = moe_env_int("NCCL_MOE_TIMEOUT_MS", MOE_DEFAULT_TIMEOUT_MS, 1, INT_MAX);
   e->p2p_disable = moe_env_int("NCCL_MOE_P2P_DISABLE", 0, 0, 1);
-  e->num_sms = moe_env_int("NCCL_MOE_NUM_SMS", 0, 0, MOE_MAX_SMS);
+  e->num_sms = moe_env_int("NCCL_MOE_NUM_SMS", 0, 0, MOE_ENV_MAX_SMS);
   e->net_backend = moe_env_choice("NCCL_MOE_NET_BACKEND", moe_backend_names, 3, MOE_NET_BACKEND_AUTO);
   e->net_chunk_kb = moe_env_int("NCCL_MOE_NET_CHUNK_KB", MOE_DEFAULT_NET_CHUNK_KB, 1, 1 << 20);
   moe_env_str("NCCL_IB_HCA", e->ib_hca);

@@ -11,6 +11,8 @@ extern "C" {
 #endif
 
 #define MOE_ENV_STR_MAX 256
+/* Largest NCCL_MOE_NUM_SMS (the same bound as config.numSMs, NCCL_MOE_MAX_SMS). */
+#define MOE_ENV_MAX_SMS 1024
 
 typedef enum { MOE_NET_BACKEND_AUTO = 0, MOE_NET_BACKEND_IB, MOE_NET_BACKEND_SOCKET } moe_net_backend_t;
 

@@ -114,3 +114,5 @@ const char* moe_result_str(ncclResult_t res) {
 const char* moe_last_error(void) { return moe_last_error_msg; }
 
 void moe_clear_last_error(void) { moe_last_error_msg[0] = '\0'; }
+
+void moe_set_last_error(const char* msg) { snprintf(moe_last_error_msg, sizeof(moe_last_error_msg), "%s", msg); }

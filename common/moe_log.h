@@ -43,6 +43,9 @@ const char* moe_result_str(ncclResult_t res);
 /* This thread's last error message ("" when none). */
 const char* moe_last_error(void);
 void moe_clear_last_error(void);
+/* Makes `msg` this thread's last error without logging it again (an error
+ * another thread detected and logged, handed to the caller's thread). */
+void moe_set_last_error(const char* msg);
 
 #define MOE_WARN(...) moe_log(MOE_LOG_WARN, NCCL_ALL, __FILE__, __LINE__, __VA_ARGS__)
 #define MOE_INFO(subsys, ...) moe_log(MOE_LOG_INFO, (subsys), __FILE__, __LINE__, __VA_ARGS__)

@@ -12,39 +12,9 @@
 #include <string.h>
 
 #include "common/moe_check.h"
-#include "core/moe_comm.h"
 #include "common/moe_env.h"
 #include "common/moe_log.h"
-
-#define MOE_MAX_LOCAL_RANKS 32
-
-ncclResult_t moe_topo_build(int nRanks, int rank, const int* nodeKey, moe_topo_t* topo_p) {
-  moe_topo_t t;
-  memset(&t, 0, sizeof(t));
-  int firstOf[NCCL_MOE_MAX_RANKS] = {0}, count[NCCL_MOE_MAX_RANKS] = {0};
-  for (int r = 0; r < nRanks; r++) {
-    int n = 0;
-    while (n < t.nNodes && nodeKey[firstOf[n]] != nodeKey[r]) n++;
-    if (n == t.nNodes) {
-      firstOf[n] = r;
-      count[n] = 0;
-      t.nNodes++;
-    }
-    t.nodeOf[r] = n;
-    t.localOf[r] = count[n]++;
-  }
-  t.ranksPerNode = count[0];
-  for (int n = 1; n < t.nNodes; n++)
-    MOE_ARG_CHECK(count[n] == t.ranksPerNode, "node %d has %d ranks and node 0 has %d: every node needs the same "
-                  "number of ranks", n, count[n], t.ranksPerNode);
-  MOE_ARG_CHECK(t.ranksPerNode <= MOE_MAX_LOCAL_RANKS, "%d ranks on one node: at most %d are supported",
-                t.ranksPerNode, MOE_MAX_LOCAL_RANKS);
-  for (int r = 0; r < nRanks; r++) t.rankAt[t.nodeOf[r] * t.ranksPerNode + t.localOf[r]] = r;
-  t.node = t.nodeOf[rank];
-  t.local = t.localOf[rank];
-  *topo_p = t;
-  return ncclSuccess;
-}
+#include "core/moe_backoff.h"
 
 static void moe_inter_geom(const ncclMoeConfig_t* c, int notifyInts, const moe_topo_t* t, moe_net_geom_t* g) {
   const moe_record_t d = moe_dispatch_record(t->ranksPerNode, c->maxTopk, c->hidden, 0);
@@ -86,7 +56,7 @@ static ncclResult_t moe_host_alloc(size_t bytes, char** host_p, char** dev_p, co
 
 /* Regions of a->geom.total bytes each, counters, and a proxy listening for
  * the peers of `a` (whose transport, device, peers and channels are set). */
-static ncclResult_t moe_net_ep_open(struct ncclMoeComm* comm, moe_proxy_args_t* a, const char* what,
+static ncclResult_t moe_net_ep_open(ncclMoeComm_t comm, moe_proxy_args_t* a, const char* what,
                                     moe_net_ep_t* ep) {
   for (int ch = 0; ch < a->nChannels; ch++)
     if (a->geom.slab[ch] > MOE_NET_MAX_MSG_BYTES)
@@ -159,7 +129,7 @@ static void moe_ll_net_geom(const ncclMoeConfig_t* c, int nRanks, int nRemote, m
 
 /* The low-latency proxy: peers are the ranks of other nodes in rank order;
  * this rank's slot at each is its place among that rank's remote ranks. */
-static ncclResult_t moe_inter_ll_open(struct ncclMoeComm* comm, const moe_topo_t* t, moe_proxy_args_t* a,
+static ncclResult_t moe_inter_ll_open(ncclMoeComm_t comm, const moe_topo_t* t, moe_proxy_args_t* a,
                                       moe_inter_comm_t* in) {
   moe_ll_net_t* net = &comm->ll.ctx.net;
   int nRemote = 0;
@@ -188,7 +158,7 @@ static ncclResult_t moe_inter_ll_open(struct ncclMoeComm* comm, const moe_topo_t
   return ncclSuccess;
 }
 
-ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, moe_inter_comm_t** inter_p) {
+ncclResult_t moe_inter_create(ncclMoeComm_t comm, const moe_topo_t* topo, moe_inter_comm_t** inter_p) {
   ncclResult_t res = ncclSuccess;
   moe_inter_comm_t* in = calloc(1, sizeof(*in));
   if (in == NULL) return MOE_ERROR(ncclSystemError, "out of host memory");
@@ -199,6 +169,7 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
   n->chunkRecords = moe_inter_chunk_records(&comm->config, topo);
   const moe_transport_t* transport = NULL;
   MOE_CHECK_GOTO(moe_transport_select(&transport), res, fail);
+  in->transport = transport; /* one init() held: moe_inter_destroy releases it */
   int ndev = 0;
   MOE_CHECK_GOTO(transport->devices(&ndev), res, fail);
   if (ndev < 1) {
@@ -217,12 +188,12 @@ ncclResult_t moe_inter_create(struct ncclMoeComm* comm, const moe_topo_t* topo, 
   n->recvBuf = in->ep.recvDev;
   n->flags = in->ep.devFlags;
   MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->seq, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
-  MOE_CUDA_CHECK_GOTO(cudaMemset(n->seq, 0, sizeof(unsigned long long) * MOE_NET_CHANNELS), res, fail);
+  MOE_CUDA_CHECK_GOTO(cudaMemsetAsync(n->seq, 0, sizeof(unsigned long long) * MOE_NET_CHANNELS, comm->stream), res,
+                      fail);
   const size_t chunkCounters = sizeof(unsigned int) * MOE_NET_CHANNELS * MOE_MAX_NODES * MOE_NET_MAX_CHUNKS;
   MOE_CUDA_CHECK_GOTO(cudaMalloc((void**)&n->chunkDone, chunkCounters), res, fail);
-  MOE_CUDA_CHECK_GOTO(cudaMemset(n->chunkDone, 0, chunkCounters), res, fail);
-  /* The callers' streams do not wait for the legacy stream the memset ran on. */
-  MOE_CUDA_CHECK_GOTO(cudaStreamSynchronize(0), res, fail);
+  /* On the set-up stream: done before the comm is returned (moe_comm_setup_done). */
+  MOE_CUDA_CHECK_GOTO(cudaMemsetAsync(n->chunkDone, 0, chunkCounters, comm->stream), res, fail);
   if (comm->ll.ctx.l.bytes > 0) {
     moe_proxy_args_t b = {.transport = transport, .dev = topo->local % ndev};
     MOE_CHECK_GOTO(moe_inter_ll_open(comm, topo, &b, in), res, fail);
@@ -253,15 +224,19 @@ static ncclResult_t moe_net_ep_connect(const moe_net_ep_t* ep, const char* handl
   return moe_proxy_connect(ep->proxy, byPeer, done_p);
 }
 
-ncclResult_t moe_inter_connect(moe_inter_comm_t* in, const char* handles, int* done_p) {
-  int done = 0, llDone = 1;
-  MOE_CHECK(moe_net_ep_connect(&in->ep, handles, 0, &done));
-  if (in->hasLL) MOE_CHECK(moe_net_ep_connect(&in->ll, handles, 1, &llDone));
-  *done_p = done && llDone;
-  return ncclSuccess;
-}
-
-ncclResult_t moe_inter_start(moe_inter_comm_t* in) {
+ncclResult_t moe_inter_connect_start(moe_inter_comm_t* in, const char* handles) {
+  int done = 0, llDone = !in->hasLL;
+  moe_backoff_t backoff;
+  moe_backoff_init(&backoff, MOE_BACKOFF_SETUP_MAX_NS);
+  /* moe_proxy_connect never blocks and fails once a peer is late by the
+   * comm's timeout: this loop ends either way. */
+  while (!done || !llDone) {
+    const int before = done + llDone;
+    if (!done) MOE_CHECK(moe_net_ep_connect(&in->ep, handles, 0, &done));
+    if (!llDone) MOE_CHECK(moe_net_ep_connect(&in->ll, handles, 1, &llDone));
+    if (done + llDone != before) moe_backoff_reset(&backoff);
+    else if (!done || !llDone) moe_backoff_wait(&backoff);
+  }
   MOE_CHECK(moe_proxy_start(in->ep.proxy));
   if (in->hasLL) MOE_CHECK(moe_proxy_start(in->ll.proxy));
   return ncclSuccess;
@@ -273,6 +248,7 @@ void moe_inter_destroy(moe_inter_comm_t* in) {
   moe_net_ep_close(&in->ep);
   if (in->net.seq != NULL) cudaFree(in->net.seq);
   if (in->net.chunkDone != NULL) cudaFree(in->net.chunkDone);
+  if (in->transport != NULL) in->transport->fini();
   free(in);
 }
 

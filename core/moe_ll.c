@@ -1,6 +1,7 @@
-/* Low-latency dispatch / combine: configuration, buffer layout, argument and
- * call-order checks, then the kernels of kernels/lowlatency.cu. Nothing here
- * waits for the GPU, so every call can be captured in a CUDA graph. */
+/* Low-latency dispatch / combine: argument and call-order checks, then the
+ * kernels of kernels/lowlatency.cu (the buffer layout is in moe_config.c).
+ * Nothing here waits for the GPU, so every call can be captured in a CUDA
+ * graph. */
 #include "core/moe_ll.h"
 
 #include <cuda_runtime_api.h>
@@ -8,73 +9,10 @@
 #include <string.h>
 
 #include "common/moe_check.h"
-#include "core/moe_comm.h"
 #include "common/moe_log.h"
+#include "core/moe_device.h"
 
-#define MOE_LL_REGION_ALIGN 256
-#define MOE_LL_MSG_ALIGN_INTS 4 /* count messages padded to 16 bytes */
 #define MOE_LL_UE8M0_PER_WORD 4
-
-static size_t moe_ll_align(size_t v) { return (v + MOE_LL_REGION_ALIGN - 1) / MOE_LL_REGION_ALIGN * MOE_LL_REGION_ALIGN; }
-
-ncclResult_t moe_ll_config_resolve(const ncclMoeConfig_t* c, int nRanks) {
-  (void)nRanks;
-  MOE_ARG_CHECK(c->llMaxTokensPerRank >= 0 && c->llMaxTokensPerRank <= NCCL_MOE_LL_MAX_TOKENS,
-                "config.llMaxTokensPerRank = %d: must be in [0, %d] (0 = no low-latency mode)",
-                c->llMaxTokensPerRank, NCCL_MOE_LL_MAX_TOKENS);
-  return ncclSuccess;
-}
-
-size_t moe_ll_layout_compute(const ncclMoeConfig_t* c, int nRanks, size_t off, moe_ll_layout_t* l) {
-  memset(l, 0, sizeof(*l));
-  if (c->llMaxTokensPerRank == 0) return off;
-  const size_t N = (size_t)nRanks, E = (size_t)c->numExperts, M = (size_t)c->llMaxTokensPerRank;
-  const size_t K = (size_t)c->maxTopk, H = (size_t)c->hidden, rows = E * M; /* L * N * M */
-  const size_t nS = (H + NCCL_MOE_FP8_BLOCK - 1) / NCCL_MOE_FP8_BLOCK;
-  const size_t flag = sizeof(unsigned long long);
-  const size_t F = (H + MOE_LL_FLAG_CHANNELS - 1) / MOE_LL_FLAG_CHANNELS;
-  const size_t start = off = moe_ll_align(off);
-  l->msgInts = (int)((E + MOE_LL_MSG_EXTRA + MOE_LL_MSG_ALIGN_INTS - 1) / MOE_LL_MSG_ALIGN_INTS * MOE_LL_MSG_ALIGN_INTS);
-  l->flagChunks = (int)F;
-#define MOE_LL_REGION(field, bytes) do { l->field = off; off = moe_ll_align(off + (bytes)); } while (0)
-  /* The zero-initialized state: one contiguous region. */
-  l->state = off;
-  MOE_LL_REGION(seq, flag * MOE_LL_SETS * MOE_LL_OPS);
-  MOE_LL_REGION(done, sizeof(unsigned int) * MOE_LL_SETS * MOE_LL_OPS);
-  MOE_LL_REGION(cntFlag, flag * MOE_LL_SETS * N);
-  MOE_LL_REGION(netDone, sizeof(unsigned int) * MOE_LL_NET_CHANNELS * N);
-  MOE_LL_REGION(recvDone, sizeof(unsigned int) * MOE_LL_SETS * MOE_LL_OPS);
-  for (int b = 0; b < MOE_LL_SETS; b++) {
-    MOE_LL_REGION(rowFlag[b], flag * rows * F);
-    MOE_LL_REGION(combFlag[b], flag * MOE_LL_COMB_HALVES * M * K * F);
-  }
-  l->stateBytes = off - l->state;
-  for (int b = 0; b < MOE_LL_SETS; b++) {
-    MOE_LL_REGION(counts[b], sizeof(int) * N * (size_t)l->msgInts);
-    MOE_LL_REGION(recvX[b], rows * H * 2);
-    MOE_LL_REGION(recvScales[b], rows * nS * sizeof(float));
-    MOE_LL_REGION(recvSrc[b], rows * sizeof(int));
-    MOE_LL_REGION(recvK[b], rows * sizeof(int));
-    MOE_LL_REGION(recvPos[b], rows * sizeof(int));
-    MOE_LL_REGION(combX[b], MOE_LL_COMB_HALVES * M * K * H * 2);
-    MOE_LL_REGION(route[b], M * K * sizeof(int));
-    MOE_LL_REGION(routePeer[b], M * K * sizeof(int));
-    MOE_LL_REGION(localCount[b], sizeof(int) * (E / N));
-    MOE_LL_REGION(netRows[b], sizeof(int) * N);
-    MOE_LL_REGION(recvCount[b], sizeof(int) * (E / N));
-  }
-#undef MOE_LL_REGION
-  l->bytes = off - start;
-  return off;
-}
-
-ncclResult_t moe_ll_comm_alloc(ncclMoeComm_t comm) {
-  const moe_ll_layout_t* l = &comm->ll.ctx.l;
-  if (l->bytes == 0) return ncclSuccess;
-  /* Before the peer exchange of init: no peer can write here yet. */
-  MOE_CUDA_CHECK(cudaMemset(comm->buffer + l->state, 0, l->stateBytes));
-  return ncclSuccess;
-}
 
 ncclResult_t moe_ll_comm_init(ncclMoeComm_t comm) {
   moe_ll_ctx_t* c = &comm->ll.ctx;
@@ -88,9 +26,6 @@ ncclResult_t moe_ll_comm_init(ncclMoeComm_t comm) {
   memset(&c->net, 0, sizeof(c->net));
   for (int r = 0; r < NCCL_MOE_MAX_RANKS; r++) c->net.slot[r] = -1;
   MOE_CUDA_CHECK(moe_ll_preload());
-  /* The state clear ran on the legacy stream; the callers' streams may not
-   * be ordered after it. */
-  MOE_CUDA_CHECK(cudaStreamSynchronize(0));
   MOE_INFO(NCCL_INIT, "rank %d: %zu bytes of low-latency buffers (2 sets, %d tokens/rank)", comm->rank, c->l.bytes,
            c->maxTokens);
   return ncclSuccess;
@@ -266,7 +201,13 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, const
                                                        ncclMoeHandle_t handle,
                                                        ncclMoeLowLatencyDispatchResult_t* result_p,
                                                        cudaStream_t stream) {
-  MOE_ON_COMM_DEVICE(comm, moe_ll_dispatch(comm, args, handle, result_p, stream));
+  MOE_ARG_CHECK(comm != NULL, "ncclMoeLowLatencyDispatch: comm is NULL");
+  moe_device_guard_t guard;
+  MOE_CHECK(moe_device_enter(comm->device, &guard));
+  ncclResult_t res = moe_ll_dispatch(comm, args, handle, result_p, stream);
+  moe_comm_track(comm, stream);
+  moe_device_leave(&guard);
+  return res;
 }
 
 static ncclResult_t moe_ll_dispatch_recv_checked(ncclMoeComm_t comm, ncclMoeHandle_t handle,
@@ -280,7 +221,13 @@ static ncclResult_t moe_ll_dispatch_recv_checked(ncclMoeComm_t comm, ncclMoeHand
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatchRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
                                                            cudaStream_t stream) {
-  MOE_ON_COMM_DEVICE(comm, moe_ll_dispatch_recv_checked(comm, handle, stream));
+  MOE_ARG_CHECK(comm != NULL, "ncclMoeLowLatencyDispatchRecv: comm is NULL");
+  moe_device_guard_t guard;
+  MOE_CHECK(moe_device_enter(comm->device, &guard));
+  ncclResult_t res = moe_ll_dispatch_recv_checked(comm, handle, stream);
+  moe_comm_track(comm, stream);
+  moe_device_leave(&guard);
+  return res;
 }
 
 static ncclResult_t moe_ll_combine(ncclMoeComm_t comm, const ncclMoeLowLatencyCombineArgs_t* args,
@@ -320,7 +267,13 @@ static ncclResult_t moe_ll_combine(ncclMoeComm_t comm, const ncclMoeLowLatencyCo
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, const ncclMoeLowLatencyCombineArgs_t* args,
                                                       ncclMoeHandle_t handle, cudaStream_t stream) {
-  MOE_ON_COMM_DEVICE(comm, moe_ll_combine(comm, args, handle, stream));
+  MOE_ARG_CHECK(comm != NULL, "ncclMoeLowLatencyCombine: comm is NULL");
+  moe_device_guard_t guard;
+  MOE_CHECK(moe_device_enter(comm->device, &guard));
+  ncclResult_t res = moe_ll_combine(comm, args, handle, stream);
+  moe_comm_track(comm, stream);
+  moe_device_leave(&guard);
+  return res;
 }
 
 static ncclResult_t moe_ll_combine_recv_checked(ncclMoeComm_t comm, ncclMoeHandle_t handle,
@@ -334,7 +287,13 @@ static ncclResult_t moe_ll_combine_recv_checked(ncclMoeComm_t comm, ncclMoeHandl
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
                                                           cudaStream_t stream) {
-  MOE_ON_COMM_DEVICE(comm, moe_ll_combine_recv_checked(comm, handle, stream));
+  MOE_ARG_CHECK(comm != NULL, "ncclMoeLowLatencyCombineRecv: comm is NULL");
+  moe_device_guard_t guard;
+  MOE_CHECK(moe_device_enter(comm->device, &guard));
+  ncclResult_t res = moe_ll_combine_recv_checked(comm, handle, stream);
+  moe_comm_track(comm, stream);
+  moe_device_leave(&guard);
+  return res;
 }
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyBufferBytes(ncclMoeComm_t comm, size_t* bytes_p) {

@@ -1,44 +1,31 @@
 /* ncclMoe layout / dispatch / combine and handles: argument checks, then the
- * kernels of kernels/intranode.cu in stream order. */
+ * kernels of kernels/intranode.cu (kernels/internode.cu across nodes) in
+ * stream order. */
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "common/moe_check.h"
-#include "core/moe_comm.h"
 #include "common/moe_log.h"
+#include "core/moe_backoff.h"
+#include "core/moe_comm.h"
+#include "core/moe_device.h"
+#include "core/moe_inter.h"
+#include "core/moe_ll.h"
 
 #define MOE_DISPATCH_THREADS 512
+/* Exact mode: the host waits for the counts at most this many comm timeouts
+ * (the notify kernel's own waits, at most three of them across nodes, end
+ * sooner with a precise error; this bounds the work before it on the
+ * stream), looks at the kernel's completion every this many checks, and
+ * sleeps at most this long between checks. */
+#define MOE_EXACT_WAIT_TIMEOUTS 4
+#define MOE_EXACT_QUERY_EVERY 64
+#define MOE_EXACT_MAX_SLEEP_NS 20000
 #define MOE_MAX_EXPERT_ALIGNMENT (1 << 16)
 #define MOE_SEND_BF16 0
 #define MOE_SEND_FP8 1
-
-/* A pointer the kernels will dereference: device (or managed) memory, with
- * the alignment its accesses need. */
-ncclResult_t moe_check_device_ptr(const void* p, size_t align, const char* what) {
-  MOE_ARG_CHECK(p != NULL, "%s is NULL", what);
-  MOE_ARG_CHECK(((uintptr_t)p) % align == 0, "%s (%p) is not %zu-byte aligned", what, p, align);
-  struct cudaPointerAttributes attr;
-  cudaError_t e = cudaPointerGetAttributes(&attr, p);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    return MOE_ERROR(ncclInvalidArgument, "%s (%p) is not CUDA memory", what, p);
-  }
-  MOE_ARG_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
-                "%s (%p) is not device memory", what, p);
-  return ncclSuccess;
-}
-
-/* Checks shared by every operation: the comm can still run collectives.
- * Only a timeout (or a corrupt notify) breaks it; a bad batch (expert id out
- * of range, capacity exceeded, mismatched shapes) is reported through
- * ncclMoeCommGetAsyncError while every rank keeps calling in step, since a
- * rank that skipped a call would leave its peers waiting. */
-ncclResult_t moe_comm_ready(ncclMoeComm_t comm) {
-  MOE_ARG_CHECK(comm != NULL, "comm is NULL");
-  int e = __atomic_load_n(comm->hostError, __ATOMIC_ACQUIRE);
-  return (e == MOE_KERR_TIMEOUT || e == MOE_KERR_BAD_NOTIFY || e == MOE_KERR_NET) ? moe_comm_error(comm) : ncclSuccess;
-}
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHandle_t* handle_p) {
   MOE_ARG_CHECK(comm != NULL && handle_p != NULL, "ncclMoeHandleCreate: comm or handle_p is NULL");
@@ -47,11 +34,14 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHand
   const int N = comm->nRanks, L = comm->numLocalExperts;
   const size_t routeInts = (size_t)comm->config.maxTokensPerRank * N + 3 * (size_t)N + 1 + L;
   const size_t ints = routeInts + (comm->inter != NULL ? moe_inter_route_ints(comm->inter) : 0);
-  int prev = -1;
-  cudaGetDevice(&prev);
-  cudaSetDevice(comm->device);
+  moe_device_guard_t guard;
+  ncclResult_t res = moe_device_enter(comm->device, &guard);
+  if (res != ncclSuccess) {
+    free(h);
+    return res;
+  }
   cudaError_t e = cudaMalloc(&h->mem, ints * sizeof(int));
-  if (prev >= 0) cudaSetDevice(prev);
+  moe_device_leave(&guard);
   if (e != cudaSuccess) {
     free(h);
     return MOE_ERROR(ncclUnhandledCudaError, "cannot allocate a handle: %s", cudaGetErrorString(e));
@@ -107,7 +97,14 @@ static ncclResult_t moe_dispatch_layout(ncclMoeComm_t comm, const int64_t* topkI
 NCCL_MOE_EXPORT ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const int64_t* topkIdx, int numTokens,
                                                       int topk, int* numTokensPerRank, int* numTokensPerExpert,
                                                       uint8_t* isTokenInRank, cudaStream_t stream) {
-  MOE_ON_COMM_DEVICE(comm, moe_dispatch_layout(comm, topkIdx, numTokens, topk, numTokensPerRank, numTokensPerExpert, isTokenInRank, stream));
+  MOE_ARG_CHECK(comm != NULL, "ncclMoeGetDispatchLayout: comm is NULL");
+  moe_device_guard_t guard;
+  MOE_CHECK(moe_device_enter(comm->device, &guard));
+  ncclResult_t res = moe_dispatch_layout(comm, topkIdx, numTokens, topk, numTokensPerRank, numTokensPerExpert,
+                                         isTokenInRank, stream);
+  moe_comm_track(comm, stream);
+  moe_device_leave(&guard);
+  return res;
 }
 
 static ncclResult_t moe_dispatch_check(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t* a, ncclMoeHandle_t handle) {
@@ -150,6 +147,49 @@ static ncclResult_t moe_dispatch_check(ncclMoeComm_t comm, const ncclMoeDispatch
   return ncclSuccess;
 }
 
+static uint64_t moe_now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static unsigned int moe_exact_seq_seen(ncclMoeComm_t comm) {
+  return (unsigned int)__atomic_load_n(&comm->hostCounts[MOE_HOST_SEQ], __ATOMIC_ACQUIRE);
+}
+
+/* Exact mode: waits until the notify kernel published this dispatch's
+ * counts (sequence number `seq`), and for nothing else on the stream. A
+ * fatal error of the comm (a peer's timeout, the proxy) ends the wait early
+ * with that error, and so does the kernel's end without them (a fault). */
+static ncclResult_t moe_exact_wait(ncclMoeComm_t comm, unsigned int seq) {
+  const uint64_t limitNs = (uint64_t)MOE_EXACT_WAIT_TIMEOUTS * (uint64_t)comm->config.timeoutMs * 1000000ull;
+  const uint64_t start = moe_now_ns();
+  moe_backoff_t backoff;
+  moe_backoff_init(&backoff, MOE_EXACT_MAX_SLEEP_NS);
+  for (unsigned int i = 1;; i++) {
+    if (moe_exact_seq_seen(comm) == seq) return ncclSuccess;
+    MOE_CHECK(moe_comm_ready(comm));
+    if (i % MOE_EXACT_QUERY_EVERY == 0) {
+      const cudaError_t e = cudaEventQuery(comm->notified);
+      if (e == cudaSuccess) {
+        /* The kernel ended: it published first, or it stopped early. */
+        if (moe_exact_seq_seen(comm) == seq) return ncclSuccess;
+        MOE_CHECK(moe_comm_ready(comm));
+        return MOE_ERROR(ncclInternalError, "rank %d: exact-mode dispatch: the notify kernel ended without "
+                         "publishing the receive counts", comm->rank);
+      }
+      if (e != cudaErrorNotReady)
+        return MOE_ERROR(ncclUnhandledCudaError, "rank %d: exact-mode dispatch: waiting for the receive counts: %s",
+                         comm->rank, cudaGetErrorString(e));
+      if (moe_now_ns() - start > limitNs)
+        return MOE_ERROR(ncclSystemError, "rank %d: exact-mode dispatch: the receive counts did not arrive within "
+                         "%d x %d ms (the comm's timeout): the work before the dispatch on its stream did not finish",
+                         comm->rank, MOE_EXACT_WAIT_TIMEOUTS, comm->config.timeoutMs);
+    }
+    moe_backoff_wait(&backoff);
+  }
+}
+
 static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t* args,
                                  ncclMoeHandle_t handle, ncclMoeDispatchResult_t* result_p,
                                  cudaStream_t stream) {
@@ -158,6 +198,13 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
   MOE_CHECK(moe_dispatch_check(comm, args, handle));
   const ncclMoeDispatchArgs_t* a = args;
   const int exact = a->capacity == 0;
+  if (exact) {
+    enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    MOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone)
+      return MOE_ERROR(ncclInvalidUsage, "exact mode (capacity = 0) waits on the host for the receive count and "
+                       "cannot be captured in a CUDA graph: pass a capacity > 0");
+  }
   const int sendFp8 = a->sendType == ncclFloat8e4m3;
   moe_route_t* rt = &handle->route;
 
@@ -174,15 +221,18 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
                          .sendType = sendFp8 ? MOE_SEND_FP8 : MOE_SEND_BF16,
                          .topk = a->topk,
                          .expertAlignment = a->expertAlignment > 0 ? a->expertAlignment : 1};
+  if (exact) {
+    if (++comm->exactSeq == 0) comm->exactSeq = 1; /* 0 is the word's initial value */
+    n.hostCounts = comm->devHostCounts;
+    n.hostSeq = comm->exactSeq;
+  }
   /* A reused handle still needs the node's barrier: no rank writes into a
    * peer's receive rows before the peer is done with the previous ones. */
   if (net == NULL || !n.notify) MOE_CUDA_CHECK(moe_notify_launch(&comm->ctx, rt, &n, stream));
   else MOE_CUDA_CHECK(moe_inter_notify_launch(&comm->ctx, net, rt, &handle->fwd, &n, stream));
   if (exact) {
-    MOE_CUDA_CHECK(cudaMemcpyAsync(comm->hostCounts, rt->recvCount, sizeof(int), cudaMemcpyDeviceToHost, stream));
-    MOE_CUDA_CHECK(cudaMemcpyAsync(comm->hostCounts + 1, rt->recvPerExpert, sizeof(int) * comm->numLocalExperts,
-                                   cudaMemcpyDeviceToHost, stream));
-    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    MOE_CUDA_CHECK(cudaEventRecord(comm->notified, stream));
+    MOE_CHECK(moe_exact_wait(comm, comm->exactSeq));
   }
   moe_dispatch_args_t d = {.x = a->x, .xScales = a->xScales, .topkIdx = a->topkIdx, .topkWeights = a->topkWeights,
                            .numTokens = a->numTokens, .hidden = a->hidden, .topk = a->topk,
@@ -194,7 +244,8 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
   else MOE_CUDA_CHECK(moe_inter_dispatch_launch(&comm->ctx, net, rt, &handle->fwd, &d, stream));
 
   handle->valid = 1;
-  handle->numRecv = exact ? comm->hostCounts[0] : -1;
+  const int numRecv = exact ? comm->hostCounts[MOE_HOST_RECV] : -1;
+  handle->numRecv = numRecv;
   handle->numTokens = a->numTokens;
   handle->capacity = a->capacity;
   handle->hidden = a->hidden;
@@ -207,8 +258,8 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
       .recvTopkWeights = a->topkWeights != NULL ? (float*)(buf + comm->layout.recvTopkWeights) : NULL,
       .recvCount = rt->recvCount,
       .recvTokensPerExpert = rt->recvPerExpert,
-      .numRecv = exact ? (comm->hostCounts[0] < comm->maxRecv ? comm->hostCounts[0] : comm->maxRecv) : -1,
-      .hostRecvTokensPerExpert = exact ? comm->hostCounts + 1 : NULL};
+      .numRecv = exact ? (numRecv < comm->maxRecv ? numRecv : comm->maxRecv) : -1,
+      .hostRecvTokensPerExpert = exact ? comm->hostCounts + MOE_HOST_EXPERTS : NULL};
   *result_p = r;
   return ncclSuccess;
 }
@@ -216,7 +267,13 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
 NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t* args,
                                              ncclMoeHandle_t handle, ncclMoeDispatchResult_t* result_p,
                                              cudaStream_t stream) {
-  MOE_ON_COMM_DEVICE(comm, moe_dispatch(comm, args, handle, result_p, stream));
+  MOE_ARG_CHECK(comm != NULL, "ncclMoeDispatch: comm is NULL");
+  moe_device_guard_t guard;
+  MOE_CHECK(moe_device_enter(comm->device, &guard));
+  ncclResult_t res = moe_dispatch(comm, args, handle, result_p, stream);
+  moe_comm_track(comm, stream);
+  moe_device_leave(&guard);
+  return res;
 }
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeGetCombineBuffer(ncclMoeComm_t comm, void** buffer_p, size_t* bytes_p) {
@@ -264,5 +321,11 @@ static ncclResult_t moe_combine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* 
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* args,
                                             ncclMoeHandle_t handle, cudaStream_t stream) {
-  MOE_ON_COMM_DEVICE(comm, moe_combine(comm, args, handle, stream));
+  MOE_ARG_CHECK(comm != NULL, "ncclMoeCombine: comm is NULL");
+  moe_device_guard_t guard;
+  MOE_CHECK(moe_device_enter(comm->device, &guard));
+  ncclResult_t res = moe_combine(comm, args, handle, stream);
+  moe_comm_track(comm, stream);
+  moe_device_leave(&guard);
+  return res;
 }

@@ -12,7 +12,7 @@
  *   elements, the row stride being B elements.
  * - Functions that take a cudaStream_t enqueue their GPU work on it and
  *   return without waiting for it, unless their description says they wait
- *   (only "exact" dispatch does, see ncclMoeDispatch).
+ *   (only "exact" dispatch does, for its receive counts, see ncclMoeDispatch).
  * - Peers that stop answering make a GPU wait time out after
  *   NCCL_MOE_TIMEOUT_MS (config field timeoutMs): the kernels end early,
  *   outputs are undefined, and ncclMoeCommGetAsyncError() reports the error.
@@ -69,6 +69,8 @@ NCCL_MOE_EXPORT const char* ncclMoeGetLastError(void);
 /* Rows (hidden) are moved in 16-byte pieces: hidden * element size must be a
  * multiple of this, and every tensor pointer must be aligned to it. */
 #define NCCL_MOE_ALIGN 16
+/* Largest SM budget (config.numSMs, NCCL_MOE_NUM_SMS). */
+#define NCCL_MOE_MAX_SMS 1024
 
 /* ---------------------------------------------------------------- FP8 scales */
 typedef enum {
@@ -109,8 +111,9 @@ typedef struct {
    * dispatch. Default nRanks * maxTokensPerRank (never overflows). A smaller
    * value saves memory; a dispatch that would exceed it fails cleanly. */
   int maxRecvTokens;
-  /* SMs (thread blocks) the dispatch and combine kernels of this rank use.
-   * 0 = automatic (NCCL_MOE_NUM_SMS overrides both). */
+  /* SMs (thread blocks) the dispatch and combine kernels of this rank use,
+   * at most NCCL_MOE_MAX_SMS. 0 = automatic (NCCL_MOE_NUM_SMS overrides
+   * both). */
   int numSMs;
   /* Bound on every wait for a peer, in ms. 0 = NCCL_MOE_TIMEOUT_MS. */
   int timeoutMs;
@@ -150,16 +153,22 @@ typedef struct ncclMoeComm* ncclMoeComm_t;
  * 4 x nodes x maxTokensPerRank x (2 x hidden + 256) bytes per rank: GPU
  * memory when the NIC can reach it (GPUDirect RDMA), else pinned host memory.
  * The caller's current CUDA device is left unchanged.
- * `nccl` must outlive the MoE communicator. */
+ * `nccl` must outlive the MoE communicator. The library does not link NCCL:
+ * it calls the NCCL already loaded in the process (a libnccl.so* it finds
+ * among the loaded objects, else NCCL's functions in the global symbol
+ * scope), which must be the one that created `nccl`; with none loaded this
+ * returns ncclInvalidUsage. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfig_t* config,
                                              ncclMoeComm_t* comm_p);
 
 /* Testing and single-GPU development: creates `nRanks` communicators of one
  * process on one `device` ("virtual ranks"), each with its own buffers,
  * running the same kernels through the same peer-table path as ranks of
- * separate processes. comms[r] is rank r. Drive each rank from its own host
- * thread and stream (exact-mode dispatch waits on its stream; ranks wait on
- * each other on the GPU). Destroy all of them together.
+ * separate processes (the set-up runs one thread per rank and exchanges
+ * between them as ranks of separate processes would). comms[r] is rank r.
+ * Drive each rank from its own host thread and stream (exact-mode dispatch
+ * waits on the host for its counts; ranks wait on each other on the GPU).
+ * Destroy all of them together.
  * Set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process first uses CUDA (and
  * use at most 32 streams): with fewer hardware queues than streams, a rank's
  * waiting kernel can sit in front of a peer's kernel in the same queue and
@@ -183,10 +192,11 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtualNodes(int nRanks, int ranksPe
                                                          const ncclMoeConfig_t* config,
                                                          ncclMoeComm_t* comms);
 
-/* Frees every resource of `comm`. Waits for work enqueued by this library on
- * the comm's streams; callers must not destroy a comm with a dispatch or
- * combine still running on their stream. Not collective, but peers that still
- * use this rank's buffers will time out, so destroy all ranks together. */
+/* Frees every resource of `comm`; NULL is a no-op. Waits first for the work
+ * this comm enqueued on the callers' streams (not for work captured in a CUDA
+ * graph: finish the graph's launches before destroying). Not collective, but
+ * peers that still use this rank's buffers will time out, so destroy all
+ * ranks together. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm);
 
 /* What `comm` was built with: this rank, the number of ranks, the CUDA
@@ -267,8 +277,10 @@ typedef struct {
   const int64_t* topkIdx;
   /* device fp32 [numTokens, topk], or NULL (then no weights are received). */
   const float* topkWeights;
-  /* 0: exact mode: the call waits (one stream synchronization) for the number
-   * of received tokens, returned in result->numRecv.
+  /* 0: exact mode: the call waits on the host until the number of received
+   * tokens is known (the notify step publishes it to host memory; the call
+   * does not wait for the rest of the stream), returned in result->numRecv.
+   * It cannot be captured in a CUDA graph (ncclInvalidUsage).
    * > 0: capacity mode: at most `capacity` rows are received (<= the comm's
    * maxRecvTokens); no host synchronization, so dispatch and combine can be
    * captured in a CUDA graph. Receiving more is an async error

@@ -291,6 +291,7 @@ moe_inter_notify_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_f
   __syncthreads();
   if (!proceed) return;
   moe_notify_finish(c, rt, a);
+  moe_notify_publish(rt, a, c.numLocalExperts);
   /* Where the tokens this rank forwards from node m start at each rank of
    * this node: after those of every lower source rank. */
   const volatile int* msg = reinterpret_cast<const volatile int*>(c.peers.base[c.rank] + c.layout.notify);

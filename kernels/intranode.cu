@@ -103,8 +103,9 @@ moe_notify_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_notify_args_t a) {
   __syncthreads();
   if (threadIdx.x == 0) proceed = moe_barrier(c);
   __syncthreads();
-  if (!proceed || !a.notify) return;
-  moe_notify_finish(c, rt, a);
+  if (!proceed) return;
+  if (a.notify) moe_notify_finish(c, rt, a);
+  moe_notify_publish(rt, a, c.numLocalExperts);
 }
 
 extern "C" cudaError_t moe_notify_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,

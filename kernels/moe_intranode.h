@@ -92,12 +92,22 @@ cudaError_t moe_layout_launch(const moe_rank_ctx_t* ctx, const int64_t* topkIdx,
                               int topk, int numExperts, int* tokensPerRank, int* tokensPerExpert,
                               uint8_t* isTokenInRank, int* pos, cudaStream_t stream);
 
+/* Exact mode: the notify kernel publishes this rank's receive counts in
+ * host-mapped ints, so the host waits for them alone (not for the stream):
+ * [MOE_HOST_RECV] rows received, [MOE_HOST_EXPERTS + l] rows of local expert
+ * l (as recvPerExpert), then, once those are visible to the host,
+ * [MOE_HOST_SEQ] = the dispatch's sequence number. */
+enum { MOE_HOST_SEQ = 0, MOE_HOST_RECV = 1, MOE_HOST_EXPERTS = 2 };
+
 /* Sends this rank's counts to every peer (unless reuse), waits for all peers
  * (a barrier), then computes the handle's base/cap/recvCount/recvPerExpert.
- * With notify == 0 it is a bare barrier. */
+ * With notify == 0 it is a bare barrier. With hostCounts, it then publishes
+ * the handle's counts there (see MOE_HOST_*), with notify or without. */
 typedef struct {
   int notify;
   int capacity, hidden, sendType, topk, expertAlignment;
+  volatile int* hostCounts;  /* device view of the host-mapped ints, or NULL */
+  unsigned int hostSeq;      /* written to hostCounts[MOE_HOST_SEQ] last */
 } moe_notify_args_t;
 cudaError_t moe_notify_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
                               const moe_notify_args_t* args, cudaStream_t stream);

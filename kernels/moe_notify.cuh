@@ -61,4 +61,19 @@ __device__ inline void moe_notify_finish(const moe_rank_ctx_t& c, const moe_rout
   if (fault) moe_record_error(c, fault);
 }
 
+/* Exact mode (a.hostCounts set), run by every thread of one block after
+ * moe_notify_finish (or after the barrier of a reused handle, whose counts
+ * the earlier dispatch computed): copies the counts to the host-mapped ints,
+ * then the sequence number, which the host polls. */
+__device__ inline void moe_notify_publish(const moe_route_t& rt, const moe_notify_args_t& a, int numLocalExperts) {
+  if (a.hostCounts == nullptr) return;
+  __syncthreads(); /* rt written by the other threads of the block */
+  for (int l = threadIdx.x; l < numLocalExperts; l += blockDim.x)
+    a.hostCounts[MOE_HOST_EXPERTS + l] = rt.recvPerExpert[l];
+  if (threadIdx.x == 0) a.hostCounts[MOE_HOST_RECV] = *rt.recvCount;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) a.hostCounts[MOE_HOST_SEQ] = (int)a.hostSeq;
+}
+
 #endif

@@ -3,7 +3,7 @@
 #ifndef NCCL_MOE_NET_V9_H_
 #define NCCL_MOE_NET_V9_H_
 
-#include "nccl_net/net.h"
+#include "nccl_net/net_base.h"
 
 #ifdef __cplusplus
 extern "C" {

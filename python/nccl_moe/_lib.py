@@ -45,7 +45,7 @@ SCALE_UE8M0 = 2  # low-latency dispatch only
 LL_MAX_TOKENS = 4096     # NCCL_MOE_LL_MAX_TOKENS: largest config.llMaxTokensPerRank
 UE8M0_PER_WORD = 4       # UE8M0 scale bytes per 32-bit word
 
-# The same limits the C entry points check (core/moe_ops.c, moe_comm.c):
+# The same limits the C entry points check (core/moe_ops.c, moe_config.c):
 # checking them here too means a bad argument fails before any virtual rank
 # has started waiting for its peers on the GPU.
 DEFAULT_TOPK = 8
@@ -326,16 +326,6 @@ LL_PROTOTYPES = {
     "ncclMoeLowLatencyBufferBytes": (ctypes.c_int, [ctypes.c_void_p, _c_size_p]),
 }
 
-# NCCL functions reached through our library's own dependency on libnccl.so.2
-# (dlsym on our handle searches its dependencies): they tell which NCCL our
-# library will hand a torch communicator to.
-NCCL_PROTOTYPES = {
-    "ncclGetVersion": (ctypes.c_int, [_c_int_p]),
-    "ncclCommCuDevice": (ctypes.c_int, [ctypes.c_void_p, _c_int_p]),
-    "ncclCommUserRank": (ctypes.c_int, [ctypes.c_void_p, _c_int_p]),
-    "ncclCommCount": (ctypes.c_int, [ctypes.c_void_p, _c_int_p]),
-}
-
 
 class Library:
     """The loaded shared object with typed functions as attributes."""
@@ -354,7 +344,7 @@ class Library:
             fn.restype = restype
             fn.argtypes = argtypes
             setattr(self, name, fn)
-        for name, (restype, argtypes) in list(NCCL_PROTOTYPES.items()) + list(OPTIONAL_PROTOTYPES.items()):
+        for name, (restype, argtypes) in OPTIONAL_PROTOTYPES.items():
             fn = getattr(self.cdll, name, None)
             if fn is not None:
                 fn.restype = restype
@@ -391,24 +381,6 @@ class Library:
         if result != ncclSuccess:
             raise make_error(result, what, self.last_error())
 
-    def nccl_version(self):
-        """(major, minor, patch) of the NCCL our library is linked to in this
-        process, or None when it cannot be asked."""
-        if self.ncclGetVersion is None:
-            return None
-        v = ctypes.c_int(0)
-        if self.ncclGetVersion(ctypes.byref(v)) != ncclSuccess:
-            return None
-        return decode_nccl_version(v.value)
-
-
-def decode_nccl_version(code: int):
-    """NCCL_VERSION_CODE -> (major, minor, patch); NCCL changed the encoding
-    at 2.9 (X*1000+Y*100+Z before, X*10000+Y*100+Z since)."""
-    if code >= 10000:
-        return (code // 10000, (code // 100) % 100, code % 100)
-    return (code // 1000, (code // 100) % 10, code % 100)
-
 
 def _source_root():
     """The repository root when this package runs from a source checkout
@@ -443,17 +415,6 @@ _lock = threading.Lock()
 _library = None
 
 
-def _preload_torch_nccl():
-    """Loads torch (if installed) before our library, so that the
-    libnccl.so.2 our library needs resolves to the copy torch already has in
-    the process: a torch communicator must only be used by the NCCL that made
-    it."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        pass
-
-
 def get_library() -> Library:
     """The loaded library (loaded on first use); LibraryNotFoundError with
     every place tried when it cannot be loaded."""
@@ -461,7 +422,6 @@ def get_library() -> Library:
     with _lock:
         if _library is not None:
             return _library
-        _preload_torch_nccl()
         tried = []
         for where, path in library_candidates():
             if os.sep in path and not os.path.exists(path):
@@ -474,7 +434,6 @@ def get_library() -> Library:
                 tried.append("  %s (%s): %s" % (where, path, e))
         raise LibraryNotFoundError(
             "cannot load %s. Tried:\n%s\nBuild it (scripts/setup.sh builds build/%s), then set %s to its path, "
-            "copy it next to the nccl_moe package (%s), or add its folder to LD_LIBRARY_PATH. It also needs "
-            "libnccl.so.2 on the loader path."
+            "copy it next to the nccl_moe package (%s), or add its folder to LD_LIBRARY_PATH."
             % (LIBRARY_NAME, "\n".join(tried), LIBRARY_NAME, LIBRARY_ENV,
                os.path.dirname(os.path.abspath(__file__))))

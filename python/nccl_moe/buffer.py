@@ -352,53 +352,12 @@ def nccl_comm_pointer(group) -> int:
     return ptr
 
 
-def _nccl_files_mapped():
-    """The distinct libnccl shared objects mapped into this process (Linux),
-    or None when /proc/self/maps cannot be read."""
-    try:
-        with open("/proc/self/maps") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    files = set()
-    for line in lines:
-        path = line.split(None, 5)[5] if len(line.split(None, 5)) == 6 else ""
-        if os.path.basename(path).startswith("libnccl.so"):
-            files.add(os.path.realpath(path))
-    return files
-
-
-def _check_same_nccl(lib):
-    """torch's communicator must be used by torch's NCCL. Our library binds
-    libnccl.so.2 by name; imported after torch, it gets torch's copy. A torch
-    with NCCL linked in statically leaves us with another copy."""
-    files = _nccl_files_mapped()
-    if files is not None and len(files) > 1:
-        raise RuntimeError("two NCCL libraries are loaded (%s): torch's communicator can only be used by the one "
-                           "that made it. Make both use one libnccl.so.2 (LD_PRELOAD torch's, or put its folder "
-                           "first on LD_LIBRARY_PATH)" % ", ".join(sorted(files)))
-    ours = lib.nccl_version()
-    try:
-        theirs = torch.cuda.nccl.version()
-    except Exception:  # noqa: BLE001 - torch without NCCL: the group check fails first
-        return
-    if isinstance(theirs, int):
-        theirs = _lib.decode_nccl_version(theirs)
-    theirs = tuple(theirs)[:3]
-    if ours is not None and tuple(ours) != theirs:
-        raise RuntimeError(
-            "torch uses NCCL %s but %s is linked to NCCL %s in this process: a communicator can only be used by the "
-            "NCCL library that made it. Make both use one libnccl.so.2 (LD_PRELOAD torch's libnccl.so.2, or put its "
-            "folder first on LD_LIBRARY_PATH)" % (".".join(map(str, theirs)), lib.path, ".".join(map(str, ours))))
-
-
-def _nccl_query(lib, fn_name, comm):
-    fn = getattr(lib, fn_name)
-    if fn is None:
-        return None
-    v = ctypes.c_int(-1)
-    lib.check(fn(comm, ctypes.byref(v)), fn_name)
-    return v.value
+def _comm_query(lib, comm):
+    """(rank, n_ranks, device) of an MoE communicator (ncclMoeCommQuery)."""
+    rank, n_ranks, device = ctypes.c_int(-1), ctypes.c_int(0), ctypes.c_int(-1)
+    lib.check(lib.ncclMoeCommQuery(comm, ctypes.byref(rank), ctypes.byref(n_ranks), ctypes.byref(device), None, None),
+              "ncclMoeCommQuery")
+    return rank.value, n_ranks.value, device.value
 
 
 # ------------------------------------------------------------ public classes
@@ -520,23 +479,20 @@ class Buffer(_Base):
             group = dist.group.WORLD
         comm = nccl_comm_pointer(group)
         lib = _lib.get_library()
-        _check_same_nccl(lib)
         rank = dist.get_rank(group)
         size = dist.get_world_size(group)
-        nccl_rank = _nccl_query(lib, "ncclCommUserRank", comm)
-        nccl_size = _nccl_query(lib, "ncclCommCount", comm)
-        if (nccl_rank is not None and nccl_rank != rank) or (nccl_size is not None and nccl_size != size):
-            raise RuntimeError("the group's NCCL communicator is rank %s of %s, but torch says rank %d of %d"
-                               % (nccl_rank, nccl_size, rank, size))
-        device = _nccl_query(lib, "ncclCommCuDevice", comm)
-        if device is None:
-            device = torch.cuda.current_device()
         config = Config(size, max_tokens_per_rank, hidden, num_experts, max_topk, max_recv_tokens, num_sms,
                         timeout_ms, ll_max_tokens_per_rank)
         out = ctypes.c_void_p()
-        with torch.cuda.device(device):
-            lib.check(lib.ncclMoeCommInit(comm, ctypes.byref(config.struct), ctypes.byref(out)),
-                      "ncclMoeCommInit (rank %d of %d)" % (rank, size))
+        # The library calls the NCCL already in this process (torch's): it
+        # reads rank, size and device from the communicator itself.
+        lib.check(lib.ncclMoeCommInit(comm, ctypes.byref(config.struct), ctypes.byref(out)),
+                  "ncclMoeCommInit (rank %d of %d)" % (rank, size))
+        nccl_rank, nccl_size, device = _comm_query(lib, out.value)
+        if nccl_rank != rank or nccl_size != size:
+            lib.ncclMoeCommDestroy(out.value)
+            raise RuntimeError("the group's NCCL communicator is rank %d of %d, but torch says rank %d of %d"
+                               % (nccl_rank, nccl_size, rank, size))
         self._group = group
         self._core = Core(lib, [out.value], [rank], size, config, torch.device("cuda", device), virtual=False)
 

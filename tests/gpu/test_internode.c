@@ -14,6 +14,7 @@
 #include "common/moe_env.h"
 #include "nccl_moe.h"
 #include "test_common.h"
+#include "transport/moe_transport.h"
 
 static case_t nodes_case(int nodes, int perNode, int T, int H, int K, int E) {
   case_t c = base_case(nodes * perNode, T, H, K, E);
@@ -161,6 +162,37 @@ START_TEST(test_closed_connection_is_an_error) {
 }
 END_TEST
 
+/* Each rank's internode part holds one init() of the transport and gives it
+ * back when destroyed: the socket backend, counted through a wrapper. */
+static const moe_transport_t* g_socket;
+static int g_inits, g_finis;
+static ncclResult_t counted_init(void) {
+  ncclResult_t res = g_socket->init();
+  if (res == ncclSuccess) __atomic_add_fetch(&g_inits, 1, __ATOMIC_RELAXED);
+  return res;
+}
+static void counted_fini(void) {
+  __atomic_add_fetch(&g_finis, 1, __ATOMIC_RELAXED);
+  g_socket->fini();
+}
+
+START_TEST(test_transport_reference_released) {
+  g_socket = moe_transport_get(MOE_NET_KIND_SOCKET);
+  ck_assert_ptr_nonnull(g_socket);
+  static moe_transport_t counted;
+  counted = *g_socket;
+  counted.init = counted_init;
+  counted.fini = counted_fini;
+  moe_transport_register(&counted);
+  make_two_nodes(2000);
+  ck_assert_int_eq(g_inits, 2);
+  ck_assert_int_eq(g_finis, 0);
+  free_two_nodes();
+  ck_assert_int_eq(g_finis, 2);
+  moe_transport_register(g_socket);
+}
+END_TEST
+
 START_TEST(test_bad_node_shapes) {
   ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
   cfg.maxTokensPerRank = 8, cfg.hidden = 128, cfg.numExperts = 12;
@@ -193,6 +225,7 @@ int main(void) {
   tcase_add_test(te, test_peer_node_never_arrives);
   tcase_add_test(te, test_closed_connection_is_an_error);
   tcase_add_test(te, test_bad_node_shapes);
+  tcase_add_test(te, test_transport_reference_released);
   suite_add_tcase(s, te);
   return moe_test_run(s);
 }

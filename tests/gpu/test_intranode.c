@@ -130,6 +130,86 @@ START_TEST(test_timeout_when_peer_never_arrives) {
 }
 END_TEST
 
+/* Exact mode: the host waits for the counts the notify kernel publishes; a
+ * peer that never comes ends that wait with the timeout error (no hang, no
+ * made-up count). */
+START_TEST(test_exact_wait_ends_at_a_timeout) {
+  make_comms(300);
+  ncclMoeHandle_t h;
+  ck_assert_int_eq(ncclMoeHandleCreate(g_comms[0], &h), ncclSuccess);
+  void *x, *idx;
+  cudaMalloc(&x, 64 * 1024 * 2);
+  cudaMalloc(&idx, 64 * 4 * 8);
+  cudaMemset(idx, 0, 64 * 4 * 8);
+  ncclMoeDispatchArgs_t a = {.x = x, .xType = ncclBfloat16, .sendType = ncclBfloat16, .numTokens = 64,
+                             .hidden = 1024, .topk = 4, .topkIdx = idx, .capacity = 0};
+  ncclMoeDispatchResult_t r;
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  ck_assert_int_eq(ncclMoeDispatch(g_comms[0], &a, h, &r, 0), ncclSystemError);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+  ck_assert_msg(s < 10.0, "the exact-mode wait took %.1f s", s);
+  ck_assert_msg(strstr(ncclMoeGetLastError(), "did not answer") != NULL, "message: %s", ncclMoeGetLastError());
+  ck_assert_int_eq(cudaDeviceSynchronize(), cudaSuccess);
+  ncclMoeHandleDestroy(h);
+  cudaFree(x);
+  cudaFree(idx);
+  ncclMoeCommDestroy(g_comms[0]);
+  ncclMoeCommDestroy(g_comms[1]);
+}
+END_TEST
+
+/* Exact mode waits on the host: inside a stream capture it is refused before
+ * anything is enqueued (the capture stays valid). */
+START_TEST(test_exact_mode_is_not_capturable) {
+  make_comms(2000);
+  ncclMoeHandle_t h;
+  ck_assert_int_eq(ncclMoeHandleCreate(g_comms[0], &h), ncclSuccess);
+  void *x, *idx;
+  cudaMalloc(&x, 64 * 1024 * 2);
+  cudaMalloc(&idx, 64 * 4 * 8);
+  cudaStream_t stream;
+  cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  ncclMoeDispatchArgs_t a = {.x = x, .xType = ncclBfloat16, .sendType = ncclBfloat16, .numTokens = 64,
+                             .hidden = 1024, .topk = 4, .topkIdx = idx, .capacity = 0};
+  ncclMoeDispatchResult_t r;
+  ck_assert_int_eq(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  ck_assert_int_eq(ncclMoeDispatch(g_comms[0], &a, h, &r, stream), ncclInvalidUsage);
+  ck_assert_msg(strstr(ncclMoeGetLastError(), "CUDA graph") != NULL, "message: %s", ncclMoeGetLastError());
+  cudaGraph_t graph;
+  ck_assert_int_eq(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  size_t nodes = 1;
+  ck_assert_int_eq(cudaGraphGetNodes(graph, NULL, &nodes), cudaSuccess);
+  ck_assert_uint_eq(nodes, 0);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  ncclMoeHandleDestroy(h);
+  cudaFree(x);
+  cudaFree(idx);
+  ncclMoeCommDestroy(g_comms[0]);
+  ncclMoeCommDestroy(g_comms[1]);
+}
+END_TEST
+
+/* Each virtual rank is set up by a thread of its own: a failure there comes
+ * back to the caller with its message, and nothing is left behind. */
+START_TEST(test_virtual_init_failure_is_reported) {
+  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
+  cfg.maxTokensPerRank = 1 << 20, cfg.hidden = 65536, cfg.numExperts = 2; /* 2 x 256 GiB receive rows */
+  ncclMoeComm_t comms[2] = {(ncclMoeComm_t)1, (ncclMoeComm_t)1};
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  ck_assert_int_eq(ncclMoeCommInitVirtual(2, 0, &cfg, comms), ncclUnhandledCudaError);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  ck_assert_msg(strstr(ncclMoeGetLastError(), "cannot allocate") != NULL, "message: %s", ncclMoeGetLastError());
+  ck_assert_ptr_null(comms[0]);
+  ck_assert_ptr_null(comms[1]);
+  ck_assert((t1.tv_sec - t0.tv_sec) < 10);
+  ck_assert_int_eq(ncclMoeCommDestroy(NULL), ncclSuccess);
+}
+END_TEST
+
 START_TEST(test_bad_arguments) {
   make_comms(2000);
   ncclMoeComm_t comm = g_comms[0];
@@ -242,6 +322,9 @@ int main(void) {
   tcase_add_test(te, test_timeout_when_peer_never_arrives);
   tcase_add_test(te, test_bad_arguments);
   tcase_add_test(te, test_bad_expert_id_is_reported);
+  tcase_add_test(te, test_exact_wait_ends_at_a_timeout);
+  tcase_add_test(te, test_exact_mode_is_not_capturable);
+  tcase_add_test(te, test_virtual_init_failure_is_reported);
   suite_add_tcase(s, te);
   return moe_test_run(s);
 }

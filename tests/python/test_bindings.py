@@ -222,8 +222,3 @@ def test_search_order_without_env(monkeypatch):
     assert where[0] == "next to the package"
     assert where[-1] == "the loader path"
     assert "the source tree's build/" in where  # these tests run from a checkout
-
-
-def test_nccl_version_decoding():
-    assert _lib.decode_nccl_version(22809) == (2, 28, 9)
-    assert _lib.decode_nccl_version(2708) == (2, 7, 8)

@@ -6,8 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "core/moe_comm.h"
-#include "core/moe_ll.h"
+#include "core/moe_config.h"
 #include "nccl_moe.h"
 #include "test_common.h"
 
