@@ -61,8 +61,8 @@ __device__ __forceinline__ void moe_net_publish(const volatile unsigned long lon
   moe_st_release_sys(const_cast<unsigned long long*>(flag), v);
 }
 
-__device__ __forceinline__ char* moe_slab(const moe_net_ctx_t& n, char* base, int ch, int node) {
-  return base + n.geom.off[ch] + (size_t)node * n.geom.slab[ch];
+__device__ __forceinline__ char* moe_slab(const moe_net_ctx_t& n, char* region, int ch, int node) {
+  return moe_net_slab(&n.geom, region, ch, node);
 }
 
 /* ---------------------------------------------------------------- chunks */
@@ -119,7 +119,7 @@ __device__ void moe_net_begin_slabs(const moe_net_ctx_t& n, int ch, const int* c
  * (recorded) or once the comm is broken. */
 __device__ bool moe_net_wait_chunk(const moe_rank_ctx_t& c, const moe_net_ctx_t& n, int ch, int m,
                                    unsigned long long seq, int i, unsigned long long* seen) {
-  const unsigned long long want = MOE_NET_PROGRESS(seq, 0, i + 1);
+  const unsigned long long want = moe_net_progress(seq, 0, i + 1);
   if (*seen >= want) return true;
   const unsigned long long* f = const_cast<const unsigned long long*>(&n.flags->progress[ch][m]);
   const long long start = moe_now_ns();
@@ -127,7 +127,7 @@ __device__ bool moe_net_wait_chunk(const moe_rank_ctx_t& c, const moe_net_ctx_t&
   while ((v = moe_ld_acquire_sys(f)) < want) {
     if (moe_comm_broken(c)) return false; /* the proxy failed, or another wait timed out */
     if (moe_now_ns() - start > c.timeoutNs) {
-      moe_record_timeout(c, seq, n.topo.rankAt[m * n.topo.ranksPerNode + n.topo.local], v >> 17, MOE_WAIT_NET);
+      moe_record_timeout(c, seq, n.topo.rankAt[m * n.topo.ranksPerNode + n.topo.local], moe_net_progress_slab(v), MOE_WAIT_NET);
       return false;
     }
   }
@@ -166,10 +166,7 @@ __device__ __forceinline__ void moe_load_node_rows(const moe_net_ctx_t& n, const
                                                    int* sBase, int* sCap) {
   moe_fill_lane_ranks(n, n.topo.node, sRank);
   __syncthreads();
-  for (int l = threadIdx.x; l < n.topo.ranksPerNode; l += blockDim.x) {
-    sBase[l] = rt.base[sRank[l]];
-    sCap[l] = rt.cap[sRank[l]];
-  }
+  moe_load_rows(rt, sRank, n.topo.ranksPerNode, sBase, sCap);
   __syncthreads();
 }
 
@@ -338,23 +335,11 @@ __global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe
     const uint4* src = reinterpret_cast<const uint4*>(static_cast<const char*>(a.x) + (size_t)t * inBytes);
     const bool cast = a.sendFp8 && !a.xIsFp8;
     /* This node: lane l holds the row at local rank l. */
-    int row = -1;
-    if (lane < R) {
-      const int p = rt.pos[(size_t)t * N + sRank[lane]];
-      if (p >= 0 && sBase[lane] + p < sCap[lane]) row = sBase[lane] + p;
-    }
-    moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, sRank, NULL, NULL};
+    const int row = moe_lane_row(c, rt, sRank, sBase, sCap, R, t, lane);
+    const moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, sRank, NULL, NULL};
     if (d.dmask != 0) {
-      for (unsigned m = d.dmask; m != 0; m &= m - 1) {
-        const int l = __ffs(m) - 1, r = sRank[l];
-        const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
-        char* peer = c.peers.base[r];
-        moe_write_topk(c, peer, drow, r, K, lane, e, w, withWeights);
-        if (a.xIsFp8) {
-          float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nScales;
-          for (int j = lane; j < nScales; j += MOE_WARP) dscale[j] = a.xScales[(size_t)t * nScales + j];
-        }
-      }
+      moe_write_meta(c, d, K, lane, e, w, withWeights, a.xIsFp8 ? a.xScales + (size_t)t * nScales : NULL, nScales,
+                     false);
       if (cast) moe_cast_row_to(c, src, a.hidden, a.pow2Scales, d, lane);
       else moe_copy_row_to(c, src, outBytes / 16, d, lane, false);
     }
@@ -398,7 +383,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
    * by chunk, so forwarding overlaps the transfer. */
   if (threadIdx.x == 0)
     proceed = !moe_comm_broken(c) &&
-              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_DISPATCH, MOE_NET_PROGRESS(seq, 0, 1));
+              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_DISPATCH, moe_net_progress(seq, 0, 1));
   __syncthreads();
   const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
   const int gwarp = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP, nwarps = gridDim.x * warpsPerBlock;
@@ -431,17 +416,8 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
         e = reinterpret_cast<const volatile int64_t*>(r + rec.ids)[lane];
         w = reinterpret_cast<const volatile float*>(r + rec.weights)[lane];
       }
-      const volatile float* scales = reinterpret_cast<const volatile float*>(r + rec.scales);
-      for (unsigned mm = d.dmask; mm != 0; mm &= mm - 1) {
-        const int l = __ffs(mm) - 1, dst = sRank[l];
-        const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
-        char* peer = c.peers.base[dst];
-        moe_write_topk(c, peer, drow, dst, K, lane, e, w, withWeights);
-        if (a.sendFp8) {
-          float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nScales;
-          for (int j = lane; j < nScales; j += MOE_WARP) dscale[j] = scales[j];
-        }
-      }
+      const float* scales = a.sendFp8 ? reinterpret_cast<const float*>(r + rec.scales) : NULL;
+      moe_write_meta(c, d, K, lane, e, w, withWeights, scales, nScales, true);
       moe_copy_row_to(c, reinterpret_cast<const uint4*>(r + rec.payload), outBytes / 16, d, lane, true);
     }
   }
@@ -456,38 +432,6 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
 }
 
 /* ------------------------------------------------------------- combine */
-/* Sums rows [0, dmask) of this node's ranks' combine buffers (lane l holds
- * the row at local rank l), local order, fp32; rounds to BF16 when asked. */
-__device__ __forceinline__ void moe_sum_local(const moe_rank_ctx_t& c, const int* sRank, unsigned dmask, int row,
-                                              int nvec, int v0, int lane, float (*acc)[MOE_VEC_BF16]) {
-  for (unsigned m = dmask; m != 0; m &= m - 1) {
-    const int l = __ffs(m) - 1;
-    const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
-    const uint4* src = reinterpret_cast<const uint4*>(c.peers.base[sRank[l]] + c.layout.combineX) + (size_t)drow * nvec;
-    uint4 buf[MOE_COMBINE_UNROLL];
-#pragma unroll
-    for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
-      const int v = v0 + u * MOE_WARP + lane;
-      if (v < nvec) buf[u] = moe_ld_nc(src + v);
-    }
-#pragma unroll
-    for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
-      if (v0 + u * MOE_WARP + lane < nvec) moe_acc_bf16x8(acc[u], buf[u]);
-  }
-}
-
-__device__ __forceinline__ float moe_sum_local_weights(const moe_rank_ctx_t& c, const int* sRank, unsigned dmask,
-                                                       int row, int K, int lane) {
-  float sum = 0.0f;
-  for (unsigned m = dmask; m != 0; m &= m - 1) {
-    const int l = __ffs(m) - 1;
-    const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
-    if (lane < K)
-      sum += reinterpret_cast<const float*>(c.peers.base[sRank[l]] + c.layout.combineWeights)[(size_t)drow * K + lane];
-  }
-  return sum;
-}
-
 /* Forwarder side: one BF16 partial per record received at dispatch, summed
  * over this node's ranks, into the slab back to the record's node. */
 __global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
@@ -516,23 +460,16 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c,
     char* slab = moe_slab(n, n.sendBuf, MOE_CH_COMBINE, m) + MOE_SLAB_HEADER;
     for (int i = gwarp; i < cnt; i += nwarps) {
       const int row = lane < R ? fw.fwdRows[((size_t)m * n.maxTokens + i) * R + lane] : -1;
-      const unsigned dmask = __ballot_sync(MOE_FULL_MASK, row >= 0);
+      const moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, sRank, NULL, NULL};
       uint4* out = reinterpret_cast<uint4*>(slab + (size_t)i * rec.bytes);
       for (int v0 = 0; v0 < nvec; v0 += MOE_WARP * MOE_COMBINE_UNROLL) {
         float acc[MOE_COMBINE_UNROLL][MOE_VEC_BF16];
-#pragma unroll
-        for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
-#pragma unroll
-          for (int j = 0; j < MOE_VEC_BF16; j++) acc[u][j] = 0.0f;
-        moe_sum_local(c, sRank, dmask, row, nvec, v0, lane, acc);
-#pragma unroll
-        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
-          const int v = v0 + u * MOE_WARP + lane;
-          if (v < nvec) out[v] = moe_pack_bf16x8(acc[u]);
-        }
+        moe_acc_zero(acc);
+        moe_acc_peer_rows(c, d, nvec, v0, lane, acc); /* local order */
+        moe_store_acc(out, acc, nvec, v0, lane);
       }
       /* Always: the source decides whether it wants weights back. */
-      const float sum = moe_sum_local_weights(c, sRank, dmask, row, K, lane);
+      const float sum = moe_sum_peer_weights(c, d, K, lane);
       if (lane < K) reinterpret_cast<float*>(reinterpret_cast<char*>(out) + rec.weights)[lane] = sum;
       moe_net_record_done(n, MOE_CH_COMBINE, m, i, cnt, seq, lane);
     }
@@ -547,7 +484,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c,
   __shared__ unsigned long long sSeen[MOE_INTER_THREADS / MOE_WARP][MOE_MAX_NODES]; /* per warp: progress read */
   __shared__ int proceed;
   const moe_topo_t& tp = n.topo;
-  const int N = c.nRanks, K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
+  const int K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
   const unsigned long long seq = n.seq[MOE_CH_COMBINE] + 1;
   moe_load_node_rows(n, rt, sRank, sBase, sCap);
   for (int i = threadIdx.x; i < (MOE_INTER_THREADS / MOE_WARP) * MOE_MAX_NODES; i += blockDim.x)
@@ -556,7 +493,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c,
    * chunk by chunk, so the sum overlaps the transfer. */
   if (threadIdx.x == 0)
     proceed = !moe_comm_broken(c) &&
-              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_COMBINE, MOE_NET_PROGRESS(seq, 0, 1));
+              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_COMBINE, moe_net_progress(seq, 0, 1));
   __syncthreads();
   for (int m = threadIdx.x; m < nN && proceed; m += blockDim.x)
     sCount[m] = m == tp.node ? 0 : moe_slab_count(c, n, MOE_CH_COMBINE, m);
@@ -575,34 +512,24 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c,
       landed = moe_net_warp_wait_chunk(c, n, MOE_CH_COMBINE, m, seq, slot / n.chunkRecords, &sSeen[warp][m], lane);
     }
     if (!landed) break;
-    int row = -1;
-    if (lane < R) {
-      const int p = rt.pos[(size_t)t * N + sRank[lane]];
-      if (p >= 0 && sBase[lane] + p < sCap[lane]) row = sBase[lane] + p;
-    }
-    const unsigned dmask = __ballot_sync(MOE_FULL_MASK, row >= 0);
+    const int row = moe_lane_row(c, rt, sRank, sBase, sCap, R, t, lane);
+    const moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, sRank, NULL, NULL};
     uint4* out = reinterpret_cast<uint4*>(a.out) + (size_t)t * nvec;
     for (int v0 = 0; v0 < nvec; v0 += MOE_WARP * MOE_COMBINE_UNROLL) {
       float acc[MOE_COMBINE_UNROLL][MOE_VEC_BF16];
-#pragma unroll
-      for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
-#pragma unroll
-        for (int j = 0; j < MOE_VEC_BF16; j++) acc[u][j] = 0.0f;
+      moe_acc_zero(acc);
       /* This node's partial first (its place in the sum comes below),
        * rounded to BF16 like every other node's. */
       uint4 own[MOE_COMBINE_UNROLL];
-      if (dmask != 0) {
-        moe_sum_local(c, sRank, dmask, row, nvec, v0, lane, acc);
+      if (d.dmask != 0) {
+        moe_acc_peer_rows(c, d, nvec, v0, lane, acc);
 #pragma unroll
-        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
-          own[u] = moe_pack_bf16x8(acc[u]);
-#pragma unroll
-          for (int j = 0; j < MOE_VEC_BF16; j++) acc[u][j] = 0.0f;
-        }
+        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) own[u] = moe_pack_bf16x8(acc[u]);
+        moe_acc_zero(acc);
       }
       for (int m = 0; m < nN; m++) {
         if (m == tp.node) {
-          if (dmask == 0) continue;
+          if (d.dmask == 0) continue;
 #pragma unroll
           for (int u = 0; u < MOE_COMBINE_UNROLL; u++) moe_acc_bf16x8(acc[u], own[u]);
           continue;
@@ -617,17 +544,13 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c,
           if (v < nvec) moe_acc_bf16x8(acc[u], moe_ld_volatile(src + v));
         }
       }
-#pragma unroll
-      for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
-        const int v = v0 + u * MOE_WARP + lane;
-        if (v < nvec) out[v] = moe_pack_bf16x8(acc[u]);
-      }
+      moe_store_acc(out, acc, nvec, v0, lane);
     }
     if (a.withWeights) {
       float sum = 0.0f;
       for (int m = 0; m < nN; m++) {
         if (m == tp.node) {
-          sum += moe_sum_local_weights(c, sRank, dmask, row, K, lane);
+          sum += moe_sum_peer_weights(c, d, K, lane);
           continue;
         }
         const int slot = fw.nodePos[(size_t)t * nN + m];
