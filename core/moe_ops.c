@@ -36,8 +36,7 @@ ncclResult_t moe_check_device_ptr(const void* p, size_t align, const char* what)
  * rank that skipped a call would leave its peers waiting. */
 ncclResult_t moe_comm_ready(ncclMoeComm_t comm) {
   MOE_ARG_CHECK(comm != NULL, "comm is NULL");
-  int e = __atomic_load_n(comm->hostError, __ATOMIC_ACQUIRE);
-  return (e == MOE_KERR_TIMEOUT || e == MOE_KERR_BAD_NOTIFY || e == MOE_KERR_NET) ? moe_comm_error(comm) : ncclSuccess;
+  return moe_kerr_fatal(moe_error_read_host(comm->hostError, NULL, NULL)) ? moe_comm_error(comm) : ncclSuccess;
 }
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHandle_t* handle_p) {

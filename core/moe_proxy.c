@@ -24,7 +24,7 @@
 #include <time.h>
 
 #include "common/moe_check.h"
-#include "kernels/moe_intranode.h"
+#include "kernels/moe_error.h"
 
 #define MOE_PROXY_MSG_MAGIC 0x6d6f6550u /* "moeP" */
 #define MOE_PROXY_TAG_HELLO 1
@@ -98,8 +98,8 @@ static long long moe_proxy_now_ns(void) { return (long long)moe_net_now_ns(); }
 
 static ncclResult_t moe_proxy_fail(moe_proxy_t* p, ncclResult_t res) {
   if (p->err[0] == '\0') snprintf(p->err, sizeof(p->err), "%s", ncclMoeGetLastError());
-  if (p->a.error[MOE_ERR_CODE] == MOE_KERR_NONE) p->a.error[MOE_ERR_CODE] = MOE_KERR_NET;
-  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  /* The message first: recording the code releases it to whoever sees the code. */
+  moe_error_record_host(p->a.error, MOE_KERR_NET, NULL);
   return res;
 }
 

@@ -21,38 +21,24 @@
 #include "kernels/moe_sync.cuh"
 
 #define MOE_INTER_LAYOUT_THREADS 1024
-/* The grid kernels wait for peers at their start, so every virtual rank's
- * blocks must fit on the GPU together: two 512-thread blocks per SM (at most
- * 64 registers), as the auto block count assumes. */
-#define MOE_INTER_THREADS 512
-#define MOE_INTER_BLOCKS_PER_SM 2
-#define MOE_INTER_BOUNDS __launch_bounds__(MOE_INTER_THREADS, MOE_INTER_BLOCKS_PER_SM)
 
 /* ------------------------------------------------------------- waiting */
-/* One thread waits until *flag >= want; false on a timeout (recorded, naming
- * the peer) or once the comm is broken. */
-__device__ bool moe_net_wait(const moe_rank_ctx_t& c, const volatile unsigned long long* flag,
-                             unsigned long long want, int peer) {
-  const unsigned long long* f = const_cast<const unsigned long long*>(flag);
-  const long long start = moe_now_ns();
-  while (moe_ld_acquire_sys(f) < want) {
-    if (moe_comm_broken(c)) return false; /* the proxy failed, or another wait timed out */
-    if (moe_now_ns() - start > c.timeoutNs) {
-      moe_record_timeout(c, want, peer, moe_ld_acquire_sys(f), MOE_WAIT_NET);
-      return false;
-    }
-  }
-  return true;
+/* The forwarder this rank meets on node m (the rank with its local index). */
+__device__ __forceinline__ int moe_net_peer(const moe_net_ctx_t& n, int m) {
+  return n.topo.rankAt[m * n.topo.ranksPerNode + n.topo.local];
 }
 
-/* One thread waits on counter[ch][m] >= want for every other node m. */
+/* One thread waits on counter[ch][m] >= want for every other node m (the
+ * proxy's counters: `what` is MOE_WAIT_NET for operation numbers,
+ * MOE_WAIT_NET_CHUNK for progress words). */
 __device__ bool moe_net_wait_nodes(const moe_rank_ctx_t& c, const moe_net_ctx_t& n,
                                    const volatile unsigned long long (*counter)[MOE_MAX_NODES], int ch,
-                                   unsigned long long want) {
+                                   unsigned long long want, moe_wait_t what) {
   const moe_topo_t& t = n.topo;
   for (int m = 0; m < t.nNodes; m++) {
     if (m == t.node) continue;
-    if (!moe_net_wait(c, &counter[ch][m], want, t.rankAt[m * t.ranksPerNode + t.local])) return false;
+    const unsigned long long* f = const_cast<const unsigned long long*>(&counter[ch][m]);
+    if (!moe_wait_geq(c, f, want, what, moe_net_peer(n, m), MOE_WAIT_FROM_NOW, NULL)) return false;
   }
   return true;
 }
@@ -122,17 +108,7 @@ __device__ bool moe_net_wait_chunk(const moe_rank_ctx_t& c, const moe_net_ctx_t&
   const unsigned long long want = moe_net_progress(seq, 0, i + 1);
   if (*seen >= want) return true;
   const unsigned long long* f = const_cast<const unsigned long long*>(&n.flags->progress[ch][m]);
-  const long long start = moe_now_ns();
-  unsigned long long v;
-  while ((v = moe_ld_acquire_sys(f)) < want) {
-    if (moe_comm_broken(c)) return false; /* the proxy failed, or another wait timed out */
-    if (moe_now_ns() - start > c.timeoutNs) {
-      moe_record_timeout(c, seq, n.topo.rankAt[m * n.topo.ranksPerNode + n.topo.local], moe_net_progress_slab(v), MOE_WAIT_NET);
-      return false;
-    }
-  }
-  *seen = v;
-  return true;
+  return moe_wait_geq(c, f, want, MOE_WAIT_NET_CHUNK, moe_net_peer(n, m), MOE_WAIT_FROM_NOW, seen);
 }
 
 /* The same for a whole warp (lane 0 waits); true in every lane. */
@@ -168,19 +144,6 @@ __device__ __forceinline__ void moe_load_node_rows(const moe_net_ctx_t& n, const
   __syncthreads();
   moe_load_rows(rt, sRank, n.topo.ranksPerNode, sBase, sCap);
   __syncthreads();
-}
-
-/* Called by every thread at the end of a kernel: the last block to finish
- * returns true (in thread 0) to run the kernel's epilogue. */
-__device__ bool moe_last_block(const moe_rank_ctx_t& c) {
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x != 0) return false;
-  const unsigned int prev = atomicAdd(c.blocksDone, 1u);
-  if (prev != gridDim.x - 1) return false;
-  *c.blocksDone = 0;
-  __threadfence();
-  return true;
 }
 
 /* -------------------------------------------------------------- layout */
@@ -236,7 +199,7 @@ moe_inter_notify_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_f
   const int N = c.nRanks, M = c.layout.notifyInts, R = tp.ranksPerNode, nN = tp.nNodes;
   const unsigned long long seq = n.seq[MOE_CH_NOTIFY] + 1;
   if (threadIdx.x == 0)
-    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_NOTIFY, seq - 1);
+    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_NOTIFY, seq - 1, MOE_WAIT_NET);
   __syncthreads();
   if (!proceed) return;
   for (int i = threadIdx.x; i < N * M; i += blockDim.x) {
@@ -261,7 +224,7 @@ moe_inter_notify_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_f
       n.flags->chunkReady[MOE_CH_NOTIFY][m][0] = seq;
       moe_net_publish(&n.flags->ready[MOE_CH_NOTIFY][m], seq);
     }
-    proceed = moe_net_wait_nodes(c, n, n.flags->arrived, MOE_CH_NOTIFY, seq);
+    proceed = moe_net_wait_nodes(c, n, n.flags->arrived, MOE_CH_NOTIFY, seq, MOE_WAIT_NET);
   }
   __syncthreads();
   if (!proceed) return;
@@ -303,7 +266,7 @@ moe_inter_notify_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_f
 /* ------------------------------------------------------------ dispatch */
 /* This node's ranks get their rows directly; every other node gets one
  * record per token in the slab to its forwarder. */
-__global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
+__global__ void MOE_WAIT_GRID_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
                                           moe_dispatch_args_t a) {
   __shared__ int sBase[MOE_WARP], sCap[MOE_WARP], sRank[MOE_WARP], sCount[MOE_MAX_NODES];
   __shared__ int proceed;
@@ -315,7 +278,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe
   for (int m = threadIdx.x; m < nN; m += blockDim.x) sCount[m] = fw.tokensPerNode[m];
   __syncthreads();
   if (threadIdx.x == 0) {
-    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_DISPATCH, seq - 1);
+    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_DISPATCH, seq - 1, MOE_WAIT_NET);
     if (proceed && blockIdx.x == 0) moe_net_begin_slabs(n, MOE_CH_DISPATCH, sCount, rec.bytes, seq);
   }
   __syncthreads();
@@ -369,7 +332,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe
 /* Records from every other node go to the ranks of this node that need
  * them; the rows are remembered for combine. Ends with this node's barrier,
  * after which every rank holds all its rows. */
-__global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
+__global__ void MOE_WAIT_GRID_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
                                          moe_dispatch_args_t a) {
   __shared__ int sCap[MOE_WARP], sRank[MOE_WARP];
   __shared__ int proceed;
@@ -383,7 +346,8 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
    * by chunk, so forwarding overlaps the transfer. */
   if (threadIdx.x == 0)
     proceed = !moe_comm_broken(c) &&
-              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_DISPATCH, moe_net_progress(seq, 0, 1));
+              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_DISPATCH, moe_net_progress(seq, 0, 1),
+                                 MOE_WAIT_NET_CHUNK);
   __syncthreads();
   const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
   const int gwarp = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP, nwarps = gridDim.x * warpsPerBlock;
@@ -434,7 +398,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
 /* ------------------------------------------------------------- combine */
 /* Forwarder side: one BF16 partial per record received at dispatch, summed
  * over this node's ranks, into the slab back to the record's node. */
-__global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
+__global__ void MOE_WAIT_GRID_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
                                               moe_fwd_route_t fw, moe_combine_args_t a) {
   __shared__ int sRank[MOE_WARP], sCount[MOE_MAX_NODES];
   __shared__ int proceed;
@@ -446,7 +410,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c,
   for (int m = threadIdx.x; m < nN; m += blockDim.x) sCount[m] = m == tp.node ? 0 : fw.fwdCount[m];
   __syncthreads();
   if (threadIdx.x == 0) {
-    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_COMBINE, seq - 1);
+    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_COMBINE, seq - 1, MOE_WAIT_NET);
     if (proceed && blockIdx.x == 0) moe_net_begin_slabs(n, MOE_CH_COMBINE, sCount, rec.bytes, seq);
   }
   __syncthreads();
@@ -478,22 +442,23 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c,
 
 /* Source side: out[t] = sum over nodes, in node order, of each node's BF16
  * partial (this node's computed here from its ranks), in fp32. */
-__global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
+__global__ void MOE_WAIT_GRID_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
                                               moe_fwd_route_t fw, moe_combine_args_t a) {
   __shared__ int sBase[MOE_WARP], sCap[MOE_WARP], sRank[MOE_WARP], sCount[MOE_MAX_NODES];
-  __shared__ unsigned long long sSeen[MOE_INTER_THREADS / MOE_WARP][MOE_MAX_NODES]; /* per warp: progress read */
+  __shared__ unsigned long long sSeen[MOE_WAIT_GRID_THREADS / MOE_WARP][MOE_MAX_NODES]; /* per warp: progress read */
   __shared__ int proceed;
   const moe_topo_t& tp = n.topo;
   const int K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
   const unsigned long long seq = n.seq[MOE_CH_COMBINE] + 1;
   moe_load_node_rows(n, rt, sRank, sBase, sCap);
-  for (int i = threadIdx.x; i < (MOE_INTER_THREADS / MOE_WARP) * MOE_MAX_NODES; i += blockDim.x)
+  for (int i = threadIdx.x; i < (MOE_WAIT_GRID_THREADS / MOE_WARP) * MOE_MAX_NODES; i += blockDim.x)
     (&sSeen[0][0])[i] = 0;
   /* Chunk 0 (the header) of every node's slab; the partials are waited for
    * chunk by chunk, so the sum overlaps the transfer. */
   if (threadIdx.x == 0)
     proceed = !moe_comm_broken(c) &&
-              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_COMBINE, moe_net_progress(seq, 0, 1));
+              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_COMBINE, moe_net_progress(seq, 0, 1),
+                                 MOE_WAIT_NET_CHUNK);
   __syncthreads();
   for (int m = threadIdx.x; m < nN && proceed; m += blockDim.x)
     sCount[m] = m == tp.node ? 0 : moe_slab_count(c, n, MOE_CH_COMBINE, m);

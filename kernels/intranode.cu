@@ -89,9 +89,7 @@ __global__ void __launch_bounds__(MOE_NOTIFY_THREADS)
 moe_notify_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_notify_args_t a) {
   __shared__ int proceed;
   const int N = c.nRanks, M = c.layout.notifyInts;
-  if (threadIdx.x == 0) proceed = !moe_comm_broken(c);
-  __syncthreads();
-  if (!proceed) return;
+  if (!moe_block_proceed(c)) return;
   if (a.notify) {
     for (int i = threadIdx.x; i < N * M; i += blockDim.x) {
       const int r = i / M, j = i % M;
@@ -116,12 +114,9 @@ extern "C" cudaError_t moe_notify_launch(const moe_rank_ctx_t* ctx, const moe_ro
 /* ---------------------------------------------------------------- dispatch */
 __global__ void moe_dispatch_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_dispatch_args_t a) {
   __shared__ int sBase[NCCL_MOE_MAX_RANKS], sCap[NCCL_MOE_MAX_RANKS];
-  __shared__ int proceed;
   const int N = c.nRanks, K = a.topk;
   moe_load_rows(rt, NULL, N, sBase, sCap);
-  if (threadIdx.x == 0) proceed = !moe_comm_broken(c);
-  __syncthreads();
-  if (!proceed) return;
+  if (!moe_block_proceed(c)) return;
   const int lane = threadIdx.x % MOE_WARP;
   const int warpsPerBlock = blockDim.x / MOE_WARP;
   const int nScales = a.hidden / NCCL_MOE_FP8_BLOCK;
@@ -156,12 +151,9 @@ extern "C" cudaError_t moe_dispatch_launch(const moe_rank_ctx_t* ctx, const moe_
 /* ----------------------------------------------------------------- combine */
 __global__ void moe_combine_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_combine_args_t a) {
   __shared__ int sBase[NCCL_MOE_MAX_RANKS], sCap[NCCL_MOE_MAX_RANKS];
-  __shared__ int proceed;
   const int N = c.nRanks, K = a.topk;
   moe_load_rows(rt, NULL, N, sBase, sCap);
-  if (threadIdx.x == 0) proceed = !moe_comm_broken(c);
-  __syncthreads();
-  if (!proceed) return;
+  if (!moe_block_proceed(c)) return;
   const int lane = threadIdx.x % MOE_WARP;
   const int warpsPerBlock = blockDim.x / MOE_WARP;
   const int nvec = a.hidden / MOE_VEC_BF16;

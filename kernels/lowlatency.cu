@@ -41,8 +41,6 @@
 #include "kernels/moe_lowlatency.h"
 #include "kernels/moe_sync.cuh"
 
-#define MOE_LL_THREADS 512
-#define MOE_LL_MIN_BLOCKS_PER_SM 2 /* keeps every rank's blocks co-resident (<= 64 registers) */
 #define MOE_LL_CHUNK_GROUPS 4                              /* dispatch item: 4 blocks = 512 channels */
 #define MOE_LL_CHUNK (MOE_LL_CHUNK_GROUPS * NCCL_MOE_FP8_BLOCK)
 #define MOE_LL_LANE_VECS (MOE_LL_CHUNK / MOE_VEC_BF16 / MOE_WARP) /* 16-byte vectors per lane per chunk */
@@ -51,7 +49,6 @@
 #define MOE_LL_COMBINE_KGROUP 4                            /* top-k rows loaded at once */
 #define MOE_LL_BATCH 4                                     /* items a warp stores before one fence */
 #define MOE_LL_PREFETCH 4                                  /* token rows of expert ids loaded at once */
-#define MOE_LL_BROKEN_CHECK_NS 1000000                     /* how often a long wait reads the error word (host memory) */
 
 #ifdef MOE_LL_TRACE /* a diagnostic build: phase times of the low-latency kernels */
 #define MOE_LL_TRACE_POINTS 16
@@ -75,10 +72,6 @@ static_assert(MOE_LL_CHUNK == MOE_LL_FLAG_CHANNELS, "a dispatch item is one flag
 static_assert(MOE_LL_FLAG_VEC == 2 * MOE_WARP, "a combine receive item is two vectors per lane");
 
 /* ------------------------------------------------------------- helpers */
-__device__ __forceinline__ void moe_ll_st_relaxed_sys(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
 __device__ __forceinline__ unsigned long long* moe_ll_cnt_flag(const moe_ll_ctx_t& c, int owner, int set, int from) {
   return reinterpret_cast<unsigned long long*>(c.rc.peers.base[owner] + c.l.cntFlag) + (size_t)set * c.rc.nRanks + from;
 }
@@ -123,38 +116,14 @@ __device__ void moe_ll_count_use(const moe_ll_ctx_t& c, int set, int op, unsigne
   }
 }
 
-/* Spins until *flag >= want (flag written by `peer`, -1 if unknown, with
- * release). False on timeout (recorded) or when the comm broke meanwhile
- * (the error word is read only during long waits: it is host memory, slow to
- * read). */
-__device__ bool moe_ll_wait(const moe_ll_ctx_t& c, const unsigned long long* flag, unsigned long long want,
-                            int peer, moe_wait_t what) {
-  unsigned long long v = moe_ld_acquire_sys(flag);
-  if (v >= want) return true;
-  const long long start = moe_now_ns();
-  long long nextCheck = start + MOE_LL_BROKEN_CHECK_NS;
-  for (;;) {
-    v = moe_ld_acquire_sys(flag);
-    if (v >= want) return true;
-    const long long now = moe_now_ns();
-    if (now > nextCheck) {
-      if (moe_comm_broken(c.rc)) return false;
-      nextCheck = now + MOE_LL_BROKEN_CHECK_NS;
-    }
-    if (now - start > c.rc.timeoutNs) {
-      moe_record_timeout(c.rc, want, peer, v, what);
-      return false;
-    }
-  }
-}
-
 /* Every thread of the block: waits for the count messages of use n from
  * every rank of this node. True in every thread when all arrived. Ends with a block
  * barrier. */
 __device__ bool moe_ll_wait_counts(const moe_ll_ctx_t& c, int set, unsigned long long n) {
   bool ok = true;
   for (int r = threadIdx.x; r < c.rc.nRanks; r += blockDim.x)
-    if (c.rc.peers.base[r] != NULL) ok &= moe_ll_wait(c, moe_ll_cnt_flag(c, c.rc.rank, set, r), n, r, MOE_WAIT_LL_COUNTS);
+    if (c.rc.peers.base[r] != NULL)
+      ok &= moe_wait_geq(c.rc, moe_ll_cnt_flag(c, c.rc.rank, set, r), n, MOE_WAIT_LL_COUNTS, r, MOE_WAIT_FROM_NOW, NULL);
   return __syncthreads_and(ok);
 }
 
@@ -170,8 +139,8 @@ __device__ bool moe_ll_net_wait(const moe_ll_ctx_t& c, const volatile unsigned l
                                 int ch, unsigned long long want) {
   bool ok = true;
   for (int j = threadIdx.x; j < c.net.nRemote; j += blockDim.x)
-    ok &= moe_ll_wait(c, const_cast<const unsigned long long*>(&counter[ch][j]), want, c.net.remoteRank[j],
-                      MOE_WAIT_NET);
+    ok &= moe_wait_geq(c.rc, const_cast<const unsigned long long*>(&counter[ch][j]), want, MOE_WAIT_NET,
+                       c.net.remoteRank[j], MOE_WAIT_FROM_NOW, NULL);
   return __syncthreads_and(ok);
 }
 
@@ -233,7 +202,7 @@ __device__ __forceinline__ void moe_ll_mark(const moe_ll_ctx_t& c, unsigned long
   __threadfence_system(); /* with the warp barrier: every lane's stores before any mark */
 #pragma unroll
   for (int j = 0; j < MOE_LL_BATCH; j++) {
-    if (flags[j] != NULL) moe_ll_st_relaxed_sys(flags[j], n);
+    if (flags[j] != NULL) moe_st_relaxed_sys(flags[j], n);
     if (net[j] >= 0) moe_ll_net_add(c, slabs, net[j], n);
   }
 }
@@ -770,7 +739,8 @@ __device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t&
     const int l = moe_ll_find_run(sOff, L, g);
     const unsigned long long* flag = moe_ll_row_flag(c, c.rc.rank, a.set, (size_t)(l * rowsPerExpert + g - sOff[l]), f);
     if (moe_ld_acquire_sys(flag) >= n) continue;
-    ok = moe_ll_wait(c, flag, n, moe_ll_row_source(c, a.set, l, g - sOff[l]), MOE_WAIT_LL_DATA);
+    ok = moe_wait_geq(c.rc, flag, n, MOE_WAIT_LL_DATA, moe_ll_row_source(c, a.set, l, g - sOff[l]), MOE_WAIT_FROM_NOW,
+                      NULL);
   }
   for (int l = threadIdx.x; l < L; l += blockDim.x) sRem[l] = 0;
   ok = __syncthreads_and(ok);
@@ -788,7 +758,7 @@ __device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t&
 /* The send half; with FUSED also the receive half (one kernel per call).
  * NET: some ranks are on other nodes (c.net.nRemote > 0). */
 template <bool FUSED, bool NET>
-__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
+__global__ void MOE_WAIT_GRID_BOUNDS
 moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sCnt[NCCL_MOE_MAX_EXPERTS];
   __shared__ int sStart[NCCL_MOE_MAX_EXPERTS];
@@ -846,7 +816,7 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
 }
 
 template <bool NET>
-__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
+__global__ void MOE_WAIT_GRID_BOUNDS
 moe_ll_dispatch_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sOff[NCCL_MOE_MAX_EXPERTS + 1];
   const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_DISPATCH);
@@ -1020,7 +990,7 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
       if (rv >= 0 && pj < 0) {
         mine = rows + moe_ll_comb_row(c, half, t, lane) * rowVec;
         const unsigned long long* flag = moe_ll_comb_flag(c, c.rc.rank, a.set, moe_ll_comb_row(c, half, t, lane), f);
-        if (moe_ld_acquire_sys(flag) < cu) arrived = moe_ll_wait(c, flag, cu, -1, MOE_WAIT_LL_COMBINE);
+        arrived = moe_wait_geq(c.rc, flag, cu, MOE_WAIT_LL_COMBINE, -1, MOE_WAIT_FROM_NOW, NULL);
       } else if (pj >= 0 && pj < c.net.nRemote && rv < sRows[pj]) {
         mine = reinterpret_cast<const uint4*>(moe_ll_net_slab(c, c.net.recvBuf, ch, pj) + MOE_LL_NET_COMBINE_HEADER +
                                               (size_t)rv * a.hidden * 2);
@@ -1081,7 +1051,7 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
 /* The send half; with FUSED also the receive half (one kernel per call).
  * NET: some ranks are on other nodes. */
 template <bool FUSED, bool NET>
-__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
+__global__ void MOE_WAIT_GRID_BOUNDS
 moe_ll_combine_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sOff[NCCL_MOE_MAX_EXPERTS + 1];
   const unsigned long long cu = moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE) + 1;
@@ -1094,7 +1064,7 @@ moe_ll_combine_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
 }
 
 template <bool NET>
-__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
+__global__ void MOE_WAIT_GRID_BOUNDS
 moe_ll_combine_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   moe_ll_combine_reduce<NET>(c, a, moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE));
 }
@@ -1117,7 +1087,7 @@ static const moe_ll_kernel_t moe_ll_combine_recv[2] = {moe_ll_combine_recv_kerne
 
 static cudaError_t moe_ll_launch(moe_ll_kernel_t k, const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
                                  cudaStream_t stream) {
-  k<<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  k<<<args->numBlocks, MOE_WAIT_GRID_THREADS, 0, stream>>>(*ctx, *args);
   return cudaGetLastError();
 }
 

@@ -62,12 +62,6 @@ typedef struct {
   volatile unsigned long long consumed[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES]; /* GPU -> proxy */
 } moe_net_flags_t;
 
-#ifdef __CUDACC__
-#define MOE_HD __host__ __device__
-#else
-#define MOE_HD
-#endif
-
 /* The progress word, progress[c][n]: slab k with `chunks` of its chunks
  * landed (`last`: all of them). It grows with k, then with chunks, so one
  * comparison answers "has chunk i of slab k landed". The proxy writes it, the
