@@ -32,17 +32,6 @@ static const int codes[] = {MOE_KERR_BAD_EXPERT, MOE_KERR_CAPACITY, MOE_KERR_MIS
                             MOE_KERR_TIMEOUT,    MOE_KERR_BAD_NOTIFY, MOE_KERR_NET};
 #define NCODES ((int)(sizeof(codes) / sizeof(codes[0])))
 
-/* The details block `id` records into record k, as error_kernels.cu makes
- * them. */
-static moe_error_details_t details_of(int id, int k) {
-  moe_error_details_t d;
-  d.wait = id % (MOE_WAIT_NET_CHUNK + 1);
-  d.peer = id;
-  d.want = ((unsigned long long)(id + 1) << 40) | (unsigned long long)k;
-  d.seen = ~d.want;
-  return d;
-}
-
 static double now_s(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
@@ -136,7 +125,7 @@ START_TEST(test_blocks_and_host_race) {
        * writer of the code read. */
       if (has) {
         ck_assert_msg(d.peer >= 0 && d.peer < BLOCKS, "round %d record %d: peer %d", round, k, d.peer);
-        const moe_error_details_t want = details_of(d.peer, k);
+        const moe_error_details_t want = moe_test_error_details(d.peer, k);
         ck_assert_msg(d.wait == want.wait && d.want == want.want && d.seen == want.seen && cw[d.peer] == code,
                       "round %d record %d: details of writer %d do not match", round, k, d.peer);
       }

@@ -3,17 +3,6 @@
 #include "kernels/moe_sync.cuh"
 #include "tests/support/moe_test_kernels.h"
 
-/* The details writer `id` records into record k (the host test derives the
- * same values). */
-__device__ __forceinline__ moe_error_details_t moe_test_details(int id, int k) {
-  moe_error_details_t d;
-  d.wait = id % (MOE_WAIT_NET_CHUNK + 1);
-  d.peer = id;
-  d.want = ((unsigned long long)(id + 1) << 40) | (unsigned long long)k;
-  d.seen = ~d.want;
-  return d;
-}
-
 /* Thread 0 of every block waits for *go (so the blocks and the host thread
  * start together), then records codes[k][block] into every record k. */
 __global__ void moe_test_error_race_kernel(volatile int* recs, int nRecords, const int* codes, int* won,
@@ -24,7 +13,7 @@ __global__ void moe_test_error_race_kernel(volatile int* recs, int nRecords, con
   }
   const int writers = gridDim.x, id = blockIdx.x;
   for (int k = 0; k < nRecords; k++) {
-    const moe_error_details_t d = moe_test_details(id, k);
+    const moe_error_details_t d = moe_test_error_details(id, k);
     won[(size_t)k * writers + id] = moe_error_record_dev(recs + (size_t)k * MOE_ERR_WORDS,
                                                          codes[(size_t)k * writers + id], &d);
   }

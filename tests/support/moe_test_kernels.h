@@ -25,9 +25,20 @@ cudaError_t moe_test_gate_launch(const volatile int* flag, long long timeoutNs, 
  * kernel costs, without its work). */
 cudaError_t moe_test_noop_launch(int blocks, int threads, cudaStream_t stream);
 
+/* The details writer `id` records into record k in the error-record tests
+ * (both words of the 64-bit fields used). */
+static inline MOE_HD moe_error_details_t moe_test_error_details(int id, int k) {
+  moe_error_details_t d;
+  d.wait = id % (MOE_WAIT_NET_CHUNK + 1);
+  d.peer = id;
+  d.want = ((unsigned long long)(id + 1) << 40) | (unsigned long long)k;
+  d.seen = ~d.want;
+  return d;
+}
+
 /* The error record's device half (error_kernels.cu): blocks x 32 threads;
  * thread 0 of block b waits for *go (host-mapped; at most timeoutNs), then
- * records codes[k * blocks + b], with details naming writer b and record k,
+ * records codes[k * blocks + b], with moe_test_error_details(b, k),
  * into every record k of recs (host-mapped, nRecords x MOE_ERR_WORDS), and
  * stores whether it won in won[k * blocks + b]. */
 cudaError_t moe_test_error_race_launch(volatile int* recs, int nRecords, const int* codes, int* won, int blocks,
