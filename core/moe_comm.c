@@ -129,17 +129,33 @@ static const char* moe_wait_name(int what) {
   }
 }
 
+/* What a timed-out wait waited for, and how far its peer had got. */
+static void moe_wait_describe(const moe_error_details_t* d, char* buf, size_t size) {
+  char peer[32] = "the sender"; /* a low-latency combine row names no rank */
+  if (d->peer >= 0) snprintf(peer, sizeof(peer), "rank %d", d->peer);
+  if (d->wait == MOE_WAIT_NET_CHUNK) /* progress words: step and chunks landed */
+    snprintf(buf, size, "%d chunk(s) of a node's network data, step %llu, %s was at %d chunk(s)%s of step %llu",
+             moe_net_progress_chunks(d->want), moe_net_progress_slab(d->want), peer,
+             moe_net_progress_chunks(d->seen), moe_net_progress_last(d->seen) ? " (all)" : "",
+             moe_net_progress_slab(d->seen));
+  else
+    snprintf(buf, size, "%s %llu, %s was at %llu", moe_wait_name(d->wait), d->want, peer, d->seen);
+}
+
+/* The comm's error record (kernels/moe_error.h) as an ncclResult_t and a
+ * message. */
 ncclResult_t moe_comm_error(ncclMoeComm_t comm) {
-  switch (__atomic_load_n(comm->hostError, __ATOMIC_ACQUIRE)) {
+  moe_error_details_t d;
+  int hasDetails = 0;
+  switch (moe_error_read_host(comm->hostError, &d, &hasDetails)) {
     case MOE_KERR_NONE: return ncclSuccess;
     case MOE_KERR_TIMEOUT: {
-      char peer[32] = "the sender"; /* a low-latency combine row names no rank */
-      if (comm->hostError[MOE_ERR_PEER] >= 0) snprintf(peer, sizeof(peer), "rank %d", comm->hostError[MOE_ERR_PEER]);
+      char what[160] = "(not recorded yet)"; /* the winner publishes them right after the code */
+      if (hasDetails) moe_wait_describe(&d, what, sizeof(what));
       return MOE_ERROR(ncclSystemError,
-                       "rank %d: a peer did not answer within %d ms (NCCL_MOE_TIMEOUT_MS): waiting for %s %d, %s "
-                       "was at %d; the comm is unusable",
-                       comm->rank, comm->config.timeoutMs, moe_wait_name(comm->hostError[MOE_ERR_WAIT]),
-                       comm->hostError[MOE_ERR_EPOCH], peer, comm->hostError[MOE_ERR_PEER_EPOCH]);
+                       "rank %d: a peer did not answer within %d ms (NCCL_MOE_TIMEOUT_MS): waiting for %s; the comm "
+                       "is unusable",
+                       comm->rank, comm->config.timeoutMs, what);
     }
     case MOE_KERR_BAD_EXPERT:
       return MOE_ERROR(ncclInvalidArgument, "rank %d: topkIdx held an expert id outside [-1, %d)", comm->rank,
@@ -154,8 +170,10 @@ ncclResult_t moe_comm_error(ncclMoeComm_t comm) {
       if (comm->inter != NULL && moe_proxy_error(comm->inter->ll.proxy)[0] != '\0') why = moe_proxy_error(comm->inter->ll.proxy);
       return MOE_ERROR(ncclSystemError, "rank %d: the network proxy failed: %s; the comm is unusable", comm->rank, why);
     }
-    default:
+    case MOE_KERR_BAD_NOTIFY:
       return MOE_ERROR(ncclRemoteError, "rank %d: a peer sent an invalid notify message", comm->rank);
+    default:
+      return MOE_ERROR(ncclInternalError, "rank %d: unknown error code in the error record", comm->rank);
   }
 }
 
@@ -165,8 +183,7 @@ ncclResult_t moe_comm_error(ncclMoeComm_t comm) {
  * step, since a rank that skipped a call would leave its peers waiting. */
 ncclResult_t moe_comm_ready(ncclMoeComm_t comm) {
   MOE_ARG_CHECK(comm != NULL, "comm is NULL");
-  int e = __atomic_load_n(comm->hostError, __ATOMIC_ACQUIRE);
-  return (e == MOE_KERR_TIMEOUT || e == MOE_KERR_BAD_NOTIFY || e == MOE_KERR_NET) ? moe_comm_error(comm) : ncclSuccess;
+  return moe_kerr_fatal(moe_error_read_host(comm->hostError, NULL, NULL)) ? moe_comm_error(comm) : ncclSuccess;
 }
 
 /* A pointer the kernels will dereference: device (or managed) memory, with

@@ -24,7 +24,7 @@
 #include <time.h>
 
 #include "common/moe_check.h"
-#include "kernels/moe_intranode.h"
+#include "kernels/moe_error.h"
 
 #define MOE_PROXY_MSG_MAGIC 0x6d6f6550u /* "moeP" */
 #define MOE_PROXY_TAG_HELLO 1
@@ -98,8 +98,8 @@ static long long moe_proxy_now_ns(void) { return (long long)moe_net_now_ns(); }
 
 static ncclResult_t moe_proxy_fail(moe_proxy_t* p, ncclResult_t res) {
   if (p->err[0] == '\0') snprintf(p->err, sizeof(p->err), "%s", ncclMoeGetLastError());
-  if (p->a.error[MOE_ERR_CODE] == MOE_KERR_NONE) p->a.error[MOE_ERR_CODE] = MOE_KERR_NET;
-  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  /* The message first: recording the code releases it to whoever sees the code. */
+  moe_error_record_host(p->a.error, MOE_KERR_NET, NULL);
   return res;
 }
 
@@ -400,7 +400,7 @@ static ncclResult_t moe_proxy_send_credit(moe_proxy_t* p, int m, int c, int* pro
 static void moe_proxy_publish(moe_proxy_t* p, int m, int c, unsigned long long v) {
   moe_proxy_peer_t* q = &p->peer[m];
   moe_proxy_store(&p->a.flags->progress[c][m], v);
-  if ((v >> 16) & 1) moe_proxy_store(&p->a.flags->arrived[c][m], v >> 17); /* the slab's last chunk */
+  if (moe_net_progress_last(v)) moe_proxy_store(&p->a.flags->arrived[c][m], moe_net_progress_slab(v));
   q->published[c] = v;
 }
 
@@ -420,7 +420,7 @@ static ncclResult_t moe_proxy_receive(moe_proxy_t* p, int m, int* progress) {
       if ((k & MOE_IMM_SEQ_MASK) != low || chunks <= q->chunksIn[kind] || chunks > MOE_NET_MAX_CHUNKS)
         return MOE_ERROR(ncclRemoteError, "rank %d: rank %d sent channel %d slab %u up to chunk %d, expected slab %llu "
                          "past chunk %d", p->a.rank, p->a.peerRank[m], kind, low, chunks, k, q->chunksIn[kind]);
-      q->landed[kind] = MOE_NET_PROGRESS(k, last, chunks);
+      q->landed[kind] = moe_net_progress(k, last, chunks);
       q->chunksIn[kind] = chunks;
       if (last) {
         q->arrived[kind] = k;

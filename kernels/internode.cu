@@ -21,38 +21,24 @@
 #include "kernels/moe_sync.cuh"
 
 #define MOE_INTER_LAYOUT_THREADS 1024
-/* The grid kernels wait for peers at their start, so every virtual rank's
- * blocks must fit on the GPU together: two 512-thread blocks per SM (at most
- * 64 registers), as the auto block count assumes. */
-#define MOE_INTER_THREADS 512
-#define MOE_INTER_BLOCKS_PER_SM 2
-#define MOE_INTER_BOUNDS __launch_bounds__(MOE_INTER_THREADS, MOE_INTER_BLOCKS_PER_SM)
 
 /* ------------------------------------------------------------- waiting */
-/* One thread waits until *flag >= want; false on a timeout (recorded, naming
- * the peer) or once the comm is broken. */
-__device__ bool moe_net_wait(const moe_rank_ctx_t& c, const volatile unsigned long long* flag,
-                             unsigned long long want, int peer) {
-  const unsigned long long* f = const_cast<const unsigned long long*>(flag);
-  const long long start = moe_now_ns();
-  while (moe_ld_acquire_sys(f) < want) {
-    if (moe_comm_broken(c)) return false; /* the proxy failed, or another wait timed out */
-    if (moe_now_ns() - start > c.timeoutNs) {
-      moe_record_timeout(c, want, peer, moe_ld_acquire_sys(f), MOE_WAIT_NET);
-      return false;
-    }
-  }
-  return true;
+/* The forwarder this rank meets on node m (the rank with its local index). */
+__device__ __forceinline__ int moe_net_peer(const moe_net_ctx_t& n, int m) {
+  return n.topo.rankAt[m * n.topo.ranksPerNode + n.topo.local];
 }
 
-/* One thread waits on counter[ch][m] >= want for every other node m. */
+/* One thread waits on counter[ch][m] >= want for every other node m (the
+ * proxy's counters: `what` is MOE_WAIT_NET for operation numbers,
+ * MOE_WAIT_NET_CHUNK for progress words). */
 __device__ bool moe_net_wait_nodes(const moe_rank_ctx_t& c, const moe_net_ctx_t& n,
                                    const volatile unsigned long long (*counter)[MOE_MAX_NODES], int ch,
-                                   unsigned long long want) {
+                                   unsigned long long want, moe_wait_t what) {
   const moe_topo_t& t = n.topo;
   for (int m = 0; m < t.nNodes; m++) {
     if (m == t.node) continue;
-    if (!moe_net_wait(c, &counter[ch][m], want, t.rankAt[m * t.ranksPerNode + t.local])) return false;
+    const unsigned long long* f = const_cast<const unsigned long long*>(&counter[ch][m]);
+    if (!moe_wait_geq(c, f, want, what, moe_net_peer(n, m), MOE_WAIT_FROM_NOW, NULL)) return false;
   }
   return true;
 }
@@ -61,8 +47,8 @@ __device__ __forceinline__ void moe_net_publish(const volatile unsigned long lon
   moe_st_release_sys(const_cast<unsigned long long*>(flag), v);
 }
 
-__device__ __forceinline__ char* moe_slab(const moe_net_ctx_t& n, char* base, int ch, int node) {
-  return base + n.geom.off[ch] + (size_t)node * n.geom.slab[ch];
+__device__ __forceinline__ char* moe_slab(const moe_net_ctx_t& n, char* region, int ch, int node) {
+  return moe_net_slab(&n.geom, region, ch, node);
 }
 
 /* ---------------------------------------------------------------- chunks */
@@ -119,20 +105,10 @@ __device__ void moe_net_begin_slabs(const moe_net_ctx_t& n, int ch, const int* c
  * (recorded) or once the comm is broken. */
 __device__ bool moe_net_wait_chunk(const moe_rank_ctx_t& c, const moe_net_ctx_t& n, int ch, int m,
                                    unsigned long long seq, int i, unsigned long long* seen) {
-  const unsigned long long want = MOE_NET_PROGRESS(seq, 0, i + 1);
+  const unsigned long long want = moe_net_progress(seq, 0, i + 1);
   if (*seen >= want) return true;
   const unsigned long long* f = const_cast<const unsigned long long*>(&n.flags->progress[ch][m]);
-  const long long start = moe_now_ns();
-  unsigned long long v;
-  while ((v = moe_ld_acquire_sys(f)) < want) {
-    if (moe_comm_broken(c)) return false; /* the proxy failed, or another wait timed out */
-    if (moe_now_ns() - start > c.timeoutNs) {
-      moe_record_timeout(c, seq, n.topo.rankAt[m * n.topo.ranksPerNode + n.topo.local], v >> 17, MOE_WAIT_NET);
-      return false;
-    }
-  }
-  *seen = v;
-  return true;
+  return moe_wait_geq(c, f, want, MOE_WAIT_NET_CHUNK, moe_net_peer(n, m), MOE_WAIT_FROM_NOW, seen);
 }
 
 /* The same for a whole warp (lane 0 waits); true in every lane. */
@@ -166,24 +142,8 @@ __device__ __forceinline__ void moe_load_node_rows(const moe_net_ctx_t& n, const
                                                    int* sBase, int* sCap) {
   moe_fill_lane_ranks(n, n.topo.node, sRank);
   __syncthreads();
-  for (int l = threadIdx.x; l < n.topo.ranksPerNode; l += blockDim.x) {
-    sBase[l] = rt.base[sRank[l]];
-    sCap[l] = rt.cap[sRank[l]];
-  }
+  moe_load_rows(rt, sRank, n.topo.ranksPerNode, sBase, sCap);
   __syncthreads();
-}
-
-/* Called by every thread at the end of a kernel: the last block to finish
- * returns true (in thread 0) to run the kernel's epilogue. */
-__device__ bool moe_last_block(const moe_rank_ctx_t& c) {
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x != 0) return false;
-  const unsigned int prev = atomicAdd(c.blocksDone, 1u);
-  if (prev != gridDim.x - 1) return false;
-  *c.blocksDone = 0;
-  __threadfence();
-  return true;
 }
 
 /* -------------------------------------------------------------- layout */
@@ -239,7 +199,7 @@ moe_inter_notify_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_f
   const int N = c.nRanks, M = c.layout.notifyInts, R = tp.ranksPerNode, nN = tp.nNodes;
   const unsigned long long seq = n.seq[MOE_CH_NOTIFY] + 1;
   if (threadIdx.x == 0)
-    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_NOTIFY, seq - 1);
+    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_NOTIFY, seq - 1, MOE_WAIT_NET);
   __syncthreads();
   if (!proceed) return;
   for (int i = threadIdx.x; i < N * M; i += blockDim.x) {
@@ -264,7 +224,7 @@ moe_inter_notify_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_f
       n.flags->chunkReady[MOE_CH_NOTIFY][m][0] = seq;
       moe_net_publish(&n.flags->ready[MOE_CH_NOTIFY][m], seq);
     }
-    proceed = moe_net_wait_nodes(c, n, n.flags->arrived, MOE_CH_NOTIFY, seq);
+    proceed = moe_net_wait_nodes(c, n, n.flags->arrived, MOE_CH_NOTIFY, seq, MOE_WAIT_NET);
   }
   __syncthreads();
   if (!proceed) return;
@@ -307,7 +267,7 @@ moe_inter_notify_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_f
 /* ------------------------------------------------------------ dispatch */
 /* This node's ranks get their rows directly; every other node gets one
  * record per token in the slab to its forwarder. */
-__global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
+__global__ void MOE_WAIT_GRID_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
                                           moe_dispatch_args_t a) {
   __shared__ int sBase[MOE_WARP], sCap[MOE_WARP], sRank[MOE_WARP], sCount[MOE_MAX_NODES];
   __shared__ int proceed;
@@ -319,7 +279,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe
   for (int m = threadIdx.x; m < nN; m += blockDim.x) sCount[m] = fw.tokensPerNode[m];
   __syncthreads();
   if (threadIdx.x == 0) {
-    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_DISPATCH, seq - 1);
+    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_DISPATCH, seq - 1, MOE_WAIT_NET);
     if (proceed && blockIdx.x == 0) moe_net_begin_slabs(n, MOE_CH_DISPATCH, sCount, rec.bytes, seq);
   }
   __syncthreads();
@@ -339,23 +299,11 @@ __global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe
     const uint4* src = reinterpret_cast<const uint4*>(static_cast<const char*>(a.x) + (size_t)t * inBytes);
     const bool cast = a.sendFp8 && !a.xIsFp8;
     /* This node: lane l holds the row at local rank l. */
-    int row = -1;
-    if (lane < R) {
-      const int p = rt.pos[(size_t)t * N + sRank[lane]];
-      if (p >= 0 && sBase[lane] + p < sCap[lane]) row = sBase[lane] + p;
-    }
-    moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, sRank, NULL, NULL};
+    const int row = moe_lane_row(c, rt, sRank, sBase, sCap, R, t, lane);
+    const moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, sRank, NULL, NULL};
     if (d.dmask != 0) {
-      for (unsigned m = d.dmask; m != 0; m &= m - 1) {
-        const int l = __ffs(m) - 1, r = sRank[l];
-        const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
-        char* peer = c.peers.base[r];
-        moe_write_topk(c, peer, drow, r, K, lane, e, w, withWeights);
-        if (a.xIsFp8) {
-          float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nScales;
-          for (int j = lane; j < nScales; j += MOE_WARP) dscale[j] = a.xScales[(size_t)t * nScales + j];
-        }
-      }
+      moe_write_meta(c, d, K, lane, e, w, withWeights, a.xIsFp8 ? a.xScales + (size_t)t * nScales : NULL, nScales,
+                     false);
       if (cast) moe_cast_row_to(c, src, a.hidden, a.pow2Scales, d, lane);
       else moe_copy_row_to(c, src, outBytes / 16, d, lane, false);
     }
@@ -385,7 +333,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_dispatch_kernel(moe_rank_ctx_t c, moe
 /* Records from every other node go to the ranks of this node that need
  * them; the rows are remembered for combine. Ends with this node's barrier,
  * after which every rank holds all its rows. */
-__global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
+__global__ void MOE_WAIT_GRID_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt, moe_fwd_route_t fw,
                                          moe_dispatch_args_t a) {
   __shared__ int sCap[MOE_WARP], sRank[MOE_WARP];
   __shared__ int proceed;
@@ -399,7 +347,8 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
    * by chunk, so forwarding overlaps the transfer. */
   if (threadIdx.x == 0)
     proceed = !moe_comm_broken(c) &&
-              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_DISPATCH, MOE_NET_PROGRESS(seq, 0, 1));
+              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_DISPATCH, moe_net_progress(seq, 0, 1),
+                                 MOE_WAIT_NET_CHUNK);
   __syncthreads();
   const int lane = threadIdx.x % MOE_WARP, warpsPerBlock = blockDim.x / MOE_WARP;
   const int gwarp = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP, nwarps = gridDim.x * warpsPerBlock;
@@ -432,17 +381,8 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
         e = reinterpret_cast<const volatile int64_t*>(r + rec.ids)[lane];
         w = reinterpret_cast<const volatile float*>(r + rec.weights)[lane];
       }
-      const volatile float* scales = reinterpret_cast<const volatile float*>(r + rec.scales);
-      for (unsigned mm = d.dmask; mm != 0; mm &= mm - 1) {
-        const int l = __ffs(mm) - 1, dst = sRank[l];
-        const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
-        char* peer = c.peers.base[dst];
-        moe_write_topk(c, peer, drow, dst, K, lane, e, w, withWeights);
-        if (a.sendFp8) {
-          float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nScales;
-          for (int j = lane; j < nScales; j += MOE_WARP) dscale[j] = scales[j];
-        }
-      }
+      const float* scales = a.sendFp8 ? reinterpret_cast<const float*>(r + rec.scales) : NULL;
+      moe_write_meta(c, d, K, lane, e, w, withWeights, scales, nScales, true);
       moe_copy_row_to(c, reinterpret_cast<const uint4*>(r + rec.payload), outBytes / 16, d, lane, true);
     }
   }
@@ -457,41 +397,9 @@ __global__ void MOE_INTER_BOUNDS moe_inter_forward_kernel(moe_rank_ctx_t c, moe_
 }
 
 /* ------------------------------------------------------------- combine */
-/* Sums rows [0, dmask) of this node's ranks' combine buffers (lane l holds
- * the row at local rank l), local order, fp32; rounds to BF16 when asked. */
-__device__ __forceinline__ void moe_sum_local(const moe_rank_ctx_t& c, const int* sRank, unsigned dmask, int row,
-                                              int nvec, int v0, int lane, float (*acc)[MOE_VEC_BF16]) {
-  for (unsigned m = dmask; m != 0; m &= m - 1) {
-    const int l = __ffs(m) - 1;
-    const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
-    const uint4* src = reinterpret_cast<const uint4*>(c.peers.base[sRank[l]] + c.layout.combineX) + (size_t)drow * nvec;
-    uint4 buf[MOE_COMBINE_UNROLL];
-#pragma unroll
-    for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
-      const int v = v0 + u * MOE_WARP + lane;
-      if (v < nvec) buf[u] = moe_ld_nc(src + v);
-    }
-#pragma unroll
-    for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
-      if (v0 + u * MOE_WARP + lane < nvec) moe_acc_bf16x8(acc[u], buf[u]);
-  }
-}
-
-__device__ __forceinline__ float moe_sum_local_weights(const moe_rank_ctx_t& c, const int* sRank, unsigned dmask,
-                                                       int row, int K, int lane) {
-  float sum = 0.0f;
-  for (unsigned m = dmask; m != 0; m &= m - 1) {
-    const int l = __ffs(m) - 1;
-    const int drow = __shfl_sync(MOE_FULL_MASK, row, l);
-    if (lane < K)
-      sum += reinterpret_cast<const float*>(c.peers.base[sRank[l]] + c.layout.combineWeights)[(size_t)drow * K + lane];
-  }
-  return sum;
-}
-
 /* Forwarder side: one BF16 partial per record received at dispatch, summed
  * over this node's ranks, into the slab back to the record's node. */
-__global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
+__global__ void MOE_WAIT_GRID_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
                                               moe_fwd_route_t fw, moe_combine_args_t a) {
   __shared__ int sRank[MOE_WARP], sCount[MOE_MAX_NODES];
   __shared__ int proceed;
@@ -503,7 +411,7 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c,
   for (int m = threadIdx.x; m < nN; m += blockDim.x) sCount[m] = m == tp.node ? 0 : fw.fwdCount[m];
   __syncthreads();
   if (threadIdx.x == 0) {
-    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_COMBINE, seq - 1);
+    proceed = !moe_comm_broken(c) && moe_net_wait_nodes(c, n, n.flags->sent, MOE_CH_COMBINE, seq - 1, MOE_WAIT_NET);
     if (proceed && blockIdx.x == 0) moe_net_begin_slabs(n, MOE_CH_COMBINE, sCount, rec.bytes, seq);
   }
   __syncthreads();
@@ -517,23 +425,16 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c,
     char* slab = moe_slab(n, n.sendBuf, MOE_CH_COMBINE, m) + MOE_SLAB_HEADER;
     for (int i = gwarp; i < cnt; i += nwarps) {
       const int row = lane < R ? fw.fwdRows[((size_t)m * n.maxTokens + i) * R + lane] : -1;
-      const unsigned dmask = __ballot_sync(MOE_FULL_MASK, row >= 0);
+      const moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, sRank, NULL, NULL};
       uint4* out = reinterpret_cast<uint4*>(slab + (size_t)i * rec.bytes);
       for (int v0 = 0; v0 < nvec; v0 += MOE_WARP * MOE_COMBINE_UNROLL) {
         float acc[MOE_COMBINE_UNROLL][MOE_VEC_BF16];
-#pragma unroll
-        for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
-#pragma unroll
-          for (int j = 0; j < MOE_VEC_BF16; j++) acc[u][j] = 0.0f;
-        moe_sum_local(c, sRank, dmask, row, nvec, v0, lane, acc);
-#pragma unroll
-        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
-          const int v = v0 + u * MOE_WARP + lane;
-          if (v < nvec) out[v] = moe_pack_bf16x8(acc[u]);
-        }
+        moe_acc_zero(acc);
+        moe_acc_peer_rows(c, d, nvec, v0, lane, acc); /* local order */
+        moe_store_acc(out, acc, nvec, v0, lane);
       }
       /* Always: the source decides whether it wants weights back. */
-      const float sum = moe_sum_local_weights(c, sRank, dmask, row, K, lane);
+      const float sum = moe_sum_peer_weights(c, d, K, lane);
       if (lane < K) reinterpret_cast<float*>(reinterpret_cast<char*>(out) + rec.weights)[lane] = sum;
       moe_net_record_done(n, MOE_CH_COMBINE, m, i, cnt, seq, lane);
     }
@@ -542,22 +443,23 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_send_kernel(moe_rank_ctx_t c,
 
 /* Source side: out[t] = sum over nodes, in node order, of each node's BF16
  * partial (this node's computed here from its ranks), in fp32. */
-__global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
+__global__ void MOE_WAIT_GRID_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c, moe_net_ctx_t n, moe_route_t rt,
                                               moe_fwd_route_t fw, moe_combine_args_t a) {
   __shared__ int sBase[MOE_WARP], sCap[MOE_WARP], sRank[MOE_WARP], sCount[MOE_MAX_NODES];
-  __shared__ unsigned long long sSeen[MOE_INTER_THREADS / MOE_WARP][MOE_MAX_NODES]; /* per warp: progress read */
+  __shared__ unsigned long long sSeen[MOE_WAIT_GRID_THREADS / MOE_WARP][MOE_MAX_NODES]; /* per warp: progress read */
   __shared__ int proceed;
   const moe_topo_t& tp = n.topo;
-  const int N = c.nRanks, K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
+  const int K = a.topk, R = tp.ranksPerNode, nN = tp.nNodes;
   const unsigned long long seq = n.seq[MOE_CH_COMBINE] + 1;
   moe_load_node_rows(n, rt, sRank, sBase, sCap);
-  for (int i = threadIdx.x; i < (MOE_INTER_THREADS / MOE_WARP) * MOE_MAX_NODES; i += blockDim.x)
+  for (int i = threadIdx.x; i < (MOE_WAIT_GRID_THREADS / MOE_WARP) * MOE_MAX_NODES; i += blockDim.x)
     (&sSeen[0][0])[i] = 0;
   /* Chunk 0 (the header) of every node's slab; the partials are waited for
    * chunk by chunk, so the sum overlaps the transfer. */
   if (threadIdx.x == 0)
     proceed = !moe_comm_broken(c) &&
-              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_COMBINE, MOE_NET_PROGRESS(seq, 0, 1));
+              moe_net_wait_nodes(c, n, n.flags->progress, MOE_CH_COMBINE, moe_net_progress(seq, 0, 1),
+                                 MOE_WAIT_NET_CHUNK);
   __syncthreads();
   for (int m = threadIdx.x; m < nN && proceed; m += blockDim.x)
     sCount[m] = m == tp.node ? 0 : moe_slab_count(c, n, MOE_CH_COMBINE, m);
@@ -576,34 +478,24 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c,
       landed = moe_net_warp_wait_chunk(c, n, MOE_CH_COMBINE, m, seq, slot / n.chunkRecords, &sSeen[warp][m], lane);
     }
     if (!landed) break;
-    int row = -1;
-    if (lane < R) {
-      const int p = rt.pos[(size_t)t * N + sRank[lane]];
-      if (p >= 0 && sBase[lane] + p < sCap[lane]) row = sBase[lane] + p;
-    }
-    const unsigned dmask = __ballot_sync(MOE_FULL_MASK, row >= 0);
+    const int row = moe_lane_row(c, rt, sRank, sBase, sCap, R, t, lane);
+    const moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, sRank, NULL, NULL};
     uint4* out = reinterpret_cast<uint4*>(a.out) + (size_t)t * nvec;
     for (int v0 = 0; v0 < nvec; v0 += MOE_WARP * MOE_COMBINE_UNROLL) {
       float acc[MOE_COMBINE_UNROLL][MOE_VEC_BF16];
-#pragma unroll
-      for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
-#pragma unroll
-        for (int j = 0; j < MOE_VEC_BF16; j++) acc[u][j] = 0.0f;
+      moe_acc_zero(acc);
       /* This node's partial first (its place in the sum comes below),
        * rounded to BF16 like every other node's. */
       uint4 own[MOE_COMBINE_UNROLL];
-      if (dmask != 0) {
-        moe_sum_local(c, sRank, dmask, row, nvec, v0, lane, acc);
+      if (d.dmask != 0) {
+        moe_acc_peer_rows(c, d, nvec, v0, lane, acc);
 #pragma unroll
-        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
-          own[u] = moe_pack_bf16x8(acc[u]);
-#pragma unroll
-          for (int j = 0; j < MOE_VEC_BF16; j++) acc[u][j] = 0.0f;
-        }
+        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) own[u] = moe_pack_bf16x8(acc[u]);
+        moe_acc_zero(acc);
       }
       for (int m = 0; m < nN; m++) {
         if (m == tp.node) {
-          if (dmask == 0) continue;
+          if (d.dmask == 0) continue;
 #pragma unroll
           for (int u = 0; u < MOE_COMBINE_UNROLL; u++) moe_acc_bf16x8(acc[u], own[u]);
           continue;
@@ -618,17 +510,13 @@ __global__ void MOE_INTER_BOUNDS moe_inter_combine_recv_kernel(moe_rank_ctx_t c,
           if (v < nvec) moe_acc_bf16x8(acc[u], moe_ld_volatile(src + v));
         }
       }
-#pragma unroll
-      for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
-        const int v = v0 + u * MOE_WARP + lane;
-        if (v < nvec) out[v] = moe_pack_bf16x8(acc[u]);
-      }
+      moe_store_acc(out, acc, nvec, v0, lane);
     }
     if (a.withWeights) {
       float sum = 0.0f;
       for (int m = 0; m < nN; m++) {
         if (m == tp.node) {
-          sum += moe_sum_local_weights(c, sRank, dmask, row, K, lane);
+          sum += moe_sum_peer_weights(c, d, K, lane);
           continue;
         }
         const int slot = fw.nodePos[(size_t)t * nN + m];

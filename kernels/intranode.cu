@@ -89,9 +89,7 @@ __global__ void __launch_bounds__(MOE_NOTIFY_THREADS)
 moe_notify_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_notify_args_t a) {
   __shared__ int proceed;
   const int N = c.nRanks, M = c.layout.notifyInts;
-  if (threadIdx.x == 0) proceed = !moe_comm_broken(c);
-  __syncthreads();
-  if (!proceed) return;
+  if (!moe_block_proceed(c)) return;
   if (a.notify) {
     for (int i = threadIdx.x; i < N * M; i += blockDim.x) {
       const int r = i / M, j = i % M;
@@ -115,31 +113,11 @@ extern "C" cudaError_t moe_notify_launch(const moe_rank_ctx_t* ctx, const moe_ro
 }
 
 /* ---------------------------------------------------------------- dispatch */
-/* Lane r (< nRanks) gets the receiver row of token t at rank r, or -1. */
-__device__ __forceinline__ int moe_dest_row(const moe_route_t& rt, const int* sBase,
-                                            const int* sCap, int t, int N, int lane) {
-  int row = -1;
-  if (lane < N) {
-    int p = rt.pos[(size_t)t * N + lane];
-    if (p >= 0) {
-      row = sBase[lane] + p;
-      if (row >= sCap[lane]) row = -1; /* over capacity: dropped (error recorded by notify) */
-    }
-  }
-  return row;
-}
-
 __global__ void moe_dispatch_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_dispatch_args_t a) {
   __shared__ int sBase[NCCL_MOE_MAX_RANKS], sCap[NCCL_MOE_MAX_RANKS];
-  __shared__ int proceed;
   const int N = c.nRanks, K = a.topk;
-  for (int r = threadIdx.x; r < N; r += blockDim.x) {
-    sBase[r] = rt.base[r];
-    sCap[r] = rt.cap[r];
-  }
-  if (threadIdx.x == 0) proceed = !moe_comm_broken(c);
-  __syncthreads();
-  if (!proceed) return;
+  moe_load_rows(rt, NULL, N, sBase, sCap);
+  if (!moe_block_proceed(c)) return;
   const int lane = threadIdx.x % MOE_WARP;
   const int warpsPerBlock = blockDim.x / MOE_WARP;
   const int nScales = a.hidden / NCCL_MOE_FP8_BLOCK;
@@ -147,28 +125,20 @@ __global__ void moe_dispatch_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_dispat
   const bool withWeights = a.topkWeights != NULL;
   for (int t = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP; t < a.numTokens;
        t += gridDim.x * warpsPerBlock) {
-    const int row = moe_dest_row(rt, sBase, sCap, t, N, lane);
-    const unsigned dmask = __ballot_sync(MOE_FULL_MASK, row >= 0);
-    if (dmask == 0) continue;
+    const int row = moe_lane_row(c, rt, NULL, sBase, sCap, N, t, lane);
+    const moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, NULL, NULL, NULL};
+    if (d.dmask == 0) continue;
     int64_t e = -1;
     float w = 0.0f;
     if (lane < K) {
       e = a.topkIdx[(size_t)t * K + lane];
       if (withWeights) w = a.topkWeights[(size_t)t * K + lane];
     }
-    for (unsigned m = dmask; m != 0; m &= m - 1) {
-      const int r = __ffs(m) - 1;
-      const int drow = __shfl_sync(MOE_FULL_MASK, row, r);
-      char* peer = c.peers.base[r];
-      moe_write_topk(c, peer, drow, r, K, lane, e, w, withWeights);
-      if (a.xIsFp8) {
-        float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nScales;
-        for (int j = lane; j < nScales; j += MOE_WARP) dscale[j] = a.xScales[(size_t)t * nScales + j];
-      }
-    }
+    const float* scales = a.xIsFp8 ? a.xScales + (size_t)t * nScales : NULL;
+    moe_write_meta(c, d, K, lane, e, w, withWeights, scales, nScales, false);
     const uint4* src = reinterpret_cast<const uint4*>(static_cast<const char*>(a.x) + (size_t)t * inBytes);
-    if (a.sendFp8 && !a.xIsFp8) moe_cast_row(c, src, a.hidden, a.pow2Scales, dmask, row, lane);
-    else moe_copy_row(c, src, outBytes / 16, dmask, row, lane);
+    if (a.sendFp8 && !a.xIsFp8) moe_cast_row_to(c, src, a.hidden, a.pow2Scales, d, lane);
+    else moe_copy_row_to(c, src, outBytes / 16, d, lane, false);
   }
   moe_grid_done_barrier(c);
 }
@@ -182,58 +152,25 @@ extern "C" cudaError_t moe_dispatch_launch(const moe_rank_ctx_t* ctx, const moe_
 /* ----------------------------------------------------------------- combine */
 __global__ void moe_combine_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_combine_args_t a) {
   __shared__ int sBase[NCCL_MOE_MAX_RANKS], sCap[NCCL_MOE_MAX_RANKS];
-  __shared__ int proceed;
   const int N = c.nRanks, K = a.topk;
-  for (int r = threadIdx.x; r < N; r += blockDim.x) {
-    sBase[r] = rt.base[r];
-    sCap[r] = rt.cap[r];
-  }
-  if (threadIdx.x == 0) proceed = !moe_comm_broken(c);
-  __syncthreads();
-  if (!proceed) return;
+  moe_load_rows(rt, NULL, N, sBase, sCap);
+  if (!moe_block_proceed(c)) return;
   const int lane = threadIdx.x % MOE_WARP;
   const int warpsPerBlock = blockDim.x / MOE_WARP;
   const int nvec = a.hidden / MOE_VEC_BF16;
   for (int t = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP; t < a.numTokens;
        t += gridDim.x * warpsPerBlock) {
-    const int row = moe_dest_row(rt, sBase, sCap, t, N, lane);
-    const unsigned dmask = __ballot_sync(MOE_FULL_MASK, row >= 0);
+    const int row = moe_lane_row(c, rt, NULL, sBase, sCap, N, t, lane);
+    const moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, NULL, NULL, NULL};
     uint4* out = reinterpret_cast<uint4*>(a.out) + (size_t)t * nvec;
     for (int v0 = 0; v0 < nvec; v0 += MOE_WARP * MOE_COMBINE_UNROLL) {
       float acc[MOE_COMBINE_UNROLL][MOE_VEC_BF16];
-#pragma unroll
-      for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
-#pragma unroll
-        for (int i = 0; i < MOE_VEC_BF16; i++) acc[u][i] = 0.0f;
-      /* Rank order, ascending: the same sum bit for bit on every run. */
-      for (unsigned m = dmask; m != 0; m &= m - 1) {
-        const int r = __ffs(m) - 1;
-        const int drow = __shfl_sync(MOE_FULL_MASK, row, r);
-        const uint4* src = reinterpret_cast<const uint4*>(c.peers.base[r] + c.layout.combineX) + (size_t)drow * nvec;
-        uint4 buf[MOE_COMBINE_UNROLL];
-#pragma unroll
-        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
-          int v = v0 + u * MOE_WARP + lane;
-          if (v < nvec) buf[u] = moe_ld_nc(src + v);
-        }
-#pragma unroll
-        for (int u = 0; u < MOE_COMBINE_UNROLL; u++)
-          if (v0 + u * MOE_WARP + lane < nvec) moe_acc_bf16x8(acc[u], buf[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
-        int v = v0 + u * MOE_WARP + lane;
-        if (v < nvec) out[v] = moe_pack_bf16x8(acc[u]);
-      }
+      moe_acc_zero(acc);
+      moe_acc_peer_rows(c, d, nvec, v0, lane, acc); /* rank order, ascending */
+      moe_store_acc(out, acc, nvec, v0, lane);
     }
     if (a.withWeights) {
-      float sum = 0.0f;
-      for (unsigned m = dmask; m != 0; m &= m - 1) {
-        const int r = __ffs(m) - 1;
-        const int drow = __shfl_sync(MOE_FULL_MASK, row, r);
-        if (lane < K)
-          sum += reinterpret_cast<const float*>(c.peers.base[r] + c.layout.combineWeights)[(size_t)drow * K + lane];
-      }
+      const float sum = moe_sum_peer_weights(c, d, K, lane);
       if (lane < K) a.outTopkWeights[(size_t)t * K + lane] = sum;
     }
   }

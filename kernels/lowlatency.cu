@@ -41,21 +41,14 @@
 #include "kernels/moe_lowlatency.h"
 #include "kernels/moe_sync.cuh"
 
-#define MOE_LL_WARP 32
-#define MOE_LL_FULL 0xffffffffu
-#define MOE_LL_THREADS 512
-#define MOE_LL_MIN_BLOCKS_PER_SM 2 /* keeps every rank's blocks co-resident (<= 64 registers) */
-#define MOE_LL_VEC 8                                       /* BF16 values per 16-byte vector */
-#define MOE_LL_FP8_LANES MOE_FP8_BLOCK_LANES
 #define MOE_LL_CHUNK_GROUPS 4                              /* dispatch item: 4 blocks = 512 channels */
 #define MOE_LL_CHUNK (MOE_LL_CHUNK_GROUPS * NCCL_MOE_FP8_BLOCK)
-#define MOE_LL_LANE_VECS (MOE_LL_CHUNK / MOE_LL_VEC / MOE_LL_WARP) /* 16-byte vectors per lane per chunk */
-#define MOE_LL_FLAG_VEC (MOE_LL_FLAG_CHANNELS / MOE_LL_VEC) /* 16-byte vectors per flagged chunk */
+#define MOE_LL_LANE_VECS (MOE_LL_CHUNK / MOE_VEC_BF16 / MOE_WARP) /* 16-byte vectors per lane per chunk */
+#define MOE_LL_FLAG_VEC (MOE_LL_FLAG_CHANNELS / MOE_VEC_BF16) /* 16-byte vectors per flagged chunk */
 #define MOE_LL_COMBINE_SEND_FLAGS 4                        /* combine send item: 4 flagged chunks */
 #define MOE_LL_COMBINE_KGROUP 4                            /* top-k rows loaded at once */
 #define MOE_LL_BATCH 4                                     /* items a warp stores before one fence */
 #define MOE_LL_PREFETCH 4                                  /* token rows of expert ids loaded at once */
-#define MOE_LL_BROKEN_CHECK_NS 1000000                     /* how often a long wait reads the error word (host memory) */
 
 #ifdef MOE_LL_TRACE /* a diagnostic build: phase times of the low-latency kernels */
 #define MOE_LL_TRACE_POINTS 16
@@ -76,13 +69,9 @@ extern "C" cudaError_t moe_ll_trace_take(unsigned long long* out, int n) {
 #endif
 
 static_assert(MOE_LL_CHUNK == MOE_LL_FLAG_CHANNELS, "a dispatch item is one flagged chunk");
-static_assert(MOE_LL_FLAG_VEC == 2 * MOE_LL_WARP, "a combine receive item is two vectors per lane");
+static_assert(MOE_LL_FLAG_VEC == 2 * MOE_WARP, "a combine receive item is two vectors per lane");
 
 /* ------------------------------------------------------------- helpers */
-__device__ __forceinline__ void moe_ll_st_relaxed_sys(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
 __device__ __forceinline__ unsigned long long* moe_ll_cnt_flag(const moe_ll_ctx_t& c, int owner, int set, int from) {
   return reinterpret_cast<unsigned long long*>(c.rc.peers.base[owner] + c.l.cntFlag) + (size_t)set * c.rc.nRanks + from;
 }
@@ -127,44 +116,20 @@ __device__ void moe_ll_count_use(const moe_ll_ctx_t& c, int set, int op, unsigne
   }
 }
 
-/* Spins until *flag >= want (flag written by `peer`, -1 if unknown, with
- * release). False on timeout (recorded) or when the comm broke meanwhile
- * (the error word is read only during long waits: it is host memory, slow to
- * read). */
-__device__ bool moe_ll_wait(const moe_ll_ctx_t& c, const unsigned long long* flag, unsigned long long want,
-                            int peer, moe_wait_t what) {
-  unsigned long long v = moe_ld_acquire_sys(flag);
-  if (v >= want) return true;
-  const long long start = moe_now_ns();
-  long long nextCheck = start + MOE_LL_BROKEN_CHECK_NS;
-  for (;;) {
-    v = moe_ld_acquire_sys(flag);
-    if (v >= want) return true;
-    const long long now = moe_now_ns();
-    if (now > nextCheck) {
-      if (moe_comm_broken(c.rc)) return false;
-      nextCheck = now + MOE_LL_BROKEN_CHECK_NS;
-    }
-    if (now - start > c.rc.timeoutNs) {
-      moe_record_timeout(c.rc, want, peer, v, what);
-      return false;
-    }
-  }
-}
-
 /* Every thread of the block: waits for the count messages of use n from
  * every rank of this node. True in every thread when all arrived. Ends with a block
  * barrier. */
 __device__ bool moe_ll_wait_counts(const moe_ll_ctx_t& c, int set, unsigned long long n) {
   bool ok = true;
   for (int r = threadIdx.x; r < c.rc.nRanks; r += blockDim.x)
-    if (c.rc.peers.base[r] != NULL) ok &= moe_ll_wait(c, moe_ll_cnt_flag(c, c.rc.rank, set, r), n, r, MOE_WAIT_LL_COUNTS);
+    if (c.rc.peers.base[r] != NULL)
+      ok &= moe_wait_geq(c.rc, moe_ll_cnt_flag(c, c.rc.rank, set, r), n, MOE_WAIT_LL_COUNTS, r, MOE_WAIT_FROM_NOW, NULL);
   return __syncthreads_and(ok);
 }
 
 /* ------------------------------------------------------------- network */
 __device__ __forceinline__ char* moe_ll_net_slab(const moe_ll_ctx_t& c, char* region, int ch, int j) {
-  return region + moe_net_slab_offset(&c.net.geom, ch, j);
+  return moe_net_slab(&c.net.geom, region, ch, j);
 }
 
 /* Every thread of the block: waits until counter[ch][j] >= want for every
@@ -174,8 +139,8 @@ __device__ bool moe_ll_net_wait(const moe_ll_ctx_t& c, const volatile unsigned l
                                 int ch, unsigned long long want) {
   bool ok = true;
   for (int j = threadIdx.x; j < c.net.nRemote; j += blockDim.x)
-    ok &= moe_ll_wait(c, const_cast<const unsigned long long*>(&counter[ch][j]), want, c.net.remoteRank[j],
-                      MOE_WAIT_NET);
+    ok &= moe_wait_geq(c.rc, const_cast<const unsigned long long*>(&counter[ch][j]), want, MOE_WAIT_NET,
+                       c.net.remoteRank[j], MOE_WAIT_FROM_NOW, NULL);
   return __syncthreads_and(ok);
 }
 
@@ -233,25 +198,25 @@ __device__ __forceinline__ void moe_ll_mark(const moe_ll_ctx_t& c, unsigned long
   bool any = false;
 #pragma unroll
   for (int j = 0; j < MOE_LL_BATCH; j++) any |= flags[j] != NULL || net[j] >= 0;
-  if (!__any_sync(MOE_LL_FULL, any)) return;
+  if (!__any_sync(MOE_FULL_MASK, any)) return;
   __threadfence_system(); /* with the warp barrier: every lane's stores before any mark */
 #pragma unroll
   for (int j = 0; j < MOE_LL_BATCH; j++) {
-    if (flags[j] != NULL) moe_ll_st_relaxed_sys(flags[j], n);
+    if (flags[j] != NULL) moe_st_relaxed_sys(flags[j], n);
     if (net[j] >= 0) moe_ll_net_add(c, slabs, net[j], n);
   }
 }
 
 /* In-place exclusive scan of s[0..n) by one full warp; s[n] = total. */
 __device__ void moe_ll_warp_scan(int* s, int n, int lane) {
-  const int per = (n + MOE_LL_WARP - 1) / MOE_LL_WARP;
+  const int per = (n + MOE_WARP - 1) / MOE_WARP;
   const int lo = min(n, lane * per), hi = min(n, lo + per);
   int sum = 0;
   for (int i = lo; i < hi; i++) sum += s[i];
   int incl = sum;
 #pragma unroll
-  for (int d = 1; d < MOE_LL_WARP; d <<= 1) {
-    const int y = __shfl_up_sync(MOE_LL_FULL, incl, d);
+  for (int d = 1; d < MOE_WARP; d <<= 1) {
+    const int y = __shfl_up_sync(MOE_FULL_MASK, incl, d);
     if (lane >= d) incl += y;
   }
   int run = incl - sum;
@@ -260,7 +225,7 @@ __device__ void moe_ll_warp_scan(int* s, int n, int lane) {
     s[i] = run;
     run += v;
   }
-  if (lane == MOE_LL_WARP - 1) s[n] = incl;
+  if (lane == MOE_WARP - 1) s[n] = incl;
 }
 
 /* ------------------------------------------------------ dispatch: send */
@@ -275,8 +240,8 @@ __device__ __forceinline__ unsigned long long moe_ll_key(int64_t id, int E, int 
 /* Phase A: sCnt[e] = pairs of this rank for expert e; sStart[e] = those of
  * tokens before tBegin. Two tokens per warp (topk <= 16). */
 __device__ void moe_ll_count(const moe_ll_args_t& a, int E, int tBegin, int* sCnt, int* sStart) {
-  const int lane = threadIdx.x % MOE_LL_WARP, warp = threadIdx.x / MOE_LL_WARP;
-  const int nWarps = blockDim.x / MOE_LL_WARP, half = lane / 16, k = lane % 16;
+  const int lane = threadIdx.x % MOE_WARP, warp = threadIdx.x / MOE_WARP;
+  const int nWarps = blockDim.x / MOE_WARP, half = lane / 16, k = lane % 16;
   const int T = a.numTokens, step = 2 * nWarps;
   for (int t0 = 2 * warp; t0 < T; t0 += MOE_LL_PREFETCH * step) {
     int64_t ids[MOE_LL_PREFETCH]; /* every load first: one latency, not one per token pair */
@@ -291,7 +256,7 @@ __device__ void moe_ll_count(const moe_ll_args_t& a, int E, int tBegin, int* sCn
       const int t = t0 + j * step + half;
       bool valid;
       const unsigned long long key = moe_ll_key(ids[j], E, half, lane, &valid);
-      const unsigned m = __match_any_sync(MOE_LL_FULL, key);
+      const unsigned m = __match_any_sync(MOE_FULL_MASK, key);
       if (valid && __ffs(m) - 1 == lane) {
         atomicAdd(&sCnt[ids[j]], 1);
         if (t < tBegin) atomicAdd(&sStart[ids[j]], 1);
@@ -419,7 +384,7 @@ __device__ bool moe_ll_net_begin_dispatch(const moe_ll_ctx_t& c, const moe_ll_ar
  * marked unsent. */
 __device__ void moe_ll_assign_rows(const moe_ll_ctx_t& c, const moe_ll_args_t& a, int tBegin, int tEnd, int* sStart,
                                    bool place, int* route, int* routePeer) {
-  const int lane = threadIdx.x % MOE_LL_WARP, K = a.topk, E = c.numExperts;
+  const int lane = threadIdx.x % MOE_WARP, K = a.topk, E = c.numExperts;
   bool bad = false;
   for (int t0 = tBegin; t0 < tEnd; t0 += MOE_LL_PREFETCH) {
     int64_t ids[MOE_LL_PREFETCH]; /* the rows depend on each other, the loads do not */
@@ -434,7 +399,7 @@ __device__ void moe_ll_assign_rows(const moe_ll_ctx_t& c, const moe_ll_args_t& a
       bad |= lane < K && (id < -1 || id >= E);
       bool valid;
       const unsigned long long key = moe_ll_key(id, E, 0, lane, &valid);
-      const unsigned m = __match_any_sync(MOE_LL_FULL, key);
+      const unsigned m = __match_any_sync(MOE_FULL_MASK, key);
       const int leader = __ffs(m) - 1;
       int rv = -1;
       if (valid && place) {
@@ -450,26 +415,23 @@ __device__ void moe_ll_assign_rows(const moe_ll_ctx_t& c, const moe_ll_args_t& a
       __syncwarp();
     }
   }
-  if (__any_sync(MOE_LL_FULL, bad) && lane == 0) moe_record_error(c.rc, MOE_KERR_BAD_EXPERT);
+  if (__any_sync(MOE_FULL_MASK, bad) && lane == 0) moe_record_error(c.rc, MOE_KERR_BAD_EXPERT);
 }
 
-/* One 512-channel chunk of a token, cast to FP8 (a half-warp per 128-channel
- * block), stored to every destination lane in dmask. Lane k holds the
- * destination rank and row of top-k slot k. */
 /* A lane's vectors of one 512-channel chunk of BF16 token t: FP8 layout (a
  * half-warp per 128-channel block) or plain (lane-strided). */
 __device__ __forceinline__ void moe_ll_load_chunk(const moe_ll_args_t& a, int t, int chunk, uint4* v) {
-  const int lane = threadIdx.x % MOE_LL_WARP;
+  const int lane = threadIdx.x % MOE_WARP;
   const uint4* xrow = reinterpret_cast<const uint4*>(static_cast<const char*>(a.x) + (size_t)t * a.hidden * 2);
 #pragma unroll
   for (int u = 0; u < MOE_LL_LANE_VECS; u++) {
     v[u] = make_uint4(0, 0, 0, 0);
     if (a.sendFp8) {
-      const int g = chunk * MOE_LL_CHUNK_GROUPS + 2 * u + lane / MOE_LL_FP8_LANES;
-      if (g < a.hidden / NCCL_MOE_FP8_BLOCK) v[u] = moe_ld_nc(xrow + (size_t)g * MOE_LL_FP8_LANES + lane % MOE_LL_FP8_LANES);
+      const int g = chunk * MOE_LL_CHUNK_GROUPS + 2 * u + lane / MOE_FP8_BLOCK_LANES;
+      if (g < a.hidden / NCCL_MOE_FP8_BLOCK) v[u] = moe_ld_nc(xrow + (size_t)g * MOE_FP8_BLOCK_LANES + lane % MOE_FP8_BLOCK_LANES);
     } else {
-      const int i = chunk * (MOE_LL_CHUNK / MOE_LL_VEC) + u * MOE_LL_WARP + lane;
-      if (i < a.hidden / MOE_LL_VEC) v[u] = moe_ld_nc(xrow + i);
+      const int i = chunk * (MOE_LL_CHUNK / MOE_VEC_BF16) + u * MOE_WARP + lane;
+      if (i < a.hidden / MOE_VEC_BF16) v[u] = moe_ld_nc(xrow + i);
     }
   }
 }
@@ -480,18 +442,18 @@ __device__ __forceinline__ void moe_ll_load_chunk(const moe_ll_args_t& a, int t,
  * this node, or a record in the slab to a remote rank). */
 __device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_args_t& a, const uint4* v, int chunk, unsigned dmask,
                                                char* dPay, char* dScale) {
-  const int lane = threadIdx.x % MOE_LL_WARP, half = lane / MOE_LL_FP8_LANES, sub = lane % MOE_LL_FP8_LANES;
+  const int lane = threadIdx.x % MOE_WARP, half = lane / MOE_FP8_BLOCK_LANES, sub = lane % MOE_FP8_BLOCK_LANES;
   const int nS = a.hidden / NCCL_MOE_FP8_BLOCK;
   const int pow2 = a.scaleFormat != MOE_LL_SCALE_FLOAT;
   uint2 code[MOE_LL_CHUNK_GROUPS / 2];
   float scale[MOE_LL_CHUNK_GROUPS / 2];
 #pragma unroll
-  for (int u = 0; u < MOE_LL_CHUNK_GROUPS / 2; u++) code[u] = moe_fp8_cast_block_dev(v[u], pow2, MOE_LL_FULL, &scale[u]);
+  for (int u = 0; u < MOE_LL_CHUNK_GROUPS / 2; u++) code[u] = moe_fp8_cast_block_dev(v[u], pow2, MOE_FULL_MASK, &scale[u]);
   const int ue8m0Row = (nS + 3) / 4 * 4; /* bytes per UE8M0 scale row */
   for (unsigned m = dmask; m != 0; m &= m - 1) {
     const int k = __ffs(m) - 1;
-    uint8_t* xdst = reinterpret_cast<uint8_t*>(__shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(dPay), k));
-    uint8_t* sdst = reinterpret_cast<uint8_t*>(__shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(dScale), k));
+    uint8_t* xdst = reinterpret_cast<uint8_t*>(__shfl_sync(MOE_FULL_MASK, reinterpret_cast<unsigned long long>(dPay), k));
+    uint8_t* sdst = reinterpret_cast<uint8_t*>(__shfl_sync(MOE_FULL_MASK, reinterpret_cast<unsigned long long>(dScale), k));
 #pragma unroll
     for (int u = 0; u < MOE_LL_CHUNK_GROUPS / 2; u++) {
       const int g = chunk * MOE_LL_CHUNK_GROUPS + 2 * u + half;
@@ -510,14 +472,14 @@ __device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_args_t& a, const uin
 /* One 512-channel chunk of a BF16 token to every destination in dmask. */
 __device__ __forceinline__ void moe_ll_put_bf16(const moe_ll_args_t& a, const uint4* v, int chunk, unsigned dmask,
                                                 char* dPay) {
-  const int lane = threadIdx.x % MOE_LL_WARP;
-  const int nVec = a.hidden / MOE_LL_VEC;
+  const int lane = threadIdx.x % MOE_WARP;
+  const int nVec = a.hidden / MOE_VEC_BF16;
   for (unsigned m = dmask; m != 0; m &= m - 1) {
     const int k = __ffs(m) - 1;
-    uint4* dst = reinterpret_cast<uint4*>(__shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(dPay), k));
+    uint4* dst = reinterpret_cast<uint4*>(__shfl_sync(MOE_FULL_MASK, reinterpret_cast<unsigned long long>(dPay), k));
 #pragma unroll
     for (int u = 0; u < MOE_LL_LANE_VECS; u++) {
-      const int i = chunk * (MOE_LL_CHUNK / MOE_LL_VEC) + u * MOE_LL_WARP + lane;
+      const int i = chunk * (MOE_LL_CHUNK / MOE_VEC_BF16) + u * MOE_WARP + lane;
       if (i < nVec) dst[i] = v[u];
     }
   }
@@ -532,8 +494,8 @@ template <bool NET>
 __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a, int tBegin, int tEnd,
                                   const int* route, unsigned long long n, const uint4* first,
                                   const moe_ll_slabs_t& slabs) {
-  const int lane = threadIdx.x % MOE_LL_WARP, warp = threadIdx.x / MOE_LL_WARP;
-  const int nWarps = blockDim.x / MOE_LL_WARP, K = a.topk, L = c.rc.numLocalExperts, M = c.maxTokens;
+  const int lane = threadIdx.x % MOE_WARP, warp = threadIdx.x / MOE_WARP;
+  const int nWarps = blockDim.x / MOE_WARP, K = a.topk, L = c.rc.numLocalExperts, M = c.maxTokens;
   const long long rowsPerExpert = (long long)c.rc.nRanks * M;
   const int nChunks = (a.hidden + MOE_LL_CHUNK - 1) / MOE_LL_CHUNK;
   const int items = (tEnd - tBegin) * nChunks;
@@ -571,7 +533,7 @@ __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a,
           }
         }
       }
-      const unsigned dmask = __ballot_sync(MOE_LL_FULL, rv >= 0);
+      const unsigned dmask = __ballot_sync(MOE_FULL_MASK, rv >= 0);
       if (dmask == 0) continue;
       if (chunk == 0 && rv >= 0) {
         if (pj < 0) {
@@ -603,7 +565,7 @@ __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a,
  * Every thread of the block; ends with a block barrier. */
 __device__ int moe_ll_scan_rows(const moe_ll_ctx_t& c, int* sOff) {
   __syncthreads();
-  if (threadIdx.x < MOE_LL_WARP) moe_ll_warp_scan(sOff, c.rc.numLocalExperts, threadIdx.x);
+  if (threadIdx.x < MOE_WARP) moe_ll_warp_scan(sOff, c.rc.numLocalExperts, threadIdx.x);
   __syncthreads();
   return sOff[c.rc.numLocalExperts];
 }
@@ -617,12 +579,15 @@ __device__ void moe_ll_load_counts(const moe_ll_ctx_t& c, size_t counts, int* sO
   for (int l = threadIdx.x; l < L; l += blockDim.x) sOff[l] = min(max(cnt[l], 0), rows);
 }
 
-/* The expert whose flattened rows hold row g (< sOff[L]): sOff[l] <= g < sOff[l + 1]. */
-__device__ __forceinline__ int moe_ll_find_expert(const int* sOff, int L, int g) {
-  int lo = 0, hi = L;
+/* The run holding item g of n runs laid end to end, run i starting at
+ * start[i] (start[0] = 0 <= g < start[n], non-decreasing): the i with
+ * start[i] <= g < start[i + 1]. Finds an expert from its flattened rows, a
+ * network slab from its records. */
+__device__ __forceinline__ int moe_ll_find_run(const int* start, int n, int g) {
+  int lo = 0, hi = n;
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
-    if (sOff[mid] <= g) lo = mid;
+    if (start[mid] <= g) lo = mid;
     else hi = mid;
   }
   return lo;
@@ -712,39 +677,33 @@ __device__ bool moe_ll_net_receive(const moe_ll_ctx_t& c, const moe_ll_args_t& a
     for (int j = threadIdx.x; j < R; j += blockDim.x) netRows[j] = sRowsPre[j + 1] - sRowsPre[j];
   }
   /* Records, a warp per (record, 512-channel chunk). */
-  const int lane = threadIdx.x % MOE_LL_WARP;
+  const int lane = threadIdx.x % MOE_WARP;
   const int esz = a.sendFp8 ? 1 : 2, nChunks = (a.hidden + MOE_LL_CHUNK - 1) / MOE_LL_CHUNK;
   const int nVec = a.hidden * esz / 16, chunkVec = MOE_LL_CHUNK * esz / 16;
   const int scaleRow = moe_ll_scale_bytes(a.hidden, a.sendFp8, ue8m0);
   const long long rowsPerExpert = (long long)c.rc.nRanks * M;
   char* own = c.rc.peers.base[c.rc.rank];
   const long long items = (long long)sRowsPre[R] * nChunks;
-  const long long warps = (long long)gridDim.x * (blockDim.x / MOE_LL_WARP);
+  const long long warps = (long long)gridDim.x * (blockDim.x / MOE_WARP);
   bool badRec = false;
-  for (long long it = blockIdx.x * (blockDim.x / MOE_LL_WARP) + threadIdx.x / MOE_LL_WARP; it < items; it += warps) {
+  for (long long it = blockIdx.x * (blockDim.x / MOE_WARP) + threadIdx.x / MOE_WARP; it < items; it += warps) {
     const int g = (int)(it / nChunks), chunk = (int)(it % nChunks);
-    int j = 0;
-    while (sRowsPre[j + 1] <= g) j++; /* R is small */
+    const int j = moe_ll_find_run(sRowsPre, R, g); /* the slab, then the expert */
     const int i = g - sRowsPre[j];
     const int* pre = sPre + j * (L + 1);
-    int lo = 0, hi = L; /* the expert: pre[lo] <= i < pre[lo + 1] */
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (pre[mid] <= i) lo = mid;
-      else hi = mid;
-    }
+    const int lo = moe_ll_find_run(pre, L, i);
     const size_t row = (size_t)lo * rowsPerExpert + sBase[j * L + lo] + (i - pre[lo]);
     const char* rec = moe_ll_net_slab(c, c.net.recvBuf, ch, j) + header + (size_t)i * record;
     const uint4* src = reinterpret_cast<const uint4*>(rec + 16 + moe_align16((size_t)scaleRow));
     uint4* dst = reinterpret_cast<uint4*>(own + c.l.recvX[a.set] + row * a.hidden * esz);
     for (int u = 0; u < esz; u++) {
-      const int v = chunk * chunkVec + u * MOE_LL_WARP + lane;
+      const int v = chunk * chunkVec + u * MOE_WARP + lane;
       if (v < nVec) dst[v] = moe_ld_volatile(src + v);
     }
     if (chunk != 0) continue;
     const volatile int* words = reinterpret_cast<const volatile int*>(rec + 16);
     int* sdst = reinterpret_cast<int*>(own + c.l.recvScales[a.set] + row * scaleRow);
-    for (int w = lane; w < scaleRow / 4; w += MOE_LL_WARP) sdst[w] = words[w];
+    for (int w = lane; w < scaleRow / 4; w += MOE_WARP) sdst[w] = words[w];
     if (lane == 0) {
       const int t = reinterpret_cast<const volatile int*>(rec)[0], k = reinterpret_cast<const volatile int*>(rec)[1];
       if (t < 0 || t >= M || k < 0 || k >= c.maxTopk) {
@@ -777,10 +736,11 @@ __device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t&
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; ok && i < items;
        i += (long long)gridDim.x * blockDim.x) {
     const int g = (int)(i / F), f = (int)(i % F);
-    const int l = moe_ll_find_expert(sOff, L, g);
+    const int l = moe_ll_find_run(sOff, L, g);
     const unsigned long long* flag = moe_ll_row_flag(c, c.rc.rank, a.set, (size_t)(l * rowsPerExpert + g - sOff[l]), f);
     if (moe_ld_acquire_sys(flag) >= n) continue;
-    ok = moe_ll_wait(c, flag, n, moe_ll_row_source(c, a.set, l, g - sOff[l]), MOE_WAIT_LL_DATA);
+    ok = moe_wait_geq(c.rc, flag, n, MOE_WAIT_LL_DATA, moe_ll_row_source(c, a.set, l, g - sOff[l]), MOE_WAIT_FROM_NOW,
+                      NULL);
   }
   for (int l = threadIdx.x; l < L; l += blockDim.x) sRem[l] = 0;
   ok = __syncthreads_and(ok);
@@ -798,7 +758,7 @@ __device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t&
 /* The send half; with FUSED also the receive half (one kernel per call).
  * NET: some ranks are on other nodes (c.net.nRemote > 0). */
 template <bool FUSED, bool NET>
-__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
+__global__ void MOE_WAIT_GRID_BOUNDS
 moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sCnt[NCCL_MOE_MAX_EXPERTS];
   __shared__ int sStart[NCCL_MOE_MAX_EXPERTS];
@@ -830,7 +790,7 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   /* Each warp's first token chunk is loaded while the count messages travel. */
   uint4 first[MOE_LL_LANE_VECS];
   {
-    const int nChunks = (a.hidden + MOE_LL_CHUNK - 1) / MOE_LL_CHUNK, w = threadIdx.x / MOE_LL_WARP;
+    const int nChunks = (a.hidden + MOE_LL_CHUNK - 1) / MOE_LL_CHUNK, w = threadIdx.x / MOE_WARP;
     if (w < (tEnd - tBegin) * nChunks) moe_ll_load_chunk(a, tBegin + w / nChunks, w % nChunks, first);
   }
 
@@ -844,7 +804,7 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
     char* own = c.rc.peers.base[c.rc.rank];
     int* route = reinterpret_cast<int*>(own + c.l.route[a.set]);
     int* routePeer = NET ? reinterpret_cast<int*>(own + c.l.routePeer[a.set]) : NULL;
-    if (threadIdx.x < MOE_LL_WARP) moe_ll_assign_rows(c, a, tBegin, tEnd, sStart, ok, route, routePeer);
+    if (threadIdx.x < MOE_WARP) moe_ll_assign_rows(c, a, tBegin, tEnd, sStart, ok, route, routePeer);
     __syncthreads(); /* the block's routes, written by warp 0, are read by all warps */
     MOE_LL_T(c, 4);
     if (ok) moe_ll_put_tokens<NET>(c, a, tBegin, tEnd, route, n, first, slabs);
@@ -856,7 +816,7 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
 }
 
 template <bool NET>
-__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
+__global__ void MOE_WAIT_GRID_BOUNDS
 moe_ll_dispatch_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sOff[NCCL_MOE_MAX_EXPERTS + 1];
   const unsigned long long n = moe_ll_read_seq(c, a.set, MOE_LL_OP_DISPATCH);
@@ -897,12 +857,12 @@ __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a
   const int half = (int)(cu % MOE_LL_COMB_HALVES);
   moe_ll_load_counts(c, c.l.recvCount[a.set], sOff);
   const int total = moe_ll_scan_rows(c, sOff);
-  const int lane = threadIdx.x % MOE_LL_WARP;
-  const int nVec = a.hidden / MOE_LL_VEC;
+  const int lane = threadIdx.x % MOE_WARP;
+  const int nVec = a.hidden / MOE_VEC_BF16;
   const int F = (a.hidden + MOE_LL_FLAG_CHANNELS - 1) / MOE_LL_FLAG_CHANNELS;
   const int perRow = (F + MOE_LL_COMBINE_SEND_FLAGS - 1) / MOE_LL_COMBINE_SEND_FLAGS;
-  constexpr int U = MOE_LL_COMBINE_SEND_FLAGS * MOE_LL_FLAG_VEC / MOE_LL_WARP; /* vectors per lane per item */
-  const long long warps = (long long)gridDim.x * (blockDim.x / MOE_LL_WARP);
+  constexpr int U = MOE_LL_COMBINE_SEND_FLAGS * MOE_LL_FLAG_VEC / MOE_WARP; /* vectors per lane per item */
+  const long long warps = (long long)gridDim.x * (blockDim.x / MOE_WARP);
   const char* own = c.rc.peers.base[c.rc.rank];
   const int* recvSrc = reinterpret_cast<const int*>(own + c.l.recvSrc[a.set]);
   const int* recvK = reinterpret_cast<const int*>(own + c.l.recvK[a.set]);
@@ -912,7 +872,7 @@ __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a
   if (NET && !moe_ll_net_begin_combine(c, a, sRows, slabs, cu)) return;
   bool bad = false;
   const long long items = (long long)total * perRow;
-  for (long long it0 = blockIdx.x * (blockDim.x / MOE_LL_WARP) + threadIdx.x / MOE_LL_WARP; it0 < items;
+  for (long long it0 = blockIdx.x * (blockDim.x / MOE_WARP) + threadIdx.x / MOE_WARP; it0 < items;
        it0 += MOE_LL_BATCH * warps) {
     unsigned long long* marks[MOE_LL_BATCH];
     int net[MOE_LL_BATCH];
@@ -923,7 +883,7 @@ __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a
       const long long it = it0 + j * warps;
       if (it >= items) continue;
       const int g = (int)(it / perRow), p = (int)(it % perRow);
-      const int l = moe_ll_find_expert(sOff, L, g);
+      const int l = moe_ll_find_run(sOff, L, g);
       const size_t row = (size_t)l * N * M + (g - sOff[l]);
       const int src = __ldcg(recvSrc + row), k = __ldcg(recvK + row); /* written by the source rank */
       if (src < 0 || src >= N * M || k < 0 || k >= c.maxTopk) {
@@ -948,12 +908,12 @@ __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a
       uint4 buf[U];
 #pragma unroll
       for (int u = 0; u < U; u++) {
-        const int v = p * (U * MOE_LL_WARP) + u * MOE_LL_WARP + lane;
+        const int v = p * (U * MOE_WARP) + u * MOE_WARP + lane;
         if (v < nVec) buf[u] = moe_ld_nc(in + v);
       }
 #pragma unroll
       for (int u = 0; u < U; u++) {
-        const int v = p * (U * MOE_LL_WARP) + u * MOE_LL_WARP + lane;
+        const int v = p * (U * MOE_WARP) + u * MOE_WARP + lane;
         if (v < nVec) dst[v] = buf[u];
       }
       const int f = p * MOE_LL_COMBINE_SEND_FLAGS + lane;
@@ -963,16 +923,6 @@ __device__ void moe_ll_combine_put(const moe_ll_ctx_t& c, const moe_ll_args_t& a
     moe_ll_mark(c, marks, net, slabs, cu);
   }
   if (bad) moe_record_error(c.rc, MOE_KERR_BAD_NOTIFY);
-}
-
-__device__ __forceinline__ void moe_ll_fma_bf16x8(float* acc, uint4 v, float w) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; i++) {
-    const float2 f = __bfloat1622float2(p[i]);
-    acc[2 * i] = __fmaf_rn(w, f.x, acc[2 * i]);
-    acc[2 * i + 1] = __fmaf_rn(w, f.y, acc[2 * i + 1]);
-  }
 }
 
 /* Combine receive from remote ranks, every block, before any reduction:
@@ -1007,11 +957,11 @@ template <bool NET>
 __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t& a, unsigned long long cu) {
   __shared__ int sRows[NCCL_MOE_MAX_RANKS];
   const int half = (int)(cu % MOE_LL_COMB_HALVES);
-  const int lane = threadIdx.x % MOE_LL_WARP, K = a.topk;
-  const int nVec = a.hidden / MOE_LL_VEC;
+  const int lane = threadIdx.x % MOE_WARP, K = a.topk;
+  const int nVec = a.hidden / MOE_VEC_BF16;
   const int F = (a.hidden + MOE_LL_FLAG_CHANNELS - 1) / MOE_LL_FLAG_CHANNELS;
-  constexpr int U = MOE_LL_FLAG_VEC / MOE_LL_WARP; /* vectors per lane per item */
-  const long long warps = (long long)gridDim.x * (blockDim.x / MOE_LL_WARP);
+  constexpr int U = MOE_LL_FLAG_VEC / MOE_WARP; /* vectors per lane per item */
+  const long long warps = (long long)gridDim.x * (blockDim.x / MOE_WARP);
   const bool remote = NET;
   if (remote && !moe_ll_net_combine_wait(c, a, cu, sRows)) return;
   const char* own = c.rc.peers.base[c.rc.rank];
@@ -1022,7 +972,7 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
   const size_t rowVec = c.rowBytes / 16;
   const long long items = (long long)a.numTokens * F;
   bool ok = true, bad = false;
-  for (long long it = blockIdx.x * (blockDim.x / MOE_LL_WARP) + threadIdx.x / MOE_LL_WARP; ok && it < items;
+  for (long long it = blockIdx.x * (blockDim.x / MOE_WARP) + threadIdx.x / MOE_WARP; ok && it < items;
        it += warps) {
     const int t = (int)(it / F), f = (int)(it % F);
     /* Lane k: the row holding top-k entry k (its own, or that of the first
@@ -1040,7 +990,7 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
       if (rv >= 0 && pj < 0) {
         mine = rows + moe_ll_comb_row(c, half, t, lane) * rowVec;
         const unsigned long long* flag = moe_ll_comb_flag(c, c.rc.rank, a.set, moe_ll_comb_row(c, half, t, lane), f);
-        if (moe_ld_acquire_sys(flag) < cu) arrived = moe_ll_wait(c, flag, cu, -1, MOE_WAIT_LL_COMBINE);
+        arrived = moe_wait_geq(c.rc, flag, cu, MOE_WAIT_LL_COMBINE, -1, MOE_WAIT_FROM_NOW, NULL);
       } else if (pj >= 0 && pj < c.net.nRemote && rv < sRows[pj]) {
         mine = reinterpret_cast<const uint4*>(moe_ll_net_slab(c, c.net.recvBuf, ch, pj) + MOE_LL_NET_COMBINE_HEADER +
                                               (size_t)rv * a.hidden * 2);
@@ -1050,47 +1000,47 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
         slot = -1;
       }
     }
-    if (!__all_sync(MOE_LL_FULL, arrived)) { /* timed out (recorded): the comm is broken */
+    if (!__all_sync(MOE_FULL_MASK, arrived)) { /* timed out (recorded): the comm is broken */
       ok = false;
       break;
     }
     const uint4* src = reinterpret_cast<const uint4*>(
-        __shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(mine), slot >= 0 ? slot : lane));
-    const int srcNet = __shfl_sync(MOE_LL_FULL, mineNet, slot >= 0 ? slot : lane);
+        __shfl_sync(MOE_FULL_MASK, reinterpret_cast<unsigned long long>(mine), slot >= 0 ? slot : lane));
+    const int srcNet = __shfl_sync(MOE_FULL_MASK, mineNet, slot >= 0 ? slot : lane);
     if (slot < 0) src = NULL;
-    float acc[U][MOE_LL_VEC];
+    float acc[U][MOE_VEC_BF16];
 #pragma unroll
     for (int u = 0; u < U; u++)
 #pragma unroll
-      for (int i = 0; i < MOE_LL_VEC; i++) acc[u][i] = 0.0f;
+      for (int i = 0; i < MOE_VEC_BF16; i++) acc[u][i] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += MOE_LL_COMBINE_KGROUP) {
       uint4 buf[MOE_LL_COMBINE_KGROUP][U];
       const uint4* p[MOE_LL_COMBINE_KGROUP];
 #pragma unroll
       for (int j = 0; j < MOE_LL_COMBINE_KGROUP; j++) {
-        const int from = (k0 + j) % MOE_LL_WARP;
-        p[j] = reinterpret_cast<const uint4*>(__shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(src), from));
-        const int net = __shfl_sync(MOE_LL_FULL, srcNet, from);
+        const int from = (k0 + j) % MOE_WARP;
+        p[j] = reinterpret_cast<const uint4*>(__shfl_sync(MOE_FULL_MASK, reinterpret_cast<unsigned long long>(src), from));
+        const int net = __shfl_sync(MOE_FULL_MASK, srcNet, from);
         if (k0 + j >= K) p[j] = NULL;
 #pragma unroll
         for (int u = 0; u < U; u++) {
-          const int v = f * MOE_LL_FLAG_VEC + u * MOE_LL_WARP + lane;
+          const int v = f * MOE_LL_FLAG_VEC + u * MOE_WARP + lane;
           if (p[j] != NULL && v < nVec) buf[j][u] = net ? moe_ld_volatile(p[j] + v) : __ldcg(p[j] + v);
         }
       }
 #pragma unroll
       for (int j = 0; j < MOE_LL_COMBINE_KGROUP; j++) {
-        const float wk = __shfl_sync(MOE_LL_FULL, w, (k0 + j) % MOE_LL_WARP);
+        const float wk = __shfl_sync(MOE_FULL_MASK, w, (k0 + j) % MOE_WARP);
 #pragma unroll
         for (int u = 0; u < U; u++) {
-          const int v = f * MOE_LL_FLAG_VEC + u * MOE_LL_WARP + lane;
-          if (p[j] != NULL && v < nVec) moe_ll_fma_bf16x8(acc[u], buf[j][u], wk);
+          const int v = f * MOE_LL_FLAG_VEC + u * MOE_WARP + lane;
+          if (p[j] != NULL && v < nVec) moe_fma_bf16x8(acc[u], buf[j][u], wk);
         }
       }
     }
 #pragma unroll
     for (int u = 0; u < U; u++) {
-      const int v = f * MOE_LL_FLAG_VEC + u * MOE_LL_WARP + lane;
+      const int v = f * MOE_LL_FLAG_VEC + u * MOE_WARP + lane;
       if (v < nVec) reinterpret_cast<uint4*>(a.out)[(size_t)t * nVec + v] = moe_pack_bf16x8(acc[u]);
     }
   }
@@ -1101,7 +1051,7 @@ __device__ void moe_ll_combine_reduce(const moe_ll_ctx_t& c, const moe_ll_args_t
 /* The send half; with FUSED also the receive half (one kernel per call).
  * NET: some ranks are on other nodes. */
 template <bool FUSED, bool NET>
-__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
+__global__ void MOE_WAIT_GRID_BOUNDS
 moe_ll_combine_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sOff[NCCL_MOE_MAX_EXPERTS + 1];
   const unsigned long long cu = moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE) + 1;
@@ -1114,7 +1064,7 @@ moe_ll_combine_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
 }
 
 template <bool NET>
-__global__ void __launch_bounds__(MOE_LL_THREADS, MOE_LL_MIN_BLOCKS_PER_SM)
+__global__ void MOE_WAIT_GRID_BOUNDS
 moe_ll_combine_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   moe_ll_combine_reduce<NET>(c, a, moe_ll_read_seq(c, a.set, MOE_LL_OP_COMBINE));
 }
@@ -1137,7 +1087,7 @@ static const moe_ll_kernel_t moe_ll_combine_recv[2] = {moe_ll_combine_recv_kerne
 
 static cudaError_t moe_ll_launch(moe_ll_kernel_t k, const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
                                  cudaStream_t stream) {
-  k<<<args->numBlocks, MOE_LL_THREADS, 0, stream>>>(*ctx, *args);
+  k<<<args->numBlocks, MOE_WAIT_GRID_THREADS, 0, stream>>>(*ctx, *args);
   return cudaGetLastError();
 }
 

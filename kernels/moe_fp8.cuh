@@ -43,6 +43,8 @@ __device__ __forceinline__ float moe_fp8_decode_dev(uint8_t code) {
   return __half2float(__half(h));
 }
 
+#define MOE_VEC_BF16 8 /* BF16 values in one 16-byte vector */
+
 /* Quantizes 8 BF16 values held as one 16-byte vector, with the block's
  * inverse scale, into 8 FP8 codes (returned as 8 bytes). */
 __device__ __forceinline__ uint2 moe_fp8_encode8_dev(uint4 v, float inv) {
@@ -73,8 +75,9 @@ __device__ __forceinline__ float moe_bf16x8_amax(uint4 v) {
   return m;
 }
 
-/* Lanes that hold one 128-channel block, 8 BF16 values (16 bytes) each. */
-#define MOE_FP8_BLOCK_LANES (NCCL_MOE_FP8_BLOCK / 8)
+/* Lanes that hold one 128-channel block, one 16-byte vector each (also: the
+ * vectors of a block). */
+#define MOE_FP8_BLOCK_LANES (NCCL_MOE_FP8_BLOCK / MOE_VEC_BF16)
 
 /* Casts one 128-channel block held by MOE_FP8_BLOCK_LANES aligned lanes (a
  * half-warp; `mask` names the lanes that call together): this lane's 8

@@ -19,7 +19,7 @@
  *                  write with an immediate each; sets sent[c][m] = k when
  *                  every write of the slab completed
  *   proxy (peer)   sees the immediates, sets progress[c][n] (chunks landed,
- *                  see MOE_NET_PROGRESS) and, with the last one,
+ *                  see moe_net_progress) and, with the last one,
  *                  arrived[c][n] = k
  *   GPU (peer)     reads each chunk once progress covers it, then
  *                  consumed[c][n] = k; the peer's proxy returns it as credit.
@@ -49,10 +49,6 @@ enum { MOE_CH_NOTIFY = 0, MOE_CH_DISPATCH = 1, MOE_CH_COMBINE = 2, MOE_NET_CHANN
 
 /* Chunks per slab at most (their smallest size: NCCL_MOE_NET_CHUNK_KB). */
 #define MOE_NET_MAX_CHUNKS 64
-/* progress[c][n] of slab k with `chunks` landed (`last`: all of them):
- * grows with k, then with chunks, so one comparison answers "has chunk i of
- * slab k landed". */
-#define MOE_NET_PROGRESS(k, last, chunks) (((unsigned long long)(k) << 17) | ((unsigned long long)(last) << 16) | (unsigned long long)(chunks))
 
 typedef struct {
   volatile unsigned long long ready[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES];    /* GPU -> proxy: slab k began */
@@ -66,11 +62,27 @@ typedef struct {
   volatile unsigned long long consumed[MOE_NET_MAX_CHANNELS][MOE_MAX_NODES]; /* GPU -> proxy */
 } moe_net_flags_t;
 
-#ifdef __CUDACC__
-#define MOE_HD __host__ __device__
-#else
-#define MOE_HD
-#endif
+/* The progress word, progress[c][n]: slab k with `chunks` of its chunks
+ * landed (`last`: all of them). It grows with k, then with chunks, so one
+ * comparison answers "has chunk i of slab k landed". The proxy writes it, the
+ * kernels wait on it, and the host decodes it in a timeout message: these
+ * accessors are its only encoding. */
+#define MOE_NET_PROGRESS_LAST_SHIFT 16
+#define MOE_NET_PROGRESS_SLAB_SHIFT 17
+#define MOE_NET_PROGRESS_CHUNKS_MASK ((1ull << MOE_NET_PROGRESS_LAST_SHIFT) - 1)
+static inline MOE_HD unsigned long long moe_net_progress(unsigned long long k, int last, int chunks) {
+  return (k << MOE_NET_PROGRESS_SLAB_SHIFT) | ((unsigned long long)(last != 0) << MOE_NET_PROGRESS_LAST_SHIFT) |
+         ((unsigned long long)chunks & MOE_NET_PROGRESS_CHUNKS_MASK);
+}
+static inline MOE_HD unsigned long long moe_net_progress_slab(unsigned long long v) {
+  return v >> MOE_NET_PROGRESS_SLAB_SHIFT;
+}
+static inline MOE_HD int moe_net_progress_last(unsigned long long v) {
+  return (int)((v >> MOE_NET_PROGRESS_LAST_SHIFT) & 1);
+}
+static inline MOE_HD int moe_net_progress_chunks(unsigned long long v) {
+  return (int)(v & MOE_NET_PROGRESS_CHUNKS_MASK);
+}
 
 /* Where the slabs are: slab (c, m) of the send region starts at
  * off[c] + m * slab[c]; the receive region has the same shape, indexed by
@@ -83,6 +95,11 @@ typedef struct {
 
 static inline MOE_HD size_t moe_net_slab_offset(const moe_net_geom_t* g, int c, int node) {
   return g->off[c] + (size_t)node * g->slab[c];
+}
+
+/* Slab (c, node) of a region (the send or the receive region). */
+static inline MOE_HD char* moe_net_slab(const moe_net_geom_t* g, char* region, int c, int node) {
+  return region + moe_net_slab_offset(g, c, node);
 }
 
 /* Which node each rank is on; ranks need not be numbered node by node, but

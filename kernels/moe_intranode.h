@@ -9,6 +9,7 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
+#include "kernels/moe_error.h"
 #include "nccl_moe.h"
 
 #ifdef __cplusplus
@@ -42,36 +43,12 @@ typedef struct {
   char* base[NCCL_MOE_MAX_RANKS];
 } moe_peers_t;
 
-/* Error codes the kernels record in the comm's host-mapped error word. */
-enum {
-  MOE_KERR_NONE = 0,
-  MOE_KERR_TIMEOUT = 1,      /* a peer did not arrive in time */
-  MOE_KERR_BAD_EXPERT = 2,   /* a topk id outside [-1, numExperts) */
-  MOE_KERR_CAPACITY = 3,     /* a rank received more than its capacity */
-  MOE_KERR_MISMATCH = 4,     /* ranks disagree on hidden / type / topk */
-  MOE_KERR_BAD_NOTIFY = 5,   /* a notify message with impossible counts */
-  MOE_KERR_NET = 6,          /* the network proxy failed (transport error, bad peer data) */
-};
-
-/* The host-mapped error record: the code, then for a timeout the step
- * waited for (barrier epoch or use count), the peer that had not arrived,
- * the step it had reached, and what was waited for (moe_wait_t). */
-enum { MOE_ERR_CODE = 0, MOE_ERR_EPOCH = 1, MOE_ERR_PEER = 2, MOE_ERR_PEER_EPOCH = 3, MOE_ERR_WAIT = 4, MOE_ERR_WORDS = 5 };
-
-typedef enum {
-  MOE_WAIT_BARRIER = 0,   /* the intranode barrier (notify, end of dispatch / combine) */
-  MOE_WAIT_LL_COUNTS = 1, /* low latency: count messages (dispatch send) */
-  MOE_WAIT_LL_DATA = 2,   /* low latency: dispatched rows (dispatch receive) */
-  MOE_WAIT_LL_COMBINE = 3,/* low latency: combine rows (combine receive) */
-  MOE_WAIT_NET = 4,       /* internode: a node's data through the proxy */
-} moe_wait_t;
-
 /* What every kernel of one rank needs to find its peers and report. */
 typedef struct {
   moe_peers_t peers;
   moe_layout_t layout;
   int rank, nRanks, numLocalExperts;
-  volatile int* error;        /* host-mapped: [MOE_ERR_*], see below */
+  volatile int* error;        /* host-mapped error record [MOE_ERR_WORDS] (moe_error.h) */
   unsigned long long* epoch;  /* this rank's barrier counter (device) */
   unsigned int* blocksDone;   /* grid-completion counter (device) */
   long long timeoutNs;

@@ -1,14 +1,27 @@
-/* Cross-rank synchronization for the intranode kernels: release/acquire flag
- * accesses at system scope, the epoch barrier, and error reporting. Every
- * wait is bounded by ctx.timeoutNs; a timeout records MOE_KERR_TIMEOUT in the
- * host-mapped error word and returns false (it never traps). */
+/* Cross-rank synchronization for every kernel: release/acquire flag accesses
+ * at system scope, the one wait (moe_wait_geq), the epoch barrier, and error
+ * recording (the protocol: moe_error.h). Every wait is bounded by
+ * ctx.timeoutNs; a timeout records MOE_KERR_TIMEOUT in the host-mapped error
+ * record and returns false (it never traps). */
 #ifndef MOE_SYNC_CUH_
 #define MOE_SYNC_CUH_
 
 #include "kernels/moe_intranode.h"
 
+/* Grid kernels that wait for peers (internode, low latency) wait at their
+ * start, so every virtual rank's blocks must fit on the GPU together: two
+ * 512-thread blocks per SM (at most 64 registers), as the host's automatic
+ * block count assumes. */
+#define MOE_WAIT_GRID_THREADS 512
+#define MOE_WAIT_GRID_BLOCKS_PER_SM 2
+#define MOE_WAIT_GRID_BOUNDS __launch_bounds__(MOE_WAIT_GRID_THREADS, MOE_WAIT_GRID_BLOCKS_PER_SM)
+
 __device__ __forceinline__ void moe_st_release_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void moe_st_relaxed_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ unsigned long long moe_ld_acquire_sys(const unsigned long long* p) {
@@ -23,30 +36,71 @@ __device__ __forceinline__ long long moe_now_ns(void) {
   return (long long)t;
 }
 
+/* Records `code` in the rank's error record (moe_error.h: the first fatal
+ * error wins; any thread may call it). */
 __device__ __forceinline__ void moe_record_error(const moe_rank_ctx_t& c, int code) {
-  if (c.error[MOE_ERR_CODE] == MOE_KERR_NONE) c.error[MOE_ERR_CODE] = code;
-  __threadfence_system();
+  moe_error_record_dev(c.error, code, NULL);
 }
 
-/* True when an earlier wait of this rank timed out (the epochs of the ranks
- * no longer agree), the network proxy failed, or a peer sent impossible
- * counts: every later kernel of the comm does nothing. */
+/* True when a fatal error was recorded (a wait of this rank timed out, so the
+ * epochs of the ranks no longer agree; the network proxy failed; a peer sent
+ * impossible counts): every later kernel of the comm does nothing. The record
+ * is host memory: a read crosses PCIe, so waits read it at a bounded rate. */
 __device__ __forceinline__ bool moe_comm_broken(const moe_rank_ctx_t& c) {
-  const int e = c.error[MOE_ERR_CODE];
-  return e == MOE_KERR_TIMEOUT || e == MOE_KERR_NET || e == MOE_KERR_BAD_NOTIFY;
+  return moe_kerr_fatal(c.error[MOE_ERR_CODE]);
 }
 
-/* Records a timeout (the first error wins): the wait's target `want`, the
- * peer it waited for and the value that peer had reached. */
-__device__ __forceinline__ void moe_record_timeout(const moe_rank_ctx_t& c, unsigned long long want, int peer,
-                                                   unsigned long long seen, moe_wait_t what) {
-  if (c.error[MOE_ERR_CODE] == MOE_KERR_NONE) {
-    c.error[MOE_ERR_EPOCH] = (int)want;
-    c.error[MOE_ERR_PEER] = peer;
-    c.error[MOE_ERR_PEER_EPOCH] = (int)seen;
-    c.error[MOE_ERR_WAIT] = what;
+/* Every thread of the block, at a kernel's start: false when the comm is
+ * broken (one thread reads the error record). Ends with a block barrier. */
+__device__ __forceinline__ bool moe_block_proceed(const moe_rank_ctx_t& c) {
+  return __syncthreads_and(threadIdx.x != 0 || !moe_comm_broken(c)) != 0;
+}
+
+/* Records a timeout with what was waited for: the flag's target `want`, the
+ * rank expected to write it (-1: unknown) and the value last read. */
+__device__ __noinline__ inline void moe_record_timeout(const moe_rank_ctx_t& c, moe_wait_t what, unsigned long long want,
+                                                int peer, unsigned long long seen) {
+  const moe_error_details_t d = {what, peer, want, seen};
+  moe_error_record_dev(c.error, MOE_KERR_TIMEOUT, &d);
+}
+
+/* How often a wait that has not ended reads the error record, and the first
+ * time it does: a fast wait never reads it. */
+#define MOE_WAIT_ERROR_CHECK_NS 1000000
+/* `start` of moe_wait_geq: the timeout counts from the wait's first miss. */
+#define MOE_WAIT_FROM_NOW 0
+
+/* The one way a kernel waits: until *flag >= want (epochs, use and operation
+ * numbers and progress words only grow), read with acquire at system scope
+ * (the writer is a peer GPU, another process or the CPU proxy). The timeout
+ * (ctx.timeoutNs) counts from `start` (a moe_now_ns() value, or
+ * MOE_WAIT_FROM_NOW). Returns true once arrived, with the value read in
+ * *seen_p (may be NULL); false on a timeout (recorded: `what`, want, `peer`
+ * (-1: unknown), the value seen) or once the comm is broken (another wait
+ * timed out, the proxy failed). Never traps. */
+__device__ inline bool moe_wait_geq(const moe_rank_ctx_t& c, const unsigned long long* flag, unsigned long long want,
+                                    moe_wait_t what, int peer, long long start, unsigned long long* seen_p) {
+  unsigned long long v = moe_ld_acquire_sys(flag);
+  if (v < want) {
+    const long long first = moe_now_ns();
+    const long long since = start != MOE_WAIT_FROM_NOW ? start : first;
+    long long nextCheck = first + MOE_WAIT_ERROR_CHECK_NS;
+    for (;;) {
+      v = moe_ld_acquire_sys(flag);
+      if (v >= want) break;
+      const long long now = moe_now_ns();
+      if (now > nextCheck) {
+        if (moe_comm_broken(c)) return false;
+        nextCheck = now + MOE_WAIT_ERROR_CHECK_NS;
+      }
+      if (now - since > c.timeoutNs) {
+        moe_record_timeout(c, what, want, peer, v);
+        return false;
+      }
+    }
   }
-  moe_record_error(c, MOE_KERR_TIMEOUT);
+  if (seen_p != NULL) *seen_p = v;
+  return true;
 }
 
 __device__ __forceinline__ unsigned long long* moe_signal_slot(const moe_rank_ctx_t& c, int owner,
@@ -64,17 +118,24 @@ __device__ inline bool moe_barrier(const moe_rank_ctx_t& c) {
   __threadfence_system();
   for (int r = 0; r < c.nRanks; r++)
     if (c.peers.base[r] != NULL) moe_st_release_sys(moe_signal_slot(c, r, c.rank), e);
-  long long start = moe_now_ns();
+  const long long start = moe_now_ns(); /* one timeout for the whole barrier */
   for (int r = 0; r < c.nRanks; r++) {
     if (c.peers.base[r] == NULL) continue; /* another node: met through the proxy, not here */
-    const unsigned long long* slot = moe_signal_slot(c, c.rank, r);
-    while (moe_ld_acquire_sys(slot) < e) {
-      if (moe_now_ns() - start > c.timeoutNs) {
-        moe_record_timeout(c, e, r, moe_ld_acquire_sys(slot), MOE_WAIT_BARRIER);
-        return false;
-      }
-    }
+    if (!moe_wait_geq(c, moe_signal_slot(c, c.rank, r), e, MOE_WAIT_BARRIER, r, start, NULL)) return false;
   }
+  return true;
+}
+
+/* Called by every thread at the end of a kernel: the last block to finish
+ * returns true (in thread 0) to run the kernel's epilogue. */
+__device__ inline bool moe_last_block(const moe_rank_ctx_t& c) {
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x != 0) return false;
+  const unsigned int prev = atomicAdd(c.blocksDone, 1u);
+  if (prev != gridDim.x - 1) return false;
+  *c.blocksDone = 0;
+  __threadfence();
   return true;
 }
 
@@ -82,15 +143,7 @@ __device__ inline bool moe_barrier(const moe_rank_ctx_t& c) {
  * (or read from) peers: the last block to finish runs the barrier, so the
  * kernel completes only when every peer has finished the same phase. */
 __device__ inline void moe_grid_done_barrier(const moe_rank_ctx_t& c) {
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned int prev = atomicAdd(c.blocksDone, 1u);
-    if (prev == gridDim.x - 1) {
-      *c.blocksDone = 0;
-      moe_barrier(c);
-    }
-  }
+  if (moe_last_block(c)) moe_barrier(c);
 }
 
 #endif

@@ -253,9 +253,9 @@ static void* rank_main(void* p) {
           RANK_FAIL(a, "op %d channel %d: slab from node %d ahead of its credit", k, c, m);
         size_t bytes = slab_size(a->seed, k, peer, a->me, c);
         const int nChunks = slab_chunks(a->seed, k, peer, a->me, c, bytes);
-        if (load(&nd->flags.progress[c][m]) != MOE_NET_PROGRESS(k, 1, nChunks))
+        if (load(&nd->flags.progress[c][m]) != moe_net_progress(k, 1, nChunks))
           RANK_FAIL(a, "op %d channel %d: progress of node %d's slab is %llx, want %llx", k, c, m,
-                    load(&nd->flags.progress[c][m]), MOE_NET_PROGRESS(k, 1, nChunks));
+                    load(&nd->flags.progress[c][m]), moe_net_progress(k, 1, nChunks));
         const char* got = nd->recvBuf + moe_net_slab_offset(g, c, m);
         if (!net_check(got, bytes, pattern_seed(a->seed, k, peer, a->me, c))) {
           char* ref = malloc(bytes + 1);
@@ -393,20 +393,20 @@ START_TEST(test_chunks_land_in_order_as_marked) {
   ck_assert_int_eq(begin_slab(s, c, 1, 1, bytes, 4), 4);
   mark_chunk(s, c, 1, 2, 1); /* out of order: waits for 0 and 1 */
   mark_chunk(s, c, 1, 0, 1);
-  ck_assert(wait_ge(&r->flags.progress[c][0], MOE_NET_PROGRESS(1, 0, 1), NET_TEST_DEADLINE_MS));
+  ck_assert(wait_ge(&r->flags.progress[c][0], moe_net_progress(1, 0, 1), NET_TEST_DEADLINE_MS));
   struct timespec pause = {0, 100 * 1000 * 1000};
   nanosleep(&pause, NULL);
-  ck_assert_uint_eq(load(&r->flags.progress[c][0]), MOE_NET_PROGRESS(1, 0, 1));
+  ck_assert_uint_eq(load(&r->flags.progress[c][0]), moe_net_progress(1, 0, 1));
   ck_assert_uint_eq(load(&r->flags.arrived[c][0]), 0);
   ck_assert_uint_eq(load(&s->flags.sent[c][1]), 0);
   unsigned long long b, e;
   moe_net_chunk_range(bytes, s->flags.chunkBytes[c][1], 0, &b, &e);
   ck_assert(net_check(r->recvBuf + roff, e / 8 * 8, 3)); /* chunk 0 (a prefix of the pattern) landed */
   mark_chunk(s, c, 1, 1, 1);
-  ck_assert(wait_ge(&r->flags.progress[c][0], MOE_NET_PROGRESS(1, 0, 3), NET_TEST_DEADLINE_MS));
+  ck_assert(wait_ge(&r->flags.progress[c][0], moe_net_progress(1, 0, 3), NET_TEST_DEADLINE_MS));
   mark_chunk(s, c, 1, 3, 1);
   ck_assert(wait_ge(&r->flags.arrived[c][0], 1, NET_TEST_DEADLINE_MS));
-  ck_assert_uint_eq(load(&r->flags.progress[c][0]), MOE_NET_PROGRESS(1, 1, 4));
+  ck_assert_uint_eq(load(&r->flags.progress[c][0]), moe_net_progress(1, 1, 4));
   ck_assert(wait_ge(&s->flags.sent[c][1], 1, NET_TEST_DEADLINE_MS));
   ck_assert(net_check(r->recvBuf + roff, bytes, 3));
   cluster_down(&cl);
