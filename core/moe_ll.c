@@ -17,6 +17,11 @@
 
 static size_t moe_ll_align(size_t v) { return (v + MOE_LL_REGION_ALIGN - 1) / MOE_LL_REGION_ALIGN * MOE_LL_REGION_ALIGN; }
 
+/* Rows of one expert's column-major scale column (ncclMoeScaleColMajor). */
+static size_t moe_ll_scale_tokens(size_t rowsPerExpert) {
+  return (rowsPerExpert + NCCL_MOE_SCALE_TOKEN_ALIGN - 1) / NCCL_MOE_SCALE_TOKEN_ALIGN * NCCL_MOE_SCALE_TOKEN_ALIGN;
+}
+
 ncclResult_t moe_ll_config_resolve(const ncclMoeConfig_t* c, int nRanks) {
   (void)nRanks;
   MOE_ARG_CHECK(c->llMaxTokensPerRank >= 0 && c->llMaxTokensPerRank <= NCCL_MOE_LL_MAX_TOKENS,
@@ -52,7 +57,9 @@ size_t moe_ll_layout_compute(const ncclMoeConfig_t* c, int nRanks, size_t off, m
   for (int b = 0; b < MOE_LL_SETS; b++) {
     MOE_LL_REGION(counts[b], sizeof(int) * N * (size_t)l->msgInts);
     MOE_LL_REGION(recvX[b], rows * H * 2);
-    MOE_LL_REGION(recvScales[b], rows * nS * sizeof(float));
+    /* Either layout: row-major needs rows * nS, column-major pads each
+     * expert's columns to S = moe_ll_scale_tokens(N * M) >= N * M rows. */
+    MOE_LL_REGION(recvScales[b], (E / N) * moe_ll_scale_tokens(N * M) * nS * sizeof(float));
     MOE_LL_REGION(recvSrc[b], rows * sizeof(int));
     MOE_LL_REGION(recvK[b], rows * sizeof(int));
     MOE_LL_REGION(recvPos[b], rows * sizeof(int));
@@ -142,6 +149,10 @@ static ncclResult_t moe_ll_dispatch_check(ncclMoeComm_t comm, const ncclMoeLowLa
   }
   if (a->cumulativeRecvCount != NULL)
     MOE_CHECK(moe_check_device_ptr(a->cumulativeRecvCount, sizeof(int64_t), "cumulativeRecvCount"));
+  if (a->cumulativeRecvCount32 != NULL)
+    MOE_CHECK(moe_check_device_ptr(a->cumulativeRecvCount32, sizeof(int), "cumulativeRecvCount32"));
+  MOE_ARG_CHECK(a->scaleLayout == ncclMoeScaleRowMajor || a->scaleLayout == ncclMoeScaleColMajor,
+                "scaleLayout = %d: must be ncclMoeScaleRowMajor or ncclMoeScaleColMajor", (int)a->scaleLayout);
   if (handle->ll.state == MOE_LL_DISPATCH_SENT || handle->ll.state == MOE_LL_COMBINE_SENT)
     return MOE_ERROR(ncclInvalidUsage, "the handle's previous low-latency call has a receive half not yet enqueued "
                                        "(ncclMoeLowLatencyDispatchRecv / ...CombineRecv)");
@@ -177,6 +188,8 @@ static void moe_ll_args(ncclMoeComm_t comm, const moe_ll_handle_t* h, moe_ll_arg
   a->sendFp8 = h->sendFp8;
   a->scaleFormat = h->scaleFormat;
   a->cumulative = h->cumulative;
+  a->cumulative32 = h->cumulative32;
+  a->scaleTokenStride = h->scaleTokenStride;
   a->weights = h->weights;
   a->out = h->out;
   a->numBlocks = comm->waitBlocks;
@@ -227,6 +240,9 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
   a.scaleFormat = scaleFormat;
   a.numBlocks = comm->waitBlocks;
   a.cumulative = d->cumulativeRecvCount;
+  a.cumulative32 = d->cumulativeRecvCount32;
+  const int expertStride = comm->nRanks * comm->config.llMaxTokensPerRank;
+  a.scaleTokenStride = fp8 && d->scaleLayout == ncclMoeScaleColMajor ? (int)moe_ll_scale_tokens(expertStride) : 0;
   a.fused = !d->sendOnly;
   MOE_CHECK(moe_ll_send(comm, MOE_LL_OP_DISPATCH, &a, stream));
 
@@ -243,6 +259,8 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
   h->sendFp8 = fp8;
   h->scaleFormat = scaleFormat;
   h->cumulative = d->cumulativeRecvCount;
+  h->cumulative32 = d->cumulativeRecvCount32;
+  h->scaleTokenStride = a.scaleTokenStride;
   /* Without sendOnly the send kernel ran the receive half too. */
   h->state = d->sendOnly ? MOE_LL_DISPATCH_SENT : MOE_LL_DISPATCHED;
   ll->pending[set] = d->sendOnly ? handle : NULL;
@@ -256,8 +274,9 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
       .scaleStride = !fp8 ? 0 : scaleFormat == MOE_LL_SCALE_UE8M0 ? (nS + MOE_LL_UE8M0_PER_WORD - 1) / MOE_LL_UE8M0_PER_WORD : nS,
       .recvCountPerExpert = (int*)(buf + l->recvCount[set]),
       .recvSource = (int*)(buf + l->recvSrc[set]),
-      .expertStride = comm->nRanks * comm->config.llMaxTokensPerRank,
-      .numLocalExperts = comm->numLocalExperts};
+      .expertStride = expertStride,
+      .numLocalExperts = comm->numLocalExperts,
+      .scaleTokenStride = a.scaleTokenStride};
   *result_p = r;
   return ncclSuccess;
 }
@@ -340,5 +359,15 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm, nc
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyBufferBytes(ncclMoeComm_t comm, size_t* bytes_p) {
   MOE_ARG_CHECK(comm != NULL && bytes_p != NULL, "ncclMoeLowLatencyBufferBytes: comm or bytes_p is NULL");
   *bytes_p = comm->ll.ctx.l.bytes;
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencySizeHint(const ncclMoeConfig_t* config, int nRanks, size_t* bytes_p) {
+  MOE_ARG_CHECK(config != NULL && bytes_p != NULL, "ncclMoeLowLatencySizeHint: config or bytes_p is NULL");
+  ncclMoeConfig_t c;
+  MOE_CHECK(moe_config_resolve(config, nRanks, &c));
+  moe_ll_layout_t l;
+  moe_ll_layout_compute(&c, nRanks, 0, &l);
+  *bytes_p = l.bytes;
   return ncclSuccess;
 }

@@ -39,6 +39,8 @@ typedef struct {
   int64_t* cumulative;         /* pending dispatch receive */
   const float* weights;        /* pending combine receive */
   void* out;
+  int scaleTokenStride;        /* > 0: column-major scales (moe_ll_args_t) */
+  int* cumulative32;           /* pending dispatch receive, int32 counters */
 } moe_ll_handle_t;
 
 /* Checks config->llMaxTokensPerRank (moe_config_resolve). */

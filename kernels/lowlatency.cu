@@ -479,7 +479,7 @@ __device__ __forceinline__ void moe_ll_load_chunk(const moe_ll_args_t& a, int t,
  * payload and scale row of top-k slot k's destination (an output row on
  * this node, or a record in the slab to a remote rank). */
 __device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_args_t& a, const uint4* v, int chunk, unsigned dmask,
-                                               char* dPay, char* dScale) {
+                                               char* dPay, char* dScale, int dWordStride) {
   const int lane = threadIdx.x % MOE_LL_WARP, half = lane / MOE_LL_FP8_LANES, sub = lane % MOE_LL_FP8_LANES;
   const int nS = a.hidden / NCCL_MOE_FP8_BLOCK;
   const int pow2 = a.scaleFormat != MOE_LL_SCALE_FLOAT;
@@ -492,16 +492,20 @@ __device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_args_t& a, const uin
     const int k = __ffs(m) - 1;
     uint8_t* xdst = reinterpret_cast<uint8_t*>(__shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(dPay), k));
     uint8_t* sdst = reinterpret_cast<uint8_t*>(__shfl_sync(MOE_LL_FULL, reinterpret_cast<unsigned long long>(dScale), k));
+    /* Bytes between two 4-byte scale words of the row: 4 row-major, 4 x the
+     * padded token count column-major (ncclMoeScaleColMajor). */
+    const size_t ws = (size_t)__shfl_sync(MOE_LL_FULL, dWordStride, k);
 #pragma unroll
     for (int u = 0; u < MOE_LL_CHUNK_GROUPS / 2; u++) {
       const int g = chunk * MOE_LL_CHUNK_GROUPS + 2 * u + half;
       if (g >= nS) continue;
       reinterpret_cast<uint2*>(xdst + (size_t)g * NCCL_MOE_FP8_BLOCK)[sub] = code[u];
-      if (a.scaleFormat == MOE_LL_SCALE_UE8M0) {
-        if (sub == 0) sdst[g] = (uint8_t)(__float_as_uint(scale[u]) >> 23);
-        if (g == nS - 1 && sub > 0 && g + sub < ue8m0Row) sdst[g + sub] = 0; /* pad the last word */
+      if (a.scaleFormat == MOE_LL_SCALE_UE8M0) { /* byte b of the row: byte b % 4 of word b / 4 */
+        if (sub == 0) sdst[(size_t)(g / 4) * ws + g % 4] = (uint8_t)(__float_as_uint(scale[u]) >> 23);
+        if (g == nS - 1 && sub > 0 && g + sub < ue8m0Row)
+          sdst[(size_t)((g + sub) / 4) * ws + (g + sub) % 4] = 0; /* pad the last word */
       } else if (sub == 0) {
-        reinterpret_cast<float*>(sdst)[g] = scale[u];
+        *reinterpret_cast<float*>(sdst + (size_t)g * ws) = scale[u];
       }
     }
   }
@@ -550,7 +554,7 @@ __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a,
       const int it = it0 + j * nWarps;
       if (it >= items) continue;
       const int t = tBegin + it / nChunks, chunk = it % nChunks;
-      int rv = -1, dRank = 0, pj = -1;
+      int rv = -1, dRank = 0, pj = -1, dWordStride = 4;
       long long dRow = 0;
       char *dPay = NULL, *dScale = NULL;
       if (lane < K) {
@@ -563,7 +567,13 @@ __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a,
             char* peer = c.rc.peers.base[dRank];
             dRow = (long long)(e - dRank * L) * rowsPerExpert + rv;
             dPay = peer + c.l.recvX[a.set] + (size_t)dRow * a.hidden * esz;
-            dScale = peer + c.l.recvScales[a.set] + (size_t)dRow * scaleRow;
+            if (a.scaleTokenStride > 0) { /* expert e - dRank * L: [words][S], row rv of each */
+              dScale = peer + c.l.recvScales[a.set] +
+                       ((size_t)(e - dRank * L) * (scaleRow / 4) * a.scaleTokenStride + rv) * 4;
+              dWordStride = 4 * a.scaleTokenStride;
+            } else {
+              dScale = peer + c.l.recvScales[a.set] + (size_t)dRow * scaleRow;
+            }
           } else {
             char* rec = moe_ll_net_slab(c, c.net.sendBuf, slabs.ch, pj) + slabs.header + (size_t)rv * slabs.record;
             dScale = rec + 16;
@@ -589,7 +599,7 @@ __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a,
       } else {
         moe_ll_load_chunk(a, t, chunk, v);
       }
-      if (a.sendFp8) moe_ll_put_fp8(a, v, chunk, dmask, dPay, dScale);
+      if (a.sendFp8) moe_ll_put_fp8(a, v, chunk, dmask, dPay, dScale, dWordStride);
       else moe_ll_put_bf16(a, v, chunk, dmask, dPay);
       if (rv >= 0 && pj < 0) marks[j] = moe_ll_row_flag(c, dRank, a.set, (size_t)dRow, chunk);
       if (rv >= 0) net[j] = pj;
@@ -743,8 +753,15 @@ __device__ bool moe_ll_net_receive(const moe_ll_ctx_t& c, const moe_ll_args_t& a
     }
     if (chunk != 0) continue;
     const volatile int* words = reinterpret_cast<const volatile int*>(rec + 16);
-    int* sdst = reinterpret_cast<int*>(own + c.l.recvScales[a.set] + row * scaleRow);
-    for (int w = lane; w < scaleRow / 4; w += MOE_LL_WARP) sdst[w] = words[w];
+    const int nWords = scaleRow / 4;
+    int* sdst = reinterpret_cast<int*>(own + c.l.recvScales[a.set]);
+    for (int w = lane; w < nWords; w += MOE_LL_WARP) {
+      /* Row-major: [row][w]; column-major: expert lo's [w][S], its row row - lo * rowsPerExpert. */
+      const size_t at = a.scaleTokenStride > 0
+                            ? ((size_t)lo * nWords + w) * a.scaleTokenStride + (row - (size_t)lo * rowsPerExpert)
+                            : row * nWords + w;
+      sdst[at] = words[w];
+    }
     if (lane == 0) {
       const int t = reinterpret_cast<const volatile int*>(rec)[0], k = reinterpret_cast<const volatile int*>(rec)[1];
       if (t < 0 || t >= M || k < 0 || k >= c.maxTopk) {
@@ -791,6 +808,7 @@ __device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t&
     const int rows = sOff[l + 1] - sOff[l] + sRem[l];
     recvCount[l] = rows;
     if (a.cumulative != NULL) atomicAdd(reinterpret_cast<unsigned long long*>(a.cumulative) + l, (unsigned long long)rows);
+    if (a.cumulative32 != NULL) atomicAdd(a.cumulative32 + l, rows);
   }
 }
 

@@ -77,6 +77,7 @@ typedef struct {
   const int* laneRank;
   void* one;         /* payload of a record */
   float* oneScales;  /* its scales (FP8) */
+  int scaleTokenStride; /* > 0: receivers' scales column-major (ncclMoeScaleColMajor), not for `one` */
 } moe_dests_t;
 
 __device__ __forceinline__ char* moe_dest_peer(const moe_rank_ctx_t& c, const moe_dests_t& d, int l) {
@@ -140,6 +141,9 @@ __device__ __forceinline__ void moe_cast_row_to(const moe_rank_ctx_t& c, const u
       code[u] = moe_fp8_cast_block_dev(v, pow2, MOE_FULL_MASK, &scale[u]);
     }
     const unsigned targets = d.one != NULL ? 1u : d.dmask;
+    /* Column-major: the scales of one row are scaleTokenStride elements apart. */
+    const bool colMajor = d.one == NULL && d.scaleTokenStride > 0;
+    const size_t gStride = colMajor ? (size_t)d.scaleTokenStride : 1;
     for (unsigned m = targets; m != 0; m &= m - 1) {
       uint2* dst;
       float* dscale;
@@ -151,24 +155,26 @@ __device__ __forceinline__ void moe_cast_row_to(const moe_rank_ctx_t& c, const u
         const int drow = __shfl_sync(MOE_FULL_MASK, d.row, l);
         char* peer = moe_dest_peer(c, d, l);
         dst = reinterpret_cast<uint2*>(peer + c.layout.recvX) + (size_t)drow * (hidden / 8);
-        dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nGroups;
+        dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (colMajor ? (size_t)drow : (size_t)drow * nGroups);
       }
 #pragma unroll
       for (int u = 0; u < MOE_COPY_UNROLL; u++) {
         const int g = g0 + 2 * u + half;
         if (g < nGroups) {
           dst[(size_t)g * MOE_FP8_VECS_PER_BLOCK + sub] = code[u];
-          if (sub == 0) dscale[g] = scale[u];
+          if (sub == 0) dscale[(size_t)g * gStride] = scale[u];
         }
       }
     }
   }
 }
 
-/* Lane r holds the row at rank r. */
+/* Lane r holds the row at rank r; scales row-major, or column-major with
+ * columns of scaleTokenStride elements (> 0). */
 __device__ __forceinline__ void moe_cast_row(const moe_rank_ctx_t& c, const uint4* src, int hidden,
-                                             int pow2, unsigned dmask, int row, int lane) {
-  moe_dests_t d = {dmask, row, NULL, NULL, NULL};
+                                             int pow2, unsigned dmask, int row, int lane,
+                                             int scaleTokenStride) {
+  moe_dests_t d = {dmask, row, NULL, NULL, NULL, scaleTokenStride};
   moe_cast_row_to(c, src, hidden, pow2, d, lane);
 }
 

@@ -110,6 +110,12 @@ typedef struct {
   int numTokens, hidden, topk;
   int xIsFp8, sendFp8, pow2Scales;
   int numBlocks, threads;
+  /* Intranode only. 1: the send half of a split dispatch: end with an
+   * arrival (moe_split.cuh), not a barrier. */
+  int arriveOnly;
+  /* > 0: FP8 scales column-major at the receivers, [hidden / 128][this]
+   * (ncclMoeScaleColMajor); 0: row-major. */
+  int scaleTokenStride;
 } moe_dispatch_args_t;
 cudaError_t moe_dispatch_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
                                 const moe_dispatch_args_t* args, cudaStream_t stream);
@@ -119,6 +125,12 @@ typedef struct {
   float* outTopkWeights;
   int numTokens, hidden, topk, withWeights;
   int numBlocks, threads;
+  /* Intranode only: BF16 [numTokens, hidden] added to out, or NULL. */
+  const void* bias0;
+  const void* bias1;
+  /* Intranode only. 1: the receive half of a split combine: end with an
+   * arrival, not a barrier. */
+  int arriveOnly;
 } moe_combine_args_t;
 cudaError_t moe_combine_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
                                const moe_combine_args_t* args, cudaStream_t stream);
@@ -128,6 +140,13 @@ cudaError_t moe_combine_launch(const moe_rank_ctx_t* ctx, const moe_route_t* rou
 cudaError_t moe_combine_stage_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
                                      const void* x, const float* weights, int hidden, int topk,
                                      cudaStream_t stream);
+
+/* Split halves (ncclMoeDispatchRecv / ncclMoeCombineRecv): one thread block
+ * that waits until every peer has arrived where this rank last arrived
+ * (moe_split.cuh), and one that arrives (epoch + 1, signalled to every peer)
+ * without waiting. */
+cudaError_t moe_split_wait_launch(const moe_rank_ctx_t* ctx, cudaStream_t stream);
+cudaError_t moe_split_arrive_launch(const moe_rank_ctx_t* ctx, cudaStream_t stream);
 
 /* Loads every intranode kernel now (see intranode.cu: lazy loading). */
 cudaError_t moe_intranode_preload(void);
