@@ -616,12 +616,18 @@ class Buffer:
 
         kw, rows = _build_config_kwargs(self.group_size, self.num_nvl_bytes, hidden, num_experts, ll_tokens,
                                         self.timeout_ms)
-        if cur is not None:
-            # Collective: every rank is in this same call. Peers may still
-            # read this rank's memory until they too are here.
-            self._shared = None
-            cur.owner.destroy(barrier=True)
         with torch.cuda.device(self.device):
+            if cur is not None:
+                # Collective: every rank is in this same call. Peers may still
+                # read this rank's memory until they too are here.
+                self._shared = None
+                cur.owner.destroy(barrier=True)
+            else:
+                # torch may create a group's NCCL communicator lazily, at its
+                # first collective; the library needs it now.
+                import torch.distributed as dist
+
+                dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
             owner = _NcclMoeBuffer(self.group, **kw)
         self._ll_combine_buffers = {}
         self._shared = _Shared(owner, hidden, num_experts, ll_tokens, rows)
