@@ -17,11 +17,6 @@
 
 static size_t moe_ll_align(size_t v) { return (v + MOE_LL_REGION_ALIGN - 1) / MOE_LL_REGION_ALIGN * MOE_LL_REGION_ALIGN; }
 
-/* Rows of one expert's column-major scale column (ncclMoeScaleColMajor). */
-static size_t moe_ll_scale_tokens(size_t rowsPerExpert) {
-  return (rowsPerExpert + NCCL_MOE_SCALE_TOKEN_ALIGN - 1) / NCCL_MOE_SCALE_TOKEN_ALIGN * NCCL_MOE_SCALE_TOKEN_ALIGN;
-}
-
 ncclResult_t moe_ll_config_resolve(const ncclMoeConfig_t* c, int nRanks) {
   (void)nRanks;
   MOE_ARG_CHECK(c->llMaxTokensPerRank >= 0 && c->llMaxTokensPerRank <= NCCL_MOE_LL_MAX_TOKENS,
@@ -58,8 +53,8 @@ size_t moe_ll_layout_compute(const ncclMoeConfig_t* c, int nRanks, size_t off, m
     MOE_LL_REGION(counts[b], sizeof(int) * N * (size_t)l->msgInts);
     MOE_LL_REGION(recvX[b], rows * H * 2);
     /* Either layout: row-major needs rows * nS, column-major pads each
-     * expert's columns to S = moe_ll_scale_tokens(N * M) >= N * M rows. */
-    MOE_LL_REGION(recvScales[b], (E / N) * moe_ll_scale_tokens(N * M) * nS * sizeof(float));
+     * expert's columns to S = moe_scale_token_stride(N * M) >= N * M rows. */
+    MOE_LL_REGION(recvScales[b], (E / N) * (size_t)moe_scale_token_stride((int)(N * M)) * nS * sizeof(float));
     MOE_LL_REGION(recvSrc[b], rows * sizeof(int));
     MOE_LL_REGION(recvK[b], rows * sizeof(int));
     MOE_LL_REGION(recvPos[b], rows * sizeof(int));
@@ -242,7 +237,7 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
   a.cumulative = d->cumulativeRecvCount;
   a.cumulative32 = d->cumulativeRecvCount32;
   const int expertStride = comm->nRanks * comm->config.llMaxTokensPerRank;
-  a.scaleTokenStride = fp8 && d->scaleLayout == ncclMoeScaleColMajor ? (int)moe_ll_scale_tokens(expertStride) : 0;
+  a.scaleTokenStride = fp8 && d->scaleLayout == ncclMoeScaleColMajor ? moe_scale_token_stride(expertStride) : 0;
   a.fused = !d->sendOnly;
   MOE_CHECK(moe_ll_send(comm, MOE_LL_OP_DISPATCH, &a, stream));
 

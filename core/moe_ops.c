@@ -21,11 +21,6 @@ static int moe_call_blocks(ncclMoeComm_t comm, int numSMs) {
   return numSMs > 0 ? numSMs : comm->numBlocks;
 }
 
-/* Elements per column-major scale column for `rows` rows. */
-static int moe_scale_token_stride(int rows) {
-  return (rows + NCCL_MOE_SCALE_TOKEN_ALIGN - 1) / NCCL_MOE_SCALE_TOKEN_ALIGN * NCCL_MOE_SCALE_TOKEN_ALIGN;
-}
-
 /* No dispatch / combine may start while a split call waits for its receive
  * half: it would reuse the receive rows or the epochs the half waits on. */
 static ncclResult_t moe_no_split_pending(ncclMoeComm_t comm, const char* what) {
@@ -99,8 +94,12 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHand
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle) {
   MOE_ARG_CHECK(handle != NULL, "ncclMoeHandleDestroy: handle is NULL");
-  /* A normal-mode send half left alone holds up no peer (its receive half only
-   * waits), so the handle may go. */
+  /* A dispatch send half left alone holds up no peer (its receive half only
+   * waits), so the handle may go; a combine send half may not (its receive
+   * half arrives, and the peers count on that arrival). */
+  if (handle->split == MOE_SPLIT_COMBINE_SENT)
+    return MOE_ERROR(ncclInvalidUsage, "ncclMoeHandleDestroy: the handle has a combine send half whose receive half "
+                     "was not called (ncclMoeCombineRecv): the ranks' barrier epochs would part");
   if (handle->comm != NULL && handle->comm->splitPending == handle) handle->comm->splitPending = NULL;
   /* A send half without its receive half would leave peers waiting for this
    * rank's acknowledgement on that buffer set. */
@@ -241,7 +240,7 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
                            .numBlocks = moe_call_blocks(comm, a->numSMs),
                            .threads = MOE_DISPATCH_THREADS,
                            .arriveOnly = a->sendOnly,
-                           .scaleTokenStride = scaleTokenStride};
+                           .scaleColMajor = scaleTokenStride > 0};
   if (net == NULL) MOE_CUDA_CHECK(moe_dispatch_launch(&comm->ctx, rt, &d, stream));
   else MOE_CUDA_CHECK(moe_inter_dispatch_launch(&comm->ctx, net, rt, &handle->fwd, &d, stream));
   if (a->sendOnly) {

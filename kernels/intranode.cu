@@ -162,15 +162,18 @@ __global__ void moe_dispatch_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_dispat
       char* peer = c.peers.base[r];
       moe_write_topk(c, peer, drow, r, K, lane, e, w, withWeights);
       if (a.xIsFp8) {
-        /* Row-major: [row][j]; column-major: [j][row] (ncclMoeScaleColMajor). */
-        const size_t jStride = a.scaleTokenStride > 0 ? (size_t)a.scaleTokenStride : 1;
+        /* Row-major: [row][j]; column-major: [j][row], columns of the
+         * receiver's capacity rounded up (ncclMoeScaleColMajor). */
+        const size_t jStride = a.scaleColMajor ? (size_t)moe_scale_token_stride(sCap[r]) : 1;
         float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) +
-                        (a.scaleTokenStride > 0 ? (size_t)drow : (size_t)drow * nScales);
+                        (a.scaleColMajor ? (size_t)drow : (size_t)drow * nScales);
         for (int j = lane; j < nScales; j += MOE_WARP) dscale[j * jStride] = a.xScales[(size_t)t * nScales + j];
       }
     }
     const uint4* src = reinterpret_cast<const uint4*>(static_cast<const char*>(a.x) + (size_t)t * inBytes);
-    if (a.sendFp8 && !a.xIsFp8) moe_cast_row(c, src, a.hidden, a.pow2Scales, dmask, row, lane, a.scaleTokenStride);
+    /* Lane r: the column length at receiver r (column-major scales). */
+    const int colRows = a.scaleColMajor && lane < N ? moe_scale_token_stride(sCap[lane]) : 0;
+    if (a.sendFp8 && !a.xIsFp8) moe_cast_row(c, src, a.hidden, a.pow2Scales, dmask, row, lane, colRows);
     else moe_copy_row(c, src, outBytes / 16, dmask, row, lane);
   }
   if (a.arriveOnly) moe_grid_done_arrive(c); /* split: ncclMoeDispatchRecv waits */

@@ -77,7 +77,10 @@ typedef struct {
   const int* laneRank;
   void* one;         /* payload of a record */
   float* oneScales;  /* its scales (FP8) */
-  int scaleTokenStride; /* > 0: receivers' scales column-major (ncclMoeScaleColMajor), not for `one` */
+  /* Held per lane like row: > 0, the scales at that lane's receiver are
+   * column-major (ncclMoeScaleColMajor) with columns of this many elements.
+   * Unused for `one`. */
+  int scaleTokenStride;
 } moe_dests_t;
 
 __device__ __forceinline__ char* moe_dest_peer(const moe_rank_ctx_t& c, const moe_dests_t& d, int l) {
@@ -141,21 +144,22 @@ __device__ __forceinline__ void moe_cast_row_to(const moe_rank_ctx_t& c, const u
       code[u] = moe_fp8_cast_block_dev(v, pow2, MOE_FULL_MASK, &scale[u]);
     }
     const unsigned targets = d.one != NULL ? 1u : d.dmask;
-    /* Column-major: the scales of one row are scaleTokenStride elements apart. */
-    const bool colMajor = d.one == NULL && d.scaleTokenStride > 0;
-    const size_t gStride = colMajor ? (size_t)d.scaleTokenStride : 1;
     for (unsigned m = targets; m != 0; m &= m - 1) {
       uint2* dst;
       float* dscale;
+      size_t gStride = 1; /* elements between the scales of two blocks of the row */
       if (d.one != NULL) {
         dst = reinterpret_cast<uint2*>(d.one);
         dscale = d.oneScales;
       } else {
         const int l = __ffs(m) - 1;
         const int drow = __shfl_sync(MOE_FULL_MASK, d.row, l);
+        const int colRows = __shfl_sync(MOE_FULL_MASK, d.scaleTokenStride, l);
         char* peer = moe_dest_peer(c, d, l);
         dst = reinterpret_cast<uint2*>(peer + c.layout.recvX) + (size_t)drow * (hidden / 8);
-        dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (colMajor ? (size_t)drow : (size_t)drow * nGroups);
+        dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) +
+                 (colRows > 0 ? (size_t)drow : (size_t)drow * nGroups);
+        if (colRows > 0) gStride = (size_t)colRows;
       }
 #pragma unroll
       for (int u = 0; u < MOE_COPY_UNROLL; u++) {
@@ -169,12 +173,12 @@ __device__ __forceinline__ void moe_cast_row_to(const moe_rank_ctx_t& c, const u
   }
 }
 
-/* Lane r holds the row at rank r; scales row-major, or column-major with
- * columns of scaleTokenStride elements (> 0). */
+/* Lane r holds the row at rank r, and (> 0) the column length of rank r's
+ * column-major scales, or 0 for row-major ones. */
 __device__ __forceinline__ void moe_cast_row(const moe_rank_ctx_t& c, const uint4* src, int hidden,
                                              int pow2, unsigned dmask, int row, int lane,
-                                             int scaleTokenStride) {
-  moe_dests_t d = {dmask, row, NULL, NULL, NULL, scaleTokenStride};
+                                             int colRows) {
+  moe_dests_t d = {dmask, row, NULL, NULL, NULL, colRows};
   moe_cast_row_to(c, src, hidden, pow2, d, lane);
 }
 

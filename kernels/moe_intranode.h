@@ -113,10 +113,22 @@ typedef struct {
   /* Intranode only. 1: the send half of a split dispatch: end with an
    * arrival (moe_split.cuh), not a barrier. */
   int arriveOnly;
-  /* > 0: FP8 scales column-major at the receivers, [hidden / 128][this]
-   * (ncclMoeScaleColMajor); 0: row-major. */
-  int scaleTokenStride;
+  /* 1: FP8 scales column-major at the receivers (ncclMoeScaleColMajor):
+   * [hidden / 128][S] at receiver r, S = its capacity (rt.cap[r]) rounded up
+   * to NCCL_MOE_SCALE_TOKEN_ALIGN; 0: row-major. */
+  int scaleColMajor;
 } moe_dispatch_args_t;
+
+#ifdef __CUDACC__
+#define MOE_SCALE_HD __host__ __device__
+#else
+#define MOE_SCALE_HD
+#endif
+/* Elements per column-major scale column (ncclMoeScaleColMajor) of `rows`
+ * rows: 16-byte aligned columns. */
+static inline MOE_SCALE_HD int moe_scale_token_stride(int rows) {
+  return (rows + NCCL_MOE_SCALE_TOKEN_ALIGN - 1) / NCCL_MOE_SCALE_TOKEN_ALIGN * NCCL_MOE_SCALE_TOKEN_ALIGN;
+}
 cudaError_t moe_dispatch_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
                                 const moe_dispatch_args_t* args, cudaStream_t stream);
 
