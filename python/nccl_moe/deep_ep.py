@@ -66,7 +66,11 @@ Construction and memory
     default, as DeepEP). get_dispatch_config / get_combine_config accept any
     number of ranks up to 64.
   * get_local_buffer_tensor raises NotImplementedError (no raw buffer to
-    hand out); destroy() needs explicitly_destroy=True as in DeepEP.
+    hand out); destroy() needs explicitly_destroy=True as in DeepEP. There
+    is no Buffer.runtime (DeepEP's C++ object).
+  * EventOverlap.event is a torch.cuda.Event (DeepEP: its own EventHandle):
+    wait for it with EventOverlap.current_stream_wait() (or
+    torch.cuda.current_stream().wait_event(event.event)).
 
 Normal mode
   * dispatch needs topk_idx (routing by is_token_in_rank alone, DeepEP's
@@ -110,9 +114,10 @@ Low-latency mode
     index of each received row (int32 [L, num_ranks * M]), handle[1] the
     (begin << 32 | count) row range of each source rank (int64 [L,
     num_ranks]), handle[2:5] M, hidden, num_experts; items 0 and 1 are
-    computed (a few small kernels) when first read, on the current stream:
-    read them after the receive half ran. Rows of an expert are ordered by
-    source rank, then token.
+    computed (a few small kernels) when first read, on the current stream,
+    from the buffer set's rows: read them after the receive half ran and
+    before the dispatch two calls later. Rows of an expert are ordered by
+    source rank, then token (DeepEP's order within a source is its own).
   * low_latency_combine reduces with the topk_idx of the dispatch (the
     topk_idx argument is checked for shape only) and its topk_weights.
     zero_copy=True reads the tensor get_next_low_latency_combine_buffer(handle)
@@ -732,7 +737,7 @@ class Buffer:
                                           "[num_tokens, hidden / 128]")
             _check(scales, "x[1]", (torch.float32,), (T, H // _lib.FP8_BLOCK), self.device,
                    "[num_tokens, hidden / 128]", contiguous=False)
-            return codes, scales.contiguous(), T, H
+            return codes, scales, T, H  # any strides: made contiguous in the call's stream order
         _check(x, "x", (torch.bfloat16,), (None, None), self.device, "[num_tokens, hidden]", align=_lib.ALIGN)
         T, H = x.shape
         if H % 8 != 0:
@@ -818,6 +823,8 @@ class Buffer:
                 raise ValueError("a cached dispatch (handle=) takes no topk_idx / topk_weights (as in DeepEP)")
             if not isinstance(handle, _Handle) or handle.buffer is not self:
                 raise ValueError("handle must come from a dispatch of this Buffer")
+            if self._shared is None or handle.route.core is not self._shared.core:
+                raise ValueError("handle comes from before this Buffer's communicator was rebuilt")
             if (handle.num_tokens, handle.hidden, handle.capacity) != (T, H, num_worst_tokens):
                 raise ValueError("a cached dispatch needs the num_tokens, hidden and num_worst_tokens of the dispatch "
                                  "that made the handle (%d, %d, %d), got (%d, %d, %d)"
@@ -861,7 +868,6 @@ class Buffer:
         a = _lib.DispatchArgs()
         a.x = xv.data_ptr() or None
         a.xType = _lib.ncclFloat8e4m3 if scales is not None else _lib.ncclBfloat16
-        a.xScales = (scales.data_ptr() or None) if scales is not None else None
         a.sendType = a.xType
         a.scaleFormat = _lib.SCALE_FLOAT
         a.numTokens, a.hidden, a.topk = T, H, K
@@ -880,6 +886,11 @@ class Buffer:
                 call.start()
             elif previous_event is not None:
                 call.compute.wait_event(previous_event.event)
+            if scales is not None:
+                if not scales.is_contiguous():  # e.g. DeepEP's column-major input scales
+                    with torch.cuda.stream(stream):
+                        scales = scales.contiguous()
+                a.xScales = scales.data_ptr() or None
             lib.check(lib.ncclMoeDispatch(comm.ptr, ctypes.byref(a), route.ptr, ctypes.byref(res), stream.cuda_stream),
                       "ncclMoeDispatch on rank %d" % self.rank)
             if handle is None:
@@ -923,8 +934,8 @@ class Buffer:
                         lib.check(lib.ncclMoeDispatchRecv(comm.ptr, route.ptr, s.cuda_stream),
                                   "ncclMoeDispatchRecv on rank %d" % self.rank)
                         receive(s)
-                    return keep
 
+                hook.keep = keep  # alive as long as the hook
                 event = EventOverlap(None)
             else:
                 receive(call.comm)
@@ -1037,8 +1048,8 @@ class Buffer:
                         s = torch.cuda.current_stream(self.device)
                         lib.check(lib.ncclMoeCombineRecv(comm.ptr, handle.route.ptr, s.cuda_stream),
                                   "ncclMoeCombineRecv on rank %d" % self.rank)
-                    return keep
 
+                hook.keep = keep  # alive as long as the hook
                 return out, out_w, EventOverlap(None), hook
             event = call.finish([x, topk_weights] + biases, [out, out_w])
         return out, out_w, event
@@ -1236,8 +1247,8 @@ class Buffer:
                         lib.check(lib.ncclMoeLowLatencyCombineRecv(
                             comm.ptr, handle.route.ptr, torch.cuda.current_stream(self.device).cuda_stream),
                             "ncclMoeLowLatencyCombineRecv on rank %d" % self.rank)
-                    return keep
 
+                hook.keep = keep  # alive as long as the hook
                 event = EventOverlap(None)
             elif async_finish:
                 event = EventOverlap(torch.cuda.Event(), keep)
