@@ -350,7 +350,8 @@ typedef struct {
   /* Added after 0.2.0. FP8 with scaleLayout ncclMoeScaleColMajor: recvScales
    * is [hidden / 128][scaleTokenStride] (see ncclMoeScaleColMajor), with
    * scaleTokenStride = capacity (capacity mode) or config.maxRecvTokens
-   * (exact mode) rounded up to NCCL_MOE_SCALE_TOKEN_ALIGN; else 0. */
+   * (exact mode) rounded up to NCCL_MOE_SCALE_TOKEN_ALIGN; else 0. (Senders
+   * lay out each receiver's scales by that receiver's own capacity.) */
   int scaleTokenStride;
 } ncclMoeDispatchResult_t;
 
@@ -387,7 +388,9 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDi
  * dispatch's send half overwrites them, so consume (or copy) them first,
  * as with a whole dispatch. After a split combine, write zero-copy combine
  * rows only once the next dispatch has been enqueued (peers may still read
- * the previous ones until then). Intranode comms only. Every wait is
+ * the previous ones until then). A handle whose combine receive half is
+ * still to come cannot be destroyed (ncclInvalidUsage: the peers count on
+ * that half's arrival). Intranode comms only. Every wait is
  * bounded by the comm's timeout; with virtual ranks each half's waiting
  * kernel is one thread block, so all ranks' halves fit on the GPU at once.
  * Capacity-mode halves can be captured in a CUDA graph. */
