@@ -393,7 +393,9 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDi
  * that half's arrival). Intranode comms only. Every wait is
  * bounded by the comm's timeout; with virtual ranks each half's waiting
  * kernel is one thread block, so all ranks' halves fit on the GPU at once.
- * Capacity-mode halves can be captured in a CUDA graph. */
+ * Capacity-mode halves can be captured in a CUDA graph; capture both halves
+ * (in one graph, or each in its own): the call-order checks above run on
+ * the host when the calls are made, not when a graph is replayed. */
 
 /* The receive half of the dispatch `handle` holds (sent with sendOnly = 1). */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatchRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
