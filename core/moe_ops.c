@@ -163,8 +163,8 @@ static ncclResult_t moe_dispatch_check(ncclMoeComm_t comm, const ncclMoeDispatch
   MOE_ARG_CHECK(a->scaleLayout == ncclMoeScaleRowMajor || a->scaleLayout == ncclMoeScaleColMajor,
                 "scaleLayout = %d: must be ncclMoeScaleRowMajor or ncclMoeScaleColMajor", (int)a->scaleLayout);
   MOE_ARG_CHECK(a->sendOnly == 0 || a->sendOnly == 1, "sendOnly = %d: must be 0 or 1", a->sendOnly);
-  MOE_ARG_CHECK(a->numSMs >= 0 && a->numSMs <= NCCL_MOE_MAX_CALL_SMS, "numSMs = %d: must be in [0, %d] (0 = the comm's)",
-                a->numSMs, NCCL_MOE_MAX_CALL_SMS);
+  MOE_ARG_CHECK(a->numSMs >= 0 && a->numSMs <= NCCL_MOE_MAX_CALL_SMS,
+                "numSMs = %d: must be in [0, %d] (0 = the comm's)", a->numSMs, NCCL_MOE_MAX_CALL_SMS);
   if (a->sendOnly && comm->inter != NULL)
     return MOE_ERROR(ncclInvalidUsage, "sendOnly: split dispatch halves are not supported across nodes (this comm "
                      "spans nodes)");
@@ -319,8 +319,8 @@ static ncclResult_t moe_combine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* 
     if (handle->numTokens > 0) MOE_CHECK(moe_check_device_ptr(a->outTopkWeights, sizeof(float), "outTopkWeights"));
   }
   MOE_ARG_CHECK(a->sendOnly == 0 || a->sendOnly == 1, "sendOnly = %d: must be 0 or 1", a->sendOnly);
-  MOE_ARG_CHECK(a->numSMs >= 0 && a->numSMs <= NCCL_MOE_MAX_CALL_SMS, "numSMs = %d: must be in [0, %d] (0 = the comm's)",
-                a->numSMs, NCCL_MOE_MAX_CALL_SMS);
+  MOE_ARG_CHECK(a->numSMs >= 0 && a->numSMs <= NCCL_MOE_MAX_CALL_SMS,
+                "numSMs = %d: must be in [0, %d] (0 = the comm's)", a->numSMs, NCCL_MOE_MAX_CALL_SMS);
   if (a->sendOnly && comm->inter != NULL)
     return MOE_ERROR(ncclInvalidUsage, "sendOnly: split combine halves are not supported across nodes (this comm "
                      "spans nodes)");

@@ -54,6 +54,9 @@ Construction and memory
     (get_low_latency_rdma_size_hint, nccl-moe's own sizes, about half of
     DeepEP's); the network slabs of normal mode across nodes are allocated
     by the communicator itself (Config.get_rdma_buffer_size_hint returns 0).
+    One communicator serves both modes with one hidden size, the largest any
+    call used: a Buffer whose normal-mode hidden is larger than its
+    low-latency one allocates low-latency buffers for the larger hidden.
   * num_qps_per_rank is validated (> 0 as DeepEP asserts) and has no other
     effect: no NVSHMEM, the network proxy uses its own connections.
     allow_nvlink_for_low_latency_mode=False, allow_mnnvl=True,
@@ -603,20 +606,23 @@ class Buffer:
                 "deep_ep.virtual_buffers" % (cur.hidden, cur.num_experts, cur.ll_tokens, hidden, num_experts,
                                              "" if ll_tokens is None else ", num_max_dispatch_tokens_per_rank = %d"
                                              % ll_tokens))
+        # The budget is checked against the shape of the low-latency call that
+        # asks for the buffers (they are sized for the largest hidden any
+        # call of this Buffer used, which may be more).
+        checked_hidden = hidden
         if cur is not None and cur.core.alive and cur.num_experts == num_experts:
             hidden = max(hidden, cur.hidden)
         if ll_tokens is None:
             ll_tokens = cur.ll_tokens if cur is not None and cur.num_experts == num_experts else 0
-        if ll_tokens and self.num_rdma_bytes > 0:
-            need = _ll_size_hint(ll_tokens, hidden, self.group_size, num_experts)
+            checked_hidden = None  # kept from the call that asked for them (already checked)
+        if ll_tokens and checked_hidden is not None:
+            need = _ll_size_hint(ll_tokens, checked_hidden, self.group_size, num_experts)
             if need > self.num_rdma_bytes:
-                raise ValueError("num_rdma_bytes = %d is too small for low-latency buffers of %d tokens per rank, hidden "
-                                 "%d, %d experts: nccl-moe needs %d (deep_ep.Buffer.get_low_latency_rdma_size_hint)"
-                                 % (self.num_rdma_bytes, ll_tokens, hidden, num_experts, need))
-        elif ll_tokens:
-            raise ValueError("low-latency calls need num_rdma_bytes > 0: pass "
-                             "deep_ep.Buffer.get_low_latency_rdma_size_hint(%d, %d, %d, %d)"
-                             % (ll_tokens, hidden, self.group_size, num_experts))
+                raise ValueError("num_rdma_bytes = %d is too small for low-latency buffers of %d tokens per rank, "
+                                 "hidden %d, %d experts: pass at least %d "
+                                 "(deep_ep.Buffer.get_low_latency_rdma_size_hint(%d, %d, %d, %d))"
+                                 % (self.num_rdma_bytes, ll_tokens, checked_hidden, num_experts, need, ll_tokens,
+                                    checked_hidden, self.group_size, num_experts))
         from .buffer import Buffer as _NcclMoeBuffer
 
         kw, rows = _build_config_kwargs(self.group_size, self.num_nvl_bytes, hidden, num_experts, ll_tokens,
@@ -1005,7 +1011,8 @@ class Buffer:
         rows, H, K, T = handle.rows, handle.hidden, handle.topk, handle.num_tokens
         _check(x, "x", (torch.bfloat16,), (rows, H), self.device, "[received tokens, hidden]", align=_lib.ALIGN)
         if topk_weights is not None:
-            _check(topk_weights, "topk_weights", (torch.float32,), (rows, K), self.device, "[received tokens, num_topk]")
+            _check(topk_weights, "topk_weights", (torch.float32,), (rows, K), self.device,
+                   "[received tokens, num_topk]")
         if bias is None:
             biases = []
         elif isinstance(bias, torch.Tensor):

@@ -137,8 +137,8 @@ def test_split_call_order(seed):
         def expect(code, fn):
             def one(i, stream):
                 res = fn(i, stream)
-                assert res == code, "rank %d: %s, want %s (%s)" % (i, _lib.RESULT_NAMES.get(res), _lib.RESULT_NAMES[code],
-                                                                 lib.last_error())
+                assert res == code, "rank %d: %s, want %s (%s)" % (
+                    i, _lib.RESULT_NAMES.get(res), _lib.RESULT_NAMES[code], lib.last_error())
             each(one)
 
         routes = [core.acquire(i) for i in range(N)]

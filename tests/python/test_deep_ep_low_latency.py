@@ -104,7 +104,8 @@ def check_dispatch(shape, r, fmt, recv_x, recv_count, handle, xs, rows, stats=No
         if fmt == "bf16":
             assert torch.equal(recv_x[l_, :n].cpu(), torch.stack([xs[s][t] for s, t in want]))
             continue
-        assert torch.equal(fp8.fp8_codes(codes[l_, :n]).cpu(), torch.stack([fp8.fp8_codes(q[s][0])[t] for s, t in want]))
+        want_codes = torch.stack([fp8.fp8_codes(q[s][0])[t] for s, t in want])
+        assert torch.equal(fp8.fp8_codes(codes[l_, :n]).cpu(), want_codes)
         want_s = torch.stack([q[s][1][t] for s, t in want])
         got_s = scales[l_, :n].cpu().contiguous()
         if fmt == "ue8m0":
