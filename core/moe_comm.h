@@ -45,6 +45,8 @@ typedef struct {
   int64_t* cumulative;         /* pending dispatch receive */
   const float* weights;        /* pending combine receive */
   void* out;
+  int scaleTokenStride;        /* > 0: column-major scales (moe_ll_args_t) */
+  int* cumulative32;           /* pending dispatch receive, int32 counters */
 } moe_ll_handle_t;
 
 /* --------------------------------------------------------- internode */
@@ -106,7 +108,16 @@ struct ncclMoeComm {
   int* tokensPerExpert;
   moe_ll_comm_t ll;            /* low-latency mode (moe_ll.c) */
   moe_inter_comm_t* inter;     /* ranks on several nodes (moe_inter.c); NULL on one node */
+  /* Split halves (moe_ops.c): the handle whose send half's receive half is
+   * not enqueued yet (no other dispatch / combine meanwhile), and whether the
+   * last combine's receive half arrived without waiting for peers (the next
+   * combine then waits before staging its rows over ones peers may read). */
+  struct ncclMoeHandle* splitPending;
+  int splitUnmatched;
 };
+
+/* A handle's split state (ncclMoeDispatch / ncclMoeCombine with sendOnly). */
+enum { MOE_SPLIT_NONE = 0, MOE_SPLIT_DISPATCH_SENT = 1, MOE_SPLIT_COMBINE_SENT = 2 };
 
 struct ncclMoeHandle {
   ncclMoeComm_t comm;
@@ -117,6 +128,8 @@ struct ncclMoeHandle {
   int numRecv;                 /* rows received (exact mode), -1 when unknown (capacity mode) */
   moe_ll_handle_t ll;          /* low-latency dispatch held (moe_ll.c) */
   moe_fwd_route_t fwd;         /* internode: forwarding routes (in mem, after route) */
+  int split;                   /* MOE_SPLIT_*: a send half whose receive half is pending */
+  moe_combine_args_t splitCombine; /* the pending combine receive half's kernel arguments */
 };
 
 /* ------------------------------------------------ a rank's own memory */

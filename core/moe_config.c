@@ -101,7 +101,9 @@ size_t moe_ll_layout_compute(const ncclMoeConfig_t* c, int nRanks, size_t off, m
   for (int b = 0; b < MOE_LL_SETS; b++) {
     MOE_LL_REGION(counts[b], sizeof(int) * N * (size_t)l->msgInts);
     MOE_LL_REGION(recvX[b], rows * H * 2);
-    MOE_LL_REGION(recvScales[b], rows * nS * sizeof(float));
+    /* Either layout: row-major needs rows * nS, column-major pads each
+     * expert's columns to S = moe_scale_token_stride(N * M) >= N * M rows. */
+    MOE_LL_REGION(recvScales[b], (E / N) * (size_t)moe_scale_token_stride((int)(N * M)) * nS * sizeof(float));
     MOE_LL_REGION(recvSrc[b], rows * sizeof(int));
     MOE_LL_REGION(recvK[b], rows * sizeof(int));
     MOE_LL_REGION(recvPos[b], rows * sizeof(int));

@@ -77,6 +77,10 @@ static ncclResult_t moe_ll_dispatch_check(ncclMoeComm_t comm, const ncclMoeLowLa
   }
   if (a->cumulativeRecvCount != NULL)
     MOE_CHECK(moe_check_device_ptr(a->cumulativeRecvCount, sizeof(int64_t), "cumulativeRecvCount"));
+  if (a->cumulativeRecvCount32 != NULL)
+    MOE_CHECK(moe_check_device_ptr(a->cumulativeRecvCount32, sizeof(int), "cumulativeRecvCount32"));
+  MOE_ARG_CHECK(a->scaleLayout == ncclMoeScaleRowMajor || a->scaleLayout == ncclMoeScaleColMajor,
+                "scaleLayout = %d: must be ncclMoeScaleRowMajor or ncclMoeScaleColMajor", (int)a->scaleLayout);
   if (handle->ll.state == MOE_LL_DISPATCH_SENT || handle->ll.state == MOE_LL_COMBINE_SENT)
     return MOE_ERROR(ncclInvalidUsage, "the handle's previous low-latency call has a receive half not yet enqueued "
                                        "(ncclMoeLowLatencyDispatchRecv / ...CombineRecv)");
@@ -112,6 +116,8 @@ static void moe_ll_args(ncclMoeComm_t comm, const moe_ll_handle_t* h, moe_ll_arg
   a->sendFp8 = h->sendFp8;
   a->scaleFormat = h->scaleFormat;
   a->cumulative = h->cumulative;
+  a->cumulative32 = h->cumulative32;
+  a->scaleTokenStride = h->scaleTokenStride;
   a->weights = h->weights;
   a->out = h->out;
   a->numBlocks = comm->waitBlocks;
@@ -162,6 +168,9 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
   a.scaleFormat = scaleFormat;
   a.numBlocks = comm->waitBlocks;
   a.cumulative = d->cumulativeRecvCount;
+  a.cumulative32 = d->cumulativeRecvCount32;
+  const int expertStride = comm->nRanks * comm->config.llMaxTokensPerRank;
+  a.scaleTokenStride = fp8 && d->scaleLayout == ncclMoeScaleColMajor ? moe_scale_token_stride(expertStride) : 0;
   a.fused = !d->sendOnly;
   MOE_CHECK(moe_ll_send(comm, MOE_LL_OP_DISPATCH, &a, stream));
 
@@ -178,6 +187,8 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
   h->sendFp8 = fp8;
   h->scaleFormat = scaleFormat;
   h->cumulative = d->cumulativeRecvCount;
+  h->cumulative32 = d->cumulativeRecvCount32;
+  h->scaleTokenStride = a.scaleTokenStride;
   /* Without sendOnly the send kernel ran the receive half too. */
   h->state = d->sendOnly ? MOE_LL_DISPATCH_SENT : MOE_LL_DISPATCHED;
   ll->pending[set] = d->sendOnly ? handle : NULL;
@@ -191,8 +202,9 @@ static ncclResult_t moe_ll_dispatch(ncclMoeComm_t comm, const ncclMoeLowLatencyD
       .scaleStride = !fp8 ? 0 : scaleFormat == MOE_LL_SCALE_UE8M0 ? (nS + MOE_LL_UE8M0_PER_WORD - 1) / MOE_LL_UE8M0_PER_WORD : nS,
       .recvCountPerExpert = (int*)(buf + l->recvCount[set]),
       .recvSource = (int*)(buf + l->recvSrc[set]),
-      .expertStride = comm->nRanks * comm->config.llMaxTokensPerRank,
-      .numLocalExperts = comm->numLocalExperts};
+      .expertStride = expertStride,
+      .numLocalExperts = comm->numLocalExperts,
+      .scaleTokenStride = a.scaleTokenStride};
   *result_p = r;
   return ncclSuccess;
 }
@@ -299,5 +311,15 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm, nc
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyBufferBytes(ncclMoeComm_t comm, size_t* bytes_p) {
   MOE_ARG_CHECK(comm != NULL && bytes_p != NULL, "ncclMoeLowLatencyBufferBytes: comm or bytes_p is NULL");
   *bytes_p = comm->ll.ctx.l.bytes;
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencySizeHint(const ncclMoeConfig_t* config, int nRanks, size_t* bytes_p) {
+  MOE_ARG_CHECK(config != NULL && bytes_p != NULL, "ncclMoeLowLatencySizeHint: config or bytes_p is NULL");
+  ncclMoeConfig_t c;
+  MOE_CHECK(moe_config_resolve(config, nRanks, &c));
+  moe_ll_layout_t l;
+  moe_ll_layout_compute(&c, nRanks, 0, &l);
+  *bytes_p = l.bytes;
   return ncclSuccess;
 }

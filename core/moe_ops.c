@@ -27,6 +27,24 @@
 #define MOE_SEND_BF16 0
 #define MOE_SEND_FP8 1
 
+/* Thread blocks of one dispatch / combine data kernel: the call's numSMs, or
+ * the comm's budget. Across nodes every block waits for peers, so the comm's
+ * (co-residency checked) budget is the most. */
+static int moe_call_blocks(ncclMoeComm_t comm, int numSMs) {
+  if (comm->inter != NULL) return numSMs > 0 && numSMs < comm->waitBlocks ? numSMs : comm->waitBlocks;
+  return numSMs > 0 ? numSMs : comm->numBlocks;
+}
+
+/* No dispatch / combine may start while a split call waits for its receive
+ * half: it would reuse the receive rows or the epochs the half waits on. */
+static ncclResult_t moe_no_split_pending(ncclMoeComm_t comm, const char* what) {
+  const ncclMoeHandle_t h = comm->splitPending;
+  if (h == NULL) return ncclSuccess;
+  return MOE_ERROR(ncclInvalidUsage, "%s: a %s sent with sendOnly = 1 still waits for its receive half: enqueue "
+                   "%s first", what, h->split == MOE_SPLIT_DISPATCH_SENT ? "dispatch" : "combine",
+                   h->split == MOE_SPLIT_DISPATCH_SENT ? "ncclMoeDispatchRecv" : "ncclMoeCombineRecv");
+}
+
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHandle_t* handle_p) {
   MOE_ARG_CHECK(comm != NULL && handle_p != NULL, "ncclMoeHandleCreate: comm or handle_p is NULL");
   struct ncclMoeHandle* h = calloc(1, sizeof(*h));
@@ -66,6 +84,13 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHand
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle) {
   MOE_ARG_CHECK(handle != NULL, "ncclMoeHandleDestroy: handle is NULL");
+  /* A dispatch send half left alone holds up no peer (its receive half only
+   * waits), so the handle may go; a combine send half may not (its receive
+   * half arrives, and the peers count on that arrival). */
+  if (handle->split == MOE_SPLIT_COMBINE_SENT)
+    return MOE_ERROR(ncclInvalidUsage, "ncclMoeHandleDestroy: the handle has a combine send half whose receive half "
+                     "was not called (ncclMoeCombineRecv): the ranks' barrier epochs would part");
+  if (handle->comm != NULL && handle->comm->splitPending == handle) handle->comm->splitPending = NULL;
   /* A send half without its receive half would leave peers waiting for this
    * rank's acknowledgement on that buffer set. */
   if (handle->ll.state == MOE_LL_DISPATCH_SENT || handle->ll.state == MOE_LL_COMBINE_SENT)
@@ -132,6 +157,26 @@ static ncclResult_t moe_dispatch_check(ncclMoeComm_t comm, const ncclMoeDispatch
                 "capacity = %d: must be 0 (exact mode) or in [1, config.maxRecvTokens = %d]", a->capacity, comm->maxRecv);
   MOE_ARG_CHECK(a->expertAlignment >= 0 && a->expertAlignment <= MOE_MAX_EXPERT_ALIGNMENT,
                 "expertAlignment = %d: must be in [0, %d]", a->expertAlignment, MOE_MAX_EXPERT_ALIGNMENT);
+  MOE_ARG_CHECK(a->scaleLayout == ncclMoeScaleRowMajor || a->scaleLayout == ncclMoeScaleColMajor,
+                "scaleLayout = %d: must be ncclMoeScaleRowMajor or ncclMoeScaleColMajor", (int)a->scaleLayout);
+  MOE_ARG_CHECK(a->sendOnly == 0 || a->sendOnly == 1, "sendOnly = %d: must be 0 or 1", a->sendOnly);
+  MOE_ARG_CHECK(a->numSMs >= 0 && a->numSMs <= NCCL_MOE_MAX_CALL_SMS,
+                "numSMs = %d: must be in [0, %d] (0 = the comm's)", a->numSMs, NCCL_MOE_MAX_CALL_SMS);
+  if (a->sendOnly && comm->inter != NULL)
+    return MOE_ERROR(ncclInvalidUsage, "sendOnly: split dispatch halves are not supported across nodes (this comm "
+                     "spans nodes)");
+  if (fp8 && a->scaleLayout == ncclMoeScaleColMajor) {
+    if (comm->inter != NULL)
+      return MOE_ERROR(ncclInvalidArgument, "scaleLayout = ncclMoeScaleColMajor is not supported across nodes (this "
+                       "comm spans nodes): use row-major scales");
+    /* The padded columns must fit in the comm's scale rows. */
+    const long long need = (long long)(a->hidden / NCCL_MOE_FP8_BLOCK) *
+                           moe_scale_token_stride(a->capacity > 0 ? a->capacity : comm->maxRecv);
+    const long long have = (long long)comm->maxRecv * ((c->hidden + NCCL_MOE_FP8_BLOCK - 1) / NCCL_MOE_FP8_BLOCK);
+    MOE_ARG_CHECK(need <= have, "scaleLayout = ncclMoeScaleColMajor: %lld scales (rows padded to a multiple of %d) "
+                  "do not fit the comm's %lld: make config.maxRecvTokens (%d) a multiple of %d", need,
+                  NCCL_MOE_SCALE_TOKEN_ALIGN, have, comm->maxRecv, NCCL_MOE_SCALE_TOKEN_ALIGN);
+  }
   if (a->reuseHandle) {
     MOE_ARG_CHECK(handle->valid, "reuseHandle = 1 but the handle holds no routing (no dispatch filled it)");
     MOE_ARG_CHECK(handle->numTokens == a->numTokens && handle->capacity == a->capacity &&
@@ -195,6 +240,7 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
                                  cudaStream_t stream) {
   MOE_CHECK(moe_comm_ready(comm));
   MOE_ARG_CHECK(result_p != NULL, "result_p is NULL");
+  MOE_CHECK(moe_no_split_pending(comm, "ncclMoeDispatch"));
   MOE_CHECK(moe_dispatch_check(comm, args, handle));
   const ncclMoeDispatchArgs_t* a = args;
   const int exact = a->capacity == 0;
@@ -206,6 +252,8 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
                        "cannot be captured in a CUDA graph: pass a capacity > 0");
   }
   const int sendFp8 = a->sendType == ncclFloat8e4m3;
+  const int scaleTokenStride = sendFp8 && a->scaleLayout == ncclMoeScaleColMajor
+                                   ? moe_scale_token_stride(exact ? comm->maxRecv : a->capacity) : 0;
   moe_route_t* rt = &handle->route;
 
   const moe_net_ctx_t* net = comm->inter != NULL ? &comm->inter->net : NULL;
@@ -230,6 +278,7 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
    * peer's receive rows before the peer is done with the previous ones. */
   if (net == NULL || !n.notify) MOE_CUDA_CHECK(moe_notify_launch(&comm->ctx, rt, &n, stream));
   else MOE_CUDA_CHECK(moe_inter_notify_launch(&comm->ctx, net, rt, &handle->fwd, &n, stream));
+  comm->splitUnmatched = 0; /* notify is a whole barrier: every peer is past its last arrival */
   if (exact) {
     MOE_CUDA_CHECK(cudaEventRecord(comm->notified, stream));
     MOE_CHECK(moe_exact_wait(comm, comm->exactSeq));
@@ -238,10 +287,16 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
                            .numTokens = a->numTokens, .hidden = a->hidden, .topk = a->topk,
                            .xIsFp8 = a->xType == ncclFloat8e4m3, .sendFp8 = sendFp8,
                            .pow2Scales = a->scaleFormat == ncclMoeScalePow2,
-                           .numBlocks = net != NULL ? comm->waitBlocks : comm->numBlocks,
-                           .threads = MOE_DISPATCH_THREADS};
+                           .numBlocks = moe_call_blocks(comm, a->numSMs),
+                           .threads = MOE_DISPATCH_THREADS,
+                           .arriveOnly = a->sendOnly,
+                           .scaleColMajor = scaleTokenStride > 0};
   if (net == NULL) MOE_CUDA_CHECK(moe_dispatch_launch(&comm->ctx, rt, &d, stream));
   else MOE_CUDA_CHECK(moe_inter_dispatch_launch(&comm->ctx, net, rt, &handle->fwd, &d, stream));
+  if (a->sendOnly) {
+    handle->split = MOE_SPLIT_DISPATCH_SENT;
+    comm->splitPending = handle;
+  }
 
   handle->valid = 1;
   const int numRecv = exact ? comm->hostCounts[MOE_HOST_RECV] : -1;
@@ -259,7 +314,8 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
       .recvCount = rt->recvCount,
       .recvTokensPerExpert = rt->recvPerExpert,
       .numRecv = exact ? (numRecv < comm->maxRecv ? numRecv : comm->maxRecv) : -1,
-      .hostRecvTokensPerExpert = exact ? comm->hostCounts + MOE_HOST_EXPERTS : NULL};
+      .hostRecvTokensPerExpert = exact ? comm->hostCounts + MOE_HOST_EXPERTS : NULL,
+      .scaleTokenStride = scaleTokenStride};
   *result_p = r;
   return ncclSuccess;
 }
@@ -276,6 +332,28 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDi
   return res;
 }
 
+static ncclResult_t moe_dispatch_recv(ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream) {
+  MOE_CHECK(moe_comm_ready(comm));
+  MOE_ARG_CHECK(handle != NULL && handle->comm == comm, "handle is NULL or belongs to another comm");
+  if (handle->split != MOE_SPLIT_DISPATCH_SENT)
+    return MOE_ERROR(ncclInvalidUsage, "ncclMoeDispatchRecv: the handle holds no dispatch sent with sendOnly = 1 "
+                     "and not yet received");
+  MOE_CUDA_CHECK(moe_split_wait_launch(&comm->ctx, stream));
+  handle->split = MOE_SPLIT_NONE;
+  comm->splitPending = NULL;
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatchRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream) {
+  MOE_ARG_CHECK(comm != NULL, "ncclMoeDispatchRecv: comm is NULL");
+  moe_device_guard_t guard;
+  MOE_CHECK(moe_device_enter(comm->device, &guard));
+  ncclResult_t res = moe_dispatch_recv(comm, handle, stream);
+  moe_comm_track(comm, stream);
+  moe_device_leave(&guard);
+  return res;
+}
+
 NCCL_MOE_EXPORT ncclResult_t ncclMoeGetCombineBuffer(ncclMoeComm_t comm, void** buffer_p, size_t* bytes_p) {
   MOE_ARG_CHECK(comm != NULL && buffer_p != NULL, "ncclMoeGetCombineBuffer: comm or buffer_p is NULL");
   *buffer_p = comm->buffer + comm->layout.combineX;
@@ -287,6 +365,7 @@ static ncclResult_t moe_combine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* 
                                 ncclMoeHandle_t handle, cudaStream_t stream) {
   MOE_CHECK(moe_comm_ready(comm));
   MOE_ARG_CHECK(args != NULL, "combine args is NULL");
+  MOE_CHECK(moe_no_split_pending(comm, "ncclMoeCombine"));
   MOE_ARG_CHECK(handle != NULL && handle->comm == comm, "handle is NULL or belongs to another comm");
   MOE_ARG_CHECK(handle->valid, "the handle holds no routing: pass the handle of a dispatch");
   const ncclMoeCombineArgs_t* a = args;
@@ -302,20 +381,47 @@ static ncclResult_t moe_combine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* 
     MOE_ARG_CHECK(a->outTopkWeights != NULL, "topkWeights given but outTopkWeights is NULL");
     if (handle->numTokens > 0) MOE_CHECK(moe_check_device_ptr(a->outTopkWeights, sizeof(float), "outTopkWeights"));
   }
+  MOE_ARG_CHECK(a->sendOnly == 0 || a->sendOnly == 1, "sendOnly = %d: must be 0 or 1", a->sendOnly);
+  MOE_ARG_CHECK(a->numSMs >= 0 && a->numSMs <= NCCL_MOE_MAX_CALL_SMS,
+                "numSMs = %d: must be in [0, %d] (0 = the comm's)", a->numSMs, NCCL_MOE_MAX_CALL_SMS);
+  if (a->sendOnly && comm->inter != NULL)
+    return MOE_ERROR(ncclInvalidUsage, "sendOnly: split combine halves are not supported across nodes (this comm "
+                     "spans nodes)");
+  if (a->bias0 != NULL || a->bias1 != NULL) {
+    if (comm->inter != NULL)
+      return MOE_ERROR(ncclInvalidArgument, "bias0 / bias1 are not supported across nodes yet (this comm spans "
+                       "nodes): add the bias to out after the combine");
+    if (handle->numTokens > 0 && a->bias0 != NULL) MOE_CHECK(moe_check_device_ptr(a->bias0, NCCL_MOE_ALIGN, "bias0"));
+    if (handle->numTokens > 0 && a->bias1 != NULL) MOE_CHECK(moe_check_device_ptr(a->bias1, NCCL_MOE_ALIGN, "bias1"));
+  }
   moe_route_t* rt = &handle->route;
   const void* combineX = comm->buffer + comm->layout.combineX;
   const int zeroCopy = a->x == combineX || (noRows && a->x == NULL);
+  /* A split half, or any combine after a split receive half (which arrived
+   * without waiting), first waits until every peer has finished reading this
+   * rank's previous combine rows: the stage below overwrites them. */
+  if (a->sendOnly || comm->splitUnmatched) MOE_CUDA_CHECK(moe_split_wait_launch(&comm->ctx, stream));
   if (!zeroCopy || a->topkWeights != NULL)
     MOE_CUDA_CHECK(moe_combine_stage_launch(&comm->ctx, rt, zeroCopy ? NULL : a->x, a->topkWeights, a->hidden,
                                             handle->topk, stream));
-  moe_notify_args_t barrier = {.notify = 0};
-  MOE_CUDA_CHECK(moe_notify_launch(&comm->ctx, rt, &barrier, stream));
   moe_combine_args_t c = {.out = a->out, .outTopkWeights = a->outTopkWeights, .numTokens = handle->numTokens,
                           .hidden = a->hidden, .topk = handle->topk, .withWeights = a->topkWeights != NULL,
-                          .numBlocks = comm->inter != NULL ? comm->waitBlocks : comm->numBlocks,
-                          .threads = MOE_DISPATCH_THREADS};
+                          .numBlocks = moe_call_blocks(comm, a->numSMs),
+                          .threads = MOE_DISPATCH_THREADS,
+                          .bias0 = a->bias0, .bias1 = a->bias1};
+  if (a->sendOnly) { /* announce the staged rows; ncclMoeCombineRecv reduces */
+    MOE_CUDA_CHECK(moe_split_arrive_launch(&comm->ctx, stream));
+    c.arriveOnly = 1;
+    handle->splitCombine = c;
+    handle->split = MOE_SPLIT_COMBINE_SENT;
+    comm->splitPending = handle;
+    return ncclSuccess;
+  }
+  moe_notify_args_t barrier = {.notify = 0};
+  MOE_CUDA_CHECK(moe_notify_launch(&comm->ctx, rt, &barrier, stream));
   if (comm->inter == NULL) MOE_CUDA_CHECK(moe_combine_launch(&comm->ctx, rt, &c, stream));
   else MOE_CUDA_CHECK(moe_inter_combine_launch(&comm->ctx, &comm->inter->net, rt, &handle->fwd, &c, stream));
+  comm->splitUnmatched = 0; /* the combine ended with a whole barrier */
   return ncclSuccess;
 }
 
@@ -325,6 +431,31 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCom
   moe_device_guard_t guard;
   MOE_CHECK(moe_device_enter(comm->device, &guard));
   ncclResult_t res = moe_combine(comm, args, handle, stream);
+  moe_comm_track(comm, stream);
+  moe_device_leave(&guard);
+  return res;
+}
+
+static ncclResult_t moe_combine_recv(ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream) {
+  MOE_CHECK(moe_comm_ready(comm));
+  MOE_ARG_CHECK(handle != NULL && handle->comm == comm, "handle is NULL or belongs to another comm");
+  if (handle->split != MOE_SPLIT_COMBINE_SENT)
+    return MOE_ERROR(ncclInvalidUsage, "ncclMoeCombineRecv: the handle holds no combine sent with sendOnly = 1 "
+                     "and not yet received");
+  /* Every peer has staged its rows (arrived after its stage), then pull. */
+  MOE_CUDA_CHECK(moe_split_wait_launch(&comm->ctx, stream));
+  MOE_CUDA_CHECK(moe_combine_launch(&comm->ctx, &handle->route, &handle->splitCombine, stream));
+  handle->split = MOE_SPLIT_NONE;
+  comm->splitPending = NULL;
+  comm->splitUnmatched = 1;
+  return ncclSuccess;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCombineRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream) {
+  MOE_ARG_CHECK(comm != NULL, "ncclMoeCombineRecv: comm is NULL");
+  moe_device_guard_t guard;
+  MOE_CHECK(moe_device_enter(comm->device, &guard));
+  ncclResult_t res = moe_combine_recv(comm, handle, stream);
   moe_comm_track(comm, stream);
   moe_device_leave(&guard);
   return res;

@@ -42,16 +42,34 @@ class MoELayer(torch.nn.Module):
         weights, idx = probs.topk(self.topk, dim=-1)
         return idx, weights / weights.sum(-1, keepdim=True)
 
-    def experts(self, recv_x, recv_idx, recv_weights):
+    def experts(self, recv_x, recv_idx, recv_weights, tokens_per_expert):
         """One BF16 row per received row: the weighted sum of this rank's
-        experts that the token chose."""
-        y = torch.zeros(recv_x.shape[0], self.w2.shape[2], device=recv_x.device)
-        for l in range(self.w1.shape[0]):
-            rows, ks = (recv_idx == l).nonzero(as_tuple=True)
-            if rows.numel() == 0:
-                continue
-            h = torch.relu(recv_x[rows] @ self.w1[l]) @ self.w2[l]
-            y = y.index_add(0, rows, h * recv_weights[rows, ks].unsqueeze(1))
+        experts that the token chose, as one grouped computation.
+
+        Every (row, k) pair that chose local expert l gets a place in l's
+        slab of an [L, C, H] batch (C = rows received, the most pairs one
+        expert can get); its place is a running count on the device. One
+        batched matmul per layer runs all experts; rows of a slab past the
+        expert's count (tokens_per_expert, from the dispatch) are masked, as
+        a masked grouped GEMM skips them. No host synchronization and no
+        per-expert loop: shapes depend only on the number of rows, so the
+        step can also be captured in a CUDA graph (capacity mode)."""
+        L, dev = self.w1.shape[0], recv_x.device
+        rows, K = recv_idx.shape
+        C = max(rows, 1)
+        e = recv_idx.reshape(-1)
+        hits = (e.unsqueeze(1) == torch.arange(L, device=dev)).to(torch.int64)  # [pairs, L]
+        pos = (hits.cumsum(0) - 1).gather(1, e.clamp(min=0).unsqueeze(1)).squeeze(1)
+        valid = (e >= 0) & (pos < C)
+        slot = torch.where(valid, e * C + pos, torch.full_like(e, L * C))  # L * C: a spare row for the rest
+        batch = recv_x.new_zeros(L * C + 1, recv_x.shape[1])
+        batch = batch.index_copy(0, slot, recv_x.repeat_interleave(K, dim=0))
+        h = torch.relu(batch[:L * C].view(L, C, -1) @ self.w1) @ self.w2  # [L, C, hidden]
+        mask = torch.arange(C, device=dev).unsqueeze(0) < tokens_per_expert.unsqueeze(1)
+        h = (h * mask.unsqueeze(2)).reshape(L * C, -1)
+        h = torch.cat([h, h.new_zeros(1, h.shape[1])])
+        w = torch.where(valid, recv_weights.reshape(-1), torch.zeros_like(recv_weights.reshape(-1)))
+        y = (h.index_select(0, slot) * w.unsqueeze(1)).view(rows, K, h.shape[1]).sum(1)
         return y.to(torch.bfloat16)
 
 
@@ -69,7 +87,7 @@ def moe_forward(buf, layers, xs, args):
     ys = []
     for layer, res in zip(layers, results):
         recv = fp8.dequantize(*res.recv_x, torch.float32) if args.fp8 else res.recv_x.float()
-        ys.append(layer.experts(recv, res.recv_topk_idx, res.recv_topk_weights))
+        ys.append(layer.experts(recv, res.recv_topk_idx, res.recv_topk_weights, res.recv_tokens_per_expert))
     if isinstance(buf, nccl_moe.VirtualBuffer):
         outs = [o for o, _ in buf.combine(ys, [r.handle for r in results])]
     else:

@@ -86,6 +86,27 @@ typedef enum {
   ncclMoeScaleUE8M0 = 2,
 } ncclMoeScaleFormat_t;
 
+/* Where the FP8 scales of received rows are stored (dispatch args field
+ * scaleLayout; added after 0.2.0, 0 = the earlier row-major layout). */
+typedef enum {
+  /* [rows, columns]: the scales of one row are contiguous. */
+  ncclMoeScaleRowMajor = 0,
+  /* Column-major and TMA-aligned, as DeepGEMM's FP8 GEMMs read them and as
+   * DeepEP returns them: [columns, scaleTokenStride], one column (the scale
+   * of one 128-channel block, or one packed UE8M0 word, of every row)
+   * contiguous, row i of a column at element i; scaleTokenStride is the
+   * number of rows rounded up to a multiple of NCCL_MOE_SCALE_TOKEN_ALIGN
+   * (16-byte aligned columns; the padding elements are not written). As a
+   * torch tensor: shape [rows, columns], strides (1, scaleTokenStride). The
+   * receive kernels write this layout directly (no transpose pass). */
+  ncclMoeScaleColMajor = 1,
+} ncclMoeScaleLayout_t;
+/* Column-major scale columns are padded to a multiple of this many 4-byte
+ * elements (16 bytes, the alignment TMA needs). */
+#define NCCL_MOE_SCALE_TOKEN_ALIGN 4
+/* Largest per-call numSMs (dispatch and combine args). */
+#define NCCL_MOE_MAX_CALL_SMS 1024
+
 /* ----------------------------------------------------------------- config */
 #define NCCL_MOE_CONFIG_MAGIC 0x4d6f4543u /* "MoEC" */
 
@@ -293,6 +314,22 @@ typedef struct {
   /* 1: `handle` holds the routing of an earlier dispatch with the same
    * topkIdx, numTokens and capacity: skip layout and notify. */
   int reuseHandle;
+  /* The fields below were added after 0.2.0; 0 keeps the earlier behaviour. */
+  /* FP8 only: layout of the received scales (result recvScales). Column-major
+   * needs ceil(hidden / 128) * scaleTokenStride floats to fit in the
+   * comm's scale rows (config.maxRecvTokens * ceil(config.hidden / 128)),
+   * true whenever config.maxRecvTokens is a multiple of
+   * NCCL_MOE_SCALE_TOKEN_ALIGN (else ncclInvalidArgument). */
+  ncclMoeScaleLayout_t scaleLayout;
+  /* 1: enqueue only the send half (layout, notify and the stores into the
+   * peers' receive rows); the result's buffers are complete once
+   * ncclMoeDispatchRecv (the receive half) has run. See "Split halves" at
+   * ncclMoeDispatchRecv. Intranode comms only (nNodes == 1). */
+  int sendOnly;
+  /* Thread blocks of this call's data kernel, 1..NCCL_MOE_MAX_CALL_SMS;
+   * 0 = the comm's budget (config.numSMs / NCCL_MOE_NUM_SMS). Across nodes
+   * at most the comm's budget is used (every block there waits for peers). */
+  int numSMs;
 } ncclMoeDispatchArgs_t;
 
 /* What a dispatch produced. The received rows are VIEWS INTO COMM-OWNED
@@ -322,6 +359,12 @@ typedef struct {
    * numRecv = -1 and hostRecvTokensPerExpert = NULL. */
   int numRecv;
   const int* hostRecvTokensPerExpert;
+  /* Added after 0.2.0. FP8 with scaleLayout ncclMoeScaleColMajor: recvScales
+   * is [hidden / 128][scaleTokenStride] (see ncclMoeScaleColMajor), with
+   * scaleTokenStride = capacity (capacity mode) or config.maxRecvTokens
+   * (exact mode) rounded up to NCCL_MOE_SCALE_TOKEN_ALIGN; else 0. (Senders
+   * lay out each receiver's scales by that receiver's own capacity.) */
+  int scaleTokenStride;
 } ncclMoeDispatchResult_t;
 
 /* Sends each token of this rank once to every rank owning one of its experts
@@ -333,6 +376,42 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDi
                                              ncclMoeHandle_t handle,
                                              ncclMoeDispatchResult_t* result_p,
                                              cudaStream_t stream);
+
+/* Split halves (added after 0.2.0). A dispatch or combine with sendOnly = 1
+ * enqueues its send half only; the matching ncclMoeDispatchRecv /
+ * ncclMoeCombineRecv enqueues the receive half later, so that other work
+ * (e.g. the compute of another micro-batch) runs while the peers' data is on
+ * its way:
+ *   dispatch send: layout, notify (waits on the GPU until every rank has
+ *     started the same dispatch, as a whole dispatch does), then this rank's
+ *     rows into the peers' receive rows; it ends without waiting for peers.
+ *   dispatch receive: waits on the GPU (one thread block) until every peer
+ *     has finished writing this rank's rows.
+ *   combine send: waits until every peer has finished reading this rank's
+ *     previous combine rows (normally long done), stages x (unless
+ *     zero-copy) and announces the rows; no other wait.
+ *   combine receive: waits until every peer has announced its rows, reduces
+ *     them into out; it ends without waiting for peers.
+ * Rules, per comm: every rank makes the same calls; between a send half and
+ * its receive half no other ncclMoeDispatch / ncclMoeCombine is made on the
+ * comm (ncclInvalidUsage; low-latency calls and ncclMoeGetDispatchLayout
+ * are fine); the receive half goes on the stream of the send half (or one
+ * ordered after it). The receive rows are one set per comm: the next
+ * dispatch's send half overwrites them, so consume (or copy) them first,
+ * as with a whole dispatch. After a split combine, write zero-copy combine
+ * rows only once the next dispatch has been enqueued (peers may still read
+ * the previous ones until then). A handle whose combine receive half is
+ * still to come cannot be destroyed (ncclInvalidUsage: the peers count on
+ * that half's arrival). Intranode comms only. Every wait is
+ * bounded by the comm's timeout; with virtual ranks each half's waiting
+ * kernel is one thread block, so all ranks' halves fit on the GPU at once.
+ * Capacity-mode halves can be captured in a CUDA graph; capture both halves
+ * (in one graph, or each in its own): the call-order checks above run on
+ * the host when the calls are made, not when a graph is replayed. */
+
+/* The receive half of the dispatch `handle` holds (sent with sendOnly = 1). */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatchRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
+                                                 cudaStream_t stream);
 
 /* ----------------------------------------------------------------- combine */
 /* The comm-owned BF16 buffer combine reads from: device [maxRecvTokens,
@@ -362,12 +441,29 @@ typedef struct {
   void* out;
   /* Output: device fp32 [numTokens, topk], or NULL. */
   float* outTopkWeights;
+  /* The fields below were added after 0.2.0; 0 / NULL keeps the earlier
+   * behaviour. */
+  /* Device BF16 [numTokens, hidden] each, or NULL: added to out (as DeepEP's
+   * combine bias): out[t] = bf16(bias0[t] + bias1[t] + the sum above), in
+   * fp32, rounded once. A token that went to no rank gets the biases. */
+  const void* bias0;
+  const void* bias1;
+  /* 1: enqueue only the send half; ncclMoeCombineRecv writes out (see "Split
+   * halves"; x is read by the send half, the biases and outputs by the
+   * receive half). */
+  int sendOnly;
+  /* Thread blocks of this call's reduce kernel (as the dispatch field). */
+  int numSMs;
 } ncclMoeCombineArgs_t;
 
 /* Sends every received row back to the rank it came from and reduces there.
  * Collective over the comm, in the same order on every rank. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* args,
                                             ncclMoeHandle_t handle, cudaStream_t stream);
+
+/* The receive half of the combine `handle` holds (sent with sendOnly = 1). */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCombineRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
+                                                cudaStream_t stream);
 
 /* ------------------------------------------------------------ low latency */
 /* Decode-time dispatch / combine (as DeepEP's low-latency mode): no host
@@ -450,6 +546,16 @@ typedef struct {
    * call ncclMoeLowLatencyDispatchRecv later for the receive half (the
    * result's buffers are filled only once the receive half has run). */
   int sendOnly;
+  /* The fields below were added after 0.2.0; 0 / NULL keeps the earlier
+   * behaviour. */
+  /* FP8 only: layout of recvScales. ncclMoeScaleColMajor (DeepEP's and
+   * DeepGEMM's masked grouped GEMM layout): per local expert,
+   * [scaleStride][scaleTokenStride] (see the result), written directly by
+   * the receive half. */
+  ncclMoeScaleLayout_t scaleLayout;
+  /* device int32 [numExperts / nRanks], or NULL: as cumulativeRecvCount, in
+   * int32 (DeepEP's cumulative_local_expert_recv_stats). Both may be given. */
+  int* cumulativeRecvCount32;
 } ncclMoeLowLatencyDispatchArgs_t;
 
 /* What a low-latency dispatch produces, in the comm-owned buffers of its set
@@ -466,7 +572,11 @@ typedef struct {
   /* FP8 scales of each row's 128-channel blocks (value = code * scale):
    * ncclMoeScaleFloat / Pow2: fp32 [numLocalExperts, expertStride,
    * hidden / 128]; ncclMoeScaleUE8M0: uint32 [numLocalExperts, expertStride,
-   * scaleStride], packed as described at ncclMoeScaleUE8M0. NULL for BF16. */
+   * scaleStride], packed as described at ncclMoeScaleUE8M0. NULL for BF16.
+   * With ncclMoeScaleColMajor: [numLocalExperts, scaleStride,
+   * scaleTokenStride] instead (a torch view: shape [numLocalExperts,
+   * expertStride, scaleStride], strides (scaleStride * scaleTokenStride, 1,
+   * scaleTokenStride)). */
   void* recvScales;
   /* Elements (fp32 scales or uint32 words) per row of recvScales: hidden/128
    * or ceil(hidden / 512); 0 for BF16. */
@@ -482,6 +592,10 @@ typedef struct {
   int expertStride;
   /* numExperts / nRanks. */
   int numLocalExperts;
+  /* Added after 0.2.0. FP8 with ncclMoeScaleColMajor: rows per scale column
+   * of an expert, expertStride rounded up to NCCL_MOE_SCALE_TOKEN_ALIGN;
+   * else 0. */
+  int scaleTokenStride;
 } ncclMoeLowLatencyDispatchResult_t;
 
 /* Sends every (token, expert) pair of this rank to the expert's rank: each
@@ -540,7 +654,9 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm,
  * 0. Per set, with L = numExperts / nRanks, M = llMaxTokensPerRank,
  * H = config.hidden, K = config.maxTopk, N = nRanks, E = numExperts,
  * F = ceil(H / 512):
- *   L*N*M * (2H + 4*ceil(H/128) + 12 + 8F)  received rows, scales, sources, arrival flags
+ *   L*N*M * (2H + 12 + 8F)                  received rows, sources, arrival flags
+ *   + L*S * 4*ceil(H/128)                   scales (S = N*M rounded up to
+ *                                           NCCL_MOE_SCALE_TOKEN_ALIGN)
  *   + M*K * (4H + 8 + 16F)                  combine rows (two halves), routing, flags
  *   + N * (4E + 20) + small                 counts and flags
  * (H=7168, M=128, E=256, N=8: about 0.5 GB per set). Also part of
@@ -550,6 +666,13 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm,
  * (GPUDirect RDMA), each of at most
  *   R * (M*min(K, L) * (8H + 32) + 8L + 64)   bytes. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyBufferBytes(ncclMoeComm_t comm, size_t* bytes_p);
+
+/* The low-latency bytes (as ncclMoeLowLatencyBufferBytes) a comm of `nRanks`
+ * ranks built with `config` would allocate, without building it (added after
+ * 0.2.0; what DeepEP's get_low_latency_rdma_size_hint answers). The config is
+ * checked as ncclMoeCommInit checks it. */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencySizeHint(const ncclMoeConfig_t* config, int nRanks,
+                                                       size_t* bytes_p);
 
 #ifdef __cplusplus
 }

@@ -8,6 +8,7 @@
 #include "kernels/moe_kernels.h"
 #include "kernels/moe_intranode.h"
 #include "kernels/moe_notify.cuh"
+#include "kernels/moe_split.cuh"
 #include "kernels/moe_sync.cuh"
 
 #define MOE_LAYOUT_THREADS 1024
@@ -126,7 +127,9 @@ __global__ void moe_dispatch_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_dispat
   for (int t = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP; t < a.numTokens;
        t += gridDim.x * warpsPerBlock) {
     const int row = moe_lane_row(c, rt, NULL, sBase, sCap, N, t, lane);
-    const moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, NULL, NULL, NULL};
+    /* Lane r: the column length of receiver r's column-major scales, or 0. */
+    const int colRows = a.scaleColMajor && lane < N ? moe_scale_token_stride(sCap[lane]) : 0;
+    const moe_dests_t d = {__ballot_sync(MOE_FULL_MASK, row >= 0), row, NULL, NULL, NULL, colRows};
     if (d.dmask == 0) continue;
     int64_t e = -1;
     float w = 0.0f;
@@ -140,7 +143,8 @@ __global__ void moe_dispatch_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_dispat
     if (a.sendFp8 && !a.xIsFp8) moe_cast_row_to(c, src, a.hidden, a.pow2Scales, d, lane);
     else moe_copy_row_to(c, src, outBytes / 16, d, lane, false);
   }
-  moe_grid_done_barrier(c);
+  if (a.arriveOnly) moe_grid_done_arrive(c); /* split: ncclMoeDispatchRecv waits */
+  else moe_grid_done_barrier(c);
 }
 
 extern "C" cudaError_t moe_dispatch_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
@@ -158,6 +162,8 @@ __global__ void moe_combine_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_combine
   const int lane = threadIdx.x % MOE_WARP;
   const int warpsPerBlock = blockDim.x / MOE_WARP;
   const int nvec = a.hidden / MOE_VEC_BF16;
+  const uint4* bias0 = static_cast<const uint4*>(a.bias0);
+  const uint4* bias1 = static_cast<const uint4*>(a.bias1);
   for (int t = blockIdx.x * warpsPerBlock + threadIdx.x / MOE_WARP; t < a.numTokens;
        t += gridDim.x * warpsPerBlock) {
     const int row = moe_lane_row(c, rt, NULL, sBase, sCap, N, t, lane);
@@ -166,6 +172,16 @@ __global__ void moe_combine_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_combine
     for (int v0 = 0; v0 < nvec; v0 += MOE_WARP * MOE_COMBINE_UNROLL) {
       float acc[MOE_COMBINE_UNROLL][MOE_VEC_BF16];
       moe_acc_zero(acc);
+      /* The biases first, then the ranks (DeepEP's order of the fp32 sum). */
+      if (bias0 != NULL || bias1 != NULL) {
+#pragma unroll
+        for (int u = 0; u < MOE_COMBINE_UNROLL; u++) {
+          const int v = v0 + u * MOE_WARP + lane;
+          if (v >= nvec) continue;
+          if (bias0 != NULL) moe_acc_bf16x8(acc[u], bias0[(size_t)t * nvec + v]);
+          if (bias1 != NULL) moe_acc_bf16x8(acc[u], bias1[(size_t)t * nvec + v]);
+        }
+      }
       moe_acc_peer_rows(c, d, nvec, v0, lane, acc); /* rank order, ascending */
       moe_store_acc(out, acc, nvec, v0, lane);
     }
@@ -174,7 +190,8 @@ __global__ void moe_combine_kernel(moe_rank_ctx_t c, moe_route_t rt, moe_combine
       if (lane < K) a.outTopkWeights[(size_t)t * K + lane] = sum;
     }
   }
-  moe_grid_done_barrier(c);
+  if (a.arriveOnly) moe_grid_done_arrive(c); /* split: peers wait at their next combine send */
+  else moe_grid_done_barrier(c);
 }
 
 extern "C" cudaError_t moe_combine_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
@@ -205,10 +222,37 @@ extern "C" cudaError_t moe_combine_stage_launch(const moe_rank_ctx_t* ctx, const
   return cudaGetLastError();
 }
 
+/* ------------------------------------------------------------ split halves */
+/* One block: waits for every peer's arrival at this rank's current epoch
+ * (moe_split.cuh). One warp covers the peers of a node (<= 32 ranks). */
+#define MOE_SPLIT_WAIT_THREADS MOE_WARP
+
+__global__ void __launch_bounds__(MOE_SPLIT_WAIT_THREADS) moe_split_wait_kernel(moe_rank_ctx_t c) {
+  if (moe_comm_broken(c)) return;
+  moe_split_wait(c);
+}
+
+extern "C" cudaError_t moe_split_wait_launch(const moe_rank_ctx_t* ctx, cudaStream_t stream) {
+  moe_split_wait_kernel<<<1, MOE_SPLIT_WAIT_THREADS, 0, stream>>>(*ctx);
+  return cudaGetLastError();
+}
+
+/* One thread: arrives (after this rank's earlier work in stream order). */
+__global__ void __launch_bounds__(1) moe_split_arrive_kernel(moe_rank_ctx_t c) {
+  if (moe_comm_broken(c)) return;
+  moe_barrier_arrive(c);
+}
+
+extern "C" cudaError_t moe_split_arrive_launch(const moe_rank_ctx_t* ctx, cudaStream_t stream) {
+  moe_split_arrive_kernel<<<1, 1, 0, stream>>>(*ctx);
+  return cudaGetLastError();
+}
+
 /* Comm init loads every kernel up front (see moe_preload_kernels). */
 extern "C" cudaError_t moe_intranode_preload(void) {
   const void* kernels[] = {(const void*)moe_layout_kernel, (const void*)moe_notify_kernel,
                            (const void*)moe_dispatch_kernel, (const void*)moe_combine_kernel,
-                           (const void*)moe_combine_stage_kernel};
+                           (const void*)moe_combine_stage_kernel, (const void*)moe_split_wait_kernel,
+                           (const void*)moe_split_arrive_kernel};
   return moe_preload_kernels(kernels, sizeof(kernels) / sizeof(kernels[0]));
 }

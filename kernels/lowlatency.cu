@@ -69,6 +69,7 @@ extern "C" cudaError_t moe_ll_trace_take(unsigned long long* out, int n) {
 #endif
 
 static_assert(MOE_LL_CHUNK == MOE_LL_FLAG_CHANNELS, "a dispatch item is one flagged chunk");
+static_assert(MOE_LL_CHUNK_GROUPS == 4, "a dispatch item's UE8M0 scales are one 32-bit word");
 static_assert(MOE_LL_FLAG_VEC == 2 * MOE_WARP, "a combine receive item is two vectors per lane");
 
 /* ------------------------------------------------------------- helpers */
@@ -440,8 +441,9 @@ __device__ __forceinline__ void moe_ll_load_chunk(const moe_ll_args_t& a, int t,
  * block), stored to every destination lane in dmask. Lane k holds the
  * payload and scale row of top-k slot k's destination (an output row on
  * this node, or a record in the slab to a remote rank). */
+template <bool NET, bool COLMAJOR>
 __device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_args_t& a, const uint4* v, int chunk, unsigned dmask,
-                                               char* dPay, char* dScale) {
+                                               char* dPay, char* dScale, bool remote) {
   const int lane = threadIdx.x % MOE_WARP, half = lane / MOE_FP8_BLOCK_LANES, sub = lane % MOE_FP8_BLOCK_LANES;
   const int nS = a.hidden / NCCL_MOE_FP8_BLOCK;
   const int pow2 = a.scaleFormat != MOE_LL_SCALE_FLOAT;
@@ -454,16 +456,35 @@ __device__ __forceinline__ void moe_ll_put_fp8(const moe_ll_args_t& a, const uin
     const int k = __ffs(m) - 1;
     uint8_t* xdst = reinterpret_cast<uint8_t*>(__shfl_sync(MOE_FULL_MASK, reinterpret_cast<unsigned long long>(dPay), k));
     uint8_t* sdst = reinterpret_cast<uint8_t*>(__shfl_sync(MOE_FULL_MASK, reinterpret_cast<unsigned long long>(dScale), k));
+    /* Bytes between two 4-byte scale words of the row: 4 row-major (and in
+     * a network record), 4 x the padded token count column-major
+     * (ncclMoeScaleColMajor). A compile-time choice: the row-major kernels
+     * stay as lean as before. */
+    int ws = 4; /* < 2^31: at most 4 * 64 ranks * 4096 tokens */
+    if (COLMAJOR) {
+      ws = 4 * a.scaleTokenStride;
+      if (NET && __shfl_sync(MOE_FULL_MASK, (int)remote, k)) ws = 4;
+    }
 #pragma unroll
     for (int u = 0; u < MOE_LL_CHUNK_GROUPS / 2; u++) {
       const int g = chunk * MOE_LL_CHUNK_GROUPS + 2 * u + half;
       if (g >= nS) continue;
       reinterpret_cast<uint2*>(xdst + (size_t)g * NCCL_MOE_FP8_BLOCK)[sub] = code[u];
-      if (a.scaleFormat == MOE_LL_SCALE_UE8M0) {
-        if (sub == 0) sdst[g] = (uint8_t)(__float_as_uint(scale[u]) >> 23);
-        if (g == nS - 1 && sub > 0 && g + sub < ue8m0Row) sdst[g + sub] = 0; /* pad the last word */
+      if (!COLMAJOR) { /* row-major: byte / float g of the row */
+        if (a.scaleFormat == MOE_LL_SCALE_UE8M0) {
+          if (sub == 0) sdst[g] = (uint8_t)(__float_as_uint(scale[u]) >> 23);
+          if (g == nS - 1 && sub > 0 && g + sub < ue8m0Row) sdst[g + sub] = 0; /* pad the last word */
+        } else if (sub == 0) {
+          reinterpret_cast<float*>(sdst)[g] = scale[u];
+        }
+      } else if (a.scaleFormat == MOE_LL_SCALE_UE8M0) {
+        /* Byte b of the row is byte b % 4 of word b / 4; the chunk's four
+         * blocks are one word, word `chunk` (padding bytes included). */
+        const int inWord = g - chunk * MOE_LL_CHUNK_GROUPS;
+        if (sub == 0) sdst[chunk * ws + inWord] = (uint8_t)(__float_as_uint(scale[u]) >> 23);
+        if (g == nS - 1 && sub > 0 && g + sub < ue8m0Row) sdst[chunk * ws + inWord + sub] = 0; /* pad the last word */
       } else if (sub == 0) {
-        reinterpret_cast<float*>(sdst)[g] = scale[u];
+        *reinterpret_cast<float*>(sdst + g * ws) = scale[u];
       }
     }
   }
@@ -490,7 +511,7 @@ __device__ __forceinline__ void moe_ll_put_bf16(const moe_ll_args_t& a, const ui
  * On this node each stored chunk is then marked arrived (rowFlag = n) at
  * its receiver; a chunk of a record in a remote rank's slab counts as one
  * part of that slab (`slabs`). */
-template <bool NET>
+template <bool NET, bool COLMAJOR>
 __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a, int tBegin, int tEnd,
                                   const int* route, unsigned long long n, const uint4* first,
                                   const moe_ll_slabs_t& slabs) {
@@ -525,7 +546,11 @@ __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a,
             char* peer = c.rc.peers.base[dRank];
             dRow = (long long)(e - dRank * L) * rowsPerExpert + rv;
             dPay = peer + c.l.recvX[a.set] + (size_t)dRow * a.hidden * esz;
-            dScale = peer + c.l.recvScales[a.set] + (size_t)dRow * scaleRow;
+            /* Row-major: row dRow of scaleRow bytes; column-major: expert
+             * e - dRank * L owns [words][S], row rv at 4-byte steps. */
+            dScale = COLMAJOR ? peer + c.l.recvScales[a.set] +
+                                    (size_t)(e - dRank * L) * (size_t)(scaleRow * a.scaleTokenStride) + (size_t)rv * 4
+                              : peer + c.l.recvScales[a.set] + (size_t)dRow * scaleRow;
           } else {
             char* rec = moe_ll_net_slab(c, c.net.sendBuf, slabs.ch, pj) + slabs.header + (size_t)rv * slabs.record;
             dScale = rec + 16;
@@ -551,7 +576,7 @@ __device__ void moe_ll_put_tokens(const moe_ll_ctx_t& c, const moe_ll_args_t& a,
       } else {
         moe_ll_load_chunk(a, t, chunk, v);
       }
-      if (a.sendFp8) moe_ll_put_fp8(a, v, chunk, dmask, dPay, dScale);
+      if (a.sendFp8) moe_ll_put_fp8<NET, COLMAJOR>(a, v, chunk, dmask, dPay, dScale, pj >= 0);
       else moe_ll_put_bf16(a, v, chunk, dmask, dPay);
       if (rv >= 0 && pj < 0) marks[j] = moe_ll_row_flag(c, dRank, a.set, (size_t)dRow, chunk);
       if (rv >= 0) net[j] = pj;
@@ -702,8 +727,15 @@ __device__ bool moe_ll_net_receive(const moe_ll_ctx_t& c, const moe_ll_args_t& a
     }
     if (chunk != 0) continue;
     const volatile int* words = reinterpret_cast<const volatile int*>(rec + 16);
-    int* sdst = reinterpret_cast<int*>(own + c.l.recvScales[a.set] + row * scaleRow);
-    for (int w = lane; w < scaleRow / 4; w += MOE_WARP) sdst[w] = words[w];
+    const int nWords = scaleRow / 4;
+    int* sdst = reinterpret_cast<int*>(own + c.l.recvScales[a.set]);
+    for (int w = lane; w < nWords; w += MOE_WARP) {
+      /* Row-major: [row][w]; column-major: expert lo's [w][S], its row row - lo * rowsPerExpert. */
+      const size_t at = a.scaleTokenStride > 0
+                            ? ((size_t)lo * nWords + w) * a.scaleTokenStride + (row - (size_t)lo * rowsPerExpert)
+                            : row * nWords + w;
+      sdst[at] = words[w];
+    }
     if (lane == 0) {
       const int t = reinterpret_cast<const volatile int*>(rec)[0], k = reinterpret_cast<const volatile int*>(rec)[1];
       if (t < 0 || t >= M || k < 0 || k >= c.maxTopk) {
@@ -751,13 +783,15 @@ __device__ void moe_ll_dispatch_wait(const moe_ll_ctx_t& c, const moe_ll_args_t&
     const int rows = sOff[l + 1] - sOff[l] + sRem[l];
     recvCount[l] = rows;
     if (a.cumulative != NULL) atomicAdd(reinterpret_cast<unsigned long long*>(a.cumulative) + l, (unsigned long long)rows);
+    if (a.cumulative32 != NULL) atomicAdd(a.cumulative32 + l, rows);
   }
 }
 
 /* ------------------------------------------------------------ dispatch */
 /* The send half; with FUSED also the receive half (one kernel per call).
- * NET: some ranks are on other nodes (c.net.nRemote > 0). */
-template <bool FUSED, bool NET>
+ * NET: some ranks are on other nodes (c.net.nRemote > 0). COLMAJOR: FP8
+ * scales column-major at the receivers (a.scaleTokenStride > 0). */
+template <bool FUSED, bool NET, bool COLMAJOR>
 __global__ void MOE_WAIT_GRID_BOUNDS
 moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
   __shared__ int sCnt[NCCL_MOE_MAX_EXPERTS];
@@ -807,7 +841,7 @@ moe_ll_dispatch_send_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
     if (threadIdx.x < MOE_WARP) moe_ll_assign_rows(c, a, tBegin, tEnd, sStart, ok, route, routePeer);
     __syncthreads(); /* the block's routes, written by warp 0, are read by all warps */
     MOE_LL_T(c, 4);
-    if (ok) moe_ll_put_tokens<NET>(c, a, tBegin, tEnd, route, n, first, slabs);
+    if (ok) moe_ll_put_tokens<NET, COLMAJOR>(c, a, tBegin, tEnd, route, n, first, slabs);
     MOE_LL_T_ALL(c, 5);
   }
   moe_ll_count_use(c, a.set, MOE_LL_OP_DISPATCH, n);
@@ -1072,11 +1106,14 @@ moe_ll_combine_recv_kernel(moe_ll_ctx_t c, moe_ll_args_t a) {
 /* ------------------------------------------------------------- launches */
 typedef void (*moe_ll_kernel_t)(moe_ll_ctx_t, moe_ll_args_t);
 
-/* Every variant: [net][fused] for the send kernels, [net] for the receive
- * kernels (net: some rank is on another node). */
-static const moe_ll_kernel_t moe_ll_dispatch_send[2][2] = {
-    {moe_ll_dispatch_send_kernel<false, false>, moe_ll_dispatch_send_kernel<true, false>},
-    {moe_ll_dispatch_send_kernel<false, true>, moe_ll_dispatch_send_kernel<true, true>}};
+/* Every variant: [net][fused] for the send kernels (dispatch: [colmajor]
+ * too), [net] for the receive kernels (net: some rank is on another node;
+ * colmajor: column-major FP8 scales). */
+static const moe_ll_kernel_t moe_ll_dispatch_send[2][2][2] = {
+    {{moe_ll_dispatch_send_kernel<false, false, false>, moe_ll_dispatch_send_kernel<false, false, true>},
+     {moe_ll_dispatch_send_kernel<true, false, false>, moe_ll_dispatch_send_kernel<true, false, true>}},
+    {{moe_ll_dispatch_send_kernel<false, true, false>, moe_ll_dispatch_send_kernel<false, true, true>},
+     {moe_ll_dispatch_send_kernel<true, true, false>, moe_ll_dispatch_send_kernel<true, true, true>}}};
 static const moe_ll_kernel_t moe_ll_combine_send[2][2] = {
     {moe_ll_combine_send_kernel<false, false>, moe_ll_combine_send_kernel<true, false>},
     {moe_ll_combine_send_kernel<false, true>, moe_ll_combine_send_kernel<true, true>}};
@@ -1095,7 +1132,8 @@ static int moe_ll_net(const moe_ll_ctx_t* ctx) { return ctx->net.nRemote > 0; }
 
 extern "C" cudaError_t moe_ll_dispatch_send_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
                                                    cudaStream_t stream) {
-  return moe_ll_launch(moe_ll_dispatch_send[moe_ll_net(ctx)][args->fused != 0], ctx, args, stream);
+  return moe_ll_launch(moe_ll_dispatch_send[moe_ll_net(ctx)][args->fused != 0][args->scaleTokenStride > 0], ctx,
+                       args, stream);
 }
 
 extern "C" cudaError_t moe_ll_dispatch_recv_launch(const moe_ll_ctx_t* ctx, const moe_ll_args_t* args,
@@ -1114,11 +1152,11 @@ extern "C" cudaError_t moe_ll_combine_recv_launch(const moe_ll_ctx_t* ctx, const
 }
 
 extern "C" cudaError_t moe_ll_preload(void) {
-  const void* kernels[12];
+  const void* kernels[16];
   int n = 0;
   for (int net = 0; net < 2; net++) {
     for (int fused = 0; fused < 2; fused++) {
-      kernels[n++] = (const void*)moe_ll_dispatch_send[net][fused];
+      for (int colMajor = 0; colMajor < 2; colMajor++) kernels[n++] = (const void*)moe_ll_dispatch_send[net][fused][colMajor];
       kernels[n++] = (const void*)moe_ll_combine_send[net][fused];
     }
     kernels[n++] = (const void*)moe_ll_dispatch_recv[net];

@@ -92,6 +92,10 @@ typedef struct {
   const int* laneRank;
   void* one;         /* payload of a record */
   float* oneScales;  /* its scales (FP8) */
+  /* Held per lane like row: > 0, the scales at that lane's receiver are
+   * column-major (ncclMoeScaleColMajor) with columns of this many elements.
+   * Unused for `one`. */
+  int scaleTokenStride;
 } moe_dests_t;
 
 __device__ __forceinline__ int moe_dest_rank(const moe_dests_t& d, int l) {
@@ -140,9 +144,14 @@ __device__ __forceinline__ void moe_write_meta(const moe_rank_ctx_t& c, const mo
     char* peer = c.peers.base[r];
     moe_write_topk(c, peer, drow, r, K, lane, e, w, withWeights);
     if (scales == NULL) continue;
-    float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nScales;
+    /* Row-major: [row][j]; column-major: [j][row], columns of
+     * d.scaleTokenStride elements (ncclMoeScaleColMajor). */
+    const int colRows = __shfl_sync(MOE_FULL_MASK, d.scaleTokenStride, l);
+    const size_t jStride = colRows > 0 ? (size_t)colRows : 1;
+    float* dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) +
+                    (colRows > 0 ? (size_t)drow : (size_t)drow * nScales);
     for (int j = lane; j < nScales; j += MOE_WARP)
-      dscale[j] = fromHost ? reinterpret_cast<const volatile float*>(scales)[j] : scales[j];
+      dscale[j * jStride] = fromHost ? reinterpret_cast<const volatile float*>(scales)[j] : scales[j];
   }
 }
 
@@ -196,22 +205,26 @@ __device__ __forceinline__ void moe_cast_row_to(const moe_rank_ctx_t& c, const u
     for (unsigned m = targets; m != 0; m &= m - 1) {
       uint2* dst;
       float* dscale;
+      size_t gStride = 1; /* elements between the scales of two blocks of the row */
       if (d.one != NULL) {
         dst = reinterpret_cast<uint2*>(d.one);
         dscale = d.oneScales;
       } else {
         const int l = __ffs(m) - 1;
         const int drow = __shfl_sync(MOE_FULL_MASK, d.row, l);
+        const int colRows = __shfl_sync(MOE_FULL_MASK, d.scaleTokenStride, l);
         char* peer = moe_dest_peer(c, d, l);
         dst = reinterpret_cast<uint2*>(peer + c.layout.recvX) + (size_t)drow * (hidden / 8);
-        dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) + (size_t)drow * nGroups;
+        dscale = reinterpret_cast<float*>(peer + c.layout.recvScales) +
+                 (colRows > 0 ? (size_t)drow : (size_t)drow * nGroups);
+        if (colRows > 0) gStride = (size_t)colRows;
       }
 #pragma unroll
       for (int u = 0; u < MOE_COPY_UNROLL; u++) {
         const int g = g0 + 2 * u + half;
         if (g < nGroups) {
           dst[(size_t)g * MOE_FP8_BLOCK_LANES + sub] = code[u];
-          if (sub == 0) dscale[g] = scale[u];
+          if (sub == 0) dscale[(size_t)g * gStride] = scale[u];
         }
       }
     }
@@ -269,5 +282,6 @@ __device__ __forceinline__ float moe_sum_peer_weights(const moe_rank_ctx_t& c, c
   }
   return sum;
 }
+
 
 #endif

@@ -97,7 +97,25 @@ typedef struct {
   int numTokens, hidden, topk;
   int xIsFp8, sendFp8, pow2Scales;
   int numBlocks, threads;
+  /* Intranode only. 1: the send half of a split dispatch: end with an
+   * arrival (moe_split.cuh), not a barrier. */
+  int arriveOnly;
+  /* 1: FP8 scales column-major at the receivers (ncclMoeScaleColMajor):
+   * [hidden / 128][S] at receiver r, S = its capacity (rt.cap[r]) rounded up
+   * to NCCL_MOE_SCALE_TOKEN_ALIGN; 0: row-major. */
+  int scaleColMajor;
 } moe_dispatch_args_t;
+
+#ifdef __CUDACC__
+#define MOE_SCALE_HD __host__ __device__
+#else
+#define MOE_SCALE_HD
+#endif
+/* Elements per column-major scale column (ncclMoeScaleColMajor) of `rows`
+ * rows: 16-byte aligned columns. */
+static inline MOE_SCALE_HD int moe_scale_token_stride(int rows) {
+  return (rows + NCCL_MOE_SCALE_TOKEN_ALIGN - 1) / NCCL_MOE_SCALE_TOKEN_ALIGN * NCCL_MOE_SCALE_TOKEN_ALIGN;
+}
 cudaError_t moe_dispatch_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
                                 const moe_dispatch_args_t* args, cudaStream_t stream);
 
@@ -106,6 +124,12 @@ typedef struct {
   float* outTopkWeights;
   int numTokens, hidden, topk, withWeights;
   int numBlocks, threads;
+  /* Intranode only: BF16 [numTokens, hidden] added to out, or NULL. */
+  const void* bias0;
+  const void* bias1;
+  /* Intranode only. 1: the receive half of a split combine: end with an
+   * arrival, not a barrier. */
+  int arriveOnly;
 } moe_combine_args_t;
 cudaError_t moe_combine_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
                                const moe_combine_args_t* args, cudaStream_t stream);
@@ -115,6 +139,13 @@ cudaError_t moe_combine_launch(const moe_rank_ctx_t* ctx, const moe_route_t* rou
 cudaError_t moe_combine_stage_launch(const moe_rank_ctx_t* ctx, const moe_route_t* route,
                                      const void* x, const float* weights, int hidden, int topk,
                                      cudaStream_t stream);
+
+/* Split halves (ncclMoeDispatchRecv / ncclMoeCombineRecv): one thread block
+ * that waits until every peer has arrived where this rank last arrived
+ * (moe_split.cuh), and one that arrives (epoch + 1, signalled to every peer)
+ * without waiting. */
+cudaError_t moe_split_wait_launch(const moe_rank_ctx_t* ctx, cudaStream_t stream);
+cudaError_t moe_split_arrive_launch(const moe_rank_ctx_t* ctx, cudaStream_t stream);
 
 /* Loads every intranode kernel now (see intranode.cu: lazy loading). */
 cudaError_t moe_intranode_preload(void);

@@ -53,7 +53,9 @@ enum { MOE_LL_SCALE_FLOAT = 0, MOE_LL_SCALE_POW2 = 1, MOE_LL_SCALE_UE8M0 = 2 };
  *   counts    int32 [N][msgInts]: each source's rows per global expert, then
  *             MOE_LL_MSG_EXTRA ints (hidden, type code)
  *   recvX     [R] rows of H elements (BF16 or FP8; sized for BF16)
- *   recvScales fp32 [R][ceil(H/128)] (UE8M0: bytes, 4-byte padded rows)
+ *   recvScales fp32 [R][ceil(H/128)] (UE8M0: bytes, 4-byte padded rows);
+ *             column-major: per expert [words][S], S = N * M rounded up to
+ *             NCCL_MOE_SCALE_TOKEN_ALIGN (sized L * S * ceil(H/128) * 4)
  *   recvSrc   int32 [R]: srcRank * M + token
  *   recvK     int32 [R]: the top-k slot of the row at its source (combine)
  *   recvPos   int32 [R]: rows from another node: the record in the source's
@@ -156,6 +158,10 @@ typedef struct {
   int sendFp8, scaleFormat;
   int numBlocks;         /* blocks of every low-latency kernel */
   int fused;             /* 1: the send kernel also runs the receive half */
+  /* > 0: FP8 scales column-major (ncclMoeScaleColMajor): expert l's scales
+   * are [scale words of a row][this] from l * words * this; 0: row-major. */
+  int scaleTokenStride;
+  int* cumulative32;     /* int32 twin of cumulative, or NULL */
 } moe_ll_args_t;
 
 /* The four halves. Each is enqueued on `stream`; a receive half must follow

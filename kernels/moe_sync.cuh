@@ -108,23 +108,34 @@ __device__ __forceinline__ unsigned long long* moe_signal_slot(const moe_rank_ct
   return reinterpret_cast<unsigned long long*>(c.peers.base[owner] + c.layout.signals) + from;
 }
 
-/* All-to-all barrier of the ranks whose memory this rank maps (the ranks of
- * its node), run by ONE thread. Ranks run the same sequence of
- * barriers, so a per-rank counter names each one (graph replays included);
- * a peer already at a later barrier satisfies ">= epoch" too. */
-__device__ inline bool moe_barrier(const moe_rank_ctx_t& c) {
-  unsigned long long e = *c.epoch + 1;
+/* The all-to-all barrier of the ranks whose memory this rank maps (the
+ * ranks of its node), in two steps that moe_barrier runs back to back (the
+ * split halves of dispatch / combine run them apart). Ranks run the same
+ * sequence of barriers, so a per-rank counter names each one (graph replays
+ * included); a peer already at a later barrier satisfies ">= epoch" too.
+ * Arrive (ONE thread): this rank's next epoch, stored to every mapped peer
+ * after this rank's earlier stores; returns the epoch. */
+__device__ inline unsigned long long moe_barrier_arrive(const moe_rank_ctx_t& c) {
+  const unsigned long long e = *c.epoch + 1;
   *c.epoch = e;
   __threadfence_system();
   for (int r = 0; r < c.nRanks; r++)
     if (c.peers.base[r] != NULL) moe_st_release_sys(moe_signal_slot(c, r, c.rank), e);
-  const long long start = moe_now_ns(); /* one timeout for the whole barrier */
+  return e;
+}
+
+/* Wait (ONE thread): every mapped peer has reached epoch e; one timeout for
+ * the whole barrier. Ranks of other nodes are met through the proxy. */
+__device__ inline bool moe_barrier_wait(const moe_rank_ctx_t& c, unsigned long long e) {
+  const long long start = moe_now_ns();
   for (int r = 0; r < c.nRanks; r++) {
-    if (c.peers.base[r] == NULL) continue; /* another node: met through the proxy, not here */
+    if (c.peers.base[r] == NULL) continue;
     if (!moe_wait_geq(c, moe_signal_slot(c, c.rank, r), e, MOE_WAIT_BARRIER, r, start, NULL)) return false;
   }
   return true;
 }
+
+__device__ inline bool moe_barrier(const moe_rank_ctx_t& c) { return moe_barrier_wait(c, moe_barrier_arrive(c)); }
 
 /* Called by every thread at the end of a kernel: the last block to finish
  * returns true (in thread 0) to run the kernel's epilogue. */

@@ -42,6 +42,12 @@ SCALE_FLOAT = 0
 SCALE_POW2 = 1
 SCALE_UE8M0 = 2  # low-latency dispatch only
 
+# ncclMoeScaleLayout_t (added after 0.2.0)
+SCALE_ROW_MAJOR = 0
+SCALE_COL_MAJOR = 1
+SCALE_TOKEN_ALIGN = 4    # NCCL_MOE_SCALE_TOKEN_ALIGN: column-major columns padded to this many elements
+MAX_CALL_SMS = 1024      # NCCL_MOE_MAX_CALL_SMS: largest per-call numSMs
+
 LL_MAX_TOKENS = 4096     # NCCL_MOE_LL_MAX_TOKENS: largest config.llMaxTokensPerRank
 UE8M0_PER_WORD = 4       # UE8M0 scale bytes per 32-bit word
 
@@ -130,6 +136,10 @@ class DispatchArgs(ctypes.Structure):
         ("capacity", ctypes.c_int),
         ("expertAlignment", ctypes.c_int),
         ("reuseHandle", ctypes.c_int),
+        # Added after 0.2.0 (0: the earlier behaviour).
+        ("scaleLayout", ctypes.c_int),
+        ("sendOnly", ctypes.c_int),
+        ("numSMs", ctypes.c_int),
     ]
 
 
@@ -145,6 +155,7 @@ class DispatchResult(ctypes.Structure):
         ("recvTokensPerExpert", ctypes.c_void_p),
         ("numRecv", ctypes.c_int),
         ("hostRecvTokensPerExpert", ctypes.c_void_p),
+        ("scaleTokenStride", ctypes.c_int),
     ]
 
 
@@ -157,6 +168,10 @@ class CombineArgs(ctypes.Structure):
         ("topkWeights", ctypes.c_void_p),
         ("out", ctypes.c_void_p),
         ("outTopkWeights", ctypes.c_void_p),
+        ("bias0", ctypes.c_void_p),
+        ("bias1", ctypes.c_void_p),
+        ("sendOnly", ctypes.c_int),
+        ("numSMs", ctypes.c_int),
     ]
 
 
@@ -173,6 +188,8 @@ class LowLatencyDispatchArgs(ctypes.Structure):
         ("scaleFormat", ctypes.c_int),
         ("cumulativeRecvCount", ctypes.c_void_p),
         ("sendOnly", ctypes.c_int),
+        ("scaleLayout", ctypes.c_int),
+        ("cumulativeRecvCount32", ctypes.c_void_p),
     ]
 
 
@@ -187,6 +204,7 @@ class LowLatencyDispatchResult(ctypes.Structure):
         ("recvSource", ctypes.c_void_p),
         ("expertStride", ctypes.c_int),
         ("numLocalExperts", ctypes.c_int),
+        ("scaleTokenStride", ctypes.c_int),
     ]
 
 
@@ -224,6 +242,10 @@ CONSTANTS = {
     "(int)ncclMoeScaleFloat": SCALE_FLOAT,
     "(int)ncclMoeScalePow2": SCALE_POW2,
     "(int)ncclMoeScaleUE8M0": SCALE_UE8M0,
+    "(int)ncclMoeScaleRowMajor": SCALE_ROW_MAJOR,
+    "(int)ncclMoeScaleColMajor": SCALE_COL_MAJOR,
+    "NCCL_MOE_SCALE_TOKEN_ALIGN": SCALE_TOKEN_ALIGN,
+    "NCCL_MOE_MAX_CALL_SMS": MAX_CALL_SMS,
     "NCCL_MOE_LL_MAX_TOKENS": LL_MAX_TOKENS,
     "NCCL_MOE_HAS_LOW_LATENCY": 1,
     "(int)ncclFloat32": ncclFloat32,
@@ -311,6 +333,11 @@ OPTIONAL_PROTOTYPES = {
     # transport (single-GPU development of the internode path).
     "ncclMoeCommInitVirtualNodes": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                                    ctypes.POINTER(Config), _c_void_pp]),
+    # Split halves of normal-mode dispatch / combine (sendOnly).
+    "ncclMoeDispatchRecv": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),
+    "ncclMoeCombineRecv": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),
+    # Low-latency bytes of a config without a comm (DeepEP's size hint).
+    "ncclMoeLowLatencySizeHint": (ctypes.c_int, [ctypes.POINTER(Config), ctypes.c_int, _c_size_p]),
 }
 
 # The low-latency API: bound when the library has it (builds with

@@ -16,7 +16,10 @@ if os.path.join(ROOT, "python") not in sys.path:
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-# Before anything starts CUDA: the package sets CUDA_DEVICE_MAX_CONNECTIONS.
+# Before anything starts CUDA: the package sets CUDA_DEVICE_MAX_CONNECTIONS;
+# virtual ranks also need eager module loading (ncclMoeCommInitVirtual).
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 import nccl_moe  # noqa: E402
 
 SEED = int(os.environ.get("MOE_TEST_SEED") or random.SystemRandom().randrange(1, 2**31))

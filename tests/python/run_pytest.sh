@@ -17,6 +17,9 @@ case "$lib" in /*) ;; *) [ -e "$lib" ] && lib="$PWD/$lib" ;; esac
 export NCCL_MOE_LIBRARY="$lib"
 export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1 # keep the source tree clean
+# Virtual ranks: a kernel loaded lazily in one rank's thread can wait for the
+# other ranks' kernels (ncclMoeCommInitVirtual).
+export CUDA_MODULE_LOADING="${CUDA_MODULE_LOADING:-EAGER}"
 
 has() { "$1" -c "import $2" >/dev/null 2>&1; }
 py=""
@@ -40,7 +43,9 @@ fi
 
 case "$suite" in
   python)
-    files=(test_bindings.py test_cpu.py test_virtual.py test_autograd.py test_low_latency.py test_examples.py)
+    files=(test_bindings.py test_cpu.py test_virtual.py test_autograd.py test_low_latency.py test_examples.py
+           test_deep_ep_cpu.py test_deep_ep_intranode.py test_deep_ep_low_latency.py test_cuda_graphs.py
+           test_c_api_overlap.py test_deep_ep_examples.py)
     need_gpus=1 ;;
   multigpu)
     files=(test_multigpu.py)

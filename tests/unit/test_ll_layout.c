@@ -35,6 +35,7 @@ static void check_layout(int N, int H, int E, int K, int M) {
   const size_t end = moe_ll_layout_compute(&c, N, start, &l);
   ck_assert_uint_eq(end - (start + ALIGN - 1) / ALIGN * ALIGN, l.bytes);
   const size_t L = (size_t)E / N, rows = L * N * M, nS = (H + 127) / 128, f = 8, F = (H + 511) / 512;
+  const size_t S = ((size_t)N * M + 3) / 4 * 4; /* column-major scale rows per expert (16-byte columns) */
   ck_assert_int_eq(l.flagChunks, (int)F);
   ck_assert_int_ge(l.msgInts, E + MOE_LL_MSG_EXTRA);
   ck_assert_int_eq(l.msgInts % 4, 0);
@@ -53,7 +54,7 @@ static void check_layout(int N, int H, int E, int K, int M) {
   for (int b = 0; b < MOE_LL_SETS; b++) {
     R(counts[b], 4 * (size_t)N * l.msgInts);
     R(recvX[b], rows * H * 2);           /* BF16 rows; FP8 uses half */
-    R(recvScales[b], rows * nS * 4);     /* UE8M0 rows: ceil(nS / 4) * 4 bytes <= nS * 4 */
+    R(recvScales[b], L * S * nS * 4);    /* either layout; UE8M0 rows: ceil(nS / 4) * 4 bytes <= nS * 4 */
     R(recvSrc[b], rows * 4);
     R(recvK[b], rows * 4);
     R(recvPos[b], rows * 4);
@@ -78,8 +79,12 @@ static void check_layout(int N, int H, int E, int K, int M) {
     ck_assert_uint_ge(l.state + l.stateBytes, l.combFlag[b] + f * 2 * (size_t)M * K * F);
   ck_assert_uint_le(l.state + l.stateBytes, l.counts[0]);
   /* The documented size per set, within alignment slack. */
-  const size_t perSet = rows * (2 * (size_t)H + 4 * nS + 12 + 8 * F) + (size_t)M * K * (4 * (size_t)H + 8 + 16 * F) +
-                        (size_t)N * (4 * (size_t)E + 20);
+  const size_t perSet = rows * (2 * (size_t)H + 12 + 8 * F) + L * S * 4 * nS +
+                        (size_t)M * K * (4 * (size_t)H + 8 + 16 * F) + (size_t)N * (4 * (size_t)E + 20);
+  /* What ncclMoeLowLatencySizeHint answers without a comm. */
+  size_t hint = 0;
+  ck_assert_int_eq(ncclMoeLowLatencySizeHint(&c, N, &hint), ncclSuccess);
+  ck_assert_uint_eq(hint, l.bytes);
   ck_assert_uint_ge(l.bytes, 2 * perSet - 64 * (size_t)N - 32 * 4);
   ck_assert_uint_le(l.bytes, 2 * perSet + 30 * ALIGN);
 }
@@ -92,6 +97,24 @@ START_TEST(test_layouts) {
   check_layout(4, 2056, 8, 3, 33);
   check_layout(64, 8192, 1024, 16, 1);
   check_layout(3, 128, 3, 1, NCCL_MOE_LL_MAX_TOKENS);
+  check_layout(3, 640, 6, 2, 7);  /* N * M = 21: column-major scale columns padded to 24 */
+  check_layout(5, 1024, 10, 4, 1);
+}
+END_TEST
+
+/* The size hint checks the config as comm init does. */
+START_TEST(test_size_hint_checks) {
+  ncclMoeConfig_t c = config(1024, 8, 4, 16);
+  size_t bytes = 0;
+  ck_assert_int_eq(ncclMoeLowLatencySizeHint(NULL, 2, &bytes), ncclInvalidArgument);
+  ck_assert_int_eq(ncclMoeLowLatencySizeHint(&c, 2, NULL), ncclInvalidArgument);
+  ck_assert_int_eq(ncclMoeLowLatencySizeHint(&c, 3, &bytes), ncclInvalidArgument); /* 8 experts, 3 ranks */
+  ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "numExperts"));
+  c.llMaxTokensPerRank = NCCL_MOE_LL_MAX_TOKENS + 1;
+  ck_assert_int_eq(ncclMoeLowLatencySizeHint(&c, 2, &bytes), ncclInvalidArgument);
+  c.llMaxTokensPerRank = 0;
+  ck_assert_int_eq(ncclMoeLowLatencySizeHint(&c, 2, &bytes), ncclSuccess);
+  ck_assert_uint_eq(bytes, 0);
 }
 END_TEST
 
@@ -135,6 +158,10 @@ START_TEST(test_null_arguments) {
   ck_assert_int_eq(ncclMoeLowLatencyCombine(NULL, &c, NULL, 0), ncclInvalidArgument);
   ck_assert_int_eq(ncclMoeLowLatencyCombineRecv(NULL, NULL, 0), ncclInvalidArgument);
   ck_assert_int_eq(ncclMoeLowLatencyBufferBytes(NULL, &bytes), ncclInvalidArgument);
+  /* The split halves of normal mode. */
+  ck_assert_int_eq(ncclMoeDispatchRecv(NULL, NULL, 0), ncclInvalidArgument);
+  ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "comm is NULL"));
+  ck_assert_int_eq(ncclMoeCombineRecv(NULL, NULL, 0), ncclInvalidArgument);
 }
 END_TEST
 
@@ -161,6 +188,7 @@ int main(void) {
   Suite* s = suite_create("ll_layout");
   TCase* tc = tcase_create("layout");
   tcase_add_test(tc, test_layouts);
+  tcase_add_test(tc, test_size_hint_checks);
   tcase_add_test(tc, test_no_ll_buffers);
   tcase_add_test(tc, test_config);
   tcase_add_test(tc, test_config_sizes);
