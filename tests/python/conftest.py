@@ -16,7 +16,12 @@ if os.path.join(ROOT, "python") not in sys.path:
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-# Before anything starts CUDA: the package sets CUDA_DEVICE_MAX_CONNECTIONS.
+# Virtual ranks need these before anything starts CUDA (VirtualBuffer checks,
+# and says so); the package itself never sets them. The tests' children
+# (examples, benchmark) inherit them.
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+
 import nccl_moe  # noqa: E402
 
 SEED = int(os.environ.get("MOE_TEST_SEED") or random.SystemRandom().randrange(1, 2**31))

@@ -15,6 +15,7 @@ here="$root/tests/python"
 # Meson passes the library relative to the build directory (our cwd).
 case "$lib" in /*) ;; *) [ -e "$lib" ] && lib="$PWD/$lib" ;; esac
 export NCCL_MOE_LIBRARY="$lib"
+export NCCL_MOE_INCLUDE="$(dirname "$lib")/include" # the generated nccl_moe_version.h
 export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1 # keep the source tree clean
 
@@ -40,7 +41,8 @@ fi
 
 case "$suite" in
   python)
-    files=(test_bindings.py test_cpu.py test_virtual.py test_autograd.py test_low_latency.py test_examples.py)
+    files=(test_package.py test_bindings.py test_cpu.py test_virtual.py test_autograd.py test_low_latency.py
+           test_examples.py)
     need_gpus=1 ;;
   multigpu)
     files=(test_multigpu.py)
