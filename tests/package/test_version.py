@@ -5,8 +5,10 @@ it is written; this checks that the generated header, the built library
 takes it from Meson) and the wheel's module list agree with it, and that no
 source file writes the version out again.
 
-    test_version.py MESON_VERSION BUILD_ROOT SOURCE_ROOT
+    test_version.py MESON_VERSION BUILD_ROOT SOURCE_ROOT [--no-library]
 
+--no-library skips loading the library (a sanitizer build cannot be loaded
+into an uninstrumented Python; test_env_log checks ncclMoeGetVersion there).
 Needs only the Python standard library (no torch, no GPU)."""
 
 import ctypes
@@ -16,7 +18,13 @@ import re
 import sys
 import unittest
 
-VERSION, BUILD, ROOT = sys.argv[1:4] if len(sys.argv) == 4 else (None, None, None)
+VERSION, BUILD, ROOT = sys.argv[1:4] if len(sys.argv) in (4, 5) else (None, None, None)
+LOAD_LIBRARY = sys.argv[4:] != ["--no-library"]
+
+
+def read(*path):
+    with open(os.path.join(*path), errors="replace") as f:
+        return f.read()
 
 
 def load_version_module():
@@ -36,7 +44,7 @@ def code(version):
 
 class Version(unittest.TestCase):
     def test_generated_header(self):
-        text = open(os.path.join(BUILD, "include", "nccl_moe_version.h")).read()
+        text = read(BUILD, "include", "nccl_moe_version.h")
         defines = dict(re.findall(r"#define (NCCL_MOE_\w+) (\S+)", text))
         major, minor, patch = VERSION.split(".")[:3]
         self.assertEqual((defines["NCCL_MOE_MAJOR"], defines["NCCL_MOE_MINOR"], defines["NCCL_MOE_PATCH"]),
@@ -44,10 +52,11 @@ class Version(unittest.TestCase):
         self.assertEqual(defines["NCCL_MOE_VERSION_STRING"], '"%s"' % VERSION)
 
     def test_public_header_takes_the_generated_one(self):
-        text = open(os.path.join(ROOT, "include", "nccl_moe.h")).read()
+        text = read(ROOT, "include", "nccl_moe.h")
         self.assertIn('#include "nccl_moe_version.h"', text)
         self.assertNotRegex(text, r"#define NCCL_MOE_(MAJOR|MINOR|PATCH) ")
 
+    @unittest.skipUnless(LOAD_LIBRARY, "sanitizer build")
     def test_library_reports_it(self):
         lib = ctypes.CDLL(os.path.join(BUILD, "libnccl-net-moe.so"))
         v = ctypes.c_int(0)
@@ -61,13 +70,13 @@ class Version(unittest.TestCase):
         self.assertEqual(mod.VERSION_TUPLE, tuple(int(p) for p in VERSION.split(".")[:3]))
 
     def test_pyproject_takes_it_from_meson(self):
-        text = open(os.path.join(ROOT, "pyproject.toml")).read()
+        text = read(ROOT, "pyproject.toml")
         self.assertRegex(text, r'(?m)^dynamic = \["version"\]')
         self.assertNotRegex(text, r"(?m)^version\s*=")
         self.assertRegex(text, r'build-backend = "mesonpy"')
 
     def test_torch_bound_agrees(self):
-        text = open(os.path.join(ROOT, "pyproject.toml")).read()
+        text = read(ROOT, "pyproject.toml")
         bound = re.search(r'torch = \["torch>=([0-9.]+)"\]', text)
         self.assertIsNotNone(bound, "pyproject.toml has no torch extra")
         self.assertEqual(bound.group(1), load_version_module().TORCH_MIN_VERSION)
@@ -75,7 +84,7 @@ class Version(unittest.TestCase):
     def test_wheel_lists_every_module(self):
         # python/meson.build names the modules the wheel installs: a module
         # missing there would be missing from pip install . alone.
-        listed = set(re.findall(r"'nccl_moe/(\w+\.py)'", open(os.path.join(ROOT, "python", "meson.build")).read()))
+        listed = set(re.findall(r"'nccl_moe/(\w+\.py)'", read(ROOT, "python", "meson.build")))
         present = {f for f in os.listdir(os.path.join(ROOT, "python", "nccl_moe")) if f.endswith(".py")}
         self.assertEqual(present - listed, set(), "modules python/meson.build does not install")
         self.assertEqual(listed - present, set(), "python/meson.build names modules that do not exist")
@@ -90,9 +99,9 @@ class Version(unittest.TestCase):
                 for f in files:
                     if f.endswith((".c", ".h", ".cu", ".cuh", ".py", ".in", ".toml", ".build")):
                         path = os.path.join(folder, f)
-                        if literal.search(open(path, errors="replace").read()):
+                        if literal.search(read(path)):
                             offenders.append(os.path.relpath(path, ROOT))
-        if literal.search(open(os.path.join(ROOT, "pyproject.toml")).read()):
+        if literal.search(read(ROOT, "pyproject.toml")):
             offenders.append("pyproject.toml")
         self.assertEqual(offenders, [], "the version is written here too; take it from meson.build instead")
 

@@ -454,6 +454,7 @@ static void json_head(moe_json_t* j, const opts_t* o, const char* mode, const ch
   moe_json_str(j, "mode", mode);
   moe_json_str(j, "device", device);
   moe_json_int(j, "sms", sms);
+  moe_json_int(j, "sm_budget", o->sms); /* --sms: 0 = automatic */
   moe_json_int(j, "gpus", gpus);
   moe_json_int(j, "ranks", ranks);
   moe_json_int(j, "nodes", o->nodes);
