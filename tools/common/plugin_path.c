@@ -8,17 +8,20 @@
 
 #define PLUGIN_NAME "libnccl-net-moe.so"
 
+#ifndef MOE_INSTALL_LIBDIR
+#define MOE_INSTALL_LIBDIR "/usr/local/lib"
+#endif
+
 const char* moe_tool_plugin_path(void) {
   static char path[PATH_MAX + 32];
-  static const char* const relative[] = {"", "../lib/"};
   char exe[PATH_MAX];
   const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-  if (n <= 0) return PLUGIN_NAME;
-  exe[n] = '\0';
-  const char* dir = dirname(exe);
-  for (size_t i = 0; i < sizeof(relative) / sizeof(relative[0]); i++) {
-    snprintf(path, sizeof(path), "%s/%s" PLUGIN_NAME, dir, relative[i]);
+  if (n > 0) {
+    exe[n] = '\0';
+    snprintf(path, sizeof(path), "%s/" PLUGIN_NAME, dirname(exe));
     if (access(path, R_OK) == 0) return path;
   }
+  snprintf(path, sizeof(path), "%s/" PLUGIN_NAME, MOE_INSTALL_LIBDIR);
+  if (access(path, R_OK) == 0) return path;
   return PLUGIN_NAME;
 }

@@ -7,7 +7,7 @@
  *   nccl-moe-netbench [--plugin PATH] [--min BYTES] [--max BYTES] [--window N] [--json]
  *
  * The plugin defaults to libnccl-net-moe.so beside this program (the build
- * root), else in ../lib (installed), else the library search path. NCCL_SOCKET_IFNAME
+ * root), else in the install's libdir, else the library search path. NCCL_SOCKET_IFNAME
  * defaults to "lo" and NCCL_MOE_NET_BACKEND to "socket" here. */
 #include <arpa/inet.h>
 #include <dlfcn.h>
@@ -252,8 +252,9 @@ static void usage(FILE* out) {
           "  Bandwidth and round trip of the net plugin on loopback (NCCL_SOCKET_IFNAME=lo,\n"
           "  NCCL_MOE_NET_BACKEND=socket unless set), beside plain TCP, for sizes doubling from --min\n"
           "  (default %d) to --max (default 64M; K, M, G suffixes; at most 1G), --window requests in\n"
-          "  flight (1..%d, default %d). --plugin: default libnccl-net-moe.so of the build root, else the\n"
-          "  loader path. --json: one JSON object per size on stdout, the table on stderr.\n"
+          "  flight (1..%d, default %d). --plugin: default libnccl-net-moe.so beside this program, else in\n"
+          "  the install's libdir, else on the loader path. --json: one JSON object per size on stdout,\n"
+          "  the table on stderr.\n"
           "  Exit status: 0 ok, 1 failure, 2 bad arguments.\n",
           BENCH_DEFAULT_MIN, BENCH_MAX_WINDOW, BENCH_DEFAULT_WINDOW);
 }

@@ -94,8 +94,8 @@ static void usage(FILE* out) {
   fprintf(out,
           "usage: nccl-moe-netcheck [--plugin PATH] [--json]\n"
           "  Runs an NCCL all-reduce and all-to-all over every visible GPU with the net plugin loaded\n"
-          "  (--plugin: default libnccl-net-moe.so beside this program, else the loader path) and checks\n"
-          "  both. --json: the outcome as one JSON object on stdout.\n"
+          "  (--plugin: default libnccl-net-moe.so beside this program, else in the install's libdir, else\n"
+          "  on the loader path) and checks both. --json: the outcome as one JSON object on stdout.\n"
           "  Exit status: 0 ok, 1 failure, 2 bad arguments, 77 no GPU.\n");
 }
 
