@@ -8,17 +8,16 @@ Expert parallel over a process group, one GPU per rank:
 N virtual ranks on one GPU (no process group):
     python examples/moe_layer.py --virtual 8
 
-From a source checkout: PYTHONPATH=python, and the library in build/ (or
-NCCL_MOE_LIBRARY=/path/to/libnccl-net-moe.so). Prints one line per check and
-exits non-zero if the output or a gradient differs from the dense reference.
+Installed (pip install .) or from a source checkout: PYTHONPATH=python, and
+the library in build/ (or NCCL_MOE_LIBRARY=/path/to/libnccl-net-moe.so).
+Prints one line per check and exits 1 if the output or a gradient differs
+from the dense reference (2 for bad arguments).
 """
 
 import argparse
 import os
 import sys
 
-# Before torch starts CUDA: virtual ranks need CUDA_DEVICE_MAX_CONNECTIONS
-# (the package sets it on import).
 import nccl_moe
 import torch
 import torch.distributed as dist
@@ -120,21 +119,64 @@ def max_rel_err(got, want):
     return err / scale if scale > 0 else err
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--virtual", type=int, default=0, metavar="N", help="N virtual ranks on one GPU")
-    p.add_argument("--tokens", type=int, default=128, help="tokens per rank (ranks get a few less, one none)")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--ffn", type=int, default=256, help="expert MLP width")
-    p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--topk", type=int, default=4)
-    p.add_argument("--fp8", action="store_true", help="dispatch FP8 (x quantized in torch; x gets no gradient)")
-    p.add_argument("--capacity", type=int, default=0, help="capacity mode with this many rows (0: exact mode)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--tolerance", type=float, default=2e-2, help="max error relative to the reference's max")
-    args = p.parse_args()
+def int_in(lo, hi):
+    """argparse type: an integer in [lo, hi] (bad values exit 2 with the usage)."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not an integer" % text) from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError("%d is not in [%d, %d]" % (v, lo, hi))
+        return v
+    return parse
 
+
+def positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text) from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError("%r is not positive" % text)
+    return v
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--virtual", type=int_in(0, 31), default=0, metavar="N", help="N virtual ranks on one GPU")
+    p.add_argument("--tokens", type=int_in(1, 1 << 20), default=128,
+                   help="tokens per rank (ranks get a few less, one none)")
+    p.add_argument("--hidden", type=int_in(8, 65536), default=512)
+    p.add_argument("--ffn", type=int_in(1, 1 << 16), default=256, help="expert MLP width")
+    p.add_argument("--experts", type=int_in(1, 1024), default=32)
+    p.add_argument("--topk", type=int_in(1, 16), default=4)
+    p.add_argument("--fp8", action="store_true", help="dispatch FP8 (x quantized in torch; x gets no gradient)")
+    p.add_argument("--capacity", type=int_in(0, 1 << 30), default=0,
+                   help="capacity mode with this many rows (0: exact mode)")
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=1)
+    p.add_argument("--tolerance", type=positive_float, default=2e-2, help="max error relative to the reference's max")
+    args = p.parse_args()
+    if args.topk > args.experts:
+        p.error("--topk %d: a token picks distinct experts, and there are %d" % (args.topk, args.experts))
+    if args.virtual and args.experts % args.virtual:
+        p.error("--experts %d is not a multiple of the %d virtual ranks" % (args.experts, args.virtual))
+    if args.hidden % 8:
+        p.error("--hidden %d: rows must be a multiple of 8 channels" % args.hidden)
+    if args.fp8 and args.hidden % 128:
+        p.error("--hidden %d: FP8 needs a multiple of 128 (one scale per 128 channels)" % args.hidden)
+    return args
+
+
+def main():
+    args = parse()
     if args.virtual:
+        # This script's own process, before CUDA starts: virtual ranks need a
+        # hardware queue per rank and every kernel loaded up front (see
+        # nccl_moe.VirtualBuffer; the package itself never sets these).
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
         torch.cuda.set_device(0)
         n_ranks, ranks = args.virtual, list(range(args.virtual))
         who = "virtual ranks"
@@ -151,7 +193,8 @@ def main():
         who = "rank %d" % ranks[0]
     dev = torch.device("cuda", torch.cuda.current_device())
     if args.experts % n_ranks:
-        sys.exit("--experts must be a multiple of the %d ranks" % n_ranks)
+        print("--experts %d is not a multiple of the %d ranks" % (args.experts, n_ranks), file=sys.stderr)
+        sys.exit(2)
 
     # Same seed everywhere: every process knows every rank's tokens and all
     # expert weights, so it can compute the dense reference of the whole

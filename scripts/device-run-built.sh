@@ -7,8 +7,10 @@
 # Steps: gpu (every gpu test binary), <test name> (one gpu test binary),
 # python[=PYTEST_ARGS] (the pytest suite, or the given files / -k filter),
 # bench[=ARGS] (nccl-moe-bench ARGS), torch (python/benchmarks/bench_vs_torch.py
-# --virtual 8), example (examples/moe_layer.py --virtual 8). Each step's
-# output goes to $OUT/<n>-<step>.log too; a summary comes last.
+# --virtual 8), example (examples/moe_layer.py --virtual 8), sweep (nccl-moe-bench
+# --sweep --json in both modes: $OUT/sweep-normal.jsonl and $OUT/sweep-ll.jsonl,
+# for scripts/plot_perf.py). Each step's output goes to $OUT/<n>-<step>.log too;
+# a summary comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin="$1"
@@ -48,6 +50,11 @@ for s in "$@"; do
     python=*) step "python ${s#python=}" 600 "$py" -m pytest -q -p no:cacheprovider ${s#python=} ;;
     bench) step bench 300 "$bin/nccl-moe-bench" ;;
     bench=*) step "bench ${s#bench=}" 300 "$bin/nccl-moe-bench" ${s#bench=} ;;
+    sweep)
+      for mode in normal ll; do
+        step "sweep $mode" 300 sh -c '"$1" --mode "$2" --sweep --json > "$3"' sh "$bin/nccl-moe-bench" "$mode" \
+          "$out/sweep-$mode.jsonl"
+      done ;;
     torch) step torch 300 "$py" python/benchmarks/bench_vs_torch.py --virtual 8 ;;
     example) step example 300 "$py" examples/moe_layer.py --virtual 8 ;;
     *) echo "unknown step $s" >&2; exit 2 ;;

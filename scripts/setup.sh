@@ -1,31 +1,43 @@
 #!/usr/bin/env bash
-# One-command set-up: installs what Debian 12 / Ubuntu 24.04 lack to build
-# nccl-moe, checks for the CUDA toolkit and NCCL, then configures and builds
-# build/. Idempotent: a second run only rebuilds what changed.
+# One-command set-up for developing nccl-moe: installs what Debian 12 /
+# Ubuntu 24.04 lack to build and test it, checks for the CUDA toolkit and
+# NCCL, then configures and builds build/. Idempotent: a second run only
+# rebuilds what changed. (Users who only want the Python package need none of
+# this: pip install . builds the library itself, see README.md.)
 # Usage: scripts/setup.sh [extra meson options...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null || { echo "setup: run as root or install sudo" >&2; exit 1; }
   SUDO="sudo"
 fi
 
 # --- system packages ---------------------------------------------------------
-pkgs=(meson ninja-build pkg-config gcc g++ check libsubunit-dev libibverbs-dev)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  if ! command -v apt-get >/dev/null; then
-    echo "setup: missing packages ${missing[*]} and no apt-get: install them by hand" >&2
+# To build and run the unit tests (required).
+build_pkgs=(meson ninja-build pkg-config gcc g++ check libsubunit-dev libibverbs-dev)
+# To build and test the Python package (pip install --no-build-isolation . in a
+# venv, pytest) and to plot benchmark sweeps; their tests skip without them.
+python_pkgs=(python3-venv python3-pip python3-mesonpy python3-pytest python3-matplotlib)
+missing_pkgs() {
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+mapfile -t missing < <(missing_pkgs "${build_pkgs[@]}")
+mapfile -t missing_py < <(missing_pkgs "${python_pkgs[@]}")
+if [ "$((${#missing[@]} + ${#missing_py[@]}))" -gt 0 ]; then
+  if command -v apt-get >/dev/null && { [ -z "$SUDO" ] || command -v sudo >/dev/null; }; then
+    echo "setup: installing ${missing[*]} ${missing_py[*]}"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" "${missing_py[@]}"
+  elif [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: missing packages ${missing[*]} and no apt-get (or sudo): install them by hand" >&2
     exit 1
+  else
+    echo "setup: without ${missing_py[*]} the Python package and plot tests skip" >&2
   fi
-  echo "setup: installing ${missing[*]}"
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 # --- CUDA toolkit and NCCL ---------------------------------------------------
@@ -46,9 +58,10 @@ for d in "${NCCL_HOME:-}" "${CUDA_HOME:-}" /usr/local/cuda /usr; do
 done
 if [ -z "$nccl_found" ] && ! pkg-config --exists nccl 2>/dev/null; then
   cat >&2 <<'MSG'
-setup: NCCL (nccl.h, libnccl.so) was not found.
+setup: NCCL (nccl.h, libnccl.so) was not found; the tests and tools link it.
   Install libnccl2 and libnccl-dev from NVIDIA's CUDA repository, or unpack NCCL
   and set NCCL_HOME to its prefix (NCCL_HOME/include/nccl.h, NCCL_HOME/lib/libnccl.so).
+  (pip install . needs only NCCL's headers, and also finds PyTorch's NCCL wheel.)
 MSG
   exit 1
 fi

@@ -19,35 +19,68 @@ and weights nccl_moe delivers as well). Times are wall-clock per call
 received rows x bytes per row (FP8: hidden + hidden/128 x 4; BF16: hidden x
 2), summed over the ranks of the process, as the C benchmark does. The
 received rows and combined tokens of both sides are compared first.
+--json: the figures as one JSON object on stdout (the report on stderr).
+Exit status: 0 ok, 1 failure, 2 bad arguments.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import time
 
-import nccl_moe  # before CUDA starts: sets CUDA_DEVICE_MAX_CONNECTIONS
-import torch
-import torch.distributed as dist
-from nccl_moe import fp8
+# torch and nccl_moe are imported by main(), after the arguments are checked:
+# --help and argument errors need neither (nor a GPU).
+torch = dist = nccl_moe = fp8 = None
+
+
+def _import_torch():
+    global torch, dist, nccl_moe, fp8
+    import nccl_moe
+    import torch
+    import torch.distributed as dist
+    from nccl_moe import fp8
+
+
+def int_in(lo, hi):
+    """argparse type: an integer in [lo, hi] (bad values exit 2 with the usage)."""
+    def parse_int(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not an integer" % text) from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError("%d is not in [%d, %d]" % (v, lo, hi))
+        return v
+    return parse_int
 
 
 def parse():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--virtual", type=int, default=0, metavar="N", help="N virtual ranks on one GPU")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--experts", type=int, default=256)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--virtual", type=int_in(0, 31), default=0, metavar="N", help="N virtual ranks on one GPU")
+    p.add_argument("--tokens", type=int_in(1, 1 << 20), default=4096, help="tokens per rank")
+    p.add_argument("--hidden", type=int_in(8, 65536), default=7168)
+    p.add_argument("--topk", type=int_in(1, 16), default=8)
+    p.add_argument("--experts", type=int_in(1, 1024), default=256)
     p.add_argument("--fp8", action="store_true", help="dispatch FP8 (codes + scales) instead of BF16")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--iters", type=int_in(1, 1000000), default=20)
+    p.add_argument("--warmup", type=int_in(0, 1000000), default=5)
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=1)
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 iterations (a smoke test)")
+    p.add_argument("--json", action="store_true", help="the figures as one JSON object on stdout")
     a = p.parse_args()
     if a.quick:
         a.tokens, a.hidden, a.topk, a.experts, a.iters, a.warmup = 64, 256, 4, 32, 2, 1
+    if a.topk > a.experts:
+        p.error("--topk %d: a token picks distinct experts, and there are %d" % (a.topk, a.experts))
+    if a.virtual and a.experts % a.virtual:
+        p.error("--experts %d is not a multiple of the %d virtual ranks" % (a.experts, a.virtual))
+    if a.hidden % 8:
+        p.error("--hidden %d: rows must be a multiple of 8 channels" % a.hidden)
+    if a.fp8 and a.hidden % 128:
+        p.error("--hidden %d: FP8 needs a multiple of 128 (one scale per 128 channels)" % a.hidden)
     return a
 
 
@@ -79,15 +112,24 @@ def as_rows(x, a):
 def report(a, n_ranks, where, recv_rows, ours, theirs):
     gb = recv_rows * row_bytes(a) / 1e9
     comb_gb = recv_rows * a.hidden * 2 / 1e9
+    text = sys.stderr if a.json else sys.stdout
     print("nccl-moe vs torch (%s): %d ranks, %d tokens/rank, hidden %d, top-%d of %d experts, %s dispatch, "
           "%d received rows" % (where, n_ranks, a.tokens, a.hidden, a.topk, a.experts, "FP8" if a.fp8 else "BF16",
-                                recv_rows))
+                                recv_rows), file=text)
+    figures = {"tool": "bench_vs_torch", "version": nccl_moe.__version__, "torch": torch.__version__,
+               "baseline": where, "ranks": n_ranks, "tokens": a.tokens, "hidden": a.hidden, "topk": a.topk,
+               "experts": a.experts, "dispatch": "fp8" if a.fp8 else "bf16", "received_rows": recv_rows,
+               "iters": a.iters, "warmup": a.warmup, "seed": a.seed}
     for op, size in (("dispatch", gb), ("combine", comb_gb)):
         t_ours, t_torch = ours[op], theirs[op]
         print("  %-8s nccl_moe %8.3f ms %7.1f GB/s | torch %8.3f ms %7.1f GB/s | ratio torch/ours %.2fx"
-              % (op, t_ours * 1e3, size / t_ours, t_torch * 1e3, size / t_torch, t_torch / t_ours))
+              % (op, t_ours * 1e3, size / t_ours, t_torch * 1e3, size / t_torch, t_torch / t_ours), file=text)
+        figures.update({op + "_us": t_ours * 1e6, op + "_GBps": size / t_ours, "torch_" + op + "_us": t_torch * 1e6,
+                        "torch_" + op + "_GBps": size / t_torch, op + "_ratio": t_torch / t_ours})
     print("RESULT dispatch_ratio=%.3f combine_ratio=%.3f" % (theirs["dispatch"] / ours["dispatch"],
-                                                             theirs["combine"] / ours["combine"]))
+                                                             theirs["combine"] / ours["combine"]), file=text)
+    if a.json:
+        print(json.dumps(figures), flush=True)
 
 
 # --------------------------------------------------------------- one GPU
@@ -227,9 +269,13 @@ def run_distributed(a):
 
 def main():
     a = parse()
+    _import_torch()
     if a.virtual:
-        if a.experts % a.virtual:
-            sys.exit("--experts must be a multiple of --virtual")
+        # This script's own process, before CUDA starts: virtual ranks need a
+        # hardware queue per rank and every kernel loaded up front (see
+        # nccl_moe.VirtualBuffer; the package itself never sets these).
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
         run_virtual(a)
     else:
         run_distributed(a)

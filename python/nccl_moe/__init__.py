@@ -1,5 +1,5 @@
 """nccl_moe: expert-parallel dispatch / combine for PyTorch, over
-libnccl-net-moe.so (ctypes, no compile step).
+libnccl-net-moe.so (ctypes).
 
     import nccl_moe
     buf = nccl_moe.Buffer(group, max_tokens_per_rank=4096, hidden=7168, num_experts=256)
@@ -8,15 +8,13 @@ libnccl-net-moe.so (ctypes, no compile step).
 
     vbuf = nccl_moe.VirtualBuffer(8, max_tokens_per_rank=..., hidden=..., num_experts=...)  # 8 ranks, one GPU
 
-The library is looked for at $NCCL_MOE_LIBRARY, next to this package, in the
-source tree's build/ (when run from a checkout), then on the loader path.
+The library is looked for at $NCCL_MOE_LIBRARY when it is set (only there),
+else inside this package (where pip install . puts it), in the source tree's
+build/ (when run from a checkout), then on the loader path.
 
-Virtual ranks need CUDA_DEVICE_MAX_CONNECTIONS >= ranks + 1 when CUDA starts:
-importing this package before CUDA is initialized sets it to 32 unless it is
-already set (more hardware queues than CUDA's default 8; harmless otherwise).
+Importing the package changes nothing in the process (no environment
+variables, no CUDA calls, no library loaded until first use).
 """
-
-import os as _os
 
 from ._lib import (
     LibraryNotFoundError,
@@ -25,31 +23,12 @@ from ._lib import (
     get_library,
     library_candidates,
 )
-
-__version__ = "0.2.0"
+from ._version import VERSION as __version__
 
 try:
     import torch as _torch
 except ImportError:  # the bindings still import; the torch API says what is missing
     _torch = None
-
-
-def _set_cuda_connections():
-    # CUDA reads the variable once, when it creates a context.
-    if _torch is not None and _torch.cuda.is_initialized():
-        if "CUDA_DEVICE_MAX_CONNECTIONS" not in _os.environ:
-            import warnings
-
-            warnings.warn("nccl_moe was imported after CUDA started, so it could not set "
-                          "CUDA_DEVICE_MAX_CONNECTIONS=32: virtual ranks (VirtualBuffer) may time out waiting for "
-                          "each other. Import nccl_moe first, or set the variable in the environment "
-                          "(process-group Buffers do not need it)", RuntimeWarning, stacklevel=2)
-        return False
-    _os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
-    return True
-
-
-_CONNECTIONS_SET_BEFORE_CUDA = _set_cuda_connections()
 
 _TORCH_API = ("Buffer", "VirtualBuffer", "DispatchResult", "Handle", "Layout", "LowLatencyDispatchResult",
               "LowLatencyHandle", "fp8")

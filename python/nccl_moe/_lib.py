@@ -14,12 +14,13 @@ import ctypes
 import os
 import threading
 
+from ._version import VERSION_TUPLE
+
 # ------------------------------------------------- constants of nccl_moe.h
-# The header this module mirrors. A library of another major.minor may lay its
-# structs out differently, so loading one is refused (see Library.__init__).
-NCCL_MOE_MAJOR = 0
-NCCL_MOE_MINOR = 2
-NCCL_MOE_PATCH = 0
+# The header this module mirrors, of this package's version (meson.build). A
+# library of another major.minor may lay its structs out differently, so
+# loading one is refused (see Library.__init__).
+NCCL_MOE_MAJOR, NCCL_MOE_MINOR, NCCL_MOE_PATCH = VERSION_TUPLE
 
 
 def version_code(major: int, minor: int, patch: int) -> int:
@@ -420,15 +421,17 @@ def _source_root():
 
 
 def library_candidates():
-    """[(where, path)] in search order. NCCL_MOE_LIBRARY, when set, is the only
-    candidate: an explicit choice must not silently fall back to another
-    copy."""
+    """[(where, path)] in search order: the package's own library (what pip
+    install . puts inside it), the source tree's build/ (a checkout), the
+    loader path. NCCL_MOE_LIBRARY (a file, or a folder holding the library),
+    when set, is an explicit override and the only candidate: an explicit
+    choice must not silently fall back to another copy."""
     env = os.environ.get(LIBRARY_ENV, "")
     if env:
         path = os.path.join(env, LIBRARY_NAME) if os.path.isdir(env) else env
         return [("%s=%s" % (LIBRARY_ENV, env), path)]
     here = os.path.dirname(os.path.abspath(__file__))
-    out = [("next to the package", os.path.join(here, LIBRARY_NAME))]
+    out = [("inside the package", os.path.join(here, LIBRARY_NAME))]
     root = _source_root()
     if root is not None:
         out.append(("the source tree's build/", os.path.join(root, "build", LIBRARY_NAME)))
@@ -460,7 +463,7 @@ def get_library() -> Library:
             except OSError as e:
                 tried.append("  %s (%s): %s" % (where, path, e))
         raise LibraryNotFoundError(
-            "cannot load %s. Tried:\n%s\nBuild it (scripts/setup.sh builds build/%s), then set %s to its path, "
-            "copy it next to the nccl_moe package (%s), or add its folder to LD_LIBRARY_PATH."
-            % (LIBRARY_NAME, "\n".join(tried), LIBRARY_NAME, LIBRARY_ENV,
-               os.path.dirname(os.path.abspath(__file__))))
+            "cannot load %s. Tried:\n%s\nInstall the package with its library (pip install . from the "
+            "repository), or build it in a checkout (meson setup build && ninja -C build, or scripts/setup.sh) "
+            "and set %s to its path, or add its folder to LD_LIBRARY_PATH."
+            % (LIBRARY_NAME, "\n".join(tried), LIBRARY_ENV))

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import warnings
 from typing import List, NamedTuple, Optional
 
 import torch
 
-from . import _lib
+from . import _lib, _version
 from ._autograd import CombineCall, CombineFn, DispatchCall, DispatchFn
 from ._core import Config, Core, LowLatency, Route, check_int, own_copy
 
@@ -294,24 +293,47 @@ def _ll_combine_recv(core: Core, handles):
     return [h._combined[2] for h in handles]
 
 
-def _warn_connections(n_ranks: int):
-    # CUDA reads CUDA_DEVICE_MAX_CONNECTIONS once, when it creates the context;
-    # the package sets it on import when CUDA is not initialized yet.
+# CUDA gives a device at most this many hardware queues
+# (CUDA_DEVICE_MAX_CONNECTIONS), 8 unless the variable says otherwise.
+CUDA_MAX_CONNECTIONS = 32
+CUDA_DEFAULT_CONNECTIONS = 8
+
+
+def check_virtual_environment(n_ranks: int, environ=os.environ) -> None:
+    """Raises RuntimeError when the environment would let N virtual ranks on
+    one GPU wait for each other until they time out (see
+    ncclMoeCommInitVirtual in nccl_moe.h): every rank runs on its own stream
+    beside the caller's, so n_ranks + 1 streams need as many hardware queues
+    (CUDA_DEVICE_MAX_CONNECTIONS), and a kernel loaded on first use while the
+    ranks wait can block them (CUDA_MODULE_LOADING=EAGER loads all at start).
+    CUDA reads both once, when it starts: they must be in the environment
+    before the process first uses CUDA. This package never sets them."""
+    if n_ranks <= 1:
+        return
     want = n_ranks + 1
-    value = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "")
+    if want > CUDA_MAX_CONNECTIONS:
+        raise ValueError("%d virtual ranks: at most %d fit on one GPU (each rank's stream needs a hardware queue of "
+                         "its own, and CUDA has %d)" % (n_ranks, CUDA_MAX_CONNECTIONS - 1, CUDA_MAX_CONNECTIONS))
+    missing = []
+    value = environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "")
     try:
-        have = int(value)
+        have = int(value) if value else CUDA_DEFAULT_CONNECTIONS
     except ValueError:
-        have = 8  # CUDA's default
-    if n_ranks > 1 and have < want:
-        warnings.warn(
-            "nccl_moe: %d virtual ranks need CUDA_DEVICE_MAX_CONNECTIONS >= %d (it is %s): ranks whose streams share a "
-            "hardware queue can wait for each other until they time out. Set CUDA_DEVICE_MAX_CONNECTIONS=32 in the "
-            "environment, or import nccl_moe before anything initializes CUDA."
-            % (n_ranks, want, value or "unset, so 8"), RuntimeWarning, stacklevel=3)
-    if want > 32:
-        warnings.warn("nccl_moe: more than 31 virtual ranks share CUDA's at most 32 hardware queues and can time out",
-                      RuntimeWarning, stacklevel=3)
+        have = -1
+    if have < want:
+        missing.append("CUDA_DEVICE_MAX_CONNECTIONS >= %d (it is %s), so that no two ranks share a hardware queue"
+                       % (want, repr(value) if value else "unset: CUDA's default is %d" % CUDA_DEFAULT_CONNECTIONS))
+    loading = environ.get("CUDA_MODULE_LOADING", "")
+    if loading != "EAGER":
+        missing.append("CUDA_MODULE_LOADING=EAGER (it is %s), so that no kernel is loaded while the ranks wait"
+                       % (repr(loading) if loading else "unset: lazy loading"))
+    if missing:
+        raise RuntimeError(
+            "%d virtual ranks on one GPU wait for each other on the GPU and need %s. Set %s in the environment "
+            "before the process first uses CUDA, e.g. CUDA_DEVICE_MAX_CONNECTIONS=%d CUDA_MODULE_LOADING=EAGER "
+            "python ..., or os.environ[...] at the very top of the script: CUDA reads them once, when it starts, "
+            "so a later change has no effect. (Buffer, one rank per process, needs neither.)"
+            % (n_ranks, "; and ".join(missing), "them" if len(missing) > 1 else "it", CUDA_MAX_CONNECTIONS))
 
 
 def _device_index(device) -> int:
@@ -326,19 +348,26 @@ def _device_index(device) -> int:
 
 
 # ------------------------------------------------------------ process group
+def _torch_needed() -> str:
+    return ("nccl_moe.Buffer needs PyTorch %s or newer (tested: %s), whose ProcessGroupNCCL exposes its NCCL "
+            "communicator (_comm_ptr()); this is torch %s. nccl_moe.VirtualBuffer works without a process group"
+            % (_version.TORCH_MIN_VERSION, _version.TORCH_TESTED_VERSIONS, getattr(torch, "__version__", "?")))
+
+
 def nccl_comm_pointer(group) -> int:
-    """The ncclComm_t (as an int) of a torch ProcessGroup's NCCL backend."""
+    """The ncclComm_t (as an int) of a torch ProcessGroup's NCCL backend,
+    found by feature (ProcessGroup._get_backend, then the backend's
+    _comm_ptr), not by torch version."""
     if not hasattr(group, "_get_backend"):
-        raise RuntimeError("this torch's ProcessGroup has no _get_backend(): nccl_moe needs a torch whose "
-                           "ProcessGroupNCCL exposes its communicator (_comm_ptr)")
+        raise RuntimeError("%s has no _get_backend(): %s" % (type(group).__name__, _torch_needed()))
     try:
         backend = group._get_backend(torch.device("cuda"))
     except Exception as e:  # noqa: BLE001 - torch raises various types here
         raise RuntimeError("the process group has no NCCL backend for CUDA tensors (%s): create it with "
                            "backend='nccl'" % e) from e
     if not hasattr(backend, "_comm_ptr"):
-        raise RuntimeError("%s has no _comm_ptr(): this torch does not expose the NCCL communicator of a process "
-                           "group; a newer torch is needed" % type(backend).__name__)
+        raise RuntimeError("the group's CUDA backend %s has no _comm_ptr(): either it is not NCCL (create the group "
+                           "with backend='nccl'), or %s" % (type(backend).__name__, _torch_needed()))
     try:
         ptr = int(backend._comm_ptr())
     except Exception:  # noqa: BLE001 - some versions raise instead of returning 0
@@ -672,8 +701,9 @@ class VirtualBuffer(_Base):
 
     Methods take and return per-rank lists (entry r is rank r). Each rank
     runs on its own host thread and CUDA stream; see the module notes.
-    CUDA_DEVICE_MAX_CONNECTIONS must be >= n_ranks + 1 when CUDA starts (the
-    package sets 32 on import if CUDA is not initialized yet).
+    The process must start with CUDA_DEVICE_MAX_CONNECTIONS >= n_ranks + 1
+    and CUDA_MODULE_LOADING=EAGER in its environment, else the constructor
+    raises (see check_virtual_environment; the package never sets them).
     Arguments as for Buffer, plus device (default: the current device) and
     ranks_per_node: split the ranks into "virtual nodes" of that many
     consecutive ranks that reach each other only through the network
@@ -691,10 +721,10 @@ class VirtualBuffer(_Base):
             ranks_per_node = check_int(ranks_per_node, "ranks_per_node")
             if not (1 <= ranks_per_node <= n_ranks and n_ranks % ranks_per_node == 0):
                 raise ValueError("ranks_per_node = %d: must divide the %d ranks" % (ranks_per_node, n_ranks))
+        check_virtual_environment(n_ranks)
         if not torch.cuda.is_available():
             raise RuntimeError("VirtualBuffer needs a CUDA device, and torch sees none")
         index = _device_index(device)
-        _warn_connections(n_ranks)
         lib = _lib.get_library()
         comms = (ctypes.c_void_p * n_ranks)()
         with torch.cuda.device(index):

@@ -1,6 +1,7 @@
 """pytest set-up for the nccl_moe package tests: the package importable from
-the source tree, a seed per run (MOE_TEST_SEED, else random; printed), and
-skip markers for torch and GPUs."""
+the source tree (or, with NCCL_MOE_TEST_INSTALLED=1, the installed one: what
+pip install . put in the running Python), a seed per run (MOE_TEST_SEED, else
+random; printed), and skip markers for torch and GPUs."""
 
 import os
 import random
@@ -11,16 +12,23 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-if os.path.join(ROOT, "python") not in sys.path:
+INSTALLED = os.environ.get("NCCL_MOE_TEST_INSTALLED", "") == "1"
+if not INSTALLED and os.path.join(ROOT, "python") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "python"))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-# Before anything starts CUDA: the package sets CUDA_DEVICE_MAX_CONNECTIONS;
-# virtual ranks also need eager module loading (ncclMoeCommInitVirtual).
-os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+# Virtual ranks need these before anything starts CUDA (VirtualBuffer checks,
+# and says so); the package itself never sets them. The tests' children
+# (examples, benchmark) inherit them.
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+
 import nccl_moe  # noqa: E402
+
+if INSTALLED and os.path.abspath(nccl_moe.__file__).startswith(os.path.join(ROOT, "python") + os.sep):
+    raise pytest.UsageError("NCCL_MOE_TEST_INSTALLED=1, but nccl_moe comes from the source tree (%s): run from "
+                            "outside the checkout, without PYTHONPATH" % nccl_moe.__file__)
 
 SEED = int(os.environ.get("MOE_TEST_SEED") or random.SystemRandom().randrange(1, 2**31))
 
@@ -30,7 +38,9 @@ def pytest_report_header(config):
         lib = nccl_moe.library_path()
     except Exception as e:  # noqa: BLE001 - reported by test_bindings
         lib = "not loadable (%s)" % str(e).splitlines()[0]
-    return ["nccl_moe tests: MOE_TEST_SEED=%d (set it to repeat this run)" % SEED, "library: %s" % lib]
+    return ["nccl_moe tests: MOE_TEST_SEED=%d (set it to repeat this run)" % SEED,
+            "package: %s%s" % (os.path.dirname(nccl_moe.__file__), " (installed)" if INSTALLED else ""),
+            "library: %s" % lib]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import nccl_moe  # noqa: E402  (before CUDA starts)
+import nccl_moe  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from nccl_moe import fp8  # noqa: E402

@@ -15,6 +15,7 @@ here="$root/tests/python"
 # Meson passes the library relative to the build directory (our cwd).
 case "$lib" in /*) ;; *) [ -e "$lib" ] && lib="$PWD/$lib" ;; esac
 export NCCL_MOE_LIBRARY="$lib"
+export NCCL_MOE_INCLUDE="$(dirname "$lib")/include" # the generated nccl_moe_version.h
 export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1 # keep the source tree clean
 # Virtual ranks: a kernel loaded lazily in one rank's thread can wait for the
@@ -43,7 +44,7 @@ fi
 
 case "$suite" in
   python)
-    files=(test_bindings.py test_cpu.py test_virtual.py test_autograd.py test_low_latency.py test_examples.py
+    files=(test_package.py test_bindings.py test_cpu.py test_virtual.py test_autograd.py test_low_latency.py test_examples.py
            test_deep_ep_cpu.py test_deep_ep_intranode.py test_deep_ep_low_latency.py test_cuda_graphs.py
            test_c_api_overlap.py test_deep_ep_examples.py)
     need_gpus=1 ;;

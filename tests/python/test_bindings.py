@@ -19,10 +19,16 @@ HEADER = os.path.join(ROOT, "include", "nccl_moe.h")
 
 
 def _header_dirs():
-    """-I folders for cuda_runtime_api.h and nccl.h, or None."""
+    """-I folders for the generated nccl_moe_version.h (a build's include/:
+    $NCCL_MOE_INCLUDE, which run_pytest.sh sets, else the checkout's
+    build/include), cuda_runtime_api.h and nccl.h; or None."""
+    generated = [d for d in (os.environ.get("NCCL_MOE_INCLUDE", ""), os.path.join(ROOT, "build", "include"))
+                 if d and os.path.isfile(os.path.join(d, "nccl_moe_version.h"))]
+    if not generated:
+        return None
     prefixes = [os.environ.get(v, "") for v in ("CUDA_HOME", "CUDA_PATH", "NCCL_HOME")]
     prefixes += ["/usr/local/cuda", "/usr"]
-    dirs = []
+    dirs = [generated[0]]
     for want in ("cuda_runtime_api.h", "nccl.h"):
         found = next((os.path.join(p, "include") for p in prefixes
                       if p and os.path.isfile(os.path.join(p, "include", want))), None)
@@ -61,7 +67,8 @@ def probe(tmp_path_factory):
         pytest.skip("no C compiler")
     dirs = _header_dirs()
     if dirs is None:
-        pytest.skip("cuda_runtime_api.h or nccl.h not found (set CUDA_HOME / NCCL_HOME)")
+        pytest.skip("nccl_moe_version.h (a build's include/: set NCCL_MOE_INCLUDE), cuda_runtime_api.h or nccl.h "
+                    "not found (set CUDA_HOME / NCCL_HOME)")
     lines = ["#include <stddef.h>", "#include <stdio.h>", '#include "nccl_moe.h"', "int main(void) {"]
     for cname, cls in _lib.STRUCTS.items():
         lines.append('  printf("size %s %%zu\\n", sizeof(%s));' % (cname, cname))
@@ -72,6 +79,7 @@ def probe(tmp_path_factory):
         lines.append('  printf("const %s %%lld\\n", (long long)(%s));' % (expr.replace(" ", ""), expr))
     for expr in _lib.FLOAT_CONSTANTS:
         lines.append('  printf("fconst %s %%.9g\\n", (double)(%s));' % (expr, expr))
+    lines.append('  printf("string NCCL_MOE_VERSION_STRING %s\\n", NCCL_MOE_VERSION_STRING);')
     lines += ["  return 0;", "}"]
     d = tmp_path_factory.mktemp("probe")
     src = d / "probe.c"
@@ -95,6 +103,8 @@ def probe(tmp_path_factory):
             consts[rest[0]] = int(rest[1])
         elif kind == "fconst":
             consts[rest[0]] = float(rest[1])
+        elif kind == "string":
+            consts[rest[0]] = rest[1]
     return sizes, offsets, consts
 
 
@@ -122,6 +132,14 @@ def test_constants_match_header(probe):
         assert consts[expr.replace(" ", "")] == value, expr
     for expr, value in _lib.FLOAT_CONSTANTS.items():
         assert consts[expr] == value, expr
+
+
+def test_version_string_matches_package(probe):
+    # One version (meson.build): the header's string is the package's.
+    import nccl_moe
+
+    _, _, consts = probe
+    assert consts["NCCL_MOE_VERSION_STRING"] == nccl_moe.__version__
 
 
 def test_every_header_function_is_bound():
@@ -216,9 +234,3 @@ def test_library_directory_in_env():
     assert r.stdout.strip() == os.path.join(os.path.dirname(lib.path), _lib.LIBRARY_NAME)
 
 
-def test_search_order_without_env(monkeypatch):
-    monkeypatch.delenv("NCCL_MOE_LIBRARY", raising=False)
-    where = [w for w, _ in _lib.library_candidates()]
-    assert where[0] == "next to the package"
-    assert where[-1] == "the loader path"
-    assert "the source tree's build/" in where  # these tests run from a checkout

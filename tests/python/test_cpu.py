@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 import nccl_moe  # noqa: E402
 from nccl_moe import _dlpack, fp8  # noqa: E402
-from nccl_moe.buffer import Buffer, VirtualBuffer, nccl_comm_pointer  # noqa: E402
+from nccl_moe.buffer import Buffer, VirtualBuffer, check_virtual_environment, nccl_comm_pointer  # noqa: E402
 
 # ------------------------------------------------------------------ FP8 codec
 _POS = torch.tensor([fp8._DECODE[c] for c in range(0x7F)], dtype=torch.float64)  # 0 .. 448, ascending
@@ -151,11 +151,44 @@ def test_comm_pointer_probing():
         nccl_comm_pointer(object())
     with pytest.raises(RuntimeError, match="backend='nccl'"):
         nccl_comm_pointer(_Group(RuntimeError("no backend for cuda")))
-    with pytest.raises(RuntimeError, match="has no _comm_ptr"):
+    with pytest.raises(RuntimeError, match="has no _comm_ptr") as info:
         nccl_comm_pointer(_Group(object()))
+    assert "PyTorch %s or newer" % nccl_moe._version.TORCH_MIN_VERSION in str(info.value)
     with pytest.raises(RuntimeError, match="device_id=") as info:
         nccl_comm_pointer(_Group(_Backend(0)))
     assert "all_reduce" in str(info.value)
+
+
+ENOUGH = {"CUDA_DEVICE_MAX_CONNECTIONS": "32", "CUDA_MODULE_LOADING": "EAGER"}
+
+
+@pytest.mark.parametrize("n, environ, match", [
+    (8, {}, r"CUDA_DEVICE_MAX_CONNECTIONS >= 9 \(it is unset: CUDA's default is 8\).*CUDA_MODULE_LOADING=EAGER"),
+    (8, {"CUDA_MODULE_LOADING": "EAGER"}, "CUDA_DEVICE_MAX_CONNECTIONS >= 9"),
+    (4, {"CUDA_DEVICE_MAX_CONNECTIONS": "4", "CUDA_MODULE_LOADING": "EAGER"}, r">= 5 \(it is '4'\)"),
+    (4, {"CUDA_DEVICE_MAX_CONNECTIONS": "many", "CUDA_MODULE_LOADING": "EAGER"}, "'many'"),
+    (2, {"CUDA_DEVICE_MAX_CONNECTIONS": "32", "CUDA_MODULE_LOADING": "LAZY"}, "CUDA_MODULE_LOADING=EAGER .it is 'LAZY'"),
+    (2, {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, "before the process first uses CUDA"),
+])
+def test_virtual_environment_is_checked(n, environ, match):
+    with pytest.raises(RuntimeError, match=match):
+        check_virtual_environment(n, environ)
+
+
+def test_virtual_environment_accepted():
+    check_virtual_environment(1, {})  # one rank waits for nobody
+    check_virtual_environment(7, {"CUDA_MODULE_LOADING": "EAGER"})  # CUDA's default 8 queues suffice
+    check_virtual_environment(31, ENOUGH)
+    with pytest.raises(ValueError, match="at most 31"):
+        check_virtual_environment(32, ENOUGH)
+
+
+def test_virtual_buffer_checks_environment_before_cuda(monkeypatch):
+    # Raised before torch is asked for a GPU: runs on a machine without one.
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+    with pytest.raises(RuntimeError, match="CUDA_DEVICE_MAX_CONNECTIONS >= 9"):
+        VirtualBuffer(8, max_tokens_per_rank=16, hidden=128, num_experts=8)
 
 
 def test_buffer_needs_a_process_group():

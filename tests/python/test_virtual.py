@@ -271,10 +271,11 @@ def test_argument_errors_on_gpu(seed):
         vb.check_async_error()
 
 
-def test_connections_warning(monkeypatch):
+def test_too_few_connections_is_an_error(monkeypatch):
+    # Checked from the environment before any native call: nothing to clean up.
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "4")
-    with pytest.warns(RuntimeWarning, match="CUDA_DEVICE_MAX_CONNECTIONS"):
-        make_buffer(4, 8, 128, 8, 2).destroy()
+    with pytest.raises(RuntimeError, match="CUDA_DEVICE_MAX_CONNECTIONS >= 5"):
+        make_buffer(4, 8, 128, 8, 2)
 
 
 def test_properties_and_destroy():

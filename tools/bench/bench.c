@@ -10,7 +10,6 @@
  * to the last rank's end; median over the timed iterations. Copy bandwidth is
  * bytes copied (once) per second. Ratios are over the copy bandwidth. */
 #include <cuda_runtime_api.h>
-#include <getopt.h>
 #include <nccl.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -24,9 +23,19 @@
 #include "tests/support/moe_test_kernels.h"
 #include "kernels/moe_lowlatency.h"
 #include "nccl_moe.h"
+#include "tools/common/json.h"
+#include "tools/common/opts.h"
 
 #define MAXR NCCL_MOE_MAX_RANKS
 #define COPY_BYTES (1ull << 30)
+#define BENCH_MAX_TOKENS (1 << 20) /* the library's largest maxTokensPerRank */
+#define BENCH_MAX_HIDDEN 65536     /* the library's largest hidden */
+#define BENCH_MAX_ITERS 1000000
+#define BENCH_MAX_SMS 1024
+#define BENCH_MAX_SWEEP 32 /* token counts of one --sweep */
+#define BENCH_DEFAULT_TOKENS 4096 /* normal mode; LL_DEFAULT_* below for --mode ll */
+#define BENCH_DEFAULT_ITERS 20
+#define BENCH_DEFAULT_WARMUP 5
 
 #define CK(call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) { fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); exit(1); } } while (0)
 #define NK(call) do { ncclResult_t r_ = (call); if (r_ != ncclSuccess) { fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, ncclMoeGetLastError()); exit(1); } } while (0)
@@ -38,24 +47,37 @@ typedef struct {
   unsigned long long seed;
   int ll;                          /* --mode ll */
   ncclMoeScaleFormat_t scaleFormat; /* --scales (low-latency FP8 cast) */
+  int json;                        /* --json: one JSON object per result on stdout */
+  FILE* text;                      /* the human-readable report: stdout, or stderr with --json */
+  int sweepCount;                  /* --sweep: token counts to run, in order */
+  int sweepTokens[BENCH_MAX_SWEEP];
 } opts_t;
 
-static void usage(void) {
-  printf("usage: nccl-moe-bench [--mode normal|ll] [--ranks N | --gpus N] [--nodes M] [--tokens T] [--hidden H]\n"
-         "                      [--topk K]\n"
-         "                      [--experts E] [--dispatch fp8|bf16|cast] [--scales float|pow2|ue8m0]\n"
-         "                      [--iters I] [--warmup W] [--sms S] [--seed X]\n"
-         "  defaults: 8 virtual ranks on GPU 0, 4096 tokens/rank, hidden 7168, top-8 of 256 experts,\n"
-         "  FP8 dispatch (x already FP8; 'cast' = BF16 x cast to FP8 in the kernel), BF16 combine,\n"
-         "  20 timed runs after 5 warm-ups.\n"
-         "  --nodes M: the ranks form M virtual nodes talking through the network transport (socket on\n"
-         "  loopback unless NCCL_MOE_NET_BACKEND); adds network-side GB/s and the transport's own GB/s.\n"
-         "  --gpus N: one process per GPU (GPUs 0..N-1) over a real NCCL communicator instead of virtual\n"
-         "  ranks; GB/s are per GPU.\n"
-         "  --mode ll: low-latency dispatch/combine, 128 tokens/rank, BF16 x cast to FP8 in the kernel\n"
-         "  (fp8 and cast alike; bf16 sends BF16) with --scales (default float), median of 200 graph\n"
-         "  replays after 20. With --nodes M the ranks of other nodes are reached through the\n"
-         "  low-latency proxy and the network transport.\n");
+/* --sweep without a list: token counts per rank of each mode. */
+static const int SWEEP_NORMAL[] = {128, 256, 512, 1024, 2048, 4096, 8192};
+static const int SWEEP_LL[] = {1, 2, 4, 8, 16, 32, 64, 128, 256};
+
+static void usage(FILE* out) {
+  fprintf(out,
+          "usage: nccl-moe-bench [--mode normal|ll] [--ranks N | --gpus N] [--nodes M]\n"
+          "                      [--tokens T | --sweep[=T,T,...]] [--hidden H] [--topk K] [--experts E]\n"
+          "                      [--dispatch fp8|bf16|cast] [--scales float|pow2|ue8m0] [--iters I]\n"
+          "                      [--warmup W] [--sms S] [--seed X] [--json]\n"
+          "  defaults: 8 virtual ranks on GPU 0, 4096 tokens/rank, hidden 7168, top-8 of 256 experts,\n"
+          "  FP8 dispatch (x already FP8; 'cast' = BF16 x cast to FP8 in the kernel), BF16 combine,\n"
+          "  20 timed runs after 5 warm-ups.\n"
+          "  --nodes M: the ranks form M virtual nodes talking through the network transport (socket on\n"
+          "  loopback unless NCCL_MOE_NET_BACKEND); adds network-side GB/s and the transport's own GB/s.\n"
+          "  --gpus N: one process per GPU (GPUs 0..N-1) over a real NCCL communicator instead of virtual\n"
+          "  ranks; GB/s are per GPU (normal mode only).\n"
+          "  --mode ll: low-latency dispatch/combine, 128 tokens/rank, BF16 x cast to FP8 in the kernel\n"
+          "  (fp8 and cast alike; bf16 sends BF16) with --scales (default float), median of 200 graph\n"
+          "  replays after 20. With --nodes M the ranks of other nodes are reached through the\n"
+          "  low-latency proxy and the network transport.\n"
+          "  --sweep: one run per token count (normal: 128..8192, ll: 1..256, doubling), progress on stderr.\n"
+          "  --json: one JSON object per result on stdout (every figure of the report, which goes to stderr);\n"
+          "  scripts/plot_perf.py draws a sweep's.\n"
+          "  Exit status: 0 ok, 1 failure, 2 bad arguments, 77 no (or too few) GPUs.\n");
 }
 
 static int cmp_float(const void* a, const void* b) {
@@ -74,6 +96,7 @@ typedef struct {
   cudaStream_t stream;
   cudaEvent_t start, end;
   void *x, *xs, *idx, *w, *perRank, *perExpert, *out;
+  void* xq; /* x as FP8 (an FP8 dispatch of FP8 input), else NULL */
   void* combineBuf;
   ncclMoeDispatchArgs_t args;
   int* recvCount; /* device, from the last dispatch */
@@ -391,9 +414,9 @@ static void ll_trace(cudaGraphExec_t* exec, const opts_t* o, cudaStream_t stream
     unsigned long long t0 = ~0ull;
     for (int r = 0; r < o->ranks; r++) if (t[r][first] && t[r][first] < t0) t0 = t[r][first];
     for (int r = 0; r < o->ranks; r++) {
-      printf("trace %s rank %d:", op == LL_DISPATCH ? "dispatch" : "combine", r);
-      for (int i = first; i <= last; i++) printf(" %6.2f", t[r][i] ? (t[r][i] - t0) * 1e-3 : -1.0);
-      printf("\n");
+      fprintf(o->text, "trace %s rank %d:", op == LL_DISPATCH ? "dispatch" : "combine", r);
+      for (int i = first; i <= last; i++) fprintf(o->text, " %6.2f", t[r][i] ? (t[r][i] - t0) * 1e-3 : -1.0);
+      fprintf(o->text, "\n");
     }
   }
 }
@@ -422,12 +445,38 @@ static void ll_check_async(ll_rank_t* rk, int ranks) {
   }
 }
 
+/* The fields every --json object starts with: what ran, where, on what. */
+static void json_head(moe_json_t* j, const opts_t* o, const char* mode, const char* device, int sms, int gpus,
+                      int ranks) {
+  moe_json_begin(j, stdout);
+  moe_json_str(j, "tool", "nccl-moe-bench");
+  moe_json_str(j, "version", NCCL_MOE_VERSION_STRING);
+  moe_json_str(j, "mode", mode);
+  moe_json_str(j, "device", device);
+  moe_json_int(j, "sms", sms);
+  moe_json_int(j, "sm_budget", o->sms); /* --sms: 0 = automatic */
+  moe_json_int(j, "gpus", gpus);
+  moe_json_int(j, "ranks", ranks);
+  moe_json_int(j, "nodes", o->nodes);
+  moe_json_int(j, "tokens", o->tokens);
+  moe_json_int(j, "hidden", o->hidden);
+  moe_json_int(j, "topk", o->topk);
+  moe_json_int(j, "experts", o->experts);
+  moe_json_int(j, "iters", o->iters);
+  moe_json_int(j, "warmup", o->warmup);
+  moe_json_uint(j, "seed", o->seed);
+}
+
+static void ll_teardown_rank(ll_rank_t* p) {
+  cudaGraphExecDestroy(p->graph[LL_DISPATCH]);
+  cudaGraphExecDestroy(p->graph[LL_COMBINE]);
+  ncclMoeHandleDestroy(p->handle);
+  cudaFree(p->x), cudaFree(p->idx), cudaFree(p->w), cudaFree(p->out), cudaFree(p->y);
+  cudaEventDestroy(p->start), cudaEventDestroy(p->end);
+  cudaStreamDestroy(p->stream);
+}
+
 static int ll_main(const opts_t* o) {
-  if (o->tokens > NCCL_MOE_LL_MAX_TOKENS || o->experts % o->ranks != 0 || o->experts > NCCL_MOE_MAX_EXPERTS ||
-      o->topk > NCCL_MOE_MAX_TOPK) {
-    usage();
-    return 2;
-  }
   struct cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
@@ -495,36 +544,58 @@ static int ll_main(const opts_t* o) {
   const double dGBps = dispBytes / (tDispatch * 1e-3) / 1e9, cGBps = combBytes / (tCombine * 1e-3) / 1e9;
   const double dRatio = dGBps / copy, cRatio = cGBps / copy;
   const char* scales = o->scaleFormat == ncclMoeScaleUE8M0 ? "UE8M0" : o->scaleFormat == ncclMoeScalePow2 ? "pow2" : "float";
-  printf("nccl-moe-bench --mode ll: %s, %d SMs; %d virtual ranks in %d node(s), %d tokens/rank, hidden %d, top-%d of "
-         "%d experts, %s%s%s dispatch, BF16 combine; %zu MiB low-latency buffers/rank\n",
-         prop.name, prop.multiProcessorCount, o->ranks, o->nodes, o->tokens, o->hidden, o->topk, o->experts,
-         o->fp8 ? "FP8 (BF16 cast in the kernel, " : "BF16", o->fp8 ? scales : "", o->fp8 ? " scales)" : "",
-         llBytes >> 20);
-  printf("valid (token, expert) pairs (all ranks): %lld (%.2f per token)\n", pairs, pairs / ((double)o->ranks * T));
-  printf("%-34s %10s %12s %8s\n", "phase (median of graph replays)", "us", "GB/s", "ratio");
-  printf("%-34s %10.1f %12.1f %8.3f\n", "ll dispatch (send + receive)", tDispatch * 1e3, dGBps, dRatio);
-  printf("%-34s %10.1f %12.1f %8.3f\n", "ll combine (send + receive)", tCombine * 1e3, cGBps, cRatio);
-  printf("the same as one graph per rank on its own stream, behind a gate (first start to last end):\n");
-  printf("%-34s %10.1f   (start skew of the ranks %.1f)\n", "ll dispatch", span[LL_DISPATCH] * 1e3,
-         skew[LL_DISPATCH] * 1e3);
-  printf("%-34s %10.1f   (start skew of the ranks %.1f)\n", "ll combine", span[LL_COMBINE] * 1e3,
-         skew[LL_COMBINE] * 1e3);
-  printf("%-34s %10.1f   (the same graph with an empty kernel per rank)\n", "launch floor", floorSpan[0] * 1e3);
-  printf("%-34s %10s %12.1f\n", "device copy (bytes once)", "", copy);
-  printf("RESULT mode=ll gpus=1 ranks=%d tokens=%d ll_dispatch_us=%.1f ll_combine_us=%.1f ll_ratio=%.3f "
-         "ll_dispatch_GBps=%.1f ll_combine_GBps=%.1f copy_GBps=%.1f ll_dispatch_ratio=%.3f ll_combine_ratio=%.3f "
-         "nodes=%d\n",
-         o->ranks, o->tokens, tDispatch * 1e3, tCombine * 1e3, dRatio < cRatio ? dRatio : cRatio, dGBps, cGBps, copy,
-         dRatio, cRatio, o->nodes);
+  fprintf(o->text,
+          "nccl-moe-bench --mode ll: %s, %d SMs; %d virtual ranks in %d node(s), %d tokens/rank, hidden %d, top-%d of "
+          "%d experts, %s%s%s dispatch, BF16 combine; %zu MiB low-latency buffers/rank\n",
+          prop.name, prop.multiProcessorCount, o->ranks, o->nodes, o->tokens, o->hidden, o->topk, o->experts,
+          o->fp8 ? "FP8 (BF16 cast in the kernel, " : "BF16", o->fp8 ? scales : "", o->fp8 ? " scales)" : "",
+          llBytes >> 20);
+  fprintf(o->text, "valid (token, expert) pairs (all ranks): %lld (%.2f per token)\n", pairs,
+          pairs / ((double)o->ranks * T));
+  fprintf(o->text, "%-34s %10s %12s %8s\n", "phase (median of graph replays)", "us", "GB/s", "ratio");
+  fprintf(o->text, "%-34s %10.1f %12.1f %8.3f\n", "ll dispatch (send + receive)", tDispatch * 1e3, dGBps, dRatio);
+  fprintf(o->text, "%-34s %10.1f %12.1f %8.3f\n", "ll combine (send + receive)", tCombine * 1e3, cGBps, cRatio);
+  fprintf(o->text, "the same as one graph per rank on its own stream, behind a gate (first start to last end):\n");
+  fprintf(o->text, "%-34s %10.1f   (start skew of the ranks %.1f)\n", "ll dispatch", span[LL_DISPATCH] * 1e3,
+          skew[LL_DISPATCH] * 1e3);
+  fprintf(o->text, "%-34s %10.1f   (start skew of the ranks %.1f)\n", "ll combine", span[LL_COMBINE] * 1e3,
+          skew[LL_COMBINE] * 1e3);
+  fprintf(o->text, "%-34s %10.1f   (the same graph with an empty kernel per rank)\n", "launch floor",
+          floorSpan[0] * 1e3);
+  fprintf(o->text, "%-34s %10s %12.1f\n", "device copy (bytes once)", "", copy);
+  fprintf(o->text, "RESULT mode=ll gpus=1 ranks=%d tokens=%d ll_dispatch_us=%.1f ll_combine_us=%.1f ll_ratio=%.3f "
+          "ll_dispatch_GBps=%.1f ll_combine_GBps=%.1f copy_GBps=%.1f ll_dispatch_ratio=%.3f ll_combine_ratio=%.3f "
+          "nodes=%d\n",
+          o->ranks, o->tokens, tDispatch * 1e3, tCombine * 1e3, dRatio < cRatio ? dRatio : cRatio, dGBps, cGBps, copy,
+          dRatio, cRatio, o->nodes);
+  if (o->json) {
+    moe_json_t j;
+    json_head(&j, o, "ll", prop.name, prop.multiProcessorCount, 1, o->ranks);
+    moe_json_str(&j, "dispatch", o->fp8 ? "fp8" : "bf16");
+    moe_json_str(&j, "scales", o->fp8 ? scales : "none");
+    moe_json_int(&j, "buffer_MiB", (long long)(llBytes >> 20));
+    moe_json_int(&j, "pairs", pairs);
+    moe_json_num(&j, "dispatch_us", tDispatch * 1e3);
+    moe_json_num(&j, "dispatch_GBps", dGBps);
+    moe_json_num(&j, "dispatch_ratio", dRatio);
+    moe_json_num(&j, "combine_us", tCombine * 1e3);
+    moe_json_num(&j, "combine_GBps", cGBps);
+    moe_json_num(&j, "combine_ratio", cRatio);
+    moe_json_num(&j, "gated_dispatch_us", span[LL_DISPATCH] * 1e3);
+    moe_json_num(&j, "gated_dispatch_skew_us", skew[LL_DISPATCH] * 1e3);
+    moe_json_num(&j, "gated_combine_us", span[LL_COMBINE] * 1e3);
+    moe_json_num(&j, "gated_combine_skew_us", skew[LL_COMBINE] * 1e3);
+    moe_json_num(&j, "launch_floor_us", floorSpan[0] * 1e3);
+    moe_json_num(&j, "copy_GBps", copy);
+    moe_json_end(&j);
+  }
   cudaGraphExecDestroy(all[LL_DISPATCH]);
   cudaGraphExecDestroy(all[LL_COMBINE]);
-  for (int r = 0; r < o->ranks; r++) {
-    cudaGraphExecDestroy(rk[r].graph[LL_DISPATCH]);
-    cudaGraphExecDestroy(rk[r].graph[LL_COMBINE]);
-    ncclMoeHandleDestroy(rk[r].handle);
-  }
+  for (int r = 0; r < o->ranks; r++) ll_teardown_rank(&rk[r]);
   for (int r = 0; r < o->ranks; r++) ncclMoeCommDestroy(rk[r].comm);
   cudaFreeHost(gate.hostFlag);
+  cudaEventDestroy(gate.open);
+  cudaStreamDestroy(gate.stream);
   return 0;
 }
 
@@ -564,10 +635,9 @@ static void setup_rank(rank_t* p, ncclMoeComm_t comm, const opts_t* o, int rank,
   void* xin = p->x;
   if (o->fp8 && !o->cast) {
     /* FP8 input, as DeepEP's benchmark dispatches it. */
-    void* q;
-    CK(cudaMalloc(&q, T * H));
-    CK(moe_fp8_quantize_launch(p->x, o->tokens, o->hidden, 0, q, p->xs, 0));
-    xin = q;
+    CK(cudaMalloc(&p->xq, T * H));
+    CK(moe_fp8_quantize_launch(p->x, o->tokens, o->hidden, 0, p->xq, p->xs, 0));
+    xin = p->xq;
   }
   NK(ncclMoeGetCombineBuffer(p->comm, &p->combineBuf, NULL));
   p->args = (ncclMoeDispatchArgs_t){.x = xin, .xType = (o->fp8 && !o->cast) ? ncclFloat8e4m3 : ncclBfloat16,
@@ -577,6 +647,14 @@ static void setup_rank(rank_t* p, ncclMoeComm_t comm, const opts_t* o, int rank,
                                     .topkIdx = p->idx, .topkWeights = p->w,
                                     .capacity = nRanks * o->tokens, .expertAlignment = 1};
   free(hx), free(hidx), free(hw);
+}
+
+static void teardown_rank(rank_t* p) {
+  ncclMoeHandleDestroy(p->handle);
+  cudaFree(p->x), cudaFree(p->xs), cudaFree(p->xq), cudaFree(p->idx), cudaFree(p->w), cudaFree(p->out);
+  cudaFree(p->perRank), cudaFree(p->perExpert);
+  cudaEventDestroy(p->start), cudaEventDestroy(p->end);
+  cudaStreamDestroy(p->stream);
 }
 
 /* Per-phase medians (ms) and received rows, whatever runs the ranks. */
@@ -594,19 +672,40 @@ static void report(const opts_t* o, const results_t* m, const char* device, int 
   const double dispBytes = m->recvTotal * tokBytes / m->gpus, combBytes = m->recvTotal * H * 2 / m->gpus;
   const double dGBps = dispBytes / (m->dispatch * 1e-3) / 1e9, cGBps = combBytes / (m->combine * 1e-3) / 1e9;
   const double dcGBps = dispBytes / (m->cached * 1e-3) / 1e9;
-  printf("nccl-moe-bench: %s, %d SMs; %d %s ranks on %d GPU(s), %d tokens/rank, hidden %d, top-%d of %d experts, "
-         "%s dispatch, BF16 combine; %zu MiB buffers/rank\n",
-         device, sms, m->ranks, m->gpus > 1 ? "process" : "virtual", m->gpus, o->tokens, o->hidden, o->topk,
-         o->experts, o->cast ? "BF16->FP8 cast" : (o->fp8 ? "FP8" : "BF16"), m->bufBytes >> 20);
-  printf("received tokens (all ranks): %.0f (%.2f per token)\n", m->recvTotal,
-         m->recvTotal / (m->ranks * (double)o->tokens));
-  printf("%-28s %10s %12s %8s\n", "phase (median)", "us", "GB/s/GPU", "ratio");
-  printf("%-28s %10.1f\n", "layout", m->layout * 1e3);
-  printf("%-28s %10.1f\n", "notify (full - cached - layout)", (m->dispatch - m->cached - m->layout) * 1e3);
-  printf("%-28s %10.1f %12.1f %8.3f\n", "dispatch (layout+notify+move)", m->dispatch * 1e3, dGBps, dGBps / m->copy);
-  printf("%-28s %10.1f %12.1f %8.3f\n", "dispatch, cached handle", m->cached * 1e3, dcGBps, dcGBps / m->copy);
-  printf("%-28s %10.1f %12.1f %8.3f\n", "combine", m->combine * 1e3, cGBps, cGBps / m->copy);
-  printf("%-28s %10s %12.1f\n", "device copy (bytes once)", "", m->copy);
+  fprintf(o->text,
+          "nccl-moe-bench: %s, %d SMs; %d %s ranks on %d GPU(s), %d tokens/rank, hidden %d, top-%d of %d experts, "
+          "%s dispatch, BF16 combine; %zu MiB buffers/rank\n",
+          device, sms, m->ranks, m->gpus > 1 ? "process" : "virtual", m->gpus, o->tokens, o->hidden, o->topk,
+          o->experts, o->cast ? "BF16->FP8 cast" : (o->fp8 ? "FP8" : "BF16"), m->bufBytes >> 20);
+  fprintf(o->text, "received tokens (all ranks): %.0f (%.2f per token)\n", m->recvTotal,
+          m->recvTotal / (m->ranks * (double)o->tokens));
+  fprintf(o->text, "%-28s %10s %12s %8s\n", "phase (median)", "us", "GB/s/GPU", "ratio");
+  fprintf(o->text, "%-28s %10.1f\n", "layout", m->layout * 1e3);
+  fprintf(o->text, "%-28s %10.1f\n", "notify (full - cached - layout)", (m->dispatch - m->cached - m->layout) * 1e3);
+  fprintf(o->text, "%-28s %10.1f %12.1f %8.3f\n", "dispatch (layout+notify+move)", m->dispatch * 1e3, dGBps,
+          dGBps / m->copy);
+  fprintf(o->text, "%-28s %10.1f %12.1f %8.3f\n", "dispatch, cached handle", m->cached * 1e3, dcGBps, dcGBps / m->copy);
+  fprintf(o->text, "%-28s %10.1f %12.1f %8.3f\n", "combine", m->combine * 1e3, cGBps, cGBps / m->copy);
+  fprintf(o->text, "%-28s %10s %12.1f\n", "device copy (bytes once)", "", m->copy);
+  moe_json_t j;
+  if (o->json) {
+    json_head(&j, o, "normal", device, sms, m->gpus, m->ranks);
+    moe_json_str(&j, "dispatch", o->cast ? "cast" : (o->fp8 ? "fp8" : "bf16"));
+    moe_json_int(&j, "buffer_MiB", (long long)(m->bufBytes >> 20));
+    moe_json_num(&j, "received_tokens", m->recvTotal);
+    moe_json_num(&j, "layout_us", m->layout * 1e3);
+    moe_json_num(&j, "notify_us", (m->dispatch - m->cached - m->layout) * 1e3);
+    moe_json_num(&j, "dispatch_us", m->dispatch * 1e3);
+    moe_json_num(&j, "dispatch_GBps", dGBps);
+    moe_json_num(&j, "dispatch_ratio", dGBps / m->copy);
+    moe_json_num(&j, "cached_dispatch_us", m->cached * 1e3);
+    moe_json_num(&j, "cached_dispatch_GBps", dcGBps);
+    moe_json_num(&j, "cached_dispatch_ratio", dcGBps / m->copy);
+    moe_json_num(&j, "combine_us", m->combine * 1e3);
+    moe_json_num(&j, "combine_GBps", cGBps);
+    moe_json_num(&j, "combine_ratio", cGBps / m->copy);
+    moe_json_num(&j, "copy_GBps", m->copy);
+  }
   if (o->nodes > 1) {
     /* Network side, as DeepEP counts RDMA traffic: (token, destination node
      * other than its own) pairs x bytes per token, over the phase's time;
@@ -618,19 +717,29 @@ static void report(const opts_t* o, const results_t* m, const char* device, int 
     const double nc = m->netTokens * H * 2 / (m->combine * 1e-3) / 1e9;
     const double transport = bench_transport_gbps(pairs > 64 ? 64 : pairs, slab > 16 ? (size_t)slab : 16, 2.0);
     const double net = nd < nc ? nd : nc;
-    printf("network side (%d virtual nodes of %d ranks): %.0f (token, node) pairs, %.1f MiB slabs\n", o->nodes,
-           m->ranks / o->nodes, m->netTokens, slab / (1 << 20));
-    printf("%-28s %10s %12.2f\n", "dispatch, network side", "", nd);
-    printf("%-28s %10s %12.2f\n", "combine, network side", "", nc);
-    printf("%-28s %10s %12.2f\n", "transport alone (same slabs)", "", transport);
-    printf("RESULT mode=normal gpus=%d ranks=%d nodes=%d net_GBps=%.2f transport_GBps=%.2f net_ratio=%.3f "
-           "net_dispatch_GBps=%.2f net_combine_GBps=%.2f dispatch_GBps=%.1f combine_GBps=%.1f copy_GBps=%.1f\n",
-           m->gpus, m->ranks, o->nodes, net, transport, net / transport, nd, nc, dGBps, cGBps, m->copy);
+    fprintf(o->text, "network side (%d virtual nodes of %d ranks): %.0f (token, node) pairs, %.1f MiB slabs\n",
+            o->nodes, m->ranks / o->nodes, m->netTokens, slab / (1 << 20));
+    fprintf(o->text, "%-28s %10s %12.2f\n", "dispatch, network side", "", nd);
+    fprintf(o->text, "%-28s %10s %12.2f\n", "combine, network side", "", nc);
+    fprintf(o->text, "%-28s %10s %12.2f\n", "transport alone (same slabs)", "", transport);
+    fprintf(o->text, "RESULT mode=normal gpus=%d ranks=%d nodes=%d net_GBps=%.2f transport_GBps=%.2f net_ratio=%.3f "
+            "net_dispatch_GBps=%.2f net_combine_GBps=%.2f dispatch_GBps=%.1f combine_GBps=%.1f copy_GBps=%.1f\n",
+            m->gpus, m->ranks, o->nodes, net, transport, net / transport, nd, nc, dGBps, cGBps, m->copy);
+    if (o->json) {
+      moe_json_num(&j, "net_pairs", m->netTokens);
+      moe_json_num(&j, "net_slab_MiB", slab / (1 << 20));
+      moe_json_num(&j, "net_dispatch_GBps", nd);
+      moe_json_num(&j, "net_combine_GBps", nc);
+      moe_json_num(&j, "net_GBps", net);
+      moe_json_num(&j, "transport_GBps", transport);
+      moe_json_num(&j, "net_ratio", net / transport);
+    }
   } else {
-    printf("RESULT mode=normal gpus=%d ranks=%d dispatch_GBps=%.1f combine_GBps=%.1f copy_GBps=%.1f "
-           "dispatch_ratio=%.3f combine_ratio=%.3f\n",
-           m->gpus, m->ranks, dGBps, cGBps, m->copy, dGBps / m->copy, cGBps / m->copy);
+    fprintf(o->text, "RESULT mode=normal gpus=%d ranks=%d dispatch_GBps=%.1f combine_GBps=%.1f copy_GBps=%.1f "
+            "dispatch_ratio=%.3f combine_ratio=%.3f\n",
+            m->gpus, m->ranks, dGBps, cGBps, m->copy, dGBps / m->copy, cGBps / m->copy);
   }
+  if (o->json) moe_json_end(&j);
 }
 
 /* N virtual ranks (optionally in virtual nodes) on GPU 0. */
@@ -666,10 +775,8 @@ static int virtual_main(const opts_t* o) {
     if (async != ncclSuccess) { fprintf(stderr, "rank %d: async error: %s\n", r, ncclMoeGetLastError()); return 1; }
   }
   report(o, &m, prop.name, prop.multiProcessorCount);
-  for (int r = 0; r < o->ranks; r++) {
-    ncclMoeHandleDestroy(rk[r].handle);
-    ncclMoeCommDestroy(rk[r].comm);
-  }
+  for (int r = 0; r < o->ranks; r++) teardown_rank(&rk[r]);
+  for (int r = 0; r < o->ranks; r++) ncclMoeCommDestroy(rk[r].comm);
   return 0;
 }
 
@@ -802,65 +909,134 @@ static int mp_main(const opts_t* o) {
   return failed;
 }
 
-int main(int argc, char** argv) {
-  /* tokens, iters and warmup: 0 / -1 = the mode's default. */
-  opts_t o = {.ranks = 8, .nodes = 1, .gpus = 1, .tokens = 0, .hidden = 7168, .topk = 8, .experts = 256, .iters = 0,
-              .warmup = -1, .sms = 0, .fp8 = 1, .cast = 0, .seed = 1};
-  static struct option lo[] = {{"ranks", 1, 0, 'r'}, {"tokens", 1, 0, 't'}, {"hidden", 1, 0, 'h'},
-                               {"topk", 1, 0, 'k'}, {"experts", 1, 0, 'e'}, {"dispatch", 1, 0, 'd'},
-                               {"iters", 1, 0, 'i'}, {"warmup", 1, 0, 'w'}, {"sms", 1, 0, 's'},
-                               {"seed", 1, 0, 'x'}, {"mode", 1, 0, 'm'}, {"scales", 1, 0, 'c'},
-                               {"nodes", 1, 0, 'n'}, {"gpus", 1, 0, 'g'}, {"help", 0, 0, '?'}, {0, 0, 0, 0}};
+/* ------------------------------------------------------------ options */
+static const char* const MODE_NAMES[] = {"normal", "ll"};
+static const char* const DISPATCH_NAMES[] = {"fp8", "bf16", "cast"};
+static const char* const SCALE_NAMES[] = {"float", "pow2", "ue8m0"};
+static const ncclMoeScaleFormat_t SCALE_FORMATS[] = {ncclMoeScaleFloat, ncclMoeScalePow2, ncclMoeScaleUE8M0};
+
+/* What the command line set explicitly (defaults depend on the mode). */
+typedef struct {
+  int tokens, ranks, iters, warmup, scales, sweep;
+} given_t;
+
+static void parse_args(int argc, char** argv, opts_t* o, given_t* g, moe_opts_t* p) {
+  enum { O_RANKS = 1, O_TOKENS, O_HIDDEN, O_TOPK, O_EXPERTS, O_DISPATCH, O_ITERS, O_WARMUP, O_SMS, O_SEED, O_MODE,
+         O_SCALES, O_NODES, O_GPUS, O_SWEEP, O_JSON, O_HELP };
+  static const struct option lo[] = {
+      {"ranks", required_argument, 0, O_RANKS},     {"tokens", required_argument, 0, O_TOKENS},
+      {"hidden", required_argument, 0, O_HIDDEN},   {"topk", required_argument, 0, O_TOPK},
+      {"experts", required_argument, 0, O_EXPERTS}, {"dispatch", required_argument, 0, O_DISPATCH},
+      {"iters", required_argument, 0, O_ITERS},     {"warmup", required_argument, 0, O_WARMUP},
+      {"sms", required_argument, 0, O_SMS},         {"seed", required_argument, 0, O_SEED},
+      {"mode", required_argument, 0, O_MODE},       {"scales", required_argument, 0, O_SCALES},
+      {"nodes", required_argument, 0, O_NODES},     {"gpus", required_argument, 0, O_GPUS},
+      {"sweep", optional_argument, 0, O_SWEEP},     {"json", no_argument, 0, O_JSON},
+      {"help", no_argument, 0, O_HELP},             {0, 0, 0, 0}};
+  p->longopts = lo;
   int ch;
-  while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+  while ((ch = moe_opts_next(p, argc, argv)) != -1) {
     switch (ch) {
-      case 'r': o.ranks = atoi(optarg); break;
-      case 'n': o.nodes = atoi(optarg); break;
-      case 'g': o.gpus = atoi(optarg); break;
-      case 't': o.tokens = atoi(optarg); break;
-      case 'h': o.hidden = atoi(optarg); break;
-      case 'k': o.topk = atoi(optarg); break;
-      case 'e': o.experts = atoi(optarg); break;
-      case 'd':
-        o.fp8 = strcmp(optarg, "bf16") != 0;
-        o.cast = strcmp(optarg, "cast") == 0;
+      case O_RANKS: o->ranks = (int)moe_opts_int(p, optarg, 1, MAXR), g->ranks = 1; break;
+      case O_NODES: o->nodes = (int)moe_opts_int(p, optarg, 1, MAXR); break;
+      case O_GPUS: o->gpus = (int)moe_opts_int(p, optarg, 1, MAXR); break;
+      case O_TOKENS: o->tokens = (int)moe_opts_int(p, optarg, 1, BENCH_MAX_TOKENS), g->tokens = 1; break;
+      case O_HIDDEN: o->hidden = (int)moe_opts_int(p, optarg, 8, BENCH_MAX_HIDDEN); break;
+      case O_TOPK: o->topk = (int)moe_opts_int(p, optarg, 1, NCCL_MOE_MAX_TOPK); break;
+      case O_EXPERTS: o->experts = (int)moe_opts_int(p, optarg, 1, NCCL_MOE_MAX_EXPERTS); break;
+      case O_DISPATCH: {
+        const int d = moe_opts_choice(p, optarg, DISPATCH_NAMES, 3);
+        o->fp8 = d != 1, o->cast = d == 2;
         break;
-      case 'i': o.iters = atoi(optarg); break;
-      case 'w': o.warmup = atoi(optarg); break;
-      case 's': o.sms = atoi(optarg); break;
-      case 'x': o.seed = strtoull(optarg, NULL, 0); break;
-      case 'm':
-        if (strcmp(optarg, "ll") != 0 && strcmp(optarg, "normal") != 0) { usage(); return 2; }
-        o.ll = strcmp(optarg, "ll") == 0;
+      }
+      case O_ITERS: o->iters = (int)moe_opts_int(p, optarg, 1, BENCH_MAX_ITERS), g->iters = 1; break;
+      case O_WARMUP: o->warmup = (int)moe_opts_int(p, optarg, 0, BENCH_MAX_ITERS), g->warmup = 1; break;
+      case O_SMS: o->sms = (int)moe_opts_int(p, optarg, 0, BENCH_MAX_SMS); break;
+      case O_SEED: o->seed = moe_opts_u64(p, optarg); break;
+      case O_MODE: o->ll = moe_opts_choice(p, optarg, MODE_NAMES, 2) == 1; break;
+      case O_SCALES: o->scaleFormat = SCALE_FORMATS[moe_opts_choice(p, optarg, SCALE_NAMES, 3)], g->scales = 1; break;
+      case O_SWEEP:
+        g->sweep = 1;
+        if (optarg != NULL)
+          o->sweepCount = moe_opts_int_list(p, optarg, 1, BENCH_MAX_TOKENS, o->sweepTokens, BENCH_MAX_SWEEP);
         break;
-      case 'c':
-        o.scaleFormat = strcmp(optarg, "ue8m0") == 0 ? ncclMoeScaleUE8M0
-                        : strcmp(optarg, "pow2") == 0 ? ncclMoeScalePow2 : ncclMoeScaleFloat;
-        break;
-      default: usage(); return ch == '?' ? 0 : 2;
+      case O_JSON: o->json = 1; break;
     }
   }
-  if (o.tokens == 0) o.tokens = o.ll ? LL_DEFAULT_TOKENS : 4096;
-  if (o.iters == 0) o.iters = o.ll ? LL_DEFAULT_ITERS : 20;
-  if (o.warmup < 0) o.warmup = o.ll ? LL_DEFAULT_WARMUP : 5;
-  if (o.gpus > 1) o.ranks = o.gpus; /* one rank per GPU */
-  if (o.ranks < 1 || o.ranks > MAXR || o.iters < 1 || o.tokens < 1 || o.nodes < 1 || o.ranks % o.nodes != 0 ||
-      o.gpus < 1 || o.gpus > MAXR || (o.gpus > 1 && o.nodes > 1) || (o.ll && o.gpus > 1)) {
-    usage();
-    return 2;
+}
+
+/* Combinations that cannot run, each with its reason (before any CUDA call). */
+static void check_args(opts_t* o, const given_t* g, const moe_opts_t* p) {
+  if (o->gpus > 1) {
+    if (o->ll)
+      moe_opts_fail(p, "--mode ll runs virtual ranks on one GPU; --gpus N (one process per GPU) is for --mode normal");
+    if (o->nodes > 1)
+      moe_opts_fail(p, "--nodes splits virtual ranks into virtual nodes; with --gpus each rank is a process");
+    if (g->ranks && o->ranks != o->gpus)
+      moe_opts_fail(p, "--ranks %d with --gpus %d: one rank per GPU, give one of them", o->ranks, o->gpus);
+    o->ranks = o->gpus;
   }
+  if (o->ranks % o->nodes != 0) moe_opts_fail(p, "--nodes %d does not divide the %d ranks", o->nodes, o->ranks);
+  if (o->experts % o->ranks != 0)
+    moe_opts_fail(p, "--experts %d is not a multiple of the %d ranks", o->experts, o->ranks);
+  if (o->topk > o->experts)
+    moe_opts_fail(p, "--topk %d: a token picks distinct experts, and there are %d", o->topk, o->experts);
+  if (o->hidden % 8 != 0)
+    moe_opts_fail(p, "--hidden %d: rows must be a multiple of 8 channels (16 bytes of BF16)", o->hidden);
+  if (o->fp8 && o->hidden % NCCL_MOE_FP8_BLOCK != 0)
+    moe_opts_fail(p, "--hidden %d: FP8 needs a multiple of %d (one scale per block); use --dispatch bf16", o->hidden,
+                  NCCL_MOE_FP8_BLOCK);
+  if (g->scales && !o->ll) moe_opts_fail(p, "--scales is for --mode ll (normal mode sends FP8 with float scales)");
+  if (g->sweep && g->tokens)
+    moe_opts_fail(p, "--sweep runs its own token counts: give them as --sweep=T,T,... instead of --tokens");
+  if (g->sweep && o->sweepCount == 0) {
+    const int* list = o->ll ? SWEEP_LL : SWEEP_NORMAL;
+    o->sweepCount = o->ll ? (int)(sizeof(SWEEP_LL) / sizeof(int)) : (int)(sizeof(SWEEP_NORMAL) / sizeof(int));
+    memcpy(o->sweepTokens, list, sizeof(int) * o->sweepCount);
+  }
+  if (!g->sweep) o->sweepTokens[0] = g->tokens ? o->tokens : (o->ll ? LL_DEFAULT_TOKENS : BENCH_DEFAULT_TOKENS);
+  if (!g->sweep) o->sweepCount = 1;
+  for (int i = 0; o->ll && i < o->sweepCount; i++)
+    if (o->sweepTokens[i] > NCCL_MOE_LL_MAX_TOKENS)
+      moe_opts_fail(p, "%d tokens: --mode ll takes at most %d tokens per rank", o->sweepTokens[i],
+                    NCCL_MOE_LL_MAX_TOKENS);
+  if (!g->iters) o->iters = o->ll ? LL_DEFAULT_ITERS : BENCH_DEFAULT_ITERS;
+  if (!g->warmup) o->warmup = o->ll ? LL_DEFAULT_WARMUP : BENCH_DEFAULT_WARMUP;
+}
+
+/* One run per token count; progress on stderr when there are several. */
+static int run_all(opts_t* o) {
+  int rc = 0;
+  for (int i = 0; i < o->sweepCount && rc == 0; i++) {
+    o->tokens = o->sweepTokens[i];
+    if (o->sweepCount > 1)
+      fprintf(stderr, "nccl-moe-bench: sweep %d/%d: %d tokens/rank (%s mode)\n", i + 1, o->sweepCount, o->tokens,
+              o->ll ? "ll" : "normal");
+    if (o->gpus > 1) rc = mp_main(o);
+    else rc = o->ll ? ll_main(o) : virtual_main(o);
+  }
+  return rc;
+}
+
+int main(int argc, char** argv) {
+  opts_t o = {.ranks = 8, .nodes = 1, .gpus = 1, .hidden = 7168, .topk = 8, .experts = 256, .sms = 0, .fp8 = 1,
+              .cast = 0, .seed = 1, .scaleFormat = ncclMoeScaleFloat};
+  given_t given = {0};
+  moe_opts_t p = {.prog = "nccl-moe-bench", .usage = usage};
+  parse_args(argc, argv, &o, &given, &p);
+  check_args(&o, &given, &p);
+  o.text = o.json ? stderr : stdout;
   /* One hardware queue per rank's stream, every kernel loaded at start (see
-   * ncclMoeCommInitVirtual). */
+   * ncclMoeCommInitVirtual): this program's own process, before CUDA starts. */
   setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
   setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   setvbuf(stdout, NULL, _IOLBF, 0);
-  if (o.gpus > 1) return mp_main(&o); /* before this process touches CUDA */
+  if (o.gpus > 1) return run_all(&o); /* forks before this process touches CUDA */
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
     fprintf(stderr, "nccl-moe-bench: no CUDA device\n");
     return 77;
   }
   CK(cudaSetDevice(0));
-  if (o.ll) return ll_main(&o);
-  return virtual_main(&o);
+  return run_all(&o);
 }

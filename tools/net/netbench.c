@@ -1,18 +1,17 @@
 /* nccl-moe-netbench: bandwidth and latency of the net plugin on loopback,
  * driven through its exported ncclNetPlugin_v11 struct exactly as NCCL's
  * proxy drives it, beside a plain blocking TCP send/recv loop measured in the
- * same run (the limit of this host). Prints one row per size with the ratio.
+ * same run (the limit of this host). Prints one row per size with the ratio
+ * (with --json: one JSON object per size on stdout, the table on stderr).
  *
- *   nccl-moe-netbench [--plugin PATH] [--min BYTES] [--max BYTES] [--window N]
+ *   nccl-moe-netbench [--plugin PATH] [--min BYTES] [--max BYTES] [--window N] [--json]
  *
- * The plugin defaults to libnccl-net-moe.so in the build root (two levels
- * above this executable), else the library search path. NCCL_SOCKET_IFNAME
+ * The plugin defaults to libnccl-net-moe.so beside this program (the build
+ * root), else in the install's libdir, else the library search path. NCCL_SOCKET_IFNAME
  * defaults to "lo" and NCCL_MOE_NET_BACKEND to "socket" here. */
 #include <arpa/inet.h>
 #include <dlfcn.h>
 #include <errno.h>
-#include <libgen.h>
-#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -24,7 +23,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "nccl_moe_version.h"
 #include "nccl_net/net.h"
+#include "tools/common/json.h"
+#include "tools/common/opts.h"
+#include "tools/common/plugin_path.h"
 
 #define BENCH_MAX_WINDOW 32
 #define BENCH_TARGET_BYTES ((size_t)128 << 20) /* per bandwidth measurement */
@@ -32,6 +35,10 @@
 #define BENCH_MAX_ITERS 20000
 #define BENCH_LAT_ITERS 2000
 #define BENCH_REPEATS 5 /* best of: loopback on a shared host is noisy */
+#define BENCH_MAX_SIZE ((size_t)1 << 30)
+#define BENCH_DEFAULT_MIN 8
+#define BENCH_DEFAULT_MAX ((size_t)64 << 20)
+#define BENCH_DEFAULT_WINDOW 8
 
 static double now_s(void) {
   struct timespec ts;
@@ -56,25 +63,16 @@ static double now_s(void) {
 /* ---------------------------------------------------------------- plugin -- */
 static ncclNet_v11_t* net;
 static void* net_ctx;
+static FILE* text_out; /* the table: stdout, or stderr with --json */
 
 static void plugin_load(const char* path) {
-  char buf[PATH_MAX];
-  if (path == NULL) {
-    ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-    if (n > 0) {
-      buf[n] = '\0';
-      static char candidate[PATH_MAX + 32];
-      snprintf(candidate, sizeof(candidate), "%s/../../libnccl-net-moe.so", dirname(buf));
-      if (access(candidate, R_OK) == 0) path = candidate;
-    }
-    if (path == NULL) path = "libnccl-net-moe.so";
-  }
+  if (path == NULL) path = moe_tool_plugin_path();
   void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (lib == NULL) DIE("dlopen(%s): %s", path, dlerror());
   net = (ncclNet_v11_t*)dlsym(lib, "ncclNetPlugin_v11");
   if (net == NULL) DIE("%s has no ncclNetPlugin_v11", path);
   NCHECK(net->init(&net_ctx, 1, NULL, NULL, NULL));
-  printf("# plugin %s (%s)\n", net->name, path);
+  fprintf(text_out, "# plugin %s (%s)\n", net->name, path);
 }
 
 static void plugin_pair(void** send, void** recv, void** listen) {
@@ -248,22 +246,41 @@ static int iters_for(size_t size) {
   return (int)it;
 }
 
+static void usage(FILE* out) {
+  fprintf(out,
+          "usage: nccl-moe-netbench [--plugin PATH] [--min BYTES] [--max BYTES] [--window N] [--json]\n"
+          "  Bandwidth and round trip of the net plugin on loopback (NCCL_SOCKET_IFNAME=lo,\n"
+          "  NCCL_MOE_NET_BACKEND=socket unless set), beside plain TCP, for sizes doubling from --min\n"
+          "  (default %d) to --max (default 64M; K, M, G suffixes; at most 1G), --window requests in\n"
+          "  flight (1..%d, default %d). --plugin: default libnccl-net-moe.so beside this program, else in\n"
+          "  the install's libdir, else on the loader path. --json: one JSON object per size on stdout,\n"
+          "  the table on stderr.\n"
+          "  Exit status: 0 ok, 1 failure, 2 bad arguments.\n",
+          BENCH_DEFAULT_MIN, BENCH_MAX_WINDOW, BENCH_DEFAULT_WINDOW);
+}
+
 int main(int argc, char** argv) {
+  enum { O_PLUGIN = 1, O_MIN, O_MAX, O_WINDOW, O_JSON, O_HELP };
+  static const struct option lo[] = {
+      {"plugin", required_argument, 0, O_PLUGIN}, {"min", required_argument, 0, O_MIN},
+      {"max", required_argument, 0, O_MAX},       {"window", required_argument, 0, O_WINDOW},
+      {"json", no_argument, 0, O_JSON},           {"help", no_argument, 0, O_HELP},
+      {0, 0, 0, 0}};
+  moe_opts_t p = {.prog = "nccl-moe-netbench", .usage = usage, .longopts = lo};
   const char* plugin_path = NULL;
-  size_t min_size = 8, max_size = (size_t)64 << 20;
-  int window = 8;
-  for (int i = 1; i < argc; i++) {
-    if (strcmp(argv[i], "--plugin") == 0 && i + 1 < argc) plugin_path = argv[++i];
-    else if (strcmp(argv[i], "--min") == 0 && i + 1 < argc) min_size = strtoull(argv[++i], NULL, 0);
-    else if (strcmp(argv[i], "--max") == 0 && i + 1 < argc) max_size = strtoull(argv[++i], NULL, 0);
-    else if (strcmp(argv[i], "--window") == 0 && i + 1 < argc) window = atoi(argv[++i]);
-    else {
-      fprintf(stderr, "usage: %s [--plugin PATH] [--min BYTES] [--max BYTES] [--window N]\n", argv[0]);
-      return 2;
+  size_t min_size = BENCH_DEFAULT_MIN, max_size = BENCH_DEFAULT_MAX;
+  int window = BENCH_DEFAULT_WINDOW, json = 0, ch;
+  while ((ch = moe_opts_next(&p, argc, argv)) != -1) {
+    switch (ch) {
+      case O_PLUGIN: plugin_path = optarg; break;
+      case O_MIN: min_size = moe_opts_bytes(&p, optarg, 1, BENCH_MAX_SIZE); break;
+      case O_MAX: max_size = moe_opts_bytes(&p, optarg, 1, BENCH_MAX_SIZE); break;
+      case O_WINDOW: window = (int)moe_opts_int(&p, optarg, 1, BENCH_MAX_WINDOW); break;
+      case O_JSON: json = 1; break;
     }
   }
-  if (window < 1 || window > BENCH_MAX_WINDOW || min_size < 1 || max_size < min_size || max_size > ((size_t)1 << 30))
-    DIE("bad arguments");
+  if (max_size < min_size) moe_opts_fail(&p, "--max %zu is below --min %zu", max_size, min_size);
+  text_out = json ? stderr : stdout;
   setenv("NCCL_SOCKET_IFNAME", "lo", 0);
   setenv("NCCL_MOE_NET_BACKEND", "socket", 0);
   plugin_load(plugin_path);
@@ -288,9 +305,10 @@ int main(int argc, char** argv) {
   NCHECK(net->regMr(send2, sbuf2, max_size, NCCL_PTR_HOST, &smh2));
   NCHECK(net->regMr(recv2, rbuf2, max_size, NCCL_PTR_HOST, &rmh2));
 
-  printf("# window %d, best of %d; bandwidth in GB/s (1e9 B/s), round trip in us\n", window, BENCH_REPEATS);
-  printf("%10s %10s %10s %7s %11s %11s %7s\n", "bytes", "plugin_bw", "tcp_bw", "ratio", "plugin_rtt", "tcp_rtt",
-         "ratio");
+  fprintf(text_out, "# window %d, best of %d; bandwidth in GB/s (1e9 B/s), round trip in us\n", window,
+          BENCH_REPEATS);
+  fprintf(text_out, "%10s %10s %10s %7s %11s %11s %7s\n", "bytes", "plugin_bw", "tcp_bw", "ratio", "plugin_rtt",
+          "tcp_rtt", "ratio");
   for (size_t size = min_size; size <= max_size; size *= 2) {
     int iters = iters_for(size);
     double best_p = 1e30, best_t = 1e30, best_prtt = 1e30, best_trtt = 1e30;
@@ -315,9 +333,27 @@ int main(int argc, char** argv) {
     }
     double bp = (double)size * iters / best_p / 1e9;
     double bt = (double)size * iters / best_t / 1e9;
-    printf("%10zu %10.3f %10.3f %7.2f %11.1f %11.1f %7.2f\n", size, bp, bt, bp / bt, best_prtt * 1e6,
-           best_trtt * 1e6, best_prtt / best_trtt);
-    fflush(stdout);
+    fprintf(text_out, "%10zu %10.3f %10.3f %7.2f %11.1f %11.1f %7.2f\n", size, bp, bt, bp / bt, best_prtt * 1e6,
+            best_trtt * 1e6, best_prtt / best_trtt);
+    fflush(text_out);
+    if (json) {
+      moe_json_t j;
+      moe_json_begin(&j, stdout);
+      moe_json_str(&j, "tool", "nccl-moe-netbench");
+      moe_json_str(&j, "version", NCCL_MOE_VERSION_STRING);
+      moe_json_str(&j, "plugin", net->name);
+      moe_json_int(&j, "window", window);
+      moe_json_int(&j, "repeats", BENCH_REPEATS);
+      moe_json_int(&j, "bytes", (long long)size);
+      moe_json_int(&j, "iters", iters);
+      moe_json_num(&j, "plugin_GBps", bp);
+      moe_json_num(&j, "tcp_GBps", bt);
+      moe_json_num(&j, "bw_ratio", bp / bt);
+      moe_json_num(&j, "plugin_rtt_us", best_prtt * 1e6);
+      moe_json_num(&j, "tcp_rtt_us", best_trtt * 1e6);
+      moe_json_num(&j, "rtt_ratio", best_prtt / best_trtt);
+      moe_json_end(&j);
+    }
   }
   NCHECK(net->deregMr(send, smh));
   NCHECK(net->deregMr(recv, rmh));

@@ -5,31 +5,25 @@
  * (run with NCCL_DEBUG=INFO and look for "Loaded net plugin MoE").
  * Before NCCL starts, it lists the plugin's devices through the v11 struct.
  *
- *   nccl-moe-netcheck [--plugin PATH]      exit 0 ok, 1 failure, 77 no GPU */
+ *   nccl-moe-netcheck [--plugin PATH] [--json]   exit 0 ok, 1 failure, 2 bad arguments, 77 no GPU */
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
-#include <libgen.h>
-#include <limits.h>
 #include <nccl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "nccl_moe_version.h"
 #include "nccl_net/net.h"
+#include "tools/common/json.h"
+#include "tools/common/opts.h"
+#include "tools/common/plugin_path.h"
 
 #define CHECK_MAX_GPUS 16
 #define CHECK_COUNT (1 << 20)
 
-static const char* default_plugin(void) {
-  static char path[PATH_MAX + 32];
-  char exe[PATH_MAX];
-  ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-  if (n <= 0) return "libnccl-net-moe.so";
-  exe[n] = '\0';
-  snprintf(path, sizeof(path), "%s/libnccl-net-moe.so", dirname(exe));
-  return access(path, R_OK) == 0 ? path : "libnccl-net-moe.so";
-}
+static FILE* text_out; /* the report: stdout, or stderr with --json */
 
 static int list_devices(const char* path) {
   void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
@@ -47,8 +41,8 @@ static int list_devices(const char* path) {
   for (int d = 0; d < ndev; d++) {
     ncclNetProperties_v11_t p;
     if (net->getProperties(d, &p) != ncclSuccess) return 1;
-    printf("netcheck: plugin %s device %d: %s pci=%s ptrSupport=0x%x speed=%d Mbps port=%d maxRecvs=%d\n", net->name,
-           d, p.name, p.pciPath ? p.pciPath : "-", p.ptrSupport, p.speed, p.port, p.maxRecvs);
+    fprintf(text_out, "netcheck: plugin %s device %d: %s pci=%s ptrSupport=0x%x speed=%d Mbps port=%d maxRecvs=%d\n",
+            net->name, d, p.name, p.pciPath ? p.pciPath : "-", p.ptrSupport, p.speed, p.port, p.maxRecvs);
   }
   net->finalize(ctx);
   dlclose(lib);
@@ -96,11 +90,31 @@ static int all_to_all(ncclComm_t* comms, cudaStream_t* streams, int n) {
   return bad;
 }
 
+static void usage(FILE* out) {
+  fprintf(out,
+          "usage: nccl-moe-netcheck [--plugin PATH] [--json]\n"
+          "  Runs an NCCL all-reduce and all-to-all over every visible GPU with the net plugin loaded\n"
+          "  (--plugin: default libnccl-net-moe.so beside this program, else in the install's libdir, else\n"
+          "  on the loader path) and checks both. --json: the outcome as one JSON object on stdout.\n"
+          "  Exit status: 0 ok, 1 failure, 2 bad arguments, 77 no GPU.\n");
+}
+
 int main(int argc, char** argv) {
-  const char* plugin = argc == 3 && strcmp(argv[1], "--plugin") == 0 ? argv[2] : default_plugin();
+  enum { O_PLUGIN = 1, O_JSON, O_HELP };
+  static const struct option lo[] = {{"plugin", required_argument, 0, O_PLUGIN}, {"json", no_argument, 0, O_JSON},
+                                     {"help", no_argument, 0, O_HELP},           {0, 0, 0, 0}};
+  moe_opts_t p = {.prog = "nccl-moe-netcheck", .usage = usage, .longopts = lo};
+  const char* plugin = NULL;
+  int json = 0, ch;
+  while ((ch = moe_opts_next(&p, argc, argv)) != -1) {
+    if (ch == O_PLUGIN) plugin = optarg;
+    if (ch == O_JSON) json = 1;
+  }
+  if (plugin == NULL) plugin = moe_tool_plugin_path();
+  text_out = json ? stderr : stdout;
   int ngpus = 0;
   if (cudaGetDeviceCount(&ngpus) != cudaSuccess || ngpus == 0) {
-    printf("netcheck: no GPU, skipped\n");
+    fprintf(text_out, "netcheck: no GPU, skipped\n");
     return 77;
   }
   if (ngpus > CHECK_MAX_GPUS) ngpus = CHECK_MAX_GPUS;
@@ -138,14 +152,25 @@ int main(int argc, char** argv) {
       bad = host[k] != want;
     }
   }
-  printf("netcheck: all-reduce over %d GPU(s): %s\n", ngpus, bad ? "WRONG" : "OK");
+  fprintf(text_out, "netcheck: all-reduce over %d GPU(s): %s\n", ngpus, bad ? "WRONG" : "OK");
   const int a2aBad = all_to_all(comms, streams, ngpus);
-  printf("netcheck: all-to-all over %d GPU(s): %s\n", ngpus, a2aBad ? "WRONG" : "OK");
+  fprintf(text_out, "netcheck: all-to-all over %d GPU(s): %s\n", ngpus, a2aBad ? "WRONG" : "OK");
   for (int i = 0; i < ngpus; i++) {
     cudaSetDevice(i);
     cudaFree(bufs[i]);
     ncclCommDestroy(comms[i]);
   }
   free(host);
+  if (json) {
+    moe_json_t j;
+    moe_json_begin(&j, stdout);
+    moe_json_str(&j, "tool", "nccl-moe-netcheck");
+    moe_json_str(&j, "version", NCCL_MOE_VERSION_STRING);
+    moe_json_str(&j, "plugin", plugin);
+    moe_json_int(&j, "gpus", ngpus);
+    moe_json_str(&j, "allreduce", bad ? "wrong" : "ok");
+    moe_json_str(&j, "alltoall", a2aBad ? "wrong" : "ok");
+    moe_json_end(&j);
+  }
   return bad || a2aBad;
 }
