@@ -25,6 +25,11 @@ int net_test_ib(void) {
   return b != NULL && strcmp(b, "ib") == 0;
 }
 
+int net_test_emulated(void) {
+  const char* lib = getenv("NCCL_MOE_IBVERBS_LIBRARY");
+  return net_test_ib() && lib != NULL && strstr(lib, "verbs-emu") != NULL;
+}
+
 int net_plugin_load(const char* path, net_plugin_t* p) {
   if (path == NULL) path = getenv("MOE_NET_PLUGIN_PATH");
   if (path == NULL) {

@@ -23,6 +23,9 @@ typedef struct {
 void net_test_env(void);
 /* 1 when this run drives the ib backend (over the verbs emulator in CI). */
 int net_test_ib(void);
+/* 1 when that ib backend runs on the verbs emulator (NCCL_MOE_IBVERBS_LIBRARY),
+ * whose device names and properties the tests know; 0 on a real HCA. */
+int net_test_emulated(void);
 
 /* dlopen()s `path` (NULL: $MOE_NET_PLUGIN_PATH) and finds ncclNetPlugin_v11. */
 int net_plugin_load(const char* path, net_plugin_t* p);
