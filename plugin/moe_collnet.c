@@ -15,6 +15,7 @@
  * version whether or not the other library has it, and we would have to
  * translate between versions. */
 #include <dlfcn.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -67,8 +68,14 @@ __attribute__((destructor)) static void moe_collnet_unload(void) {
   moe_collnet_lib = NULL;
 }
 
+/* An indirect symbol is declared as a function; NCCL reads what dlsym gives
+ * as a struct pointer, and the resolver's value is one. */
+typedef void (*moe_collnet_sym_t)(void);
+
 #define MOE_COLLNET_VERSION(v)                                                                        \
-  static void* moe_collnet_resolve_v##v(void) { return moe_collnet_table[v]; }                        \
+  static moe_collnet_sym_t moe_collnet_resolve_v##v(void) {                                          \
+    return (moe_collnet_sym_t)(uintptr_t)moe_collnet_table[v];                                       \
+  }                                                                                                   \
   __attribute__((visibility("default"))) void ncclCollNetPlugin_v##v(void)                            \
       __attribute__((ifunc("moe_collnet_resolve_v" #v)));
 
