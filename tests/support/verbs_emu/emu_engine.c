@@ -19,6 +19,7 @@
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "emu.h"
@@ -687,8 +688,8 @@ static uint64_t emu_qp_deadline(const emu_qp_t* q, uint64_t now) {
   return t;
 }
 
-/* The sockets worth waiting on; returns how long to sleep at most (ms). */
-static int emu_build_pollset(emu_pollset_t* s, uint64_t now) {
+/* The sockets worth waiting on; returns how long to sleep at most (ns). */
+static uint64_t emu_build_pollset(emu_pollset_t* s, uint64_t now) {
   s->n = 0;
   emu_pollset_add(s, emu.wake_fd, POLLIN, NULL, 0);
   uint64_t wake = now + (uint64_t)EMU_MAX_POLL_MS * 1000000ull;
@@ -719,8 +720,8 @@ static int emu_build_pollset(emu_pollset_t* s, uint64_t now) {
     }
   }
   if (wake <= now) return 0;
-  uint64_t ms = (wake - now + 999999) / 1000000;
-  return ms > EMU_MAX_POLL_MS ? EMU_MAX_POLL_MS : (int)ms;
+  uint64_t ns = wake - now, max = (uint64_t)EMU_MAX_POLL_MS * 1000000ull;
+  return ns > max ? max : ns;
 }
 
 /* Hands what poll saw to the QPs (a socket closed meanwhile is skipped:
@@ -783,10 +784,11 @@ static void* emu_engine_main(void* arg) {
   while (!emu.engine_stop) {
     emu_free_zombies();
     emu_serve(emu_now_ns());
-    int timeout = emu_build_pollset(&set, emu_now_ns());
+    uint64_t sleep_ns = emu_build_pollset(&set, emu_now_ns());
+    struct timespec timeout = {.tv_sec = (time_t)(sleep_ns / 1000000000ull), .tv_nsec = (long)(sleep_ns % 1000000000ull)};
     emu.engine_polling = 1;
     pthread_mutex_unlock(&emu.lock);
-    poll(set.fds, (nfds_t)set.n, timeout);
+    ppoll(set.fds, (nfds_t)set.n, &timeout, NULL); /* timers below a millisecond (holds, RNR) */
     pthread_mutex_lock(&emu.lock);
     emu.engine_polling = 0;
     uint64_t drained;
