@@ -28,6 +28,9 @@
 #define EMU_CONNECT_RETRY_NS 1000000ull
 #define EMU_HOLD_MAX_NS 2000000ull /* VERBS_EMU_REORDER: longest hold of a QP */
 #define EMU_24BIT 0xffffffu
+/* Bytes one QP may move per engine pass, so one large transfer does not
+ * hold the lock (and every other QP) for its whole length. */
+#define EMU_STEP_BYTES (4u << 20)
 
 /* PSN a <= b in 24-bit serial arithmetic. */
 static int emu_psn_le(uint32_t a, uint32_t b) { return ((b - a) & EMU_24BIT) < (1u << 23); }
@@ -53,10 +56,17 @@ void emu_conn_close(emu_conn_t* c) {
 /* Socket I/O: returns bytes moved, 0 for "would block", -1 for a broken
  * stream (closed by the peer or an error). */
 
+static uint32_t emu_step_left; /* this pass's allowance (engine thread only) */
+
 static ssize_t emu_send(emu_conn_t* c, const void* p, size_t len) {
+  if (emu_step_left == 0) return 0; /* more next pass: the socket stays ready, poll returns at once */
   if (len > EMU_IO_CHUNK) len = EMU_IO_CHUNK;
+  if (len > emu_step_left) len = emu_step_left;
   ssize_t n = send(c->fd, p, len, MSG_DONTWAIT | MSG_NOSIGNAL);
-  if (n > 0) return n;
+  if (n > 0) {
+    emu_step_left -= (uint32_t)n;
+    return n;
+  }
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
     c->tx_blocked = 1;
     return 0;
@@ -65,9 +75,14 @@ static ssize_t emu_send(emu_conn_t* c, const void* p, size_t len) {
 }
 
 static ssize_t emu_recv(emu_conn_t* c, void* p, size_t len) {
+  if (emu_step_left == 0) return 0;
   if (len > EMU_IO_CHUNK) len = EMU_IO_CHUNK;
+  if (len > emu_step_left) len = emu_step_left;
   ssize_t n = recv(c->fd, p, len, MSG_DONTWAIT);
-  if (n > 0) return n;
+  if (n > 0) {
+    emu_step_left -= (uint32_t)n;
+    return n;
+  }
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return 0;
   return -1;
 }
@@ -599,6 +614,7 @@ static void emu_qp_timers(emu_qp_t* q, uint64_t now) {
 
 static void emu_qp_step(emu_qp_t* q, uint64_t now) {
   if (q->destroyed) return;
+  emu_step_left = EMU_STEP_BYTES;
   int ev = q->ev;
   q->ev = 0;
   emu_qp_timers(q, now);
