@@ -72,6 +72,9 @@ static void moe_env_parse(void) {
   e->num_sms = moe_env_int("NCCL_MOE_NUM_SMS", 0, 0, MOE_ENV_MAX_SMS);
   e->net_backend = moe_env_choice("NCCL_MOE_NET_BACKEND", moe_backend_names, 3, MOE_NET_BACKEND_AUTO);
   e->net_chunk_kb = moe_env_int("NCCL_MOE_NET_CHUNK_KB", MOE_DEFAULT_NET_CHUNK_KB, 1, 1 << 20);
+  moe_env_str("NCCL_MOE_IBVERBS_LIBRARY", e->ibverbs_library);
+  moe_env_str("NCCL_MOE_COLLNET_PLUGIN", e->collnet_plugin);
+  e->ib_disable = moe_env_int("NCCL_IB_DISABLE", 0, 0, INT_MAX) != 0; /* NCCL: any non-zero value */
   moe_env_str("NCCL_IB_HCA", e->ib_hca);
   e->ib_gid_index = moe_env_int("NCCL_IB_GID_INDEX", -1, -1, 255);
   moe_env_str("NCCL_IB_ADDR_FAMILY", e->ib_addr_family);

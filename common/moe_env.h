@@ -23,7 +23,14 @@ typedef struct {
   int num_sms;             /* NCCL_MOE_NUM_SMS: SM budget override, 0 = config/auto */
   int net_backend;         /* NCCL_MOE_NET_BACKEND: auto|ib|socket (moe_net_backend_t) */
   int net_chunk_kb;        /* NCCL_MOE_NET_CHUNK_KB: smallest internode slab chunk, default 256 */
+  char ibverbs_library[MOE_ENV_STR_MAX]; /* NCCL_MOE_IBVERBS_LIBRARY: what to dlopen instead of
+                                            libibverbs.so.1 (e.g. the test verbs emulator); read
+                                            once, when the ib backend first starts */
+  char collnet_plugin[MOE_ENV_STR_MAX];  /* NCCL_MOE_COLLNET_PLUGIN: a CollNet plugin library whose
+                                            ncclCollNetPlugin_v* we pass through, read when NCCL
+                                            loads us; "" = we export no CollNet */
   /* NCCL's own variables, honoured with NCCL's meaning. */
+  int ib_disable;                       /* NCCL_IB_DISABLE: 1 = no verbs backend (auto picks socket) */
   char ib_hca[MOE_ENV_STR_MAX];         /* NCCL_IB_HCA, "" = all devices */
   int ib_gid_index;                     /* NCCL_IB_GID_INDEX, -1 = choose by NCCL's rules */
   char ib_addr_family[MOE_ENV_STR_MAX]; /* NCCL_IB_ADDR_FAMILY, "" = any */

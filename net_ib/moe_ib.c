@@ -2,9 +2,11 @@
  * clear-to-send FIFO, RDMA write + write-with-immediate (see moe_ib_wire.h
  * for the protocol). libibverbs is dlopen()ed (moe_ib_verbs.c).
  *
- * NOT RUN ON HARDWARE: the hosts this was written on have no RDMA NIC. The
- * parsers, GID selection, FIFO arithmetic and the fallback are unit tested;
- * the data path below follows the verbs contract but has never moved a byte.
+ * NOT YET RUN ON AN HCA: the hosts this was written on have no RDMA NIC. CI
+ * runs every net and proxy test over the verbs emulator
+ * (tests/support/verbs_emu, NCCL_MOE_IBVERBS_LIBRARY), which checks keys,
+ * bounds, QP states, PSNs and send-queue accounting as an HCA does; it cannot
+ * show real NIC ordering, PCIe or GPUDirect behaviour.
  *
  * Per connection: `nqps` RC QPs (NCCL_IB_QPS_PER_CONNECTION) on one CQ. The
  * receiver writes a CTS entry for each irecv into the sender's FIFO; the
@@ -14,7 +16,10 @@
  * completes request r when every QP has delivered its r-th immediate. For
  * n == 1 the immediate is the size; for grouped receives the sender first
  * writes the sizes into the receiver's sizes array. One-sided write() sets
- * bit 31 of the immediate so the receiver can tell it from a message. */
+ * bit 31 of the immediate so the receiver can tell it from a message. A
+ * sender that finds no buffer for a message (unknown tag, too large) tells
+ * the receiver with MOE_IB_IMM_ABORT, so both sides fail instead of one
+ * waiting forever. */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/tcp.h>
@@ -39,6 +44,8 @@
 #define MOE_IB_CQ_DEPTH 4096
 #define MOE_IB_POLL_BATCH 16
 #define MOE_IB_IMM_WRITE_BIT 0x80000000u
+/* Never a size (<= MOE_NET_MAX_MSG_BYTES) nor a slot: the sender gave up on a message. */
+#define MOE_IB_IMM_ABORT 0x7fffffffu
 #define MOE_IB_MR_MAGIC 0x524d4249u     /* "IBMR" */
 #define MOE_IB_PENDING_MAGIC 0x50424d49u /* "IMBP" */
 #define MOE_IB_MAX_PENDING 1024
@@ -49,6 +56,12 @@
  * reads and one-sided writes carry their request's address (bit 63 clear in
  * user space); CTS writes carry 0. */
 #define MOE_IB_WRID_CLOSE (1ull << 63)
+/* wr_id of a keepalive probe: a zero-length RDMA write (no key is checked),
+ * sent when a polled comm saw no completion for MOE_IB_KEEPALIVE_NS. A dead
+ * or vanished peer then fails it once the QP's retries run out, so a side
+ * that only waits (for a clear-to-send, for data) learns it too. */
+#define MOE_IB_WRID_PROBE (1ull << 62)
+#define MOE_IB_KEEPALIVE_NS (1000ull * 1000000ull)
 
 /* ------------------------------------------------------------------------ */
 /* Process-wide state. */
@@ -60,9 +73,12 @@ typedef struct {
   struct ibv_mr* mr;
 } moe_ib_mr_entry_t;
 
+/* What regMr hands out: a reference to a (possibly shared, page-aligned)
+ * registration, and the range the caller registered. */
 typedef struct {
   uint32_t magic;
   moe_ib_mr_entry_t* entry;
+  uint64_t addr, size;
 } moe_ib_mr_t;
 
 typedef struct moe_ib_pending moe_ib_pending_t;
@@ -90,7 +106,12 @@ static ncclResult_t moe_ib_init(void) {
   pthread_mutex_lock(&moe_ib_g.lock);
   if (moe_ib_g.refs == 0) {
     const moe_ib_verbs_t* v = NULL;
-    MOE_CHECK_GOTO(moe_ib_verbs_load(&v), res, out_unlock);
+    if (moe_ib_verbs_load(&v) != ncclSuccess) {
+      /* Forced, the reason is the error; under auto the verbs loader said it at INFO. */
+      res = moe_env()->net_backend == MOE_NET_BACKEND_IB ? MOE_ERROR(ncclSystemError, "ib: %s", moe_ib_verbs_error())
+                                                          : ncclSystemError;
+      goto out_unlock;
+    }
     moe_ib_gid_rules_t rules = {.gid_index = moe_env()->ib_gid_index, .roce_version = moe_env()->ib_roce_version};
     MOE_CHECK_GOTO(moe_ib_parse_family(moe_env()->ib_addr_family, &rules.family), res, out_unlock);
     int n = 0;
@@ -168,20 +189,25 @@ static ncclResult_t moe_ib_get_properties(int dev, moe_net_props_t* props_p) {
   return ncclSuccess;
 }
 
-/* Turns pending async events of a device into a sticky failure. */
+/* Pending async events of a device: a catastrophic device error fails every
+ * comm on it for good. Errors of one QP or CQ are that comm's business (its
+ * work completions fail) and a port error may recover, so a peer that sends
+ * us a bad key cannot take down the other comms of the device. */
 static void moe_ib_check_async(int dev) {
   const moe_ib_verbs_t* v = moe_ib_g.v;
   struct ibv_async_event ev;
   while (v->get_async_event(moe_ib_g.devs[dev].ctx, &ev) == 0) {
     switch (ev.event_type) {
       case IBV_EVENT_DEVICE_FATAL:
+        MOE_WARN("ib: %s: async event %s", moe_ib_g.devs[dev].name, v->event_type_str(ev.event_type));
+        __atomic_store_n(&moe_ib_g.dev_failed[dev], 1, __ATOMIC_RELEASE);
+        break;
       case IBV_EVENT_QP_FATAL:
       case IBV_EVENT_QP_REQ_ERR:
       case IBV_EVENT_QP_ACCESS_ERR:
       case IBV_EVENT_CQ_ERR:
       case IBV_EVENT_PORT_ERR:
         MOE_WARN("ib: %s: async event %s", moe_ib_g.devs[dev].name, v->event_type_str(ev.event_type));
-        __atomic_store_n(&moe_ib_g.dev_failed[dev], 1, __ATOMIC_RELEASE);
         break;
       default:
         MOE_INFO(NCCL_NET, "ib: %s: async event %s", moe_ib_g.devs[dev].name, v->event_type_str(ev.event_type));
@@ -192,13 +218,24 @@ static void moe_ib_check_async(int dev) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* Memory registration with a cache (NCCL registers the same buffers often). */
+/* Memory registration with a cache (NCCL registers the same buffers often).
+ * Every registration covers whole pages, as NCCL's does: the address aligned
+ * down, the end aligned up. That is what dma-buf needs (the driver exports
+ * and the HCA maps pages), and a cache entry then covers exactly the range
+ * its MR covers, so a neighbour inside the same pages may share it. */
 
 typedef CUresult (*moe_cu_get_handle_fn)(void* handle, CUdeviceptr dptr, size_t size, CUmemRangeHandleType type,
                                          unsigned long long flags);
 
-/* A dma-buf fd for GPU memory through the driver entry point (libcuda is not linked). */
-static int moe_ib_cuda_dmabuf_fd(void* data, size_t size) {
+static uint64_t moe_ib_page_size(void) {
+  static uint64_t page = 0;
+  if (page == 0) page = (uint64_t)sysconf(_SC_PAGESIZE);
+  return page;
+}
+
+/* A dma-buf fd for the pages [base, base + len) of GPU memory through the
+ * driver entry point (libcuda is not linked); -1 when there is none. */
+static int moe_ib_cuda_dmabuf_fd(uint64_t base, uint64_t len) {
   static moe_cu_get_handle_fn fn = NULL;
   if (fn == NULL) {
     enum cudaDriverEntryPointQueryResult status;
@@ -209,57 +246,82 @@ static int moe_ib_cuda_dmabuf_fd(void* data, size_t size) {
     fn = (moe_cu_get_handle_fn)p;
   }
   int fd = -1;
-  if (fn(&fd, (CUdeviceptr)(uintptr_t)data, size, CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0) != CUDA_SUCCESS) return -1;
+  if (fn(&fd, (CUdeviceptr)base, (size_t)len, CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0) != CUDA_SUCCESS) return -1;
   return fd;
 }
 
-static ncclResult_t moe_ib_register(moe_ib_dev_t* d, void* data, size_t size, int type, int fd, uint64_t offset,
-                                    struct ibv_mr** mr_p) {
+/* The pages around [data, data + size): *start_p aligned down, *end_p up. */
+static void moe_ib_page_range(const void* data, size_t size, uint64_t* start_p, uint64_t* end_p) {
+  const uint64_t page = moe_ib_page_size();
+  uint64_t addr = (uint64_t)(uintptr_t)data;
+  *start_p = addr & ~(page - 1);
+  *end_p = (addr + (size > 0 ? size : 1) + page - 1) & ~(page - 1);
+}
+
+/* Registers the pages [start, end). GPU memory: through dma-buf when the
+ * device can (the caller's fd, `offset` being where `data` sits in it, or one
+ * we export), else as plain user memory for nvidia-peermem. */
+static ncclResult_t moe_ib_register(moe_ib_dev_t* d, const void* data, uint64_t start, uint64_t end, int type, int fd,
+                                    uint64_t offset, struct ibv_mr** mr_p) {
   const moe_ib_verbs_t* v = moe_ib_g.v;
-  int access = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
+  const int access = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
+  const uint64_t len = end - start;
   struct ibv_mr* mr = NULL;
   if (type == NCCL_PTR_CUDA) {
     if ((d->ptr_support & NCCL_PTR_CUDA) == 0)
       return MOE_ERROR(ncclInvalidUsage, "ib: %s cannot register GPU memory (no dma-buf, no nvidia-peermem, or "
                        "NCCL_NET_GDR_LEVEL=LOC)", d->name);
     int own_fd = -1;
-    if (fd < 0 && d->dmabuf) {
-      /* Register the whole pages: dma-buf ranges must be page-aligned. */
-      fd = own_fd = moe_ib_cuda_dmabuf_fd(data, size);
+    if (fd >= 0) {
+      /* The fd's byte `offset` is `data`: the page start is `delta` before it. */
+      uint64_t delta = (uint64_t)(uintptr_t)data - start;
+      if (offset < delta)
+        return MOE_ERROR(ncclInvalidArgument, "ib: dma-buf offset %llu does not reach back to the page start of %p",
+                         (unsigned long long)offset, data);
+      offset -= delta;
+    } else if (d->dmabuf) {
+      fd = own_fd = moe_ib_cuda_dmabuf_fd(start, len);
       offset = 0;
     }
-    if (fd >= 0 && v->reg_dmabuf_mr != NULL)
-      mr = v->reg_dmabuf_mr(d->pd, offset, size, (uint64_t)(uintptr_t)data, fd, access);
+    if (fd >= 0 && v->reg_dmabuf_mr != NULL) mr = v->reg_dmabuf_mr(d->pd, offset, len, start, fd, access);
     if (own_fd >= 0) close(own_fd);
-    if (mr == NULL) mr = v->reg_mr(d->pd, data, size, access); /* nvidia-peermem */
+    if (mr == NULL) mr = v->reg_mr(d->pd, (void*)(uintptr_t)start, len, access); /* nvidia-peermem */
   } else {
-    mr = v->reg_mr(d->pd, data, size, access);
+    mr = v->reg_mr(d->pd, (void*)(uintptr_t)start, len, access);
   }
   if (mr == NULL)
-    return MOE_ERROR(ncclSystemError, "ib: registering %zu bytes of %s memory at %p on %s failed: %m", size,
-                     type == NCCL_PTR_CUDA ? "GPU" : "host", data, d->name);
+    return MOE_ERROR(ncclSystemError, "ib: registering %llu bytes of %s memory at %p on %s failed: %m",
+                     (unsigned long long)len, type == NCCL_PTR_CUDA ? "GPU" : "host", (void*)(uintptr_t)start, d->name);
   *mr_p = mr;
   return ncclSuccess;
+}
+
+/* A cached registration covering the pages, with a reference taken; NULL
+ * when there is none. Caller holds the lock. */
+static moe_ib_mr_entry_t* moe_ib_cache_find(int dev, uint64_t start, uint64_t end) {
+  for (int i = 0; i < moe_ib_g.nmrs; i++) {
+    moe_ib_mr_entry_t* e = moe_ib_g.mrs[i];
+    if (e->dev == dev && e->start <= start && end <= e->end) {
+      e->refs++;
+      return e;
+    }
+  }
+  return NULL;
 }
 
 static ncclResult_t moe_ib_reg_dev(int dev, void* data, size_t size, int type, int fd, uint64_t offset,
                                    void** mr_p) {
   moe_ib_dev_t* d = NULL;
   MOE_CHECK(moe_ib_dev(dev, &d));
-  const uint64_t page = 4096;
-  uint64_t start = (uint64_t)(uintptr_t)data & ~(page - 1);
-  uint64_t end = ((uint64_t)(uintptr_t)data + size + page - 1) & ~(page - 1);
+  if (type != NCCL_PTR_HOST && type != NCCL_PTR_CUDA)
+    return MOE_ERROR(ncclInvalidArgument, "ib: regMr of memory type %d", type);
+  uint64_t start, end;
+  moe_ib_page_range(data, size, &start, &end);
   moe_ib_mr_t* h = calloc(1, sizeof(*h));
   if (h == NULL) return MOE_ERROR(ncclSystemError, "ib: out of memory for a registration");
   ncclResult_t res = ncclSuccess;
   pthread_mutex_lock(&moe_ib_g.lock);
-  for (int i = 0; i < moe_ib_g.nmrs && h->entry == NULL; i++) {
-    moe_ib_mr_entry_t* e = moe_ib_g.mrs[i];
-    if (e->dev == dev && e->start <= start && end <= e->end && fd < 0) {
-      e->refs++;
-      h->entry = e;
-    }
-  }
+  h->entry = moe_ib_cache_find(dev, start, end);
   if (h->entry == NULL) {
     moe_ib_mr_entry_t* e = calloc(1, sizeof(*e));
     if (moe_ib_g.nmrs == moe_ib_g.cap_mrs) {
@@ -275,16 +337,13 @@ static ncclResult_t moe_ib_reg_dev(int dev, void* data, size_t size, int type, i
       res = MOE_ERROR(ncclSystemError, "ib: out of memory for the registration cache");
       goto out_unlock;
     }
-    /* Host memory is registered by whole pages so neighbours can share it. */
-    void* base = type == NCCL_PTR_HOST ? (void*)(uintptr_t)start : data;
-    size_t len = type == NCCL_PTR_HOST ? (size_t)(end - start) : size;
-    res = moe_ib_register(d, base, len, type, fd, offset, &e->mr);
+    res = moe_ib_register(d, data, start, end, type, fd, offset, &e->mr);
     if (res != ncclSuccess) {
       free(e);
       goto out_unlock;
     }
-    e->start = (uint64_t)(uintptr_t)base;
-    e->end = e->start + len;
+    e->start = start;
+    e->end = end;
     e->dev = dev;
     e->refs = 1;
     moe_ib_g.mrs[moe_ib_g.nmrs++] = e;
@@ -297,6 +356,8 @@ out_unlock:
     return res;
   }
   h->magic = MOE_IB_MR_MAGIC;
+  h->addr = (uint64_t)(uintptr_t)data;
+  h->size = size;
   *mr_p = h;
   return ncclSuccess;
 }
@@ -324,10 +385,13 @@ static struct ibv_mr* moe_ib_mr_of(void* handle) {
   return h != NULL && h->magic == MOE_IB_MR_MAGIC ? h->entry->mr : NULL;
 }
 
+/* The range the caller registered (not the pages around it): a peer's
+ * offsets count from the caller's address. */
 static ncclResult_t moe_ib_mr_key(void* handle, moe_net_rkey_t* key_p) {
+  moe_ib_mr_t* h = (moe_ib_mr_t*)handle;
   struct ibv_mr* mr = moe_ib_mr_of(handle);
   if (mr == NULL) return MOE_ERROR(ncclInvalidArgument, "ib: mr_key of something that is not a registration");
-  *key_p = (moe_net_rkey_t){.addr = (uint64_t)(uintptr_t)mr->addr, .size = mr->length, .key = mr->rkey};
+  *key_p = (moe_net_rkey_t){.addr = h->addr, .size = h->size, .key = mr->rkey};
   return ncclSuccess;
 }
 
@@ -350,6 +414,8 @@ typedef struct {
 
 /* What the sender collected for the FIFO slot it is filling. */
 typedef struct {
+  int have_cts;      /* cts holds our copy of the slot (never re-read from the FIFO) */
+  moe_ib_cts_t cts;
   int matched;       /* isends matched to the current CTS entry */
   uint32_t mask;     /* which elements */
   moe_ib_req_t* reqs[MOE_NET_MAX_RECVS];
@@ -368,6 +434,8 @@ struct moe_ib_comm {
   struct ibv_qp* flush_qp;     /* receive side: connected to itself, for iflush reads */
   moe_ib_req_t reqs[MOE_NET_MAX_REQUESTS];
   uint64_t async_tick;
+  uint64_t quiet_since_ns;     /* the last completion (or probe) */
+  int probing;                 /* a keepalive probe is outstanding */
   /* Send side. */
   moe_ib_cts_t* fifo;          /* MOE_IB_FIFO_DEPTH entries the receiver writes */
   struct ibv_mr* fifo_mr;
@@ -422,8 +490,9 @@ static ncclResult_t moe_ib_alloc_reg(moe_ib_dev_t* d, size_t bytes, void** buf_p
   struct ibv_mr* mr = moe_ib_g.v->reg_mr(d->pd, buf, bytes,
                                          IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ);
   if (mr == NULL) {
+    int err = errno; /* ibv_reg_mr: NULL and errno */
     free(buf);
-    return MOE_ERROR(ncclSystemError, "ib: registering %zu bytes on %s failed: %m", bytes, d->name);
+    return MOE_ERROR(ncclSystemError, "ib: registering %zu bytes on %s failed: %s", bytes, d->name, strerror(err));
   }
   *buf_p = buf;
   *mr_p = mr;
@@ -440,9 +509,11 @@ static ncclResult_t moe_ib_create_qp(moe_ib_comm_t* c, moe_ib_dev_t* d, struct i
   if (qp == NULL) return MOE_ERROR(ncclSystemError, "ib: ibv_create_qp on %s failed: %m", d->name);
   struct ibv_qp_attr attr = {.qp_state = IBV_QPS_INIT, .pkey_index = 0, .port_num = (uint8_t)d->port,
                              .qp_access_flags = IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ};
-  if (moe_ib_g.v->modify_qp(qp, &attr, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS) != 0) {
+  /* ibv_modify_qp returns the error code; errno is not set. */
+  int ret = moe_ib_g.v->modify_qp(qp, &attr, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS);
+  if (ret != 0) {
     moe_ib_g.v->destroy_qp(qp);
-    return MOE_ERROR(ncclSystemError, "ib: QP to INIT on %s failed: %m", d->name);
+    return MOE_ERROR(ncclSystemError, "ib: QP to INIT on %s failed: %s", d->name, strerror(ret));
   }
   *qp_p = qp;
   return ncclSuccess;
@@ -471,9 +542,9 @@ static ncclResult_t moe_ib_qp_connect(struct ibv_qp* qp, moe_ib_dev_t* d, const 
     attr.ah_attr.grh.hop_limit = 255;
     attr.ah_attr.grh.traffic_class = (uint8_t)(traffic_class >= 0 ? traffic_class : env->ib_tc);
   }
-  if (moe_ib_g.v->modify_qp(qp, &attr, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN |
-                                           IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER) != 0)
-    return MOE_ERROR(ncclSystemError, "ib: QP to RTR on %s failed: %m", d->name);
+  int ret = moe_ib_g.v->modify_qp(qp, &attr, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN |
+                                                 IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER);
+  if (ret != 0) return MOE_ERROR(ncclSystemError, "ib: QP to RTR on %s failed: %s", d->name, strerror(ret));
   memset(&attr, 0, sizeof(attr));
   attr.qp_state = IBV_QPS_RTS;
   attr.timeout = (uint8_t)env->ib_timeout;
@@ -481,16 +552,16 @@ static ncclResult_t moe_ib_qp_connect(struct ibv_qp* qp, moe_ib_dev_t* d, const 
   attr.rnr_retry = 7;
   attr.sq_psn = local_psn;
   attr.max_rd_atomic = 1;
-  if (moe_ib_g.v->modify_qp(qp, &attr, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY |
-                                           IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC) != 0)
-    return MOE_ERROR(ncclSystemError, "ib: QP to RTS on %s failed: %m", d->name);
+  ret = moe_ib_g.v->modify_qp(qp, &attr, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY |
+                                             IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC);
+  if (ret != 0) return MOE_ERROR(ncclSystemError, "ib: QP to RTS on %s failed: %s", d->name, strerror(ret));
   return ncclSuccess;
 }
 
 static ncclResult_t moe_ib_post_recv(moe_ib_comm_t* c, int q) {
   struct ibv_recv_wr wr = {.wr_id = (uint64_t)q, .num_sge = 0}, *bad = NULL;
-  if (ibv_post_recv(c->qps[q], &wr, &bad) != 0)
-    return moe_ib_fail(c, MOE_ERROR(ncclSystemError, "ib: ibv_post_recv failed: %m"));
+  int ret = ibv_post_recv(c->qps[q], &wr, &bad); /* the error code, not errno */
+  if (ret != 0) return moe_ib_fail(c, MOE_ERROR(ncclSystemError, "ib: ibv_post_recv failed: %s", strerror(ret)));
   return ncclSuccess;
 }
 
@@ -558,6 +629,7 @@ static ncclResult_t moe_ib_comm_connect(moe_ib_comm_t* c, const moe_ib_conn_info
     return MOE_ERROR(ncclRemoteError, "ib: peer offers %d QPs on link %d, we have %d on link %d", peer->nqps,
                      peer->link, c->nqps, d->link);
   for (int q = 0; q < c->nqps; q++) MOE_CHECK(moe_ib_qp_connect(c->qps[q], d, peer, peer->qpn[q], me->psn, traffic_class));
+  c->quiet_since_ns = moe_net_now_ns();
   if (c->base.type == MOE_NET_COMM_RECV) {
     c->remote_fifo_addr = peer->fifo_addr;
     c->remote_fifo_rkey = peer->fifo_rkey;
@@ -879,13 +951,14 @@ static ncclResult_t moe_ib_post_write(moe_ib_comm_t* c, int q, void* local, uint
                            .send_flags = signaled ? IBV_SEND_SIGNALED : 0, .imm_data = htonl(imm),
                            .wr.rdma = {.remote_addr = raddr, .rkey = rkey}};
   struct ibv_send_wr* bad = NULL;
-  if (ibv_post_send(c->qps[q], &wr, &bad) != 0)
-    return moe_ib_fail(c, MOE_ERROR(ncclSystemError, "ib: ibv_post_send failed: %m"));
+  int ret = ibv_post_send(c->qps[q], &wr, &bad); /* the error code, not errno */
+  if (ret != 0) return moe_ib_fail(c, MOE_ERROR(ncclSystemError, "ib: ibv_post_send failed: %s", strerror(ret)));
   return ncclSuccess;
 }
 
 /* All elements of the current CTS entry are matched: send the data. */
-static ncclResult_t moe_ib_send_slot(moe_ib_comm_t* c, const volatile moe_ib_cts_t* cts) {
+static ncclResult_t moe_ib_send_slot(moe_ib_comm_t* c) {
+  const moe_ib_cts_t* cts = &c->fill.cts;
   uint32_t slot = moe_ib_fifo_slot(c->seq);
   int n = (int)cts->n;
   for (int i = 0; i < n; i++) {
@@ -917,6 +990,13 @@ static ncclResult_t moe_ib_send_slot(moe_ib_comm_t* c, const volatile moe_ib_cts
   return ncclSuccess;
 }
 
+/* The message cannot be delivered (unknown tag, truncation): tell the
+ * receiver, whose request would otherwise wait forever. Best effort: this
+ * comm fails anyway. */
+static void moe_ib_abort_peer(moe_ib_comm_t* c) {
+  if (moe_ib_post_write(c, 0, NULL, 0, 0, 0, 0, 1, MOE_IB_IMM_ABORT, 1, 0) != ncclSuccess) moe_clear_last_error();
+}
+
 static ncclResult_t moe_ib_poll(moe_ib_comm_t* c) {
   if (c->failed != ncclSuccess) return c->failed;
   if (++c->async_tick % MOE_IB_ASYNC_CHECK_EVERY == 0) moe_ib_check_async(c->dev);
@@ -925,7 +1005,15 @@ static ncclResult_t moe_ib_poll(moe_ib_comm_t* c) {
                                     moe_ib_g.devs[c->dev].name));
   struct ibv_wc wcs[MOE_IB_POLL_BATCH];
   int n = ibv_poll_cq(c->cq, MOE_IB_POLL_BATCH, wcs);
-  if (n < 0) return moe_ib_fail(c, MOE_ERROR(ncclSystemError, "ib: ibv_poll_cq failed"));
+  if (n < 0) return moe_ib_fail(c, MOE_ERROR(ncclSystemError, "ib: ibv_poll_cq failed (%d): the CQ overran?", n));
+  uint64_t now = moe_net_now_ns();
+  if (n > 0) {
+    c->quiet_since_ns = now;
+  } else if (!c->probing && now - c->quiet_since_ns > MOE_IB_KEEPALIVE_NS) {
+    MOE_CHECK(moe_ib_post_write(c, 0, NULL, 0, 0, 0, 0, 0, 0, 1, MOE_IB_WRID_PROBE));
+    c->probing = 1;
+    c->quiet_since_ns = now;
+  }
   for (int i = 0; i < n; i++) {
     struct ibv_wc* wc = &wcs[i];
     if (wc->status != IBV_WC_SUCCESS)
@@ -938,6 +1026,9 @@ static ncclResult_t moe_ib_poll(moe_ib_comm_t* c) {
       while (q < c->nqps && c->qps[q]->qp_num != wc->qp_num) q++;
       if (q == c->nqps) return moe_ib_fail(c, MOE_ERROR(ncclInternalError, "ib: completion for an unknown QP"));
       MOE_CHECK(moe_ib_post_recv(c, q));
+      if (imm == MOE_IB_IMM_ABORT)
+        return moe_ib_fail(c, MOE_ERROR(ncclInvalidUsage, "ib: the peer sent a message with a tag no posted receive "
+                                        "buffer has, or larger than that buffer"));
       if (imm & MOE_IB_IMM_WRITE_BIT) {
         if (moe_imm_ring_full(&c->imms))
           return moe_ib_fail(c, MOE_ERROR(ncclInternalError, "ib: immediates not polled (ring of %d full)",
@@ -948,6 +1039,8 @@ static ncclResult_t moe_ib_poll(moe_ib_comm_t* c) {
       uint64_t r = c->qp_done[q]++;
       if (r >= c->posted) return moe_ib_fail(c, MOE_ERROR(ncclRemoteError, "ib: a message arrived for no receive"));
       c->imm_of[moe_ib_fifo_slot(r)] = imm;
+    } else if (wc->wr_id == MOE_IB_WRID_PROBE) {
+      c->probing = 0;
     } else if (wc->wr_id & MOE_IB_WRID_CLOSE) {
       /* A sender's closing write: every request of that message loses one. */
       uint64_t seq = wc->wr_id & ~MOE_IB_WRID_CLOSE;
@@ -992,23 +1085,25 @@ static ncclResult_t moe_ib_isend(moe_net_comm_t* comm, void* data, size_t size, 
                      MOE_NET_MAX_MSG_BYTES);
   pthread_mutex_lock(&c->lock);
   MOE_CHECK_GOTO(moe_ib_poll(c), res, out_unlock);
-  volatile moe_ib_cts_t* cts = &c->fifo[moe_ib_fifo_slot(c->seq)];
-  int ready = moe_ib_cts_ready(cts, c->seq);
-  if (ready == 0) goto out_unlock; /* the receiver has not posted yet: NCCL retries */
-  if (ready < 0) {
-    res = moe_ib_fail(c, MOE_ERROR(ncclRemoteError, "ib: malformed clear-to-send entry from the peer"));
-    goto out_unlock;
+  if (!c->fill.have_cts) {
+    int ready = moe_ib_cts_take(&c->fifo[moe_ib_fifo_slot(c->seq)], c->seq, &c->fill.cts);
+    if (ready == 0) goto out_unlock; /* the receiver has not posted yet: NCCL retries */
+    if (ready < 0) {
+      res = moe_ib_fail(c, MOE_ERROR(ncclRemoteError, "ib: malformed clear-to-send entry from the peer"));
+      goto out_unlock;
+    }
+    c->fill.have_cts = 1;
   }
-  int e = -1;
-  for (int i = 0; i < (int)cts->n && e < 0; i++)
-    if ((c->fill.mask & (1u << i)) == 0 && cts->elem[i].tag == tag) e = i;
-  if (e < 0) {
+  int e = moe_ib_cts_match(&c->fill.cts, c->fill.mask, tag, size);
+  if (e == MOE_IB_CTS_NO_TAG) {
+    moe_ib_abort_peer(c);
     res = moe_ib_fail(c, MOE_ERROR(ncclInvalidUsage, "ib: isend with tag %d matches no posted receive buffer", tag));
     goto out_unlock;
   }
-  if (size > cts->elem[e].size) {
-    res = moe_ib_fail(c, MOE_ERROR(ncclInvalidUsage, "ib: message truncated: sending %zu bytes, the receiver posted "
-                                   "%u (tag %d)", size, cts->elem[e].size, tag));
+  if (e == MOE_IB_CTS_TOO_BIG) {
+    moe_ib_abort_peer(c);
+    res = moe_ib_fail(c, MOE_ERROR(ncclInvalidUsage, "ib: message truncated: sending %zu bytes to a smaller receive "
+                                   "buffer (tag %d)", size, tag));
     goto out_unlock;
   }
   moe_ib_req_t* req = moe_ib_req_alloc(c, MOE_IB_REQ_SEND);
@@ -1020,7 +1115,7 @@ static ncclResult_t moe_ib_isend(moe_net_comm_t* comm, void* data, size_t size, 
   c->fill.data[e] = data;
   c->fill.mrs[e] = mr;
   c->fill.mask |= 1u << e;
-  if (++c->fill.matched == (int)cts->n) res = moe_ib_send_slot(c, cts);
+  if (++c->fill.matched == (int)c->fill.cts.n) res = moe_ib_send_slot(c);
   *req_p = &req->base;
 out_unlock:
   pthread_mutex_unlock(&c->lock);
@@ -1097,9 +1192,10 @@ static ncclResult_t moe_ib_iflush(moe_net_comm_t* comm, int n, void** data, cons
                                        .rkey = moe_ib_mr_of(mhs[last])->rkey}};
   struct ibv_send_wr* bad = NULL;
   req->completions = 1;
-  if (ibv_post_send(c->flush_qp, &wr, &bad) != 0) {
+  int ret = ibv_post_send(c->flush_qp, &wr, &bad);
+  if (ret != 0) {
     req->type = MOE_IB_REQ_FREE;
-    res = moe_ib_fail(c, MOE_ERROR(ncclSystemError, "ib: posting the flush read failed: %m"));
+    res = moe_ib_fail(c, MOE_ERROR(ncclSystemError, "ib: posting the flush read failed: %s", strerror(ret)));
     goto out_unlock;
   }
   *req_p = &req->base;

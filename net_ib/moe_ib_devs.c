@@ -53,32 +53,67 @@ static int moe_ib_gid_family(const uint8_t gid[16]) {
   return AF_INET6;
 }
 
-ncclResult_t moe_ib_select_gid(const char* root, const char* dev, int port, const moe_ib_gid_rules_t* rules,
-                               int* index_p, uint8_t gid_p[16]) {
+/* One GID table entry: 1 read (gid, RoCE version 1/2 or 0 unknown), 0 empty
+ * or unreadable, -1 past the end of the table. */
+typedef int (*moe_ib_gid_reader_t)(void* arg, int index, uint8_t gid[16], int* version_p);
+
+typedef struct {
+  const char* root;
+  const char* dev;
+  int port;
+} moe_ib_sysfs_gids_t;
+
+static int moe_ib_sysfs_gid(void* arg, int index, uint8_t gid[16], int* version_p) {
+  const moe_ib_sysfs_gids_t* s = (const moe_ib_sysfs_gids_t*)arg;
   char path[PATH_MAX];
+  snprintf(path, sizeof(path), "%s/%s/ports/%d/gids/%d", s->root, s->dev, s->port, index);
+  if (!moe_ib_read_gid(path, gid)) return access(path, F_OK) == 0 ? 0 : -1;
+  snprintf(path, sizeof(path), "%s/%s/ports/%d/gid_attrs/types/%d", s->root, s->dev, s->port, index);
+  *version_p = moe_ib_read_roce_version(path);
+  return 1;
+}
+
+typedef struct {
+  const moe_ib_verbs_t* v;
+  struct ibv_context* ctx;
+  int port;
+  int table_len;
+} moe_ib_verbs_gids_t;
+
+static int moe_ib_verbs_gid(void* arg, int index, uint8_t gid[16], int* version_p) {
+  const moe_ib_verbs_gids_t* g = (const moe_ib_verbs_gids_t*)arg;
+  if (index >= g->table_len) return -1;
+  struct ibv_gid_entry e;
+  memset(&e, 0, sizeof(e));
+  if (g->v->query_gid_ex(g->ctx, (uint32_t)g->port, (uint32_t)index, &e, 0, sizeof(e)) != 0) return 0; /* ENODATA: empty */
+  memcpy(gid, e.gid.raw, 16);
+  *version_p = e.gid_type == IBV_GID_TYPE_ROCE_V2 ? 2 : e.gid_type == IBV_GID_TYPE_ROCE_V1 ? 1 : 0;
+  return 1;
+}
+
+/* NCCL's rules over a GID table: an explicit index wins; otherwise the lowest
+ * index whose GID is set, of the wanted family (IPv4-mapped first unless
+ * forced) and RoCE version. */
+static ncclResult_t moe_ib_pick_gid(moe_ib_gid_reader_t read, void* arg, const char* dev, int port,
+                                    const moe_ib_gid_rules_t* rules, int* index_p, uint8_t gid_p[16]) {
   uint8_t gid[16];
+  int version = 0;
   if (rules->gid_index >= 0) {
-    snprintf(path, sizeof(path), "%s/%s/ports/%d/gids/%d", root, dev, port, rules->gid_index);
-    if (!moe_ib_read_gid(path, gid) || moe_all_zero(gid, 16))
+    if (read(arg, rules->gid_index, gid, &version) != 1 || moe_all_zero(gid, 16))
       return MOE_ERROR(ncclInvalidArgument, "ib: NCCL_IB_GID_INDEX=%d: %s port %d has no GID there", rules->gid_index,
                        dev, port);
     *index_p = rules->gid_index;
     memcpy(gid_p, gid, 16);
     return ncclSuccess;
   }
-  /* Two passes when no family is forced: IPv4-mapped first (NCCL's default). */
   int families[2] = {rules->family != 0 ? rules->family : AF_INET, rules->family != 0 ? -1 : AF_INET6};
   for (int pass = 0; pass < 2; pass++) {
     if (families[pass] < 0) continue;
     for (int i = 0; i < MOE_IB_MAX_GIDS; i++) {
-      snprintf(path, sizeof(path), "%s/%s/ports/%d/gids/%d", root, dev, port, i);
-      if (!moe_ib_read_gid(path, gid)) {
-        if (access(path, F_OK) != 0) break; /* end of the table */
-        continue;
-      }
-      if (moe_all_zero(gid, 16) || moe_ib_gid_family(gid) != families[pass]) continue;
-      snprintf(path, sizeof(path), "%s/%s/ports/%d/gid_attrs/types/%d", root, dev, port, i);
-      if (moe_ib_read_roce_version(path) != rules->roce_version) continue;
+      int got = read(arg, i, gid, &version);
+      if (got < 0) break; /* end of the table */
+      if (got == 0 || moe_all_zero(gid, 16) || moe_ib_gid_family(gid) != families[pass]) continue;
+      if (version != rules->roce_version) continue;
       *index_p = i;
       memcpy(gid_p, gid, 16);
       return ncclSuccess;
@@ -86,6 +121,24 @@ ncclResult_t moe_ib_select_gid(const char* root, const char* dev, int port, cons
   }
   return MOE_ERROR(ncclSystemError, "ib: %s port %d has no RoCE v%d GID of the wanted family (NCCL_IB_ADDR_FAMILY, "
                    "NCCL_IB_ROCE_VERSION_NUM, NCCL_IB_GID_INDEX)", dev, port, rules->roce_version);
+}
+
+ncclResult_t moe_ib_select_gid(const char* root, const char* dev, int port, const moe_ib_gid_rules_t* rules,
+                               int* index_p, uint8_t gid_p[16]) {
+  moe_ib_sysfs_gids_t s = {.root = root, .dev = dev, .port = port};
+  return moe_ib_pick_gid(moe_ib_sysfs_gid, &s, dev, port, rules, index_p, gid_p);
+}
+
+/* sysfs when it has the port's GID table (NCCL's source), else the verbs
+ * GID query (containers without /sys/class/infiniband, the verbs emulator). */
+static ncclResult_t moe_ib_port_gid(const moe_ib_verbs_t* v, struct ibv_context* ctx, const char* dev, int port,
+                                    int table_len, const moe_ib_gid_rules_t* rules, int* index_p, uint8_t gid_p[16]) {
+  char path[PATH_MAX];
+  snprintf(path, sizeof(path), "%s/%s/ports/%d/gids", MOE_IB_SYSFS_ROOT, dev, port);
+  if (access(path, F_OK) == 0 || v->query_gid_ex == NULL)
+    return moe_ib_select_gid(MOE_IB_SYSFS_ROOT, dev, port, rules, index_p, gid_p);
+  moe_ib_verbs_gids_t g = {.v = v, .ctx = ctx, .port = port, .table_len = table_len};
+  return moe_ib_pick_gid(moe_ib_verbs_gid, &g, dev, port, rules, index_p, gid_p);
 }
 
 int moe_ib_port_speed_mbps(int active_speed, int active_width) {
@@ -154,7 +207,7 @@ static ncclResult_t moe_ib_open_port(const moe_ib_verbs_t* v, struct ibv_device*
   d->max_qp_wr = dattr->max_qp_wr;
   d->ctx = ctx;
   if (d->link == MOE_IB_LINK_ETH) {
-    MOE_CHECK(moe_ib_select_gid(MOE_IB_SYSFS_ROOT, d->name, port, rules, &d->gid_index, d->gid));
+    MOE_CHECK(moe_ib_port_gid(v, ctx, d->name, port, pattr.gid_tbl_len, rules, &d->gid_index, d->gid));
   } else {
     union ibv_gid gid;
     d->gid_index = rules->gid_index >= 0 ? rules->gid_index : 0;

@@ -1,7 +1,12 @@
-/* libibverbs, resolved at run time: the library must load on hosts without
- * rdma-core. Only the exported functions we call are looked up; the data-path
- * calls (ibv_post_send/recv, ibv_poll_cq) are inline in verbs.h and go
- * through the provider's ops, so they need no symbol. */
+/* libibverbs, resolved at run time through a function table: the library
+ * must load on hosts without rdma-core, and NCCL_MOE_IBVERBS_LIBRARY can name
+ * another library with libibverbs' API (the test verbs emulator).
+ *
+ * Only exported functions are looked up. The data-path calls (ibv_post_send,
+ * ibv_post_recv, ibv_poll_cq) are static inline in verbs.h and jump through
+ * the ops table of the context a provider (or the emulator) filled, so they
+ * need no symbol. ibv_query_port is a macro in verbs.h; the table holds the
+ * exported compat function, which every rdma-core still provides. */
 #ifndef MOE_IB_VERBS_H_
 #define MOE_IB_VERBS_H_
 
@@ -12,6 +17,8 @@
 extern "C" {
 #endif
 
+#define MOE_IB_VERBS_DEFAULT_LIBRARY "libibverbs.so.1"
+
 typedef struct {
   struct ibv_device** (*get_device_list)(int* num);
   void (*free_device_list)(struct ibv_device** list);
@@ -21,6 +28,9 @@ typedef struct {
   int (*query_device)(struct ibv_context* ctx, struct ibv_device_attr* attr);
   int (*query_port)(struct ibv_context* ctx, uint8_t port, struct ibv_port_attr* attr);
   int (*query_gid)(struct ibv_context* ctx, uint8_t port, int index, union ibv_gid* gid);
+  /* NULL before rdma-core v32; GID and RoCE type without sysfs. */
+  int (*query_gid_ex)(struct ibv_context* ctx, uint32_t port, uint32_t index, struct ibv_gid_entry* entry,
+                      uint32_t flags, size_t entry_size);
   struct ibv_pd* (*alloc_pd)(struct ibv_context* ctx);
   int (*dealloc_pd)(struct ibv_pd* pd);
   struct ibv_mr* (*reg_mr)(struct ibv_pd* pd, void* addr, size_t len, int access);
@@ -39,10 +49,14 @@ typedef struct {
   const char* (*event_type_str)(enum ibv_event_type event);
 } moe_ib_verbs_t;
 
-/* Loads libibverbs.so.1 once per load of this library; ncclSystemError (with
- * an INFO line, not a warning: most hosts simply have no rdma-core) when it
- * is missing or lacks a required symbol. */
+/* Loads the verbs library once per load of this library (NCCL_MOE_IBVERBS_LIBRARY,
+ * else libibverbs.so.1). ncclSystemError when it is missing or lacks a
+ * required symbol: an INFO line for the default library (most hosts simply
+ * have no rdma-core), a warning for one the user named; the reason is
+ * available from moe_ib_verbs_error(). */
 ncclResult_t moe_ib_verbs_load(const moe_ib_verbs_t** verbs_p);
+/* Why the load failed ("" when it did not). */
+const char* moe_ib_verbs_error(void);
 
 #ifdef __cplusplus
 }

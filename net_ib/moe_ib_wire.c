@@ -70,14 +70,27 @@ ncclResult_t moe_ib_conn_info_decode(const uint8_t* buf, size_t len, moe_ib_conn
   return ncclSuccess;
 }
 
-int moe_ib_cts_ready(const volatile moe_ib_cts_t* cts, uint64_t seq) {
-  if (cts->idx != seq + 1) return 0;
+int moe_ib_cts_take(const volatile moe_ib_cts_t* slot, uint64_t seq, moe_ib_cts_t* copy_p) {
+  if (slot->idx != seq + 1) return 0;
   __atomic_thread_fence(__ATOMIC_ACQUIRE);
-  uint32_t n = cts->n;
-  if (n < 1 || n > MOE_NET_MAX_RECVS) return -1;
-  for (uint32_t i = 0; i < n; i++)
-    if (cts->elem[i].size > MOE_NET_MAX_MSG_BYTES) return -1;
+  moe_ib_cts_t c;
+  memcpy(&c, (const void*)(uintptr_t)slot, sizeof(c)); /* one read of the peer's bytes */
+  /* The slot may have changed under the copy: only a copy that still names
+   * this message and is well formed counts. */
+  if (c.idx != seq + 1) return 0;
+  if (c.n < 1 || c.n > MOE_NET_MAX_RECVS) return -1;
+  for (uint32_t i = 0; i < c.n; i++)
+    if (c.elem[i].size > MOE_NET_MAX_MSG_BYTES) return -1;
+  *copy_p = c;
   return 1;
+}
+
+int moe_ib_cts_match(const moe_ib_cts_t* cts, uint32_t taken, int tag, size_t size) {
+  for (uint32_t i = 0; i < cts->n && i < MOE_NET_MAX_RECVS; i++) {
+    if ((taken & (1u << i)) != 0 || cts->elem[i].tag != tag) continue;
+    return size > cts->elem[i].size ? MOE_IB_CTS_TOO_BIG : (int)i;
+  }
+  return MOE_IB_CTS_NO_TAG;
 }
 
 void moe_ib_split(size_t size, int nqps, int q, size_t* off_p, size_t* len_p) {

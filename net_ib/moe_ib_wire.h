@@ -82,9 +82,19 @@ static inline uint32_t moe_ib_fifo_slot(uint64_t seq) { return (uint32_t)(seq % 
 static inline int moe_ib_fifo_can_post(uint64_t posted, uint64_t completed) {
   return posted - completed < MOE_IB_FIFO_DEPTH;
 }
-/* Checks a slot the sender polls for message `seq`: 0 not there yet, 1
- * ready and well-formed, -1 malformed (an error: n or a size out of range). */
-int moe_ib_cts_ready(const volatile moe_ib_cts_t* cts, uint64_t seq);
+/* Takes the slot the sender polls for message `seq` out of the FIFO. The
+ * peer may rewrite that memory at any time, so the slot is copied once and
+ * only the copy is checked and used: 0 not there yet, 1 ready (*copy_p
+ * holds it), -1 malformed (an error: n or a size out of range). */
+int moe_ib_cts_take(const volatile moe_ib_cts_t* slot, uint64_t seq, moe_ib_cts_t* copy_p);
+
+/* Which element of a taken entry a send of `size` bytes with `tag` fills,
+ * skipping the elements in the bit mask `taken`: its index, else
+ * MOE_IB_CTS_NO_TAG (no free element has that tag) or MOE_IB_CTS_TOO_BIG
+ * (the element with that tag is smaller than the message: truncation). */
+#define MOE_IB_CTS_NO_TAG (-1)
+#define MOE_IB_CTS_TOO_BIG (-2)
+int moe_ib_cts_match(const moe_ib_cts_t* cts, uint32_t taken, int tag, size_t size);
 
 /* Splits `size` bytes over `nqps` QPs: QP q gets [*off_p, *off_p + *len_p).
  * Chunks are aligned to 128 bytes except the last; some QPs may get 0. */

@@ -1,12 +1,35 @@
 #include "transport/moe_net_util.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 
 #include "common/moe_log.h"
 
 #define MOE_NET_PORT_MAX 255
+#define MOE_NET_IFENT_FIELDS 3 /* port, rail, plane */
 
+/* Parses a decimal field of an entry; "" gives `empty`. 0 when not a number in [lo, hi]. */
+static int moe_net_ifent_number(const char* text, size_t len, int empty, long lo, long hi, int* value_p) {
+  if (len == 0) {
+    *value_p = empty;
+    return 1;
+  }
+  char digits[16] = "";
+  if (len >= sizeof(digits)) return 0;
+  memcpy(digits, text, len);
+  char* end = NULL;
+  errno = 0;
+  long v = strtol(digits, &end, 10);
+  if (errno != 0 || *end != '\0' || v < lo || v > hi) return 0;
+  *value_p = (int)v;
+  return 1;
+}
+
+/* "name[:port[:rail[:plane]]]" as NCCL's parseStringList reads it: an empty
+ * port means any port; rail and plane (newer NCCLs) are accepted and unused
+ * here. Where NCCL would silently keep an entry that can never match (a port
+ * that is not a number, an empty name), we report it instead. */
 static ncclResult_t moe_net_ifent_parse(const char* text, size_t len, moe_net_ifent_t* ent_p) {
   const char* colon = memchr(text, ':', len);
   size_t name_len = colon != NULL ? (size_t)(colon - text) : len;
@@ -15,20 +38,23 @@ static ncclResult_t moe_net_ifent_parse(const char* text, size_t len, moe_net_if
                      (int)len, text, MOE_NET_IFNAME_MAX - 1);
   moe_net_ifent_t ent = {.port = -1};
   memcpy(ent.name, text, name_len);
-  if (colon != NULL) {
-    char digits[8] = "";
-    size_t dlen = len - name_len - 1;
-    if (dlen == 0 || dlen >= sizeof(digits))
-      return MOE_ERROR(ncclInvalidArgument, "interface list entry \"%.*s\": bad port", (int)len, text);
-    memcpy(digits, colon + 1, dlen);
-    char* end = NULL;
-    errno = 0;
-    long port = strtol(digits, &end, 10);
-    if (errno != 0 || *end != '\0' || port < 1 || port > MOE_NET_PORT_MAX)
-      return MOE_ERROR(ncclInvalidArgument, "interface list entry \"%.*s\": port must be in [1, %d]",
-                       (int)len, text, MOE_NET_PORT_MAX);
-    ent.port = (int)port;
+  const char* field = colon != NULL ? colon + 1 : NULL;
+  const char* stop = text + len;
+  for (int f = 0; field != NULL && f < MOE_NET_IFENT_FIELDS; f++) {
+    const char* next = memchr(field, ':', (size_t)(stop - field));
+    size_t flen = (size_t)((next != NULL ? next : stop) - field);
+    int value = -1;
+    int ok = f == 0 ? moe_net_ifent_number(field, flen, -1, 1, MOE_NET_PORT_MAX, &value)
+                    : moe_net_ifent_number(field, flen, -1, 0, INT_MAX, &value);
+    if (!ok)
+      return MOE_ERROR(ncclInvalidArgument, "interface list entry \"%.*s\": the %s must be a number%s", (int)len,
+                       text, f == 0 ? "port" : f == 1 ? "rail" : "plane", f == 0 ? " in [1, 255]" : "");
+    if (f == 0) ent.port = value;
+    field = next != NULL ? next + 1 : NULL;
   }
+  if (field != NULL)
+    return MOE_ERROR(ncclInvalidArgument, "interface list entry \"%.*s\": more than name:port:rail:plane", (int)len,
+                     text);
   *ent_p = ent;
   return ncclSuccess;
 }
@@ -62,8 +88,8 @@ ncclResult_t moe_net_iflist_parse(const char* spec, moe_net_iflist_t* list_p) {
 }
 
 int moe_net_iflist_match(const moe_net_iflist_t* list, const char* name, int port) {
-  if (list->count == 0) return 1;
-  int found = 0;
+  /* An empty list matches everything, so "^" alone excludes everything (NCCL). */
+  int found = list->count == 0;
   for (int i = 0; i < list->count && !found; i++) {
     const moe_net_ifent_t* e = &list->ent[i];
     int name_ok = list->exact ? strcmp(name, e->name) == 0 : strncmp(name, e->name, strlen(e->name)) == 0;

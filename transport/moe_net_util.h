@@ -20,9 +20,10 @@ typedef struct {
   int port;
 } moe_net_ifent_t;
 
-/* A parsed list in NCCL's syntax: comma-separated names; a leading '^' makes
- * it an exclude list, a following '=' asks for exact names instead of
- * prefixes. An empty list matches everything. */
+/* A parsed list in NCCL's syntax: comma-separated "name[:port[:rail[:plane]]]"
+ * entries; a leading '^' makes it an exclude list, a following '=' asks for
+ * exact names instead of prefixes. An empty list matches everything (and so
+ * "^" alone matches nothing, as in NCCL). */
 typedef struct {
   int exclude;
   int exact;
@@ -30,8 +31,10 @@ typedef struct {
   moe_net_ifent_t ent[MOE_NET_IFLIST_MAX];
 } moe_net_iflist_t;
 
-/* Parses `spec` (NULL or "" gives the empty list). Too many entries, a name
- * too long or a port that is not a number in [1, 255] is ncclInvalidArgument. */
+/* Parses `spec` (NULL or "" gives the empty list). An empty port means any
+ * port. Too many entries, an empty or too long name, a port that is not a
+ * number in [1, 255], or a rail/plane that is not a number is
+ * ncclInvalidArgument (NCCL would keep such an entry, never matching). */
 ncclResult_t moe_net_iflist_parse(const char* spec, moe_net_iflist_t* list_p);
 
 /* 1 when `name` (with `port`, -1 when ports do not apply) is selected. */

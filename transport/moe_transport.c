@@ -1,6 +1,7 @@
 #include "transport/moe_transport.h"
 
 #include <fcntl.h>
+#include <stdio.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -27,6 +28,8 @@ uint64_t moe_net_random_u64(void) {
   return v;
 }
 
+#define MOE_TRANSPORT_WHY_MAX 512
+
 static const moe_transport_t* moe_transports[MOE_NET_KINDS];
 
 void moe_transport_register(const moe_transport_t* transport) {
@@ -45,9 +48,22 @@ static ncclResult_t moe_transport_try_ib(int forced, const moe_transport_t** tra
     if (forced) return MOE_ERROR(ncclInvalidUsage, "NCCL_MOE_NET_BACKEND=ib: this library has no verbs backend");
     return ncclSystemError;
   }
+  /* NCCL_IB_DISABLE means what it means to NCCL: no verbs at all. */
+  if (moe_env()->ib_disable) {
+    if (forced)
+      return MOE_ERROR(ncclInvalidUsage, "NCCL_MOE_NET_BACKEND=ib but NCCL_IB_DISABLE is set: unset one of them");
+    MOE_INFO(NCCL_INIT | NCCL_NET, "NCCL_IB_DISABLE set: not trying the verbs backend");
+    return ncclSystemError;
+  }
+  moe_clear_last_error();
   ncclResult_t res = ib->init();
   if (res != ncclSuccess) {
-    if (forced) return MOE_ERROR(res, "NCCL_MOE_NET_BACKEND=ib: the verbs backend failed to start");
+    if (forced) {
+      char why[MOE_TRANSPORT_WHY_MAX]; /* the backend's own message, before ours replaces it */
+      snprintf(why, sizeof(why), "%s", moe_last_error());
+      return MOE_ERROR(res, "NCCL_MOE_NET_BACKEND=ib: the verbs backend failed to start%s%s", why[0] ? ": " : "",
+                       why);
+    }
     return res;
   }
   int ndev = 0;

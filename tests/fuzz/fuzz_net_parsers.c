@@ -38,6 +38,16 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   moe_ib_conn_info_t ci;
   if (moe_ib_conn_info_decode(data, size, &ci) == ncclSuccess)
     if (ci.nqps < 1 || ci.nqps > MOE_IB_MAX_QPS) abort();
+  /* A clear-to-send slot as the peer may write it: only a checked copy is used. */
+  if (size >= sizeof(moe_ib_cts_t)) {
+    moe_ib_cts_t slot, copy;
+    memcpy(&slot, data, sizeof(slot));
+    if (moe_ib_cts_take(&slot, slot.idx - 1, &copy) == 1) {
+      if (copy.n < 1 || copy.n > MOE_NET_MAX_RECVS) abort();
+      int e = moe_ib_cts_match(&copy, 0, copy.elem[0].tag, copy.elem[0].size);
+      if (e < 0 || (uint32_t)e >= copy.n) abort();
+    }
+  }
   char text[512];
   size_t n = size < sizeof(text) - 1 ? size : sizeof(text) - 1;
   memcpy(text, data, n);

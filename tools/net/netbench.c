@@ -125,6 +125,10 @@ static void* plugin_stream(void* argp) {
       if (*slot == NULL) break;
       posted++;
     }
+    if (completed == posted) { /* nothing in flight yet (ib: no clear-to-send yet) */
+      sched_yield();
+      continue;
+    }
     int done = 0;
     NCHECK(net->test(reqs[completed % a->window], &done, NULL));
     if (done) completed++;

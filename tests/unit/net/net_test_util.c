@@ -14,8 +14,20 @@ uint64_t net_now_ms(void) {
 }
 
 void net_test_env(void) {
-  setenv("NCCL_MOE_NET_BACKEND", "socket", 1);
+  /* Meson runs the suites once per backend by setting NCCL_MOE_NET_BACKEND
+   * (and, for ib, NCCL_MOE_IBVERBS_LIBRARY=the verbs emulator). */
+  setenv("NCCL_MOE_NET_BACKEND", "socket", 0);
   setenv("NCCL_SOCKET_IFNAME", "lo", 1);
+}
+
+int net_test_ib(void) {
+  const char* b = getenv("NCCL_MOE_NET_BACKEND");
+  return b != NULL && strcmp(b, "ib") == 0;
+}
+
+int net_test_emulated(void) {
+  const char* lib = getenv("NCCL_MOE_IBVERBS_LIBRARY");
+  return net_test_ib() && lib != NULL && strstr(lib, "verbs-emu") != NULL;
 }
 
 int net_plugin_load(const char* path, net_plugin_t* p) {
@@ -36,6 +48,11 @@ int net_plugin_load(const char* path, net_plugin_t* p) {
     return -1;
   }
   return 0;
+}
+
+const char* net_plugin_last_error(const net_plugin_t* p) {
+  const char* (*fn)(void) = p->lib != NULL ? (const char* (*)(void))dlsym(p->lib, "ncclMoeGetLastError") : NULL;
+  return fn != NULL ? fn() : "(no ncclMoeGetLastError in the plugin)";
 }
 
 void net_plugin_unload(net_plugin_t* p) {
@@ -97,6 +114,16 @@ ncclResult_t net_irecv(ncclNet_v11_t* net, void* comm, int n, void** data, size_
     if (net_now_ms() > deadline) return ncclInternalError;
   }
   return ncclSuccess;
+}
+
+void* net_reg(ncclNet_v11_t* net, void* comm, void* data, size_t size) {
+  void* mh = NULL;
+  if (net->regMr(comm, data, size, NCCL_PTR_HOST, &mh) != ncclSuccess) return NULL;
+  return mh;
+}
+
+void net_dereg(ncclNet_v11_t* net, void* comm, void* mh) {
+  if (mh != NULL) net->deregMr(comm, mh);
 }
 
 static uint64_t net_mix(uint64_t x) {

@@ -18,12 +18,21 @@ typedef struct {
   ncclNet_v11_t* net;
 } net_plugin_t;
 
-/* Sets the environment every test wants: socket backend on loopback. */
+/* Sets the environment every test wants: the socket backend unless the run
+ * chose another (NCCL_MOE_NET_BACKEND), the loopback interface. */
 void net_test_env(void);
+/* 1 when this run drives the ib backend (over the verbs emulator in CI). */
+int net_test_ib(void);
+/* 1 when that ib backend runs on the verbs emulator (NCCL_MOE_IBVERBS_LIBRARY),
+ * whose device names and properties the tests know; 0 on a real HCA. */
+int net_test_emulated(void);
 
 /* dlopen()s `path` (NULL: $MOE_NET_PLUGIN_PATH) and finds ncclNetPlugin_v11. */
 int net_plugin_load(const char* path, net_plugin_t* p);
 void net_plugin_unload(net_plugin_t* p);
+/* The loaded plugin's ncclMoeGetLastError() (its own copy, not this
+ * program's): the message of the last failure on this thread. */
+const char* net_plugin_last_error(const net_plugin_t* p);
 
 /* Connects a send comm to a recv comm on `dev`, calling connect and accept
  * alternately until both are non-NULL. Returns ncclSuccess or the error. */
@@ -37,6 +46,11 @@ ncclResult_t net_wait(ncclNet_v11_t* net, void* request, int* sizes);
 ncclResult_t net_isend(ncclNet_v11_t* net, void* comm, void* data, size_t size, int tag, void* mh, void** req);
 ncclResult_t net_irecv(ncclNet_v11_t* net, void* comm, int n, void** data, size_t* sizes, int* tags, void** mh,
                        void** req);
+
+/* regMr of host memory as NCCL does it (every buffer NCCL hands to isend,
+ * irecv and iflush is registered); NULL on failure. */
+void* net_reg(ncclNet_v11_t* net, void* comm, void* data, size_t size);
+void net_dereg(ncclNet_v11_t* net, void* comm, void* mh);
 
 /* Fills/checks a deterministic pattern for (seed, size). */
 void net_fill(void* buf, size_t size, uint64_t seed);

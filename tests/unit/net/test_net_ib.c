@@ -193,23 +193,58 @@ START_TEST(test_fifo_arithmetic) {
   ck_assert(!moe_ib_fifo_can_post(MOE_IB_FIFO_DEPTH, 0));
   ck_assert(moe_ib_fifo_can_post(MOE_IB_FIFO_DEPTH, 1));
   ck_assert(!moe_ib_fifo_can_post(1000 + MOE_IB_FIFO_DEPTH, 1000));
-  moe_ib_cts_t cts;
+  moe_ib_cts_t cts, copy;
   memset(&cts, 0, sizeof(cts));
-  ck_assert_int_eq(moe_ib_cts_ready(&cts, 0), 0); /* zeroed memory is never valid */
+  ck_assert_int_eq(moe_ib_cts_take(&cts, 0, &copy), 0); /* zeroed memory is never valid */
   cts.idx = 1;
   cts.n = 2;
   cts.elem[0].size = 100;
   cts.elem[1].size = 200;
-  ck_assert_int_eq(moe_ib_cts_ready(&cts, 0), 1);
-  ck_assert_int_eq(moe_ib_cts_ready(&cts, 1), 0);  /* an old entry for the next message */
-  ck_assert_int_eq(moe_ib_cts_ready(&cts, MOE_IB_FIFO_DEPTH), 0);
+  ck_assert_int_eq(moe_ib_cts_take(&cts, 0, &copy), 1);
+  ck_assert_int_eq(moe_ib_cts_take(&cts, 1, &copy), 0);  /* an old entry for the next message */
+  ck_assert_int_eq(moe_ib_cts_take(&cts, MOE_IB_FIFO_DEPTH, &copy), 0);
   cts.n = 0;
-  ck_assert_int_eq(moe_ib_cts_ready(&cts, 0), -1);
+  ck_assert_int_eq(moe_ib_cts_take(&cts, 0, &copy), -1);
   cts.n = MOE_NET_MAX_RECVS + 1;
-  ck_assert_int_eq(moe_ib_cts_ready(&cts, 0), -1);
+  ck_assert_int_eq(moe_ib_cts_take(&cts, 0, &copy), -1);
   cts.n = 2;
   cts.elem[1].size = (uint32_t)MOE_NET_MAX_MSG_BYTES + 1;
-  ck_assert_int_eq(moe_ib_cts_ready(&cts, 0), -1);
+  ck_assert_int_eq(moe_ib_cts_take(&cts, 0, &copy), -1);
+}
+END_TEST
+
+/* Issue 15 item 8: the peer may rewrite its clear-to-send entry at any time
+ * (it is RDMA-writable memory). The sender copies it once; everything after
+ * (matching tags, sizes, addresses) uses the copy, so a count or size changed
+ * after the check cannot index past the entry or grow a buffer. */
+START_TEST(test_cts_copy_is_what_counts) {
+  moe_ib_cts_t slot, copy;
+  memset(&slot, 0, sizeof(slot));
+  slot.idx = 8;
+  slot.n = 2;
+  slot.elem[0] = (moe_ib_cts_elem_t){.addr = 0x1000, .size = 64, .rkey = 5, .tag = 10};
+  slot.elem[1] = (moe_ib_cts_elem_t){.addr = 0x2000, .size = 128, .rkey = 6, .tag = 11};
+  ck_assert_int_eq(moe_ib_cts_take(&slot, 7, &copy), 1);
+  /* The hostile rewrite, after the check. */
+  slot.n = 200;
+  slot.elem[0].size = 1u << 30;
+  slot.elem[2] = (moe_ib_cts_elem_t){.addr = 0x3000, .size = 4096, .rkey = 7, .tag = 12};
+  ck_assert_uint_eq(copy.n, 2);
+  ck_assert_int_eq(moe_ib_cts_match(&copy, 0, 10, 64), 0);
+  ck_assert_int_eq(moe_ib_cts_match(&copy, 0, 10, 65), MOE_IB_CTS_TOO_BIG); /* the old size still rules */
+  ck_assert_int_eq(moe_ib_cts_match(&copy, 0, 11, 128), 1);
+  ck_assert_int_eq(moe_ib_cts_match(&copy, 0, 12, 1), MOE_IB_CTS_NO_TAG);  /* element 2 is past n */
+  ck_assert_int_eq(moe_ib_cts_match(&copy, 1u << 0, 10, 1), MOE_IB_CTS_NO_TAG); /* already taken */
+  /* A copy taken while the slot was being rewritten is checked as a whole. */
+  ck_assert_int_eq(moe_ib_cts_take(&slot, 7, &copy), -1);
+  /* Duplicate tags: the first free element with the tag. */
+  slot.n = 3;
+  slot.elem[0].size = 10;
+  slot.elem[1].tag = 10;
+  slot.elem[2].tag = 10;
+  ck_assert_int_eq(moe_ib_cts_take(&slot, 7, &copy), 1);
+  ck_assert_int_eq(moe_ib_cts_match(&copy, 1u << 0, 10, 5), 1);
+  ck_assert_int_eq(moe_ib_cts_match(&copy, (1u << 0) | (1u << 1), 10, 5), 2);
 }
 END_TEST
 
@@ -264,6 +299,7 @@ int main(void) {
   tcase_add_test(tc, test_handle_encoding);
   tcase_add_test(tc, test_conn_info_encoding);
   tcase_add_test(tc, test_fifo_arithmetic);
+  tcase_add_test(tc, test_cts_copy_is_what_counts);
   tcase_add_test(tc, test_qp_split_and_speed);
   tcase_add_test(tc, test_no_device_discovery);
   suite_add_tcase(s, tc);

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "net_test_util.h"
 #include "test_common.h"
@@ -15,15 +16,20 @@ static void transfer_once(ncclNet_v11_t* net, void* ctx, size_t size) {
   char* s = malloc(size + 1);
   char* r = malloc(size + 1);
   net_fill(s, size, size);
+  void* smh = net_reg(net, send, s, size + 1);
+  void* rmh = net_reg(net, recv, r, size + 1);
+  ck_assert(smh != NULL && rmh != NULL);
   void *sreq, *rreq;
   void* data[1] = {r};
   size_t cap[1] = {size};
   int tag[1] = {1};
-  ck_assert_int_eq(net_irecv(net, recv, 1, data, cap, tag, NULL, &rreq), ncclSuccess);
-  ck_assert_int_eq(net_isend(net, send, s, size, 1, NULL, &sreq), ncclSuccess);
+  ck_assert_int_eq(net_irecv(net, recv, 1, data, cap, tag, &rmh, &rreq), ncclSuccess);
+  ck_assert_int_eq(net_isend(net, send, s, size, 1, smh, &sreq), ncclSuccess);
   ck_assert_int_eq(net_wait(net, sreq, NULL), ncclSuccess);
   ck_assert_int_eq(net_wait(net, rreq, NULL), ncclSuccess);
   ck_assert(net_check(r, size, size));
+  net_dereg(net, send, smh);
+  net_dereg(net, recv, rmh);
   free(s);
   free(r);
   ck_assert_int_eq(net->closeSend(send), ncclSuccess);
@@ -37,7 +43,7 @@ START_TEST(test_symbols_by_path) {
   ck_assert_msg(lib != NULL, "%s", dlerror());
   const char* present[] = {"ncclNetPlugin_v11", "ncclNetPlugin_v10", "ncclNetPlugin_v9", "ncclNetPlugin_v8"};
   for (int i = 0; i < 4; i++) ck_assert_msg(dlsym(lib, present[i]) != NULL, "%s missing", present[i]);
-  /* No CollNet: NCCL must not find a half-implemented one. */
+  /* No CollNet unless NCCL_MOE_COLLNET_PLUGIN names a library (test_collnet). */
   const char* absent[] = {"ncclCollNetPlugin_v11", "ncclCollNetPlugin_v10", "ncclNetPlugin_v12", "moe_net_init",
                           "moe_transport_socket"};
   for (int i = 0; i < 5; i++) ck_assert_msg(dlsym(lib, absent[i]) == NULL, "%s exported", absent[i]);
@@ -86,7 +92,10 @@ END_TEST
 
 START_TEST(test_finalize_after_failed_init) {
   net_test_env();
-  setenv("NCCL_MOE_NET_BACKEND", "ib", 1); /* no verbs device on this host */
+  const int ib = net_test_ib();
+  /* Forced ib that cannot start (NCCL_IB_DISABLE means no verbs, as in NCCL). */
+  setenv("NCCL_MOE_NET_BACKEND", "ib", 1);
+  setenv("NCCL_IB_DISABLE", "1", 1);
   net_plugin_t p;
   ck_assert_int_eq(net_plugin_load(NULL, &p), 0);
   void* ctx = (void*)0x1;
@@ -95,12 +104,27 @@ START_TEST(test_finalize_after_failed_init) {
   int ndev = 0;
   ck_assert_int_ne(p.net->devices(&ndev), ncclSuccess);
   net_plugin_unload(&p);
-  /* auto falls back to sockets cleanly when no verbs device exists. */
+  /* auto falls back to sockets cleanly when verbs are disabled ... */
   setenv("NCCL_MOE_NET_BACKEND", "auto", 1);
   ck_assert_int_eq(net_plugin_load(NULL, &p), 0);
   ck_assert_int_eq(p.net->init(&ctx, 1, NULL, NULL, NULL), ncclSuccess);
   ck_assert_int_eq(p.net->devices(&ndev), ncclSuccess);
   ck_assert_int_eq(ndev, 1);
+  ncclNetProperties_v11_t props;
+  ck_assert_int_eq(p.net->getProperties(0, &props), ncclSuccess);
+  ck_assert_str_eq(props.name, "lo");
+  transfer_once(p.net, ctx, 10);
+  ck_assert_int_eq(p.net->finalize(ctx), ncclSuccess);
+  net_plugin_unload(&p);
+  /* ... and picks the verbs backend when a port is active (the emulator's). */
+  unsetenv("NCCL_IB_DISABLE");
+  ck_assert_int_eq(net_plugin_load(NULL, &p), 0);
+  ck_assert_int_eq(p.net->init(&ctx, 1, NULL, NULL, NULL), ncclSuccess);
+  ck_assert_int_eq(p.net->devices(&ndev), ncclSuccess);
+  ck_assert_int_eq(ndev, 1);
+  ck_assert_int_eq(p.net->getProperties(0, &props), ncclSuccess);
+  if (net_test_emulated()) ck_assert_str_eq(props.name, "emu0");
+  else if (!ib && access("/sys/class/infiniband", F_OK) != 0) ck_assert_str_eq(props.name, "lo");
   transfer_once(p.net, ctx, 10);
   ck_assert_int_eq(p.net->finalize(ctx), ncclSuccess);
   /* A second finalize of the same context is caught. */
@@ -128,9 +152,10 @@ START_TEST(test_legacy_abis) {
   ck_assert_int_eq(v8->getProperties(0, &p8), ncclSuccess);
   ck_assert_int_eq(v9->getProperties(0, &p9), ncclSuccess);
   ck_assert_int_eq(v10->getProperties(0, &p10), ncclSuccess);
-  ck_assert_str_eq(p8.name, "lo");
+  if (net_test_emulated()) ck_assert_str_eq(p8.name, "emu0");
+  else if (!net_test_ib()) ck_assert_str_eq(p8.name, "lo");
   ck_assert_int_eq(p8.maxRecvs, 8);
-  ck_assert_int_eq(p8.ptrSupport, NCCL_PTR_HOST);
+  ck_assert_int_ne(p8.ptrSupport & NCCL_PTR_HOST, 0);
   ck_assert_uint_eq(p9.maxP2pBytes, 1u << 30);
   ck_assert_int_eq(p10.vProps.ndevs, 1);
   /* A message through the v8 shims (int sizes). */
@@ -143,17 +168,27 @@ START_TEST(test_legacy_abis) {
     if (recv == NULL) ck_assert_int_eq(v8->accept(listen, &recv, NULL), ncclSuccess);
     ck_assert(net_now_ms() < deadline);
   }
-  char s[300000], r[300000];
+  static char s[300000], r[300000];
   net_fill(s, sizeof(s), 3);
+  void *smh = NULL, *rmh = NULL;
+  ck_assert_int_eq(v8->regMr(send, s, sizeof(s), NCCL_PTR_HOST, &smh), ncclSuccess);
+  ck_assert_int_eq(v8->regMr(recv, r, sizeof(r), NCCL_PTR_HOST, &rmh), ncclSuccess);
   void *sreq = NULL, *rreq = NULL;
   void* data[1] = {r};
   int cap[1] = {(int)sizeof(r)};
   int tag[1] = {9};
-  ck_assert_int_eq(v8->isend(send, s, -1, 9, NULL, &sreq), ncclInvalidArgument);
+  ck_assert_int_eq(v8->isend(send, s, -1, 9, smh, &sreq), ncclInvalidArgument);
   int neg[1] = {-5};
-  ck_assert_int_eq(v8->irecv(recv, 1, data, neg, tag, NULL, &rreq), ncclInvalidArgument);
-  ck_assert_int_eq(v8->irecv(recv, 1, data, cap, tag, NULL, &rreq), ncclSuccess);
-  ck_assert_int_eq(v8->isend(send, s, (int)sizeof(s), 9, NULL, &sreq), ncclSuccess);
+  ck_assert_int_eq(v8->irecv(recv, 1, data, neg, tag, &rmh, &rreq), ncclInvalidArgument);
+  rreq = sreq = NULL;
+  while (rreq == NULL) {
+    ck_assert_int_eq(v8->irecv(recv, 1, data, cap, tag, &rmh, &rreq), ncclSuccess);
+    ck_assert(net_now_ms() < deadline);
+  }
+  while (sreq == NULL) { /* ib: until the receiver's clear-to-send arrived */
+    ck_assert_int_eq(v8->isend(send, s, (int)sizeof(s), 9, smh, &sreq), ncclSuccess);
+    ck_assert(net_now_ms() < deadline);
+  }
   int sdone = 0, rdone = 0, rsize = 0;
   while (!sdone || !rdone) {
     if (!sdone) ck_assert_int_eq(v8->test(sreq, &sdone, NULL), ncclSuccess);
@@ -162,6 +197,8 @@ START_TEST(test_legacy_abis) {
   }
   ck_assert_int_eq(rsize, (int)sizeof(s));
   ck_assert(net_check(r, sizeof(r), 3));
+  ck_assert_int_eq(v8->deregMr(send, smh), ncclSuccess);
+  ck_assert_int_eq(v8->deregMr(recv, rmh), ncclSuccess);
   ck_assert_int_eq(v8->closeSend(send), ncclSuccess);
   ck_assert_int_eq(v8->closeRecv(recv), ncclSuccess);
   ck_assert_int_eq(v8->closeListen(listen), ncclSuccess);

@@ -1,5 +1,7 @@
 /* The net plugin driven through its exported ncclNetPlugin_v11 struct, the
- * way NCCL's proxy drives it: socket backend on loopback, host memory. The
+ * way NCCL's proxy drives it, host memory registered with regMr. Runs once
+ * per backend: socket on loopback, and ib over the verbs emulator
+ * (NCCL_MOE_NET_BACKEND=ib NCCL_MOE_IBVERBS_LIBRARY=libverbs-emu.so). The
  * plugin is dlopen()ed from the build (MOE_NET_PLUGIN_PATH), so the tests see
  * exactly what NCCL sees. */
 #include <pthread.h>
@@ -57,9 +59,25 @@ START_TEST(test_properties) {
   memset(&props, 0xA5, sizeof(props));
   ck_assert_int_eq(net->getProperties(0, &props), ncclSuccess);
   ck_assert_str_eq(net->name, "MoE");
-  ck_assert_str_eq(props.name, "lo");
-  ck_assert_ptr_null(props.pciPath); /* loopback has no PCI device */
-  ck_assert_int_eq(props.ptrSupport, NCCL_PTR_HOST);
+  if (net_test_emulated()) {
+    ck_assert_str_eq(props.name, "emu0");
+    ck_assert_ptr_null(props.pciPath); /* the emulator has no PCI device */
+    /* The emulator registers dma-bufs (VERBS_EMU_DMABUF=1), so GPU memory is offered. */
+    const char* dmabuf = getenv("VERBS_EMU_DMABUF");
+    int want = NCCL_PTR_HOST | (dmabuf != NULL && atoi(dmabuf) ? NCCL_PTR_CUDA | NCCL_PTR_DMABUF : 0);
+    ck_assert_int_eq(props.ptrSupport, want);
+    ck_assert_int_eq(props.speed, 200000); /* HDR 4x */
+    ck_assert_int_eq(props.port, 1);
+  } else if (net_test_ib()) {
+    /* A real HCA: whatever it is, the essentials. */
+    ck_assert(props.name != NULL && props.name[0] != '\0');
+    ck_assert_int_ne(props.ptrSupport & NCCL_PTR_HOST, 0);
+    ck_assert_int_ge(props.port, 1);
+  } else {
+    ck_assert_str_eq(props.name, "lo");
+    ck_assert_ptr_null(props.pciPath); /* loopback has no PCI device */
+    ck_assert_int_eq(props.ptrSupport, NCCL_PTR_HOST);
+  }
   ck_assert_int_gt(props.speed, 0);
   ck_assert_int_eq(props.maxRecvs, 8);
   ck_assert_int_gt(props.maxComms, 0);
@@ -127,27 +145,44 @@ START_TEST(test_32_in_flight) {
   char* rbuf[N];
   void* sreq[N];
   void* rreq[N];
+  void* smh[N];
+  void* rmh[N];
   for (int i = 0; i < N; i++) {
     size[i] = i % 4 == 0 ? (size_t)moe_rng_below(&rng, 3 << 20) : (size_t)moe_rng_below(&rng, 5000);
     sbuf[i] = malloc(size[i] + 1);
     rbuf[i] = malloc(size[i] + 1);
     net_fill(sbuf[i], size[i], 1000 + i);
     memset(rbuf[i], 0, size[i] + 1);
+    smh[i] = net_reg(net, p.send, sbuf[i], size[i] + 1);
+    rmh[i] = net_reg(net, p.recv, rbuf[i], size[i] + 1);
+    ck_assert(smh[i] != NULL && rmh[i] != NULL);
   }
   /* Post all receives and all sends before testing any. */
   for (int i = 0; i < N; i++) {
     void* data[1] = {rbuf[i]};
     size_t sz[1] = {size[i]};
     int tag[1] = {i};
-    ck_assert_int_eq(net->irecv(p.recv, 1, data, sz, tag, NULL, NULL, &rreq[i]), ncclSuccess);
+    ck_assert_int_eq(net->irecv(p.recv, 1, data, sz, tag, &rmh[i], NULL, &rreq[i]), ncclSuccess);
     ck_assert_ptr_nonnull(rreq[i]);
-    ck_assert_int_eq(net->isend(p.send, sbuf[i], size[i], i, NULL, NULL, &sreq[i]), ncclSuccess);
-    ck_assert_ptr_nonnull(sreq[i]);
+    /* The receiver's clear-to-send may still be on its way (ib): NULL = retry. */
+    uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+    do {
+      ck_assert_int_eq(net->isend(p.send, sbuf[i], size[i], i, smh[i], NULL, &sreq[i]), ncclSuccess);
+      ck_assert(net_now_ms() < deadline);
+    } while (sreq[i] == NULL);
   }
   /* A 33rd request does not fit: NULL means "try again", not an error. */
   void* extra = (void*)1;
-  ck_assert_int_eq(net->isend(p.send, sbuf[0], 0, 0, NULL, NULL, &extra), ncclSuccess);
+  ck_assert_int_eq(net->isend(p.send, sbuf[0], 0, 0, smh[0], NULL, &extra), ncclSuccess);
   ck_assert_ptr_null(extra);
+  void* extra_recv = (void*)1;
+  {
+    void* data[1] = {rbuf[0]};
+    size_t sz[1] = {0};
+    int tag[1] = {0};
+    ck_assert_int_eq(net->irecv(p.recv, 1, data, sz, tag, &rmh[0], NULL, &extra_recv), ncclSuccess);
+    ck_assert_ptr_null(extra_recv);
+  }
   /* Complete them in reverse order. */
   for (int i = N - 1; i >= 0; i--) {
     int s = -1;
@@ -159,6 +194,8 @@ START_TEST(test_32_in_flight) {
     ck_assert_int_eq(net_wait(net, rreq[i], &s), ncclSuccess);
     ck_assert_int_eq(s, (int)size[i]);
     ck_assert_msg(net_check(rbuf[i], size[i], 1000 + i), "request %d corrupted", i);
+    net_dereg(net, p.send, smh[i]);
+    net_dereg(net, p.recv, rmh[i]);
     free(sbuf[i]);
     free(rbuf[i]);
   }
@@ -174,20 +211,25 @@ START_TEST(test_multi_recv_tags) {
   size_t len[N] = {100, 250000, 0, (2 << 20) - 5};
   char* rbuf[N];
   char* sbuf[N];
+  void* rmh[N];
+  void* smh[N];
   for (int i = 0; i < N; i++) {
     rbuf[i] = malloc(cap[i]);
     memset(rbuf[i], 0x5A, cap[i]);
     sbuf[i] = malloc(len[i] + 1);
     net_fill(sbuf[i], len[i], 77 + i);
+    rmh[i] = net_reg(net, p.recv, rbuf[i], cap[i]);
+    smh[i] = net_reg(net, p.send, sbuf[i], len[i] + 1);
+    ck_assert(rmh[i] != NULL && smh[i] != NULL);
   }
   void* rreq = NULL;
-  ck_assert_int_eq(net_irecv(net, p.recv, N, (void**)rbuf, cap, tags, NULL, &rreq), ncclSuccess);
+  ck_assert_int_eq(net_irecv(net, p.recv, N, (void**)rbuf, cap, tags, rmh, &rreq), ncclSuccess);
   /* The sender posts in a different order than the receiver's buffers. */
   const int order[N] = {2, 0, 3, 1};
   void* sreq[N];
   for (int k = 0; k < N; k++) {
     int i = order[k];
-    ck_assert_int_eq(net_isend(net, p.send, sbuf[i], len[i], tags[i], NULL, &sreq[k]), ncclSuccess);
+    ck_assert_int_eq(net_isend(net, p.send, sbuf[i], len[i], tags[i], smh[i], &sreq[k]), ncclSuccess);
   }
   int sizes[N] = {-1, -1, -1, -1};
   ck_assert_int_eq(net_wait(net, rreq, sizes), ncclSuccess);
@@ -195,6 +237,10 @@ START_TEST(test_multi_recv_tags) {
   for (int i = 0; i < N; i++) {
     ck_assert_int_eq(sizes[i], (int)len[i]);
     ck_assert_msg(net_check(rbuf[i], len[i], 77 + i), "buffer with tag %d got the wrong bytes", tags[i]);
+    /* Nothing past what was sent (the poison stays). */
+    for (size_t b = len[i]; b < cap[i]; b++) ck_assert_int_eq((unsigned char)rbuf[i][b], 0x5A);
+    net_dereg(net, p.recv, rmh[i]);
+    net_dereg(net, p.send, smh[i]);
     free(rbuf[i]);
     free(sbuf[i]);
   }
@@ -202,25 +248,76 @@ START_TEST(test_multi_recv_tags) {
 }
 END_TEST
 
-START_TEST(test_truncation_reported) {
-  pair_t p = make_pair(ctx);
-  char sbuf[200], rbuf[100];
+/* A message larger than the buffer it matched, or with a tag no buffer has:
+ * an error on the receiving side, never silent (the socket backend finds it
+ * there; the ib backend finds it at the sender, which fails too and tells
+ * the receiver). */
+static void expect_undeliverable(pair_t* p, size_t rcap, int rtag, size_t slen, int stag) {
+  char sbuf[256], rbuf[256];
   memset(sbuf, 1, sizeof(sbuf));
+  memset(rbuf, 0x77, sizeof(rbuf));
+  void* smh = net_reg(net, p->send, sbuf, sizeof(sbuf));
+  void* rmh = net_reg(net, p->recv, rbuf, sizeof(rbuf));
+  ck_assert(smh != NULL && rmh != NULL);
   void *sreq = NULL, *rreq = NULL;
   void* data[1] = {rbuf};
-  size_t cap[1] = {sizeof(rbuf)};
-  int tag[1] = {3};
-  ck_assert_int_eq(net_irecv(net, p.recv, 1, data, cap, tag, NULL, &rreq), ncclSuccess);
-  ck_assert_int_eq(net_isend(net, p.send, sbuf, sizeof(sbuf), 3, NULL, &sreq), ncclSuccess);
-  ncclResult_t res = net_wait(net, rreq, NULL);
-  ck_assert_int_eq(res, ncclInvalidUsage);
+  size_t cap[1] = {rcap};
+  int tag[1] = {rtag};
+  ck_assert_int_eq(net_irecv(net, p->recv, 1, data, cap, tag, &rmh, &rreq), ncclSuccess);
+  ncclResult_t sres = net_isend(net, p->send, sbuf, slen, stag, smh, &sreq);
+  ck_assert_msg(sres == ncclSuccess || sres == ncclInvalidUsage, "isend: %d", sres);
+  ck_assert_int_eq(net_wait(net, rreq, NULL), ncclInvalidUsage);
+  for (size_t b = rcap; b < sizeof(rbuf); b++) ck_assert_int_eq((unsigned char)rbuf[b], 0x77); /* nothing beyond */
+  net_dereg(net, p->send, smh);
+  net_dereg(net, p->recv, rmh);
+}
+
+START_TEST(test_truncation_reported) {
+  pair_t p = make_pair(ctx);
+  expect_undeliverable(&p, 100, 3, 200, 3);
+  close_pair(&p);
   /* Unknown tag: also an error, not a silent misdelivery. */
   pair_t q = make_pair(ctx);
-  int tag2[1] = {4};
-  ck_assert_int_eq(net_irecv(net, q.recv, 1, data, cap, tag2, NULL, &rreq), ncclSuccess);
-  ck_assert_int_eq(net_isend(net, q.send, sbuf, 10, 5, NULL, &sreq), ncclSuccess);
-  ck_assert_int_eq(net_wait(net, rreq, NULL), ncclInvalidUsage);
+  expect_undeliverable(&q, 100, 4, 10, 5);
   close_pair(&q);
+}
+END_TEST
+
+/* iflush after a receive (NCCL calls it for GPU buffers with GDR): nothing
+ * to do for host-only devices (a NULL request), else a request that
+ * completes (the ib backend reads a byte back through the NIC). */
+START_TEST(test_iflush) {
+  pair_t p = make_pair(ctx);
+  enum { SIZE = 70000 };
+  char* s = malloc(SIZE);
+  char* r = malloc(SIZE);
+  net_fill(s, SIZE, 9);
+  void* smh = net_reg(net, p.send, s, SIZE);
+  void* rmh = net_reg(net, p.recv, r, SIZE);
+  void *sreq, *rreq;
+  void* data[1] = {r};
+  size_t cap[1] = {SIZE};
+  int tag[1] = {1};
+  ck_assert_int_eq(net_irecv(net, p.recv, 1, data, cap, tag, &rmh, &rreq), ncclSuccess);
+  ck_assert_int_eq(net_isend(net, p.send, s, SIZE, 1, smh, &sreq), ncclSuccess);
+  ck_assert_int_eq(net_wait(net, sreq, NULL), ncclSuccess);
+  ck_assert_int_eq(net_wait(net, rreq, NULL), ncclSuccess);
+  ncclNetProperties_v11_t props;
+  ck_assert_int_eq(net->getProperties(0, &props), ncclSuccess);
+  int fsize[1] = {SIZE};
+  void* freq = (void*)1;
+  ck_assert_int_eq(net->iflush(p.recv, 1, data, fsize, &rmh, &freq), ncclSuccess);
+  if (props.ptrSupport & NCCL_PTR_CUDA) {
+    ck_assert_ptr_nonnull(freq);
+    ck_assert_int_eq(net_wait(net, freq, NULL), ncclSuccess);
+  } else {
+    ck_assert_ptr_null(freq);
+  }
+  ck_assert(net_check(r, SIZE, 9));
+  net_dereg(net, p.send, smh);
+  net_dereg(net, p.recv, rmh);
+  free(s);
+  free(r);
   close_pair(&p);
 }
 END_TEST
@@ -245,13 +342,17 @@ static void* comm_thread(void* argp) {
     char* s = malloc(size + 1);
     char* r = malloc(size + 1);
     net_fill(s, size, (uint64_t)arg->id * 1000 + m);
+    void* smh = net_reg(net, send, s, size + 1);
+    void* rmh = net_reg(net, recv, r, size + 1);
     void *sreq, *rreq;
     void* data[1] = {r};
     size_t cap[1] = {size};
     int tag[1] = {m};
-    ok = net_irecv(net, recv, 1, data, cap, tag, NULL, &rreq) == ncclSuccess &&
-         net_isend(net, send, s, size, m, NULL, &sreq) == ncclSuccess && net_wait(net, sreq, NULL) == ncclSuccess &&
+    ok = smh != NULL && rmh != NULL && net_irecv(net, recv, 1, data, cap, tag, &rmh, &rreq) == ncclSuccess &&
+         net_isend(net, send, s, size, m, smh, &sreq) == ncclSuccess && net_wait(net, sreq, NULL) == ncclSuccess &&
          net_wait(net, rreq, NULL) == ncclSuccess && net_check(r, size, (uint64_t)arg->id * 1000 + m);
+    net_dereg(net, send, smh);
+    net_dereg(net, recv, rmh);
     free(s);
     free(r);
   }
@@ -295,7 +396,9 @@ START_TEST(test_close_any_order) {
   size_t cap[1] = {sizeof(buf)};
   int tag[1] = {0};
   void* rreq = NULL;
-  ck_assert_int_eq(net_irecv(net, p.recv, 1, data, cap, tag, NULL, &rreq), ncclSuccess);
+  void* rmh = net_reg(net, p.recv, buf, sizeof(buf));
+  ck_assert_int_eq(net_irecv(net, p.recv, 1, data, cap, tag, &rmh, &rreq), ncclSuccess);
+  net_dereg(net, p.recv, rmh);
   close_pair(&p);
   char handle[NCCL_NET_HANDLE_MAXSIZE] = {0};
   void* listen = NULL;
@@ -312,12 +415,15 @@ START_TEST(test_dead_peer_is_error) {
   size_t cap[1] = {sizeof(buf)};
   int tag[1] = {0};
   void* rreq = NULL;
-  /* The EOF may surface in irecv itself (it starts progress) or in test. */
-  ncclResult_t res = net_irecv(net, p.recv, 1, data, cap, tag, NULL, &rreq);
+  void* rmh = net_reg(net, p.recv, buf, sizeof(buf));
+  /* The EOF may surface in irecv itself (it starts progress) or in test; on
+   * ib the clear-to-send write to the vanished QP exceeds its retries. */
+  ncclResult_t res = net_irecv(net, p.recv, 1, data, cap, tag, &rmh, &rreq);
   if (res == ncclSuccess) res = net_wait(net, rreq, NULL);
   ck_assert_int_eq(res, ncclRemoteError);
   /* The comm stays broken: later calls fail fast instead of hanging. */
-  ck_assert_int_eq(net->irecv(p.recv, 1, data, cap, tag, NULL, NULL, &rreq), ncclRemoteError);
+  ck_assert_int_eq(net->irecv(p.recv, 1, data, cap, tag, &rmh, NULL, &rreq), ncclRemoteError);
+  net_dereg(net, p.recv, rmh);
   ck_assert_int_eq(net->closeRecv(p.recv), ncclSuccess);
   ck_assert_int_eq(net->closeListen(p.listen), ncclSuccess);
 }
@@ -369,7 +475,7 @@ END_TEST
 
 Suite* net_plugin_suite(void) {
   Suite* s = suite_create("net_plugin");
-  TCase* tc = tcase_create("socket_loopback");
+  TCase* tc = tcase_create(net_test_ib() ? "ib_emulated" : "socket_loopback");
   tcase_add_checked_fixture(tc, setup, teardown);
   tcase_set_timeout(tc, TEST_TIMEOUT_S);
   tcase_add_test(tc, test_properties);
@@ -377,6 +483,7 @@ Suite* net_plugin_suite(void) {
   tcase_add_test(tc, test_32_in_flight);
   tcase_add_test(tc, test_multi_recv_tags);
   tcase_add_test(tc, test_truncation_reported);
+  tcase_add_test(tc, test_iflush);
   tcase_add_test(tc, test_threads);
   tcase_add_test(tc, test_close_any_order);
   tcase_add_test(tc, test_dead_peer_is_error);
@@ -387,5 +494,6 @@ Suite* net_plugin_suite(void) {
 
 int main(void) {
   moe_test_seed();
+  net_test_env();
   return moe_test_run(net_plugin_suite());
 }

@@ -1,10 +1,12 @@
 /* The internal transport interface directly (what the MoE internode path
- * uses): backend selection and one-sided writes with immediates on the
- * socket backend, interleaved with two-sided messages. */
+ * uses): backend selection and one-sided writes with immediates,
+ * interleaved with two-sided messages. Runs on the socket backend and on the
+ * ib backend over the verbs emulator. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/moe_env.h"
+#include "nccl_moe.h"
 #include "net_test_util.h"
 #include "test_common.h"
 #include "transport/moe_transport.h"
@@ -15,10 +17,12 @@ static void setup(void) {
   net_test_env();
   moe_env_reload();
   ck_assert_int_eq(moe_transport_select(&t), ncclSuccess);
-  ck_assert_str_eq(t->name, "socket");
+  ck_assert_str_eq(t->name, net_test_ib() ? "ib" : "socket");
 }
 
-static void teardown(void) { t->fini(); }
+static void teardown(void) {
+  if (t != NULL) t->fini();
+}
 
 static void pair(moe_net_comm_t** send, moe_net_comm_t** recv, moe_net_comm_t** listen) {
   uint8_t handle[MOE_NET_HANDLE_BYTES] = {0};
@@ -56,21 +60,36 @@ START_TEST(test_write_with_imm) {
   /* Three writes at different offsets (one large), then a message, then a write. */
   char* src = malloc(REGION);
   net_fill(src, REGION, 11);
+  void* smr = NULL;
+  ck_assert_int_eq(t->reg_mr(send, src, REGION, NCCL_PTR_HOST, -1, 0, &smr), ncclSuccess);
   const uint64_t off[3] = {0, 4096, 1 << 20};
-  const size_t len[3] = {100, 4000, 2 << 20};
+  const size_t len[3] = {100, 4000, (2 << 20) - 4096}; /* clear of the last write, which may land first (ib) */
   moe_net_request_t* wreq[4];
   for (int i = 0; i < 3; i++)
-    ck_assert_int_eq(t->write(send, src + off[i], len[i], NULL, &key, off[i], 1, 0xA000 + i, &wreq[i]), ncclSuccess);
+    ck_assert_int_eq(t->write(send, src + off[i], len[i], smr, &key, off[i], 1, 0xA000 + i, &wreq[i]), ncclSuccess);
+  /* The message: its receive is posted first (ib needs the clear-to-send). */
   char msg[64] = "interleaved message", got[64] = {0};
-  moe_net_request_t *sreq, *rreq;
-  ck_assert_int_eq(t->isend(send, msg, sizeof(msg), 5, NULL, &sreq), ncclSuccess);
-  ck_assert_int_eq(t->write(send, src, 8, NULL, &key, REGION - 8, 0, 0, &wreq[3]), ncclSuccess);
+  void *msg_mr = NULL, *got_mr = NULL;
+  ck_assert_int_eq(t->reg_mr(send, msg, sizeof(msg), NCCL_PTR_HOST, -1, 0, &msg_mr), ncclSuccess);
+  ck_assert_int_eq(t->reg_mr(recv, got, sizeof(got), NCCL_PTR_HOST, -1, 0, &got_mr), ncclSuccess);
+  moe_net_request_t *sreq = NULL, *rreq = NULL;
+  void* data[1] = {got};
+  size_t cap[1] = {sizeof(got)};
+  int tag[1] = {5};
+  ck_assert_int_eq(t->irecv(recv, 1, data, cap, tag, &got_mr, &rreq), ncclSuccess);
+  ck_assert_ptr_nonnull(rreq);
+  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (sreq == NULL) {
+    ck_assert_int_eq(t->isend(send, msg, sizeof(msg), 5, msg_mr, &sreq), ncclSuccess);
+    ck_assert(net_now_ms() < deadline);
+  }
+  ck_assert_int_eq(t->write(send, src, 8, smr, &key, REGION - 8, 0, 0, &wreq[3]), ncclSuccess);
   for (int i = 0; i < 4; i++) wait_req(wreq[i]);
   wait_req(sreq);
   /* The receiver sees immediates in order, each after its bytes landed. */
   uint32_t imms[3];
   int n = 0;
-  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
   while (n < 3) {
     int got_imm = 0;
     ck_assert_int_eq(t->poll_imm(recv, &imms[n], &got_imm), ncclSuccess);
@@ -81,11 +100,6 @@ START_TEST(test_write_with_imm) {
     ck_assert(net_now_ms() < deadline);
   }
   for (int i = 0; i < 3; i++) ck_assert_uint_eq(imms[i], 0xA000 + (uint32_t)i);
-  void* data[1] = {got};
-  size_t cap[1] = {sizeof(got)};
-  int tag[1] = {5};
-  ck_assert_int_eq(t->irecv(recv, 1, data, cap, tag, NULL, &rreq), ncclSuccess);
-  ck_assert_ptr_nonnull(rreq);
   wait_req(rreq);
   ck_assert_str_eq(got, msg);
   /* The write without immediate landed too (it followed the message). */
@@ -99,9 +113,12 @@ START_TEST(test_write_with_imm) {
   }
   /* Out-of-bounds writes are refused at the sender. */
   moe_net_request_t* bad = NULL;
-  ck_assert_int_eq(t->write(send, src, 16, NULL, &key, REGION - 8, 0, 0, &bad), ncclInvalidArgument);
-  ck_assert_int_eq(t->write(send, src, 1, NULL, &key, (uint64_t)-1, 0, 0, &bad), ncclInvalidArgument);
+  ck_assert_int_eq(t->write(send, src, 16, smr, &key, REGION - 8, 0, 0, &bad), ncclInvalidArgument);
+  ck_assert_int_eq(t->write(send, src, 1, smr, &key, (uint64_t)-1, 0, 0, &bad), ncclInvalidArgument);
   ck_assert_int_eq(t->dereg_mr(recv, rmr), ncclSuccess);
+  ck_assert_int_eq(t->dereg_mr(send, smr), ncclSuccess);
+  ck_assert_int_eq(t->dereg_mr(send, msg_mr), ncclSuccess);
+  ck_assert_int_eq(t->dereg_mr(recv, got_mr), ncclSuccess);
   ck_assert_int_eq(t->close(send), ncclSuccess);
   ck_assert_int_eq(t->close(recv), ncclSuccess);
   ck_assert_int_eq(t->close(listen), ncclSuccess);
@@ -113,18 +130,29 @@ END_TEST
 START_TEST(test_write_to_deregistered_region_is_error) {
   moe_net_comm_t *send, *recv, *listen;
   pair(&send, &recv, &listen);
-  char region[256];
-  void* rmr = NULL;
-  ck_assert_int_eq(t->reg_mr(recv, region, sizeof(region), NCCL_PTR_HOST, -1, 0, &rmr), ncclSuccess);
+  char* region = malloc(1 << 16);
+  memset(region, 0x3C, 1 << 16);
+  char src[8] = "staleKey";
+  void *rmr = NULL, *smr = NULL;
+  ck_assert_int_eq(t->reg_mr(send, src, sizeof(src), NCCL_PTR_HOST, -1, 0, &smr), ncclSuccess);
+  ck_assert_int_eq(t->reg_mr(recv, region, 1 << 16, NCCL_PTR_HOST, -1, 0, &rmr), ncclSuccess);
   moe_net_rkey_t key;
   ck_assert_int_eq(t->mr_key(rmr, &key), ncclSuccess);
   ck_assert_int_eq(t->dereg_mr(recv, rmr), ncclSuccess);
-  /* A stale key must not reach memory that is no longer registered. */
+  /* A stale key must not reach memory that is no longer registered: the
+   * writer (ib: a remote access error) or the target (socket) fails, the
+   * target's comm in any case, and not a byte lands. */
   moe_net_request_t* w = NULL;
-  ck_assert_int_eq(t->write(send, region, 8, NULL, &key, 0, 1, 1, &w), ncclSuccess);
-  wait_req(w);
-  ncclResult_t res = ncclSuccess;
+  ck_assert_int_eq(t->write(send, src, 8, smr, &key, 0, 1, 1, &w), ncclSuccess);
+  ncclResult_t wres = ncclSuccess;
+  int done = 0;
   uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (!done && wres == ncclSuccess) {
+    wres = t->test(w, &done, NULL);
+    ck_assert(net_now_ms() < deadline);
+  }
+  ck_assert(wres == ncclSuccess || wres == ncclRemoteError);
+  ncclResult_t res = ncclSuccess;
   while (res == ncclSuccess) {
     uint32_t imm;
     int got = 0;
@@ -133,32 +161,53 @@ START_TEST(test_write_to_deregistered_region_is_error) {
     ck_assert(net_now_ms() < deadline);
   }
   ck_assert_int_eq(res, ncclRemoteError);
-  /* Registering GPU memory on the socket backend is refused clearly. */
+  for (int i = 0; i < (1 << 16); i++) ck_assert_int_eq((unsigned char)region[i], 0x3C);
+  free(region);
+  ck_assert_int_eq(t->dereg_mr(send, smr), ncclSuccess);
+  /* GPU memory on a device without GPUDirect is refused clearly. */
+  moe_net_props_t props;
+  ck_assert_int_eq(t->get_properties(0, &props), ncclSuccess);
   void* mr = NULL;
-  ck_assert_int_eq(t->reg_mr(send, region, 8, NCCL_PTR_CUDA, -1, 0, &mr), ncclInvalidArgument);
+  if (!(props.ptr_support & NCCL_PTR_CUDA)) ck_assert_int_ne(t->reg_mr(send, src, 8, NCCL_PTR_CUDA, -1, 0, &mr), ncclSuccess);
   ck_assert_int_eq(t->close(send), ncclSuccess);
   ck_assert_int_eq(t->close(recv), ncclSuccess);
   ck_assert_int_eq(t->close(listen), ncclSuccess);
 }
 END_TEST
 
+/* Forced ib that cannot run is an error naming the cause; auto falls back to
+ * sockets. The causes: NCCL_IB_DISABLE, no device that NCCL_IB_HCA selects. */
 START_TEST(test_forced_ib_without_device) {
-  setenv("NCCL_MOE_NET_BACKEND", "ib", 1);
-  moe_env_reload();
-  const moe_transport_t* other = NULL;
-  ck_assert_int_ne(moe_transport_select(&other), ncclSuccess);
-  ck_assert_ptr_null(other);
-  setenv("NCCL_MOE_NET_BACKEND", "auto", 1);
-  moe_env_reload();
-  ck_assert_int_eq(moe_transport_select(&other), ncclSuccess);
-  ck_assert_str_eq(other->name, "socket");
-  other->fini();
+  t->fini(); /* the fixture's backend: selection starts from nothing */
+  t = NULL;
+  const char* hcas[] = {NULL, "=nosuchhca"};
+  for (int i = 0; i < 2; i++) {
+    if (i == 0) setenv("NCCL_IB_DISABLE", "1", 1);
+    else unsetenv("NCCL_IB_DISABLE");
+    if (hcas[i] != NULL) setenv("NCCL_IB_HCA", hcas[i], 1);
+    setenv("NCCL_MOE_NET_BACKEND", "ib", 1);
+    moe_env_reload();
+    const moe_transport_t* other = NULL;
+    ck_assert_int_ne(moe_transport_select(&other), ncclSuccess);
+    ck_assert_ptr_null(other);
+    const char* why = ncclMoeGetLastError();
+    ck_assert_msg(strstr(why, i == 0 ? "NCCL_IB_DISABLE" : "NCCL_IB_HCA") != NULL ||
+                      (i == 1 && strstr(why, "cannot load") != NULL), /* a host without rdma-core */
+                  "%s", why);
+    setenv("NCCL_MOE_NET_BACKEND", "auto", 1);
+    moe_env_reload();
+    ck_assert_int_eq(moe_transport_select(&other), ncclSuccess);
+    ck_assert_str_eq(other->name, "socket");
+    other->fini();
+  }
+  unsetenv("NCCL_IB_HCA");
 }
 END_TEST
 
 int main(void) {
   Suite* s = suite_create("net_transport");
-  TCase* tc = tcase_create("socket");
+  net_test_env();
+  TCase* tc = tcase_create(net_test_ib() ? "ib_emulated" : "socket");
   tcase_add_checked_fixture(tc, setup, teardown);
   tcase_set_timeout(tc, 60);
   tcase_add_test(tc, test_write_with_imm);

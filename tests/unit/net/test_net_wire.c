@@ -51,7 +51,12 @@ START_TEST(test_iflist_parse_and_match) {
   ck_assert_int_eq(l.count, 2);
 
   /* Malformed lists are errors, not silently "match all". */
-  ck_assert_int_eq(moe_net_iflist_parse("mlx5_0:", &l), ncclInvalidArgument);
+  ck_assert_int_eq(moe_net_iflist_parse("mlx5_0:", &l), ncclSuccess); /* NCCL: an empty port is any port */
+  ck_assert_int_eq(l.ent[0].port, -1);
+  ck_assert_int_eq(moe_net_iflist_parse("mlx5_0:1:0:2", &l), ncclSuccess); /* rail and plane (newer NCCLs) */
+  ck_assert_int_eq(l.ent[0].port, 1);
+  ck_assert_int_eq(moe_net_iflist_parse("mlx5_0:1:x", &l), ncclInvalidArgument);
+  ck_assert_int_eq(moe_net_iflist_parse("mlx5_0:1:0:0:9", &l), ncclInvalidArgument);
   ck_assert_int_eq(moe_net_iflist_parse("mlx5_0:0", &l), ncclInvalidArgument);
   ck_assert_int_eq(moe_net_iflist_parse("mlx5_0:x", &l), ncclInvalidArgument);
   ck_assert_int_eq(moe_net_iflist_parse("mlx5_0:999", &l), ncclInvalidArgument);

@@ -1,4 +1,5 @@
-/* The internode network proxy on the socket transport over loopback, with
+/* The internode network proxy over the transport (socket on loopback, or ib
+ * over the verbs emulator, as the run chose), with
  * host memory standing in for the GPU: test threads play each rank's
  * kernels (hand a slab over, fill it and mark its chunks ready in random
  * order; wait for arrival, check, mark it consumed). Covers set-up between
@@ -336,7 +337,10 @@ START_TEST(test_credit_holds_back_second_slab) {
 }
 END_TEST
 
-/* A peer whose proxy goes away: the survivor records MOE_KERR_NET. */
+/* A peer whose proxy goes away: the survivor records MOE_KERR_NET. The
+ * socket backend sees the connection close; the ib backend, which only
+ * waits here, finds out with its keepalive probe (a zero-length write whose
+ * retries run out: about 1 s of quiet plus NCCL_IB_TIMEOUT's budget). */
 START_TEST(test_dead_peer_is_an_error) {
   cluster_t cl;
   cluster_up(&cl, 2);
