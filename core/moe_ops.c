@@ -67,8 +67,10 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHand
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle) {
   MOE_ARG_CHECK(handle != NULL, "ncclMoeHandleDestroy: handle is NULL");
   /* A send half without its receive half would leave peers waiting for this
-   * rank's acknowledgement on that buffer set. */
-  if (handle->ll.state == MOE_LL_DISPATCH_SENT || handle->ll.state == MOE_LL_COMBINE_SENT)
+   * rank's acknowledgement on that buffer set (unless the comm is broken:
+   * then nobody waits, and the handle goes before ncclMoeCommAbort). */
+  const int broken = moe_comm_code_fatal(__atomic_load_n(&handle->comm->hostError[MOE_ERR_CODE], __ATOMIC_ACQUIRE));
+  if (!broken && (handle->ll.state == MOE_LL_DISPATCH_SENT || handle->ll.state == MOE_LL_COMBINE_SENT))
     return MOE_ERROR(ncclInvalidUsage, "ncclMoeHandleDestroy: the handle has a low-latency send half whose receive "
                      "half was not called (ncclMoeLowLatency*Recv)");
   moe_ll_handle_destroy(handle);

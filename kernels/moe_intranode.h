@@ -51,6 +51,7 @@ enum {
   MOE_KERR_MISMATCH = 4,     /* ranks disagree on hidden / type / topk */
   MOE_KERR_BAD_NOTIFY = 5,   /* a notify message with impossible counts */
   MOE_KERR_NET = 6,          /* the network proxy failed (transport error, bad peer data) */
+  MOE_KERR_ABORT = 7,        /* the host aborted the comm (ncclMoeCommAbort): every wait ends */
 };
 
 /* The host-mapped error record: the code, then for a timeout the step

@@ -29,11 +29,11 @@ __device__ __forceinline__ void moe_record_error(const moe_rank_ctx_t& c, int co
 }
 
 /* True when an earlier wait of this rank timed out (the epochs of the ranks
- * no longer agree), the network proxy failed, or a peer sent impossible
- * counts: every later kernel of the comm does nothing. */
+ * no longer agree), the network proxy failed, a peer sent impossible counts,
+ * or the host aborted the comm: every later kernel of the comm does nothing. */
 __device__ __forceinline__ bool moe_comm_broken(const moe_rank_ctx_t& c) {
   const int e = c.error[MOE_ERR_CODE];
-  return e == MOE_KERR_TIMEOUT || e == MOE_KERR_NET || e == MOE_KERR_BAD_NOTIFY;
+  return e == MOE_KERR_TIMEOUT || e == MOE_KERR_NET || e == MOE_KERR_BAD_NOTIFY || e == MOE_KERR_ABORT;
 }
 
 /* Records a timeout (the first error wins): the wait's target `want`, the
