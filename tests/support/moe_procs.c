@@ -194,7 +194,17 @@ static char* fmt_env(const char* name, long v) {
   return s;
 }
 
-/* environ + extra + the child's own variables; NULL on failure. */
+/* Whether `var` (NAME=VALUE) sets a name one of `extra` sets too. */
+static int overridden(const char* var, const char* const* extra) {
+  const char* eq = strchr(var, '=');
+  const size_t n = eq != NULL ? (size_t)(eq - var) : strlen(var);
+  for (size_t i = 0; extra != NULL && extra[i] != NULL; i++)
+    if (strncmp(extra[i], var, n) == 0 && extra[i][n] == '=') return 1;
+  return 0;
+}
+
+/* environ (less what `extra` sets again) + extra + the child's own
+ * variables; NULL on failure. */
 static char** child_env(const char* const* extra, int fd, int rank, int n) {
   size_t ne = 0, nx = 0;
   while (environ[ne] != NULL) ne++;
@@ -203,7 +213,7 @@ static char** child_env(const char* const* extra, int fd, int rank, int n) {
   if (env == NULL) return NULL;
   size_t k = 0;
   for (size_t i = 0; i < ne; i++)
-    if (strncmp(environ[i], "MOE_OOB_", 8) != 0) env[k++] = environ[i];
+    if (strncmp(environ[i], "MOE_OOB_", 8) != 0 && !overridden(environ[i], extra)) env[k++] = environ[i];
   for (size_t i = 0; i < nx; i++) env[k++] = (char*)extra[i];
   env[k++] = fmt_env(MOE_OOB_ENV_FD, fd);
   env[k++] = fmt_env(MOE_OOB_ENV_RANK, rank);

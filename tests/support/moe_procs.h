@@ -57,7 +57,7 @@ typedef struct moe_hub moe_hub_t;
 typedef struct {
   int nRanks;
   char* const* argv;      /* the program (argv[0], a path) and its arguments, for every child */
-  const char* const* env; /* NAME=VALUE added to every child's environment, NULL-terminated; may be NULL */
+  const char* const* env; /* NAME=VALUE set in every child's environment (over this process's own), NULL-terminated; may be NULL */
 } moe_hub_args_t;
 
 /* Events the hub hands to the caller while it serves. */
