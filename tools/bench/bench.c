@@ -21,6 +21,8 @@
 
 #include "bench_net.h"
 #include "tests/support/moe_fp8.h"
+#include "tests/support/moe_mps.h"
+#include "tests/support/moe_procs.h"
 #include "tests/support/moe_test_kernels.h"
 #include "kernels/moe_lowlatency.h"
 #include "nccl_moe.h"
@@ -35,13 +37,16 @@ typedef struct {
   int ranks, tokens, hidden, topk, experts, iters, warmup, sms, fp8, cast;
   int nodes;                       /* --nodes: virtual nodes */
   int gpus;                        /* --gpus: one process per GPU (normal mode) */
+  int procs;                       /* --procs: one process per rank, out-of-band bootstrap */
+  int mps;                         /* --mps auto|off (--procs): a private MPS daemon when available */
   unsigned long long seed;
   int ll;                          /* --mode ll */
   ncclMoeScaleFormat_t scaleFormat; /* --scales (low-latency FP8 cast) */
 } opts_t;
 
 static void usage(void) {
-  printf("usage: nccl-moe-bench [--mode normal|ll] [--ranks N | --gpus N] [--nodes M] [--tokens T] [--hidden H]\n"
+  printf("usage: nccl-moe-bench [--mode normal|ll] [--ranks N | --gpus N | --procs N [--gpus G] [--mps auto|off]]\n"
+         "                      [--nodes M] [--tokens T] [--hidden H]\n"
          "                      [--topk K]\n"
          "                      [--experts E] [--dispatch fp8|bf16|cast] [--scales float|pow2|ue8m0]\n"
          "                      [--iters I] [--warmup W] [--sms S] [--seed X]\n"
@@ -52,6 +57,10 @@ static void usage(void) {
          "  loopback unless NCCL_MOE_NET_BACKEND); adds network-side GB/s and the transport's own GB/s.\n"
          "  --gpus N: one process per GPU (GPUs 0..N-1) over a real NCCL communicator instead of virtual\n"
          "  ranks; GB/s are per GPU.\n"
+         "  --procs N: one process per rank (rank r on GPU r %% G), bootstrapped with ncclMoeCommInitOob;\n"
+         "  on one GPU the same shapes with N virtual ranks first, then RESULT ... procs=N ... procs_ratio\n"
+         "  (processes' / virtual ranks' bandwidth). Under a private MPS daemon when nvidia-cuda-mps-control\n"
+         "  exists (--mps off: never; without MPS the processes only take turns on the GPU).\n"
          "  --mode ll: low-latency dispatch/combine, 128 tokens/rank, BF16 x cast to FP8 in the kernel\n"
          "  (fp8 and cast alike; bf16 sends BF16) with --scales (default float), median of 200 graph\n"
          "  replays after 20. With --nodes M the ranks of other nodes are reached through the\n"
@@ -587,6 +596,9 @@ typedef struct {
   int gpus, ranks;
 } results_t;
 
+/* Where virtual_main also leaves its figures (the --procs comparison), or NULL. */
+static results_t* g_results_out;
+
 static void report(const opts_t* o, const results_t* m, const char* device, int sms) {
   const double H = o->hidden;
   const double tokBytes = o->fp8 ? H + H / 128 * 4 : H * 2;
@@ -666,6 +678,7 @@ static int virtual_main(const opts_t* o) {
     if (async != ncclSuccess) { fprintf(stderr, "rank %d: async error: %s\n", r, ncclMoeGetLastError()); return 1; }
   }
   report(o, &m, prop.name, prop.multiProcessorCount);
+  if (g_results_out != NULL) *g_results_out = m;
   for (int r = 0; r < o->ranks; r++) {
     ncclMoeHandleDestroy(rk[r].handle);
     ncclMoeCommDestroy(rk[r].comm);
@@ -802,21 +815,249 @@ static int mp_main(const opts_t* o) {
   return failed;
 }
 
+/* --------------------------------------------------------- --procs N */
+/* One process per rank (rank r on GPU r % gpus), bootstrapped out of band:
+ * ncclMoeCommInitOob with an all-gather through this process, the hub of
+ * tests/support/moe_procs.h, which starts the ranks with fork + exec of this
+ * program (and never makes a CUDA context itself). The path real jobs run:
+ * buffers mapped across processes with CUDA IPC, every process launching its
+ * own kernels. On one GPU, kernels of different processes run side by side
+ * only under MPS: the bench starts a private MPS daemon when
+ * nvidia-cuda-mps-control exists (--mps off: never), and first runs the same
+ * shapes with virtual ranks (in a child, under the same daemon), so that its
+ * RESULT line (procs=N) carries procs_ratio, the processes' bandwidth over
+ * the virtual ranks'. Each timed iteration starts behind a host barrier of
+ * the ranks (an all-gather through the hub); its span is the slowest rank's
+ * (start to end on its stream), the median is reported. */
+#define PROCS_GATHER_TIMEOUT_MS 600000
+#define PROCS_LIMIT_MS 1800000
+#define PROCS_REAP_MS 30000
+#define PROCS_REPORT_RESULTS 1
+#define PROCS_CHILD_CONNECTIONS "CUDA_DEVICE_MAX_CONNECTIONS=4" /* MPS budgets hardware queues over its clients */
+#define PROCS_CHILD_LOADING "CUDA_MODULE_LOADING=EAGER"
+
+static moe_oob_t g_procs_oob;
+
+static void procs_gather(const void* mine, void* all, size_t bytes) {
+  if (moe_oob_allgather(mine, all, bytes, &g_procs_oob) != 0) {
+    fprintf(stderr, "nccl-moe-bench: %s\n", g_procs_oob.error);
+    exit(1);
+  }
+}
+
+static void procs_barrier(void) {
+  char b = 0, all[MAXR];
+  procs_gather(&b, all, 1);
+}
+
+/* v[i] = the largest v[i] of any rank. */
+static void procs_max(float* v, int n) {
+  const int N = g_procs_oob.nRanks;
+  float* all = malloc(sizeof(float) * (size_t)n * N);
+  procs_gather(v, all, sizeof(float) * (size_t)n);
+  for (int i = 0; i < n; i++)
+    for (int r = 0; r < N; r++) v[i] = all[(size_t)r * n + i] > v[i] ? all[(size_t)r * n + i] : v[i];
+  free(all);
+}
+
+static double procs_sum(double v) {
+  double all[MAXR], s = 0;
+  procs_gather(&v, all, sizeof(v));
+  for (int r = 0; r < g_procs_oob.nRanks; r++) s += all[r];
+  return s;
+}
+
+static float procs_time_op(rank_t* r, const opts_t* o, op_t op) {
+  float* span = malloc(sizeof(float) * o->iters);
+  for (int i = 0; i < o->warmup + o->iters; i++) {
+    procs_barrier();
+    CK(cudaEventRecord(r->start, r->stream));
+    run_op(r, o, op);
+    CK(cudaEventRecord(r->end, r->stream));
+    CK(cudaStreamSynchronize(r->stream));
+    if (i >= o->warmup) CK(cudaEventElapsedTime(&span[i - o->warmup], r->start, r->end));
+  }
+  procs_max(span, o->iters);
+  const float m = median(span, o->iters);
+  free(span);
+  return m;
+}
+
+/* A rank (a child of procs_main): its figures go to the hub from rank 0. */
+static int procs_rank_main(const opts_t* o) {
+  if (moe_oob_attach(&g_procs_oob, PROCS_GATHER_TIMEOUT_MS) != 0) {
+    fprintf(stderr, "nccl-moe-bench: a --procs rank not started by the bench\n");
+    return 2;
+  }
+  const int rank = g_procs_oob.rank, n = g_procs_oob.nRanks;
+  CK(cudaSetDevice(rank % o->gpus)); /* the comm takes the current device */
+  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
+  cfg.maxTokensPerRank = o->tokens, cfg.hidden = o->hidden, cfg.numExperts = o->experts, cfg.maxTopk = o->topk;
+  cfg.numSMs = o->sms;
+  ncclMoeComm_t comm;
+  NK(ncclMoeCommInitOob(rank, n, moe_oob_allgather, &g_procs_oob, &cfg, &comm));
+  results_t m = {.gpus = o->gpus, .ranks = n};
+  NK(ncclMoeCommBufferBytes(comm, &m.bufBytes));
+  srand((unsigned)(o->seed + 7919 * rank));
+  rank_t r;
+  memset(&r, 0, sizeof(r));
+  setup_rank(&r, comm, o, rank, n, n, &m.netTokens);
+  CK(cudaDeviceSynchronize());
+  /* The copy with the GPU to itself: rank 0 measures while the others wait. */
+  procs_barrier();
+  if (rank == 0) m.copy = copy_gbps(o);
+  procs_barrier();
+  run_op(&r, o, OP_DISPATCH); /* fills the handle the cached runs reuse */
+  CK(cudaStreamSynchronize(r.stream));
+  m.layout = procs_time_op(&r, o, OP_LAYOUT);
+  m.dispatch = procs_time_op(&r, o, OP_DISPATCH);
+  m.cached = procs_time_op(&r, o, OP_DISPATCH_CACHED);
+  m.combine = procs_time_op(&r, o, OP_COMBINE);
+  int recv = 0;
+  CK(cudaMemcpy(&recv, r.recvCount, sizeof(int), cudaMemcpyDeviceToHost));
+  m.recvTotal = procs_sum(recv);
+  ncclResult_t async;
+  NK(ncclMoeCommGetAsyncError(comm, &async));
+  if (async != ncclSuccess) {
+    fprintf(stderr, "rank %d: async error: %s\n", rank, ncclMoeGetLastError());
+    return 1;
+  }
+  if (rank == 0) moe_oob_report(&g_procs_oob, PROCS_REPORT_RESULTS, 0, &m, sizeof(m));
+  NK(ncclMoeHandleDestroy(r.handle));
+  procs_barrier(); /* no rank frees its buffers while a peer may still read them */
+  NK(ncclMoeCommDestroy(comm));
+  return 0;
+}
+
+typedef struct {
+  results_t m;
+  int got;
+} procs_got_t;
+
+static int procs_on_event(moe_hub_t* hub, const moe_hub_event_t* ev, void* arg) {
+  (void)hub;
+  procs_got_t* g = arg;
+  if (ev->type == MOE_HUB_REPORT && ev->kind == PROCS_REPORT_RESULTS && ev->rank == 0 && ev->bytes == sizeof(g->m)) {
+    memcpy(&g->m, ev->data, sizeof(g->m));
+    g->got = 1;
+  }
+  return 0;
+}
+
+/* GB/s per GPU of a phase of `ms`, as report() counts them. */
+static double procs_gbps(const opts_t* o, const results_t* m, float ms, int combine) {
+  const double H = o->hidden, tokBytes = combine ? H * 2 : (o->fp8 ? H + H / 128 * 4 : H * 2);
+  return m->recvTotal * tokBytes / m->gpus / (ms * 1e-3) / 1e9;
+}
+
+static void procs_report(const opts_t* o, const results_t* p, const results_t* v, const moe_mps_t* mps) {
+  const double pd = procs_gbps(o, p, p->dispatch, 0), pc = procs_gbps(o, p, p->combine, 1);
+  const double pk = procs_gbps(o, p, p->cached, 0);
+  printf("nccl-moe-bench --procs: %d processes on %d GPU(s), one rank each, ncclMoeCommInitOob; %s\n", p->ranks,
+         p->gpus, mps->on ? "under a private MPS daemon" : "without MPS (time-sliced: not a meaningful figure)");
+  printf("%-28s %10s %12s %10s %12s %8s\n", "phase (median)", "us", "GB/s/GPU", "virtual us", "virtual GB/s", "ratio");
+  const float* pt[] = {&p->layout, &p->dispatch, &p->cached, &p->combine};
+  const float* vt[] = {&v->layout, &v->dispatch, &v->cached, &v->combine};
+  const char* names[] = {"layout", "dispatch (layout+notify+move)", "dispatch, cached handle", "combine"};
+  for (int i = 0; i < 4; i++) {
+    const int comb = i == 3;
+    const double g = i == 0 ? 0 : procs_gbps(o, p, *pt[i], comb), vg = i == 0 || v->ranks == 0 ? 0 : procs_gbps(o, v, *vt[i], comb);
+    printf("%-28s %10.1f %12.1f %10.1f %12.1f %8.3f\n", names[i], *pt[i] * 1e3, g, *vt[i] * 1e3, vg,
+           vg > 0 ? g / vg : 0.0);
+  }
+  const double vd = v->ranks > 0 ? procs_gbps(o, v, v->dispatch, 0) : 0, vc = v->ranks > 0 ? procs_gbps(o, v, v->combine, 1) : 0;
+  const double rd = vd > 0 ? pd / vd : 0, rc = vc > 0 ? pc / vc : 0;
+  printf("RESULT mode=normal procs=%d gpus=%d ranks=%d mps=%d dispatch_GBps=%.1f combine_GBps=%.1f "
+         "cached_dispatch_GBps=%.1f copy_GBps=%.1f virtual_dispatch_GBps=%.1f virtual_combine_GBps=%.1f "
+         "procs_dispatch_ratio=%.3f procs_combine_ratio=%.3f procs_ratio=%.3f\n",
+         p->ranks, p->gpus, p->ranks, mps->on, pd, pc, pk, p->copy, vd, vc, rd, rc, rd < rc ? rd : rc);
+}
+
+/* The parent: MPS, the virtual run, the processes, the comparison. */
+static int procs_main(const opts_t* o, char** argv) {
+  if (getenv(MOE_OOB_ENV_FD) != NULL) return procs_rank_main(o);
+  const int have = mp_gpu_count();
+  if (have < o->gpus) {
+    fprintf(stderr, "nccl-moe-bench: --procs on %d GPU(s) but %d CUDA device(s)\n", o->gpus, have);
+    return 77;
+  }
+  moe_mps_t mps;
+  moe_mps_start(&mps, o->mps ? MOE_MPS_AUTO : MOE_MPS_OFF);
+  char line[1024];
+  printf("%s\n", moe_mps_describe(&mps, line, sizeof(line)));
+  results_t* virt = mmap(NULL, sizeof(results_t), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (virt == MAP_FAILED) {
+    moe_mps_stop(&mps);
+    return 1;
+  }
+  memset(virt, 0, sizeof(*virt));
+  int failed = 0;
+  if (o->gpus == 1) {
+    /* The same shapes with virtual ranks, in a child: this process makes no CUDA context. */
+    fflush(stdout);
+    const pid_t pid = fork();
+    if (pid == 0) {
+      opts_t v = *o;
+      v.ranks = o->procs;
+      g_results_out = virt;
+      if (cudaSetDevice(0) != cudaSuccess) _exit(1);
+      _exit(virtual_main(&v));
+    }
+    int st = 0;
+    if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+      fprintf(stderr, "nccl-moe-bench: the virtual-rank run failed\n");
+      failed = 1;
+    }
+  }
+  argv[0] = "/proc/self/exe";
+  const char* env[] = {PROCS_CHILD_CONNECTIONS, PROCS_CHILD_LOADING, NULL};
+  moe_hub_args_t a = {.nRanks = o->procs, .argv = argv, .env = env};
+  moe_hub_t* hub = NULL;
+  procs_got_t got;
+  memset(&got, 0, sizeof(got));
+  if (!failed && moe_hub_spawn(&a, &hub) == 0) {
+    const int served = moe_hub_serve(hub, PROCS_LIMIT_MS, procs_on_event, &got);
+    int status[MAXR];
+    moe_hub_reap(hub, PROCS_REAP_MS, status);
+    for (int r = 0; r < o->procs; r++) {
+      char s[64];
+      if (status[r] == -1 || !WIFEXITED(status[r]) || WEXITSTATUS(status[r]) != 0) {
+        fprintf(stderr, "nccl-moe-bench: --procs rank %d: %s\n", r, moe_hub_status_str(status[r], s, sizeof(s)));
+        failed = 1;
+      }
+    }
+    if (served < 0) failed = 1;
+    moe_hub_free(hub);
+  } else {
+    failed = 1;
+  }
+  moe_mps_stop(&mps);
+  if (!failed && got.got) procs_report(o, &got.m, virt, &mps);
+  munmap(virt, sizeof(*virt));
+  return failed || !got.got;
+}
+
 int main(int argc, char** argv) {
   /* tokens, iters and warmup: 0 / -1 = the mode's default. */
-  opts_t o = {.ranks = 8, .nodes = 1, .gpus = 1, .tokens = 0, .hidden = 7168, .topk = 8, .experts = 256, .iters = 0,
+  opts_t o = {.ranks = 8, .nodes = 1, .gpus = 1, .mps = 1, .tokens = 0, .hidden = 7168, .topk = 8, .experts = 256, .iters = 0,
               .warmup = -1, .sms = 0, .fp8 = 1, .cast = 0, .seed = 1};
   static struct option lo[] = {{"ranks", 1, 0, 'r'}, {"tokens", 1, 0, 't'}, {"hidden", 1, 0, 'h'},
                                {"topk", 1, 0, 'k'}, {"experts", 1, 0, 'e'}, {"dispatch", 1, 0, 'd'},
                                {"iters", 1, 0, 'i'}, {"warmup", 1, 0, 'w'}, {"sms", 1, 0, 's'},
                                {"seed", 1, 0, 'x'}, {"mode", 1, 0, 'm'}, {"scales", 1, 0, 'c'},
-                               {"nodes", 1, 0, 'n'}, {"gpus", 1, 0, 'g'}, {"help", 0, 0, '?'}, {0, 0, 0, 0}};
+                               {"nodes", 1, 0, 'n'}, {"gpus", 1, 0, 'g'}, {"procs", 1, 0, 'p'},
+                               {"mps", 1, 0, 'M'}, {"help", 0, 0, '?'}, {0, 0, 0, 0}};
   int ch;
   while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
     switch (ch) {
       case 'r': o.ranks = atoi(optarg); break;
       case 'n': o.nodes = atoi(optarg); break;
       case 'g': o.gpus = atoi(optarg); break;
+      case 'p': o.procs = atoi(optarg); break;
+      case 'M':
+        if (strcmp(optarg, "auto") != 0 && strcmp(optarg, "off") != 0) { usage(); return 2; }
+        o.mps = strcmp(optarg, "auto") == 0;
+        break;
       case 't': o.tokens = atoi(optarg); break;
       case 'h': o.hidden = atoi(optarg); break;
       case 'k': o.topk = atoi(optarg); break;
@@ -843,9 +1084,11 @@ int main(int argc, char** argv) {
   if (o.tokens == 0) o.tokens = o.ll ? LL_DEFAULT_TOKENS : 4096;
   if (o.iters == 0) o.iters = o.ll ? LL_DEFAULT_ITERS : 20;
   if (o.warmup < 0) o.warmup = o.ll ? LL_DEFAULT_WARMUP : 5;
-  if (o.gpus > 1) o.ranks = o.gpus; /* one rank per GPU */
+  if (o.procs > 0) o.ranks = o.procs;  /* one rank per process */
+  else if (o.gpus > 1) o.ranks = o.gpus; /* one rank per GPU */
   if (o.ranks < 1 || o.ranks > MAXR || o.iters < 1 || o.tokens < 1 || o.nodes < 1 || o.ranks % o.nodes != 0 ||
-      o.gpus < 1 || o.gpus > MAXR || (o.gpus > 1 && o.nodes > 1) || (o.ll && o.gpus > 1)) {
+      o.gpus < 1 || o.gpus > MAXR || (o.gpus > 1 && o.nodes > 1) || (o.ll && o.gpus > 1) || o.procs < 0 ||
+      (o.procs > 0 && (o.ll || o.nodes > 1))) {
     usage();
     return 2;
   }
@@ -854,7 +1097,8 @@ int main(int argc, char** argv) {
   setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
   setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   setvbuf(stdout, NULL, _IOLBF, 0);
-  if (o.gpus > 1) return mp_main(&o); /* before this process touches CUDA */
+  if (o.procs > 0) return procs_main(&o, argv); /* before this process touches CUDA */
+  if (o.gpus > 1) return mp_main(&o);
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
     fprintf(stderr, "nccl-moe-bench: no CUDA device\n");
