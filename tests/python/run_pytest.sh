@@ -40,7 +40,7 @@ fi
 
 case "$suite" in
   python)
-    files=(test_bindings.py test_cpu.py test_virtual.py test_autograd.py test_low_latency.py test_examples.py)
+    files=(test_bindings.py test_cpu.py test_virtual.py test_autograd.py test_low_latency.py test_examples.py test_oob.py)
     need_gpus=1 ;;
   multigpu)
     files=(test_multigpu.py)
