@@ -123,7 +123,7 @@ static int mp_case(const char* name, mp_case_t* c) {
     c->kind = MP_NORMAL, c->nRanks = 8;
     c->normal = normal_case(8, 200, 4096, 8, 64);
     c->normal.sendFp8 = 1, c->normal.pow2 = 1, c->normal.tokens[3] = 0, c->normal.tokens[5] = 1;
-  } else if (strcmp(name, "normal_bf16_capacity_graph_reuse_8") == 0) {
+  } else if (strcmp(name, "normal_bf16_capacity_graph_8") == 0) {
     c->kind = MP_NORMAL, c->nRanks = 8;
     c->normal = normal_case(8, 120, 2048, 6, 64);
     c->normal.capacity = 8 * 120, c->normal.graphReplays = 4, c->normal.zeroCopy = 1, c->normal.route = ROUTE_SKEWED;
@@ -424,7 +424,12 @@ static int rank_process(void) {
     return 2;
   }
   g_timeout_ms = getenv(ENV_TIMEOUT) != NULL ? atoi(getenv(ENV_TIMEOUT)) : TIMEOUT_MPS_MS;
-  if (cudaSetDevice(0) != cudaSuccess) return 2;
+  const cudaError_t e = cudaSetDevice(0);
+  if (e != cudaSuccess) {
+    fprintf(stderr, "rank %d: cudaSetDevice(0): %s\n", g_oob.rank, cudaGetErrorString(e));
+    report(R_RESULT, 1, "no CUDA device");
+    return 2;
+  }
   /* Check without fork: an assertion fails this process, which reports it. */
   Suite* s = suite_create(name);
   TCase* tc = tcase_create("rank");
@@ -505,6 +510,18 @@ static int on_event(moe_hub_t* hub, const moe_hub_event_t* ev, void* arg) {
   return 0;
 }
 
+/* The hub of the case running now: a case whose assertion fails before it
+ * freed its hub leaves it to the teardown, which kills its ranks. */
+static moe_hub_t* g_hub;
+static mp_run_t* g_run;
+
+static void case_teardown(void) {
+  moe_hub_free(g_hub);
+  g_hub = NULL;
+  free(g_run);
+  g_run = NULL;
+}
+
 /* Spawns the case's ranks, serves them, reaps them, checks what they said. */
 static void run_mp(const char* name) {
   mp_case_t cs;
@@ -523,6 +540,7 @@ static void run_mp(const char* name) {
   moe_hub_args_t a = {.nRanks = cs.nRanks, .argv = argv, .env = env};
   if (!dead) cs.victim = -1;
   mp_run_t* m = calloc(1, sizeof(mp_run_t));
+  g_run = m;
   m->cs = &cs;
   m->timeoutMs = timeoutMs;
   printf("%s: %d processes on GPU 0, comm timeout %d ms, %s\n", name, cs.nRanks, timeoutMs,
@@ -530,6 +548,7 @@ static void run_mp(const char* name) {
   fflush(stdout);
   moe_hub_t* hub = NULL;
   ck_assert_int_eq(moe_hub_spawn(&a, &hub), 0);
+  g_hub = hub;
   m->hub = hub;
   const int served = moe_hub_serve(hub, CASE_LIMIT_MS, on_event, m);
   if (dead && cs.signal == SIGSTOP && m->hitAt != 0) {
@@ -541,12 +560,14 @@ static void run_mp(const char* name) {
   const int killed = moe_hub_reap(hub, REAP_MS, status);
   if (dead && cs.signal == SIGSTOP && m->hitAt != 0) moe_mps_client_died(&g_mps, moe_hub_pid(hub, cs.victim));
   moe_hub_free(hub);
+  g_hub = NULL;
   /* Every rank's story first: one failure often explains another. */
+  char story[MOE_OOB_MAX_RANKS][160];
   for (int r = 0; r < cs.nRanks; r++) {
     char st[64];
-    printf("  rank %d: %s, %s%s%s\n", r, moe_hub_status_str(status[r], st, sizeof(st)),
-           m->result[r] == 1 ? "passed" : m->result[r] == 2 ? "FAILED" : "no result",
-           m->why[r][0] ? ": " : "", m->why[r]);
+    snprintf(story[r], sizeof(story[r]), "%s, %s", moe_hub_status_str(status[r], st, sizeof(st)),
+             m->result[r] == 1 ? "passed" : m->result[r] == 2 ? "FAILED" : "no result");
+    printf("  rank %d: %s%s%s\n", r, story[r], m->why[r][0] ? ": " : "", m->why[r]);
     if (dead && r != cs.victim && m->detectedAt[r] != 0)
       printf("    saw the error %.0f ms after the signal (abort %.0f ms, exit %.0f ms after the signal): %s\n",
              (m->detectedAt[r] - m->hitAt) / 1e6, m->abortNs[r] / 1e6, (m->exitAt[r] - m->hitAt) / 1e6,
@@ -557,24 +578,22 @@ static void run_mp(const char* name) {
   if (!dead) {
     ck_assert_int_eq(killed, 0);
     for (int r = 0; r < cs.nRanks; r++)
-      ck_assert_msg(m->result[r] == 1 && WIFEXITED(status[r]) && WEXITSTATUS(status[r]) == 0, "rank %d: %s", r,
-                    m->why[r]);
-    free(m);
+      ck_assert_msg(m->result[r] == 1 && WIFEXITED(status[r]) && WEXITSTATUS(status[r]) == 0, "rank %d: %s %s", r,
+                    story[r], m->why[r]);
     return;
   }
   ck_assert_msg(m->hitAt != 0, "%s: the ranks never all reached step %d", name, DEAD_AFTER_STEPS);
   const long long boundNs = (long long)(timeoutMs + DETECT_SLACK_MS) * 1000000LL;
   for (int r = 0; r < cs.nRanks; r++) {
     if (r == cs.victim) continue;
-    ck_assert_msg(m->result[r] == 1 && WIFEXITED(status[r]) && WEXITSTATUS(status[r]) == 0, "rank %d: %s", r,
-                  m->why[r]);
+    ck_assert_msg(m->result[r] == 1 && WIFEXITED(status[r]) && WEXITSTATUS(status[r]) == 0, "rank %d: %s %s", r,
+                  story[r], m->why[r]);
     ck_assert_msg(m->detectedAt[r] > m->hitAt, "rank %d saw an error before the victim was hit: %s", r,
                   m->detected[r]);
     ck_assert_msg(m->detectedAt[r] - m->hitAt <= boundNs, "rank %d saw the error %lld ms after the signal (bound: "
                   "timeout %d ms + %d ms)", r, (m->detectedAt[r] - m->hitAt) / 1000000, timeoutMs, DETECT_SLACK_MS);
     ck_assert_msg(m->abortNs[r] <= boundNs, "rank %d: ncclMoeCommAbort took %lld ms", r, m->abortNs[r] / 1000000);
   }
-  free(m);
 }
 
 #define MP_TEST(name)  \
@@ -586,7 +605,7 @@ static void run_mp(const char* name) {
 MP_TEST(normal_bf16_exact_2)
 MP_TEST(normal_fp8_capacity_4)
 MP_TEST(normal_cast_exact_8)
-MP_TEST(normal_bf16_capacity_graph_reuse_8)
+MP_TEST(normal_bf16_capacity_graph_8)
 MP_TEST(ll_fp8_whole_4)
 MP_TEST(ll_bf16_halves_8)
 MP_TEST(ll_ue8m0_random_orders_2)
@@ -614,11 +633,11 @@ int main(void) {
   fflush(stdout);
   Suite* s = suite_create("multiproc");
   TCase* tc = tcase_create("data");
-  tcase_set_timeout(tc, CASE_LIMIT_MS / 1000 + 60);
+  tcase_add_checked_fixture(tc, NULL, case_teardown);
   tcase_add_test(tc, normal_bf16_exact_2);
   tcase_add_test(tc, normal_fp8_capacity_4);
   tcase_add_test(tc, normal_cast_exact_8);
-  tcase_add_test(tc, normal_bf16_capacity_graph_reuse_8);
+  tcase_add_test(tc, normal_bf16_capacity_graph_8);
   tcase_add_test(tc, ll_fp8_whole_4);
   tcase_add_test(tc, ll_bf16_halves_8);
   tcase_add_test(tc, ll_ue8m0_random_orders_2);
@@ -626,13 +645,13 @@ int main(void) {
   tcase_add_test(tc, internode_ll_2);
   suite_add_tcase(s, tc);
   TCase* tb = tcase_create("set_up_failures");
-  tcase_set_timeout(tb, CASE_LIMIT_MS / 1000 + 60);
+  tcase_add_checked_fixture(tb, NULL, case_teardown);
   tcase_add_test(tb, bad_config_on_one_rank_4);
   tcase_add_test(tb, configs_differ_3);
   tcase_add_test(tb, allgather_fails_on_one_rank_4);
   suite_add_tcase(s, tb);
   TCase* td = tcase_create("dead_peers");
-  tcase_set_timeout(td, CASE_LIMIT_MS / 1000 + 60);
+  tcase_add_checked_fixture(td, NULL, case_teardown);
   tcase_add_test(td, kill_capacity_4);
   tcase_add_test(td, kill_exact_8);
   tcase_add_test(td, kill_ll_4);
@@ -641,7 +660,15 @@ int main(void) {
   tcase_add_test(td, stop_ll_2);
   tcase_add_test(td, stop_internode_exact_4);
   suite_add_tcase(s, td);
-  const int rc = moe_test_run(s);
+  /* No fork per test: this process stays the ranks' parent, so that they
+   * die with it (PR_SET_PDEATHSIG) and so does the MPS daemon (its janitor
+   * watches this process), whatever ends it. Every case bounds itself
+   * (CASE_LIMIT_MS, then the ranks are killed). */
+  SRunner* sr = srunner_create(s);
+  srunner_set_fork_status(sr, CK_NOFORK);
+  srunner_run_all(sr, CK_NORMAL);
+  const int rc = srunner_ntests_failed(sr) == 0 ? 0 : 1;
+  srunner_free(sr);
   moe_mps_stop(&g_mps);
   printf("multiproc: %s; MPS daemon stopped\n", rc == 0 ? "passed" : "FAILED");
   return rc;
