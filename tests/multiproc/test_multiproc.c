@@ -54,6 +54,7 @@
 /* Bound on a whole case, spawn to reap. */
 #define CASE_LIMIT_MS 240000
 #define REAP_MS 10000
+#define MPS_READY_MS 60000 /* for the MPS server to take clients again after a dead-peer case */
 /* Dead-peer loops: the victim is hit once every rank finished this many
  * steps; a survivor gives up polling a step after this many timeouts. */
 #define DEAD_AFTER_STEPS 3
@@ -561,6 +562,9 @@ static void run_mp(const char* name) {
   if (dead && cs.signal == SIGSTOP && m->hitAt != 0) moe_mps_client_died(&g_mps, moe_hub_pid(hub, cs.victim));
   moe_hub_free(hub);
   g_hub = NULL;
+  /* A rank that died with work on the GPU: the MPS server may take new
+   * clients only once it recovered. */
+  const int ready = !dead || moe_mps_wait_ready(&g_mps, MPS_READY_MS);
   /* Every rank's story first: one failure often explains another. */
   char story[MOE_OOB_MAX_RANKS][160];
   for (int r = 0; r < cs.nRanks; r++) {
@@ -583,6 +587,7 @@ static void run_mp(const char* name) {
     return;
   }
   ck_assert_msg(m->hitAt != 0, "%s: the ranks never all reached step %d", name, DEAD_AFTER_STEPS);
+  ck_assert_msg(ready, "%s: the MPS server took no new client within %d ms of the case", name, MPS_READY_MS);
   const long long boundNs = (long long)(timeoutMs + DETECT_SLACK_MS) * 1000000LL;
   for (int r = 0; r < cs.nRanks; r++) {
     if (r == cs.victim) continue;

@@ -31,6 +31,7 @@
 #define MPS_POLL_MS 20
 #define MPS_OUT_MAX 4096
 #define MPS_MAX_FD 1024
+#define MPS_RETRY_MS 500            /* between probes of a recovering server */
 
 static long long now_ms(void) {
   struct timespec ts;
@@ -332,6 +333,16 @@ void moe_mps_client_died(moe_mps_t* m, pid_t pid) {
   char cmd[96], out[MPS_OUT_MAX];
   snprintf(cmd, sizeof(cmd), "terminate_client %ld %d", m->serverPid, (int)pid);
   mps_command(m, cmd, out, sizeof(out));
+}
+
+int moe_mps_wait_ready(moe_mps_t* m, int timeoutMs) {
+  if (!m->on) return 1;
+  const long long deadline = now_ms() + timeoutMs;
+  while (mps_probe(m) != 0) {
+    if (now_ms() > deadline) return 0;
+    usleep(MPS_RETRY_MS * 1000);
+  }
+  return 1;
 }
 
 void moe_mps_stop(moe_mps_t* m) {

@@ -52,6 +52,12 @@ const char* moe_mps_describe(const moe_mps_t* mps, char* buf, size_t n);
  * (`terminate_client`); best effort, no-op when off. */
 void moe_mps_client_died(moe_mps_t* mps, pid_t pid);
 
+/* After a client died with work on the GPU the server may refuse new
+ * clients for a while (it recovers once every client it affected is gone):
+ * probes with a new client until one gets through, at most timeoutMs.
+ * 1 when one did (or MPS is off). */
+int moe_mps_wait_ready(moe_mps_t* mps, int timeoutMs);
+
 /* Stops the daemon (and its server), ends the janitor, removes the
  * directories, unsets the variables. Safe when off or stopped already. */
 void moe_mps_stop(moe_mps_t* mps);
