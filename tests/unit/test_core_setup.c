@@ -764,6 +764,8 @@ START_TEST(test_abort_marks_the_error_record) {
   rec[MOE_ERR_CODE] = MOE_KERR_TIMEOUT; /* the first fatal error stays */
   moe_comm_mark_aborted(&comm);
   ck_assert_int_eq(rec[MOE_ERR_CODE], MOE_KERR_TIMEOUT);
+  /* Abort's bounded wait: nothing of this comm runs, so it is idle at once. */
+  ck_assert_int_eq(moe_comm_wait_idle_for(&comm, 1000), 1);
   for (int code = MOE_KERR_NONE; code <= MOE_KERR_ABORT; code++)
     ck_assert_int_eq(moe_comm_code_fatal(code), code == MOE_KERR_TIMEOUT || code == MOE_KERR_BAD_NOTIFY ||
                                                     code == MOE_KERR_NET || code == MOE_KERR_ABORT);
