@@ -1,6 +1,7 @@
 /*************************************************************************
  * nccl-moe: expert-parallel all-to-all (dispatch / combine) for
- * Mixture-of-Experts models, on top of an existing NCCL communicator.
+ * Mixture-of-Experts models, on top of an existing NCCL communicator or of
+ * an all-gather the caller supplies (MPI, gloo, a store).
  *
  * Conventions for every function below
  * - Every function returns ncclResult_t. A bad argument returns

@@ -44,6 +44,7 @@ static int child_main(void) {
   const int rounds = atoi(getenv(ENV_ROUNDS));
   unsigned char* send = malloc(MAX_BYTES);
   unsigned char* recv = malloc((size_t)MAX_BYTES * oob.nRanks);
+  int rc = 0;
   for (int round = 0; round < rounds; round++) {
     size_t bytes = round_bytes(seed, round);
     /* "wrongsize": the last rank disagrees on the size of round 2. */
@@ -51,20 +52,23 @@ static int child_main(void) {
     for (size_t i = 0; i < bytes; i++) send[i] = byte_of(seed, round, oob.rank, i);
     if (moe_oob_allgather(send, recv, bytes, &oob) != 0) {
       moe_oob_report(&oob, REPORT_FAILED, round, oob.error, strlen(oob.error) + 1);
-      return 0; /* the failure is what the test looks for */
+      rc = 0; /* the failure is what the test looks for */
+      goto out;
     }
     for (int q = 0; q < oob.nRanks; q++)
       for (size_t i = 0; i < bytes; i++)
         if (recv[(size_t)q * bytes + i] != byte_of(seed, round, q, i)) {
           fprintf(stderr, "rank %d round %d: byte %zu of rank %d wrong\n", oob.rank, round, i, q);
-          return 4;
+          rc = 4;
+          goto out;
         }
     moe_oob_report(&oob, REPORT_ROUND, round, NULL, 0);
   }
   moe_oob_report(&oob, REPORT_DONE, 0, NULL, 0);
+out:
   free(send);
   free(recv);
-  return 0;
+  return rc;
 }
 
 /* ------------------------------------------------------------- the hub */
