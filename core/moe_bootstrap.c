@@ -12,20 +12,54 @@
 #include "common/moe_check.h"
 #include "common/moe_env.h"
 #include "common/moe_log.h"
+#include "core/moe_config.h"
 #define MOE_BOOT_ID_PATH "/proc/sys/kernel/random/boot_id"
 #define MOE_MAX_LOCAL_RANKS 32
+/* Bytes after the all-gather's nRanks * bytes that must come back untouched:
+ * a callback that writes past the end is caught (when it writes a little). */
+#define MOE_BOOT_GUARD_BYTES 64
+#define MOE_BOOT_GUARD_FILL 0x5a
+/* The largest payload of one round (network handles are 2 x 128 bytes). */
+#define MOE_BOOT_ROUND_MAX (1 << 16)
+
+static void moe_boot_copy_str(char* dst, size_t n, const char* src) {
+  snprintf(dst, n, "%s", src);
+}
 
 ncclResult_t moe_bootstrap_allgather(const moe_bootstrap_t* b, const void* send, void* recv, size_t bytes,
                                      const char* what) {
+  const size_t total = (size_t)b->nRanks * bytes;
+  unsigned char* buf = malloc(total + MOE_BOOT_GUARD_BYTES);
+  if (buf == NULL) return MOE_ERROR(ncclSystemError, "out of host memory");
+  memset(buf + total, MOE_BOOT_GUARD_FILL, MOE_BOOT_GUARD_BYTES);
   moe_clear_last_error();
-  const int rc = b->allgather(send, recv, bytes, b->ctx);
-  if (rc == 0) return ncclSuccess;
-  /* Our own all-gathers return an ncclResult_t and leave a message. */
-  const ncclResult_t res = rc > 0 && rc < ncclNumResults ? (ncclResult_t)rc : ncclSystemError;
-  char detail[256];
-  snprintf(detail, sizeof(detail), "%s", moe_last_error());
-  return MOE_ERROR(res, "rank %d: the bootstrap all-gather of %s (%zu bytes per rank) failed (%d)%s%s", b->rank, what,
-                   bytes, rc, detail[0] != '\0' ? ": " : "", detail);
+  const int rc = b->allgather(send, buf, bytes, b->ctx);
+  ncclResult_t res = ncclSuccess;
+  if (rc != 0) {
+    /* Our own all-gathers return an ncclResult_t and leave a message. */
+    res = rc > 0 && rc < ncclNumResults ? (ncclResult_t)rc : ncclSystemError;
+    char detail[256];
+    moe_boot_copy_str(detail, sizeof(detail), moe_last_error());
+    res = MOE_ERROR(res, "rank %d: the bootstrap all-gather of %s (%zu bytes per rank) failed (%d)%s%s", b->rank,
+                    what, bytes, rc, detail[0] != '\0' ? ": " : "", detail);
+    goto out;
+  }
+  for (size_t i = 0; i < MOE_BOOT_GUARD_BYTES; i++)
+    if (buf[total + i] != MOE_BOOT_GUARD_FILL) {
+      res = MOE_ERROR(ncclInvalidUsage, "rank %d: the bootstrap all-gather of %s wrote past the %zu bytes of its "
+                      "receive buffer (%d ranks x %zu bytes)", b->rank, what, total, b->nRanks, bytes);
+      goto out;
+    }
+  if (bytes > 0 && memcmp(buf + (size_t)b->rank * bytes, send, bytes) != 0) {
+    res = MOE_ERROR(ncclInvalidUsage, "rank %d: the bootstrap all-gather of %s returned other bytes than this rank's "
+                    "own at its place: an all-gather must put rank r's bytes at offset r * bytes (ranks numbered as "
+                    "passed at init)", b->rank, what);
+    goto out;
+  }
+  memcpy(recv, buf, total);
+out:
+  free(buf);
+  return res;
 }
 
 /* --------------------------------------------------------- peer info */
@@ -54,10 +88,22 @@ static void moe_reach(int device, moe_peer_info_t* info) {
   cudaGetLastError();
 }
 
-static void moe_local_info(ncclMoeComm_t comm, moe_peer_info_t* info) {
+/* This rank's info: its identity always; its buffer and config when `local`
+ * succeeded, else only why it failed. */
+static void moe_local_info(const moe_bootstrap_t* b, ncclMoeComm_t comm, ncclResult_t local, moe_peer_info_t* info) {
   memset(info, 0, sizeof(*info));
-  moe_host_identity(info);
+  info->magic = MOE_BOOT_MAGIC;
+  info->bytes = (uint32_t)sizeof(*info);
+  info->rank = b->rank;
+  info->nRanks = b->nRanks;
   info->pid = getpid();
+  moe_host_identity(info);
+  if (local == ncclSuccess && comm == NULL) local = ncclInternalError;
+  info->status = (int)local;
+  if (local != ncclSuccess) {
+    moe_boot_copy_str(info->failure, sizeof(info->failure), moe_last_error());
+    return;
+  }
   info->device = comm->device;
   info->ptr = (unsigned long long)(uintptr_t)comm->buffer;
   info->config = comm->config;
@@ -68,9 +114,55 @@ static void moe_local_info(ncclMoeComm_t comm, moe_peer_info_t* info) {
   cudaError_t e = cudaIpcGetMemHandle(&info->ipc, comm->buffer);
   info->ipcOk = e == cudaSuccess;
   if (!info->ipcOk) {
-    snprintf(info->ipcError, sizeof(info->ipcError), "%s", cudaGetErrorString(e));
+    moe_boot_copy_str(info->ipcError, sizeof(info->ipcError), cudaGetErrorString(e));
     cudaGetLastError();
   }
+}
+
+static void moe_terminate(char* s, size_t n) { s[n - 1] = '\0'; }
+
+/* A failed rank's status as the error every rank returns. */
+static ncclResult_t moe_remote_failure(int me, int r, int status, const char* why, const char* what) {
+  const ncclResult_t res = status > 0 && status < ncclNumResults ? (ncclResult_t)status : ncclSystemError;
+  return MOE_ERROR(res, "rank %d: rank %d failed its set-up (%s, before the %s exchange)%s%s", me, r,
+                   moe_result_str(res), what, why[0] != '\0' ? ": " : "", why);
+}
+
+ncclResult_t moe_peer_infos_check(moe_peer_info_t* all, int nRanks, int rank) {
+  for (int r = 0; r < nRanks; r++) {
+    moe_peer_info_t* p = &all[r];
+    if (p->magic != MOE_BOOT_MAGIC || p->bytes != (uint32_t)sizeof(*p))
+      return MOE_ERROR(ncclInvalidUsage, "rank %d: the peer information at rank %d's place is not from this version "
+                       "of nccl-moe (magic 0x%x, %u bytes; expected 0x%x, %zu): every rank must load the same library, "
+                       "and the all-gather must return every rank's bytes unchanged", rank, r, p->magic, p->bytes,
+                       MOE_BOOT_MAGIC, sizeof(*p));
+    /* Strings are used from here on: terminated whatever arrived. */
+    moe_terminate(p->failure, sizeof(p->failure));
+    moe_terminate(p->host, sizeof(p->host));
+    moe_terminate(p->bootId, sizeof(p->bootId));
+    moe_terminate(p->busId, sizeof(p->busId));
+    for (int i = 0; i < MOE_MAX_VISIBLE_DEVICES; i++) moe_terminate(p->reach[i], sizeof(p->reach[i]));
+    moe_terminate(p->ipcError, sizeof(p->ipcError));
+    if (p->rank != r || p->nRanks != nRanks)
+      return MOE_ERROR(ncclInvalidArgument, "rank %d: the peer at rank %d's place says it is rank %d of %d, not rank "
+                       "%d of %d: every rank passes its own rank and the same nRanks, and the all-gather puts rank "
+                       "r's bytes at offset r * bytes", rank, r, p->rank, p->nRanks, r, nRanks);
+  }
+  for (int r = 0; r < nRanks; r++)
+    if (all[r].status != ncclSuccess) return moe_remote_failure(rank, r, all[r].status, all[r].failure, "peer");
+  for (int r = 0; r < nRanks; r++) {
+    const moe_peer_info_t* p = &all[r];
+    long long mine = 0, theirs = 0;
+    const char* field = moe_config_diff(&all[rank].config, &p->config, &mine, &theirs);
+    if (field != NULL)
+      return MOE_ERROR(ncclInvalidArgument, "rank %d and rank %d passed different configs: %s is %lld here and %lld "
+                       "there (every rank passes equal config values; timeoutMs 0 takes each process's "
+                       "NCCL_MOE_TIMEOUT_MS)", rank, r, field, mine, theirs);
+    if (p->nReach < 0 || p->nReach > MOE_MAX_VISIBLE_DEVICES || p->device < 0 || p->pid <= 0)
+      return MOE_ERROR(ncclRemoteError, "rank %d: rank %d sent impossible peer information (device %d, pid %d, %d "
+                       "reachable devices)", rank, r, p->device, p->pid, p->nReach);
+  }
+  return ncclSuccess;
 }
 
 static int moe_can_reach(const moe_peer_info_t* from, const char* busId) {
@@ -81,6 +173,21 @@ static int moe_can_reach(const moe_peer_info_t* from, const char* busId) {
 
 static int moe_same_host(const moe_peer_info_t* a, const moe_peer_info_t* b) {
   return strncmp(a->host, b->host, MOE_HOST_NAME_MAX) == 0 && strncmp(a->bootId, b->bootId, MOE_BOOT_ID_MAX) == 0;
+}
+
+int moe_gpu_ranks(const moe_peer_info_t* all, int nRanks, int rank) {
+  const moe_peer_info_t* me = &all[rank];
+  int n = 0;
+  for (int r = 0; r < nRanks; r++) {
+    const moe_peer_info_t* p = &all[r];
+    if (!moe_same_host(p, me)) continue;
+    /* Bus ids name a GPU across processes; without one, only this process's
+     * ordinal does. */
+    if (me->busId[0] != '\0' ? strncmp(p->busId, me->busId, MOE_BUS_ID_LEN) == 0
+                             : (p->pid == me->pid && p->device == me->device))
+      n++;
+  }
+  return n > 0 ? n : 1;
 }
 
 void moe_node_keys(const moe_peer_info_t* all, int nRanks, int* nodeKey) {
@@ -131,15 +238,14 @@ ncclResult_t moe_topo_build(int nRanks, int rank, const int* nodeKey, moe_topo_t
   return ncclSuccess;
 }
 
-/* Maps every peer's buffer: a pointer within this process, else CUDA IPC. */
-static ncclResult_t moe_map_peers(ncclMoeComm_t comm, const moe_peer_info_t* all, const int* nodeKey) {
+/* Maps every peer's buffer of this node: a pointer within this process,
+ * else CUDA IPC (another process, on this GPU or another one). */
+ncclResult_t moe_bootstrap_map(ncclMoeComm_t comm, const moe_peer_info_t* all, const moe_topo_t* topo) {
   const moe_peer_info_t* me = &all[comm->rank];
+  comm->gpuRanks = moe_gpu_ranks(all, comm->nRanks, comm->rank);
   for (int r = 0; r < comm->nRanks; r++) {
     const moe_peer_info_t* p = &all[r];
-    if (memcmp(&p->config, &me->config, sizeof(ncclMoeConfig_t)) != 0)
-      return MOE_ERROR(ncclInvalidArgument, "rank %d and rank %d passed different configs to ncclMoeCommInit",
-                       comm->rank, r);
-    if (nodeKey[r] != nodeKey[comm->rank]) {
+    if (topo->nodeOf[r] != topo->node) {
       comm->ctx.peers.base[r] = NULL; /* another node: through the transport */
       continue;
     }
@@ -147,7 +253,7 @@ static ncclResult_t moe_map_peers(ncclMoeComm_t comm, const moe_peer_info_t* all
       comm->ctx.peers.base[r] = comm->buffer;
       continue;
     }
-    if (p->pid == me->pid) {
+    if (p->pid == me->pid && moe_same_host(p, me)) {
       if (p->device != comm->device) {
         cudaError_t e = cudaDeviceEnablePeerAccess(p->device, 0);
         if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled)
@@ -157,12 +263,12 @@ static ncclResult_t moe_map_peers(ncclMoeComm_t comm, const moe_peer_info_t* all
       comm->ctx.peers.base[r] = (char*)(uintptr_t)p->ptr;
     } else {
       if (!p->ipcOk)
-        return MOE_ERROR(ncclUnhandledCudaError, "rank %d cannot share its buffer with CUDA IPC (%.*s)", r,
-                         (int)sizeof(p->ipcError), p->ipcError);
+        return MOE_ERROR(ncclUnhandledCudaError, "rank %d cannot share its buffer with CUDA IPC (%s)", r, p->ipcError);
       void* mapped = NULL;
       cudaError_t e = cudaIpcOpenMemHandle(&mapped, p->ipc, cudaIpcMemLazyEnablePeerAccess);
       if (e != cudaSuccess)
-        return MOE_ERROR(ncclUnhandledCudaError, "cannot map rank %d's buffer with CUDA IPC: %s", r, cudaGetErrorString(e));
+        return MOE_ERROR(ncclUnhandledCudaError, "rank %d: cannot map rank %d's buffer (process %d, %s) with CUDA "
+                         "IPC: %s", comm->rank, r, p->pid, p->busId, cudaGetErrorString(e));
       comm->ctx.peers.base[r] = mapped;
       comm->peerIpc[r] = 1;
     }
@@ -170,20 +276,79 @@ static ncclResult_t moe_map_peers(ncclMoeComm_t comm, const moe_peer_info_t* all
   return ncclSuccess;
 }
 
-ncclResult_t moe_bootstrap_peers(ncclMoeComm_t comm, const moe_bootstrap_t* b, moe_topo_t* topo_p) {
+ncclResult_t moe_bootstrap_exchange(const moe_bootstrap_t* b, ncclMoeComm_t comm, ncclResult_t local,
+                                    moe_peer_info_t** all_p, moe_topo_t* topo_p) {
   ncclResult_t res = ncclSuccess;
   int nodeKey[NCCL_MOE_MAX_RANKS];
   moe_peer_info_t mine;
   moe_peer_info_t* all = calloc((size_t)b->nRanks, sizeof(moe_peer_info_t));
-  if (all == NULL) return MOE_ERROR(ncclSystemError, "out of host memory");
-  moe_local_info(comm, &mine);
-  MOE_CHECK_GOTO(moe_bootstrap_allgather(b, &mine, all, sizeof(mine), "peer information"), res, out);
+  moe_local_info(b, comm, all == NULL ? MOE_ERROR(ncclSystemError, "out of host memory") : local, &mine);
+  if (all == NULL) return (ncclResult_t)mine.status; /* cannot take part: peers fail in their all-gather */
+  MOE_CHECK_GOTO(moe_bootstrap_allgather(b, &mine, all, sizeof(mine), "peer information"), res, fail);
+  if (local != ncclSuccess) {
+    res = local;
+    moe_set_last_error(mine.failure);
+    goto fail;
+  }
+  MOE_CHECK_GOTO(moe_peer_infos_check(all, b->nRanks, b->rank), res, fail);
   if (b->nodeKey != NULL) memcpy(nodeKey, b->nodeKey, sizeof(int) * (size_t)b->nRanks);
   else moe_node_keys(all, b->nRanks, nodeKey);
-  MOE_CHECK_GOTO(moe_topo_build(b->nRanks, b->rank, nodeKey, topo_p), res, out);
-  MOE_CHECK_GOTO(moe_map_peers(comm, all, nodeKey), res, out);
-out:
+  MOE_CHECK_GOTO(moe_topo_build(b->nRanks, b->rank, nodeKey, topo_p), res, fail);
+  *all_p = all;
+  return ncclSuccess;
+fail:
   free(all);
+  return res;
+}
+
+/* What a round after the first carries besides its payload. */
+typedef struct {
+  uint32_t magic;
+  int rank;
+  int status;
+  char failure[MOE_BOOT_FAILURE_MAX];
+} moe_round_head_t;
+
+ncclResult_t moe_bootstrap_round(const moe_bootstrap_t* b, ncclResult_t local, const void* mine, void* all,
+                                 size_t bytes, const char* what) {
+  if (bytes > MOE_BOOT_ROUND_MAX) return MOE_ERROR(ncclInternalError, "a %zu-byte bootstrap round", bytes);
+  const size_t slot = sizeof(moe_round_head_t) + bytes;
+  ncclResult_t res = ncclSuccess;
+  char* send = calloc(1, slot);
+  char* recv = calloc((size_t)b->nRanks, slot);
+  if (send == NULL || recv == NULL) {
+    res = MOE_ERROR(ncclSystemError, "out of host memory");
+    goto out;
+  }
+  moe_round_head_t head = {.magic = MOE_BOOT_MAGIC, .rank = b->rank, .status = (int)local};
+  if (local != ncclSuccess) moe_boot_copy_str(head.failure, sizeof(head.failure), moe_last_error());
+  memcpy(send, &head, sizeof(head));
+  if (local == ncclSuccess && bytes > 0) memcpy(send + sizeof(head), mine, bytes);
+  MOE_CHECK_GOTO(moe_bootstrap_allgather(b, send, recv, slot, what), res, out);
+  if (local != ncclSuccess) {
+    res = local;
+    moe_set_last_error(head.failure);
+    goto out;
+  }
+  for (int r = 0; r < b->nRanks; r++) {
+    moe_round_head_t* h = (moe_round_head_t*)(recv + (size_t)r * slot);
+    moe_terminate(h->failure, sizeof(h->failure));
+    if (h->magic != MOE_BOOT_MAGIC || h->rank != r) {
+      res = MOE_ERROR(ncclInvalidUsage, "rank %d: the %s exchange returned, at rank %d's place, bytes of rank %d "
+                      "(magic 0x%x): the all-gather must put rank r's bytes at offset r * bytes", b->rank, what, r,
+                      h->rank, h->magic);
+      goto out;
+    }
+    if (h->status != ncclSuccess) {
+      res = moe_remote_failure(b->rank, r, h->status, h->failure, what);
+      goto out;
+    }
+  }
+  for (int r = 0; r < b->nRanks && bytes > 0; r++)
+    memcpy((char*)all + (size_t)r * bytes, recv + (size_t)r * slot + sizeof(moe_round_head_t), bytes);
+out:
+  free(send);
+  free(recv);
   return res;
 }
 

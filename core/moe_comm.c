@@ -2,10 +2,13 @@
  * budget, teardown, the error word, and the work ncclMoeCommDestroy waits for. */
 #include "core/moe_comm.h"
 
+#include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common/moe_check.h"
 #include "common/moe_env.h"
@@ -41,23 +44,25 @@ ncclResult_t moe_comm_alloc(ncclMoeComm_t comm) {
 }
 
 /* Kernels whose blocks all wait for peers (internode, low latency) must have
- * every rank's grid resident at once. Virtual ranks: such kernels get half of
- * the rank's blocks, and all ranks together at most half of the GPU's
+ * every rank's grid resident at once. Ranks sharing a GPU (virtual ranks, or
+ * processes on one GPU under MPS): such kernels get half of the rank's
+ * blocks, and all ranks together at most half of the GPU's
  * MOE_BLOCKS_PER_SM * sms block slots, so every rank's waiting grid fits at
  * once with room to spare for whatever else runs there. (With a block of
  * margin only, ranks timed out now and then on the device machine; a larger
  * numSMs would deadlock.) */
 static void moe_comm_blocks(ncclMoeComm_t comm, int sms) {
+  const int share = comm->gpuRanks > 1 ? comm->gpuRanks : 1;
   int blocks = moe_env()->num_sms > 0 ? moe_env()->num_sms : comm->config.numSMs; /* both <= NCCL_MOE_MAX_SMS */
   if (blocks == 0) {
-    /* Virtual ranks share one GPU: split it between them. */
-    blocks = comm->isVirtual ? MOE_BLOCKS_PER_SM * sms / comm->nRanks : MOE_AUTO_BLOCKS_PER_GPU_RANK;
+    /* Ranks sharing one GPU split it between them. */
+    blocks = share > 1 ? MOE_BLOCKS_PER_SM * sms / share : MOE_AUTO_BLOCKS_PER_GPU_RANK;
     if (blocks < 1) blocks = 1;
   }
   comm->numBlocks = blocks;
   comm->waitBlocks = blocks;
-  if (comm->isVirtual && comm->nRanks > 1) {
-    const int cap = sms / comm->nRanks > 0 ? sms / comm->nRanks : 1;
+  if (share > 1) {
+    const int cap = sms / share > 0 ? sms / share : 1;
     comm->waitBlocks = (blocks + 1) / 2 < cap ? (blocks + 1) / 2 : cap;
   }
 }
@@ -170,6 +175,8 @@ ncclResult_t moe_comm_error(ncclMoeComm_t comm) {
       if (comm->inter != NULL && moe_proxy_error(comm->inter->ll.proxy)[0] != '\0') why = moe_proxy_error(comm->inter->ll.proxy);
       return MOE_ERROR(ncclSystemError, "rank %d: the network proxy failed: %s; the comm is unusable", comm->rank, why);
     }
+    case MOE_KERR_ABORT:
+      return MOE_ERROR(ncclInvalidUsage, "rank %d: the comm was aborted (ncclMoeCommAbort)", comm->rank);
     case MOE_KERR_BAD_NOTIFY:
       return MOE_ERROR(ncclRemoteError, "rank %d: a peer sent an invalid notify message", comm->rank);
     default:
@@ -177,13 +184,21 @@ ncclResult_t moe_comm_error(ncclMoeComm_t comm) {
   }
 }
 
-/* Only a timeout (or a corrupt notify, or a failed proxy) breaks a comm; a
- * bad batch (expert id out of range, capacity exceeded, mismatched shapes) is
- * reported through ncclMoeCommGetAsyncError while every rank keeps calling in
- * step, since a rank that skipped a call would leave its peers waiting. */
+/* Only a timeout (or a corrupt notify, a failed proxy, an abort) breaks a
+ * comm; a bad batch (expert id out of range, capacity exceeded, mismatched
+ * shapes) is reported through ncclMoeCommGetAsyncError while every rank keeps
+ * calling in step, since a rank that skipped a call would leave its peers
+ * waiting. */
 ncclResult_t moe_comm_ready(ncclMoeComm_t comm) {
   MOE_ARG_CHECK(comm != NULL, "comm is NULL");
   return moe_kerr_fatal(moe_error_read_host(comm->hostError, NULL, NULL)) ? moe_comm_error(comm) : ncclSuccess;
+}
+
+void moe_comm_mark_aborted(ncclMoeComm_t comm) {
+  if (comm->hostError == NULL) return; /* never finished its set-up: no kernel can run */
+  /* A fatal code replaces a non-fatal one (kernels' waits then end); an
+   * earlier fatal error stays, and is what the comm reports. */
+  moe_error_record_host(comm->hostError, MOE_KERR_ABORT, NULL);
 }
 
 /* A pointer the kernels will dereference: device (or managed) memory, with
@@ -227,6 +242,75 @@ void moe_comm_track(ncclMoeComm_t comm, cudaStream_t stream) {
     cudaGetLastError();
     comm->untracked = 1;
   }
+}
+
+/* ncclMoeCommAbort's bounded wait: moe_comm_wait_idle on a helper thread,
+ * given up on after the timeout (the thread then finishes on its own and
+ * frees the state; the comm stays allocated for it). */
+typedef struct {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  ncclMoeComm_t comm;
+  int done, abandoned;
+} moe_idle_wait_t;
+
+static void* moe_idle_main(void* arg) {
+  moe_idle_wait_t* w = arg;
+  cudaSetDevice(w->comm->device);
+  moe_comm_wait_idle(w->comm);
+  pthread_mutex_lock(&w->lock);
+  w->done = 1;
+  const int abandoned = w->abandoned;
+  pthread_cond_signal(&w->cond);
+  pthread_mutex_unlock(&w->lock);
+  if (abandoned) {
+    pthread_cond_destroy(&w->cond);
+    pthread_mutex_destroy(&w->lock);
+    free(w);
+  }
+  return NULL;
+}
+
+int moe_comm_wait_idle_for(ncclMoeComm_t comm, int timeoutMs) {
+  moe_idle_wait_t* w = calloc(1, sizeof(*w));
+  if (w == NULL) return 0;
+  pthread_condattr_t attr;
+  pthread_condattr_init(&attr);
+  pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+  pthread_mutex_init(&w->lock, NULL);
+  pthread_cond_init(&w->cond, &attr);
+  pthread_condattr_destroy(&attr);
+  w->comm = comm;
+  pthread_t thread;
+  if (pthread_create(&thread, NULL, moe_idle_main, w) != 0) {
+    pthread_cond_destroy(&w->cond);
+    pthread_mutex_destroy(&w->lock);
+    free(w);
+    return 0;
+  }
+  struct timespec deadline;
+  clock_gettime(CLOCK_MONOTONIC, &deadline);
+  deadline.tv_sec += timeoutMs / 1000;
+  deadline.tv_nsec += (long)(timeoutMs % 1000) * 1000000L;
+  if (deadline.tv_nsec >= 1000000000L) {
+    deadline.tv_sec++;
+    deadline.tv_nsec -= 1000000000L;
+  }
+  pthread_mutex_lock(&w->lock);
+  while (!w->done)
+    if (pthread_cond_timedwait(&w->cond, &w->lock, &deadline) == ETIMEDOUT) break;
+  const int done = w->done;
+  if (!done) w->abandoned = 1;
+  pthread_mutex_unlock(&w->lock);
+  if (!done) {
+    pthread_detach(thread);
+    return 0;
+  }
+  pthread_join(thread, NULL);
+  pthread_cond_destroy(&w->cond);
+  pthread_mutex_destroy(&w->lock);
+  free(w);
+  return 1;
 }
 
 void moe_comm_wait_idle(ncclMoeComm_t comm) {

@@ -84,9 +84,10 @@ struct ncclMoeComm {
   int maxRecv;                 /* rows of every receive buffer */
   int numBlocks;               /* dispatch/combine blocks (the SM budget) */
   int waitBlocks;              /* blocks of kernels whose blocks all wait for peers (internode,
-                                  low latency): for virtual ranks half of numBlocks, at most
-                                  sms / nRanks (moe_comm_finish) */
-  int isVirtual;               /* peers are pointers of this process */
+                                  low latency): for ranks sharing a GPU half of numBlocks, at
+                                  most sms / gpuRanks (moe_comm_finish) */
+  int gpuRanks;                /* ranks on this rank's GPU, itself included (virtual ranks, or
+                                  processes sharing one GPU): they split its SMs */
   moe_layout_t layout;
   char* buffer;                /* this rank's peer-visible buffer */
   int peerIpc[NCCL_MOE_MAX_RANKS]; /* 1: peers.base[r] came from cudaIpcOpenMemHandle */
@@ -133,14 +134,14 @@ struct ncclMoeHandle {
 };
 
 /* ------------------------------------------------ a rank's own memory */
-/* `comm` has rank, nRanks, device, isVirtual and a resolved config; the
+/* `comm` has rank, nRanks, device and a resolved config; the
  * device is current. Lays out and allocates this rank's peer-visible buffer
  * and clears what peers read before they write (signals, low-latency state),
  * finished before it returns: peers may write as soon as they can map it. */
 ncclResult_t moe_comm_alloc(ncclMoeComm_t comm);
 
-/* Once peers are mapped (ctx.peers): scratch and host-mapped memory, the
- * kernels' context, the block budget, every kernel loaded. */
+/* Once peers are mapped (ctx.peers, gpuRanks): scratch and host-mapped
+ * memory, the kernels' context, the block budget, every kernel loaded. */
 ncclResult_t moe_comm_finish(ncclMoeComm_t comm);
 
 /* Waits until the set-up work on comm->stream is done (before the comm is
@@ -157,8 +158,14 @@ void moe_comm_free(ncclMoeComm_t comm);
 ncclResult_t moe_comm_error(ncclMoeComm_t comm);
 
 /* The comm can still run collectives (not NULL, no timeout, no network or
- * notify failure). */
+ * notify failure, not aborted). */
 ncclResult_t moe_comm_ready(ncclMoeComm_t comm);
+
+/* Records MOE_KERR_ABORT in the error record unless a fatal error is there
+ * already (the first fatal error wins; a recorded bad batch gives way, so
+ * that the kernels' waits end): from then on every wait of the comm's
+ * kernels ends and every call fails. */
+void moe_comm_mark_aborted(ncclMoeComm_t comm);
 
 /* `p` is device (or managed) memory aligned to `align`. */
 ncclResult_t moe_check_device_ptr(const void* p, size_t align, const char* what);
@@ -171,6 +178,10 @@ void moe_comm_track(ncclMoeComm_t comm, cudaStream_t stream);
 
 /* Waits for every tracked piece of work and the set-up stream. */
 void moe_comm_wait_idle(ncclMoeComm_t comm);
+
+/* moe_comm_wait_idle bounded by `timeoutMs`: 1 when the comm's work ended
+ * in time; 0 when it did not (a kernel still runs: its memory must stay). */
+int moe_comm_wait_idle_for(ncclMoeComm_t comm, int timeoutMs);
 
 #ifdef __cplusplus
 }

@@ -16,6 +16,8 @@
 #define MOE_CONFIG_SIZE_0_1 offsetof(ncclMoeConfig_t, llMaxTokensPerRank)
 
 _Static_assert(NCCL_MOE_MAX_SMS == MOE_ENV_MAX_SMS, "config.numSMs and NCCL_MOE_NUM_SMS share one bound");
+_Static_assert(sizeof(ncclMoeConfig_t) - (offsetof(ncclMoeConfig_t, llMaxTokensPerRank) + sizeof(int)) < sizeof(size_t),
+               "llMaxTokensPerRank is the last config field: a new one must be compared in moe_config_diff");
 
 static size_t moe_align_up(size_t v) { return (v + MOE_REGION_ALIGN - 1) / MOE_REGION_ALIGN * MOE_REGION_ALIGN; }
 
@@ -55,6 +57,30 @@ ncclResult_t moe_config_resolve(const ncclMoeConfig_t* config, int nRanks, ncclM
                 c.llMaxTokensPerRank, NCCL_MOE_LL_MAX_TOKENS);
   *out_p = c;
   return ncclSuccess;
+}
+
+const char* moe_config_diff(const ncclMoeConfig_t* a, const ncclMoeConfig_t* b, long long* a_p, long long* b_p) {
+#define MOE_DIFF(field)                               \
+  do {                                                \
+    if (a->field != b->field) {                       \
+      *a_p = (long long)a->field;                     \
+      *b_p = (long long)b->field;                     \
+      return #field;                                  \
+    }                                                 \
+  } while (0)
+  MOE_DIFF(size);
+  MOE_DIFF(magic);
+  MOE_DIFF(version);
+  MOE_DIFF(maxTokensPerRank);
+  MOE_DIFF(hidden);
+  MOE_DIFF(numExperts);
+  MOE_DIFF(maxTopk);
+  MOE_DIFF(maxRecvTokens);
+  MOE_DIFF(numSMs);
+  MOE_DIFF(timeoutMs);
+  MOE_DIFF(llMaxTokensPerRank);
+#undef MOE_DIFF
+  return NULL;
 }
 
 void moe_layout_compute(const ncclMoeConfig_t* c, int nRanks, moe_layout_t* l) {

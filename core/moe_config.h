@@ -18,6 +18,11 @@ extern "C" {
  * fills defaults into *out_p. */
 ncclResult_t moe_config_resolve(const ncclMoeConfig_t* config, int nRanks, ncclMoeConfig_t* out_p);
 
+/* The first field in which two resolved configs differ (its name; the two
+ * values in *a_p and *b_p), or NULL when they are equal. Field by field:
+ * padding bytes never count. */
+const char* moe_config_diff(const ncclMoeConfig_t* a, const ncclMoeConfig_t* b, long long* a_p, long long* b_p);
+
 /* The normal-mode regions of a rank's buffer, from offset 0. */
 void moe_layout_compute(const ncclMoeConfig_t* config, int nRanks, moe_layout_t* l);
 

@@ -1,7 +1,8 @@
-/* Creating and destroying comms: ncclMoeCommInit (ranks of the caller's NCCL
- * communicator), ncclMoeCommInitVirtual / ...VirtualNodes (ranks of this
- * process, one thread each while they set up), destroy, and the comm-level
- * queries. Every rank is built by moe_comm_create, whatever bootstraps it. */
+/* Creating and ending comms: ncclMoeCommInit (ranks of the caller's NCCL
+ * communicator), ncclMoeCommInitOob (the caller's all-gather),
+ * ncclMoeCommInitVirtual / ...VirtualNodes (ranks of this process, one thread
+ * each while they set up), destroy and abort, and the comm-level queries.
+ * Every rank is built by moe_comm_create, whatever bootstraps it. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +21,10 @@
 #define MOE_ERROR_COPY_MAX 1024
 /* Virtual ranks need a hardware queue per stream: the ranks' streams and one more. */
 #define MOE_VIRTUAL_CONNECTIONS_HINT 32
+/* ncclMoeCommAbort waits this much longer than the comm's timeout for the
+ * comm's kernels to end (a wait that started just before the abort ends by
+ * its own timeout at the latest) before it leaves their memory allocated. */
+#define MOE_ABORT_GRACE_MS 1000
 
 /* Frees one rank, on its device: its internode part first (the proxy
  * threads write the comm's error word), then its own memory. */
@@ -35,51 +40,62 @@ static void moe_comm_destroy_rank(ncclMoeComm_t comm) {
   moe_device_leave(&guard);
 }
 
-/* One rank, bootstrapped through `boot`: own memory, peers, kernels'
- * context, low latency, then (ranks on several nodes) the network. `c` is
- * resolved. The caller's device is left as it was. */
-static ncclResult_t moe_comm_create(const moe_bootstrap_t* boot, int device, int isVirtual, const ncclMoeConfig_t* c,
-                                    ncclMoeComm_t* comm_p) {
-  moe_device_guard_t guard;
-  MOE_CHECK(moe_device_enter(device, &guard));
-  ncclResult_t res = ncclSuccess;
-  char* handles = NULL;
-  char mine[MOE_INTER_HANDLE_BYTES];
-  moe_topo_t topo;
+/* A new rank's struct and its own memory (the comm's device is current). */
+static ncclResult_t moe_comm_new(const moe_bootstrap_t* boot, int device, const ncclMoeConfig_t* c,
+                                 ncclMoeComm_t* comm_p) {
   ncclMoeComm_t comm = calloc(1, sizeof(struct ncclMoeComm));
-  if (comm == NULL) {
-    res = MOE_ERROR(ncclSystemError, "out of host memory");
-    goto out;
-  }
+  if (comm == NULL) return MOE_ERROR(ncclSystemError, "out of host memory");
   comm->rank = boot->rank;
   comm->nRanks = boot->nRanks;
   comm->device = device;
   comm->config = *c;
-  comm->isVirtual = isVirtual;
-  MOE_CHECK_GOTO(moe_comm_alloc(comm), res, out_comm);
-  MOE_CHECK_GOTO(moe_bootstrap_peers(comm, boot, &topo), res, out_comm);
-  MOE_CHECK_GOTO(moe_comm_finish(comm), res, out_comm);
-  MOE_CHECK_GOTO(moe_ll_comm_init(comm), res, out_comm);
+  comm->gpuRanks = 1;
+  *comm_p = comm; /* freed by the caller, partly built or not */
+  return moe_comm_alloc(comm);
+}
+
+/* One rank, bootstrapped through `boot`: own memory, peers, kernels'
+ * context, low latency, then (ranks on several nodes) the network. `c` is
+ * resolved when `local` (this rank's status so far) is ncclSuccess.
+ * Collective: the rounds of moe_bootstrap.h, the same on every rank whatever
+ * fails, so that a rank's failure is every rank's error (and no rank waits
+ * for a peer that gave up). The caller's device is left as it was. */
+static ncclResult_t moe_comm_create(const moe_bootstrap_t* boot, int device, ncclResult_t local,
+                                    const ncclMoeConfig_t* c, ncclMoeComm_t* comm_p) {
+  moe_device_guard_t guard = {.prev = -1, .dev = device};
+  /* A failure so far (`local`: a bad config) is reported in the first round. */
+  if (local == ncclSuccess) local = moe_device_enter(device, &guard);
+  ncclResult_t res = ncclSuccess;
+  ncclMoeComm_t comm = NULL;
+  moe_peer_info_t* all = NULL;
+  char* handles = NULL;
+  moe_topo_t topo;
+  if (local == ncclSuccess) local = moe_comm_new(boot, device, c, &comm);
+  MOE_CHECK_GOTO(moe_bootstrap_exchange(boot, comm, local, &all, &topo), res, out_comm);
+  local = moe_bootstrap_map(comm, all, &topo);
+  if (local == ncclSuccess) local = moe_comm_finish(comm);
+  if (local == ncclSuccess) local = moe_ll_comm_init(comm);
   if (topo.nNodes > 1) {
-    /* Every rank listens, then one more all-gather carries the handles. */
-    MOE_CHECK_GOTO(moe_inter_create(comm, &topo, &comm->inter), res, out_comm);
+    /* Every rank listens, then one more round carries the handles. */
+    char mine[MOE_INTER_HANDLE_BYTES];
+    memset(mine, 0, sizeof(mine));
     handles = calloc((size_t)boot->nRanks, MOE_INTER_HANDLE_BYTES);
-    if (handles == NULL) {
-      res = MOE_ERROR(ncclSystemError, "out of host memory");
-      goto out_comm;
-    }
-    moe_inter_handles(comm->inter, mine);
-    MOE_CHECK_GOTO(moe_bootstrap_allgather(boot, mine, handles, MOE_INTER_HANDLE_BYTES, "network handles"), res,
+    if (handles == NULL && local == ncclSuccess) local = MOE_ERROR(ncclSystemError, "out of host memory");
+    if (local == ncclSuccess) local = moe_inter_create(comm, &topo, &comm->inter);
+    if (local == ncclSuccess) moe_inter_handles(comm->inter, mine);
+    MOE_CHECK_GOTO(moe_bootstrap_round(boot, local, mine, handles, MOE_INTER_HANDLE_BYTES, "network handles"), res,
                    out_comm);
-    MOE_CHECK_GOTO(moe_inter_connect_start(comm->inter, handles), res, out_comm);
+    local = moe_inter_connect_start(comm->inter, handles);
   }
-  MOE_CHECK_GOTO(moe_comm_setup_done(comm), res, out_comm);
+  if (local == ncclSuccess) local = moe_comm_setup_done(comm);
+  MOE_CHECK_GOTO(moe_bootstrap_round(boot, local, NULL, NULL, 0, "set-up status"), res, out_comm);
   *comm_p = comm;
   goto out;
 out_comm:
   moe_comm_destroy_rank(comm);
 out:
   free(handles);
+  free(all);
   moe_device_leave(&guard);
   return res;
 }
@@ -99,7 +115,7 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfi
   MOE_CHECK(moe_nccl_query(lib->commCount(nccl, &nRanks), "ncclCommCount", lib));
   MOE_CHECK(moe_nccl_query(lib->commCuDevice(nccl, &device), "ncclCommCuDevice", lib));
   ncclMoeConfig_t c;
-  MOE_CHECK(moe_config_resolve(config, nRanks, &c));
+  const ncclResult_t local = moe_config_resolve(config, nRanks, &c); /* the peers learn of a bad config */
 
   moe_device_guard_t guard;
   MOE_CHECK(moe_device_enter(device, &guard));
@@ -107,11 +123,35 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfi
   moe_nccl_allgather_ctx_t gather = {.nccl = lib, .comm = nccl, .rank = rank, .nRanks = nRanks};
   MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&gather.stream, cudaStreamNonBlocking), res, out);
   const moe_bootstrap_t boot = {.rank = rank, .nRanks = nRanks, .allgather = moe_nccl_allgather, .ctx = &gather};
-  res = moe_comm_create(&boot, device, 0, &c, comm_p);
+  res = moe_comm_create(&boot, device, local, &c, comm_p);
   cudaStreamDestroy(gather.stream);
 out:
   moe_device_leave(&guard);
   return res;
+}
+
+/* ------------------------------------------------- ncclMoeCommInitOob */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitOob(int rank, int nRanks, ncclMoeAllGatherFn_t allgather, void* ctx,
+                                                const ncclMoeConfig_t* config, ncclMoeComm_t* comm_p) {
+  MOE_ARG_CHECK(allgather != NULL && comm_p != NULL, "ncclMoeCommInitOob: allgather or comm_p is NULL");
+  MOE_ARG_CHECK(nRanks >= 1 && nRanks <= NCCL_MOE_MAX_RANKS, "ncclMoeCommInitOob: nRanks = %d: must be in [1, %d]",
+                nRanks, NCCL_MOE_MAX_RANKS);
+  MOE_ARG_CHECK(rank >= 0 && rank < nRanks, "ncclMoeCommInitOob: rank = %d: must be in [0, nRanks = %d)", rank,
+                nRanks);
+  ncclMoeConfig_t c;
+  /* From here on every failure is reported to the peers in the first round. */
+  ncclResult_t local = moe_config_resolve(config, nRanks, &c);
+  int device = -1;
+  if (local == ncclSuccess) {
+    const cudaError_t e = cudaGetDevice(&device);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      local = MOE_ERROR(ncclUnhandledCudaError, "ncclMoeCommInitOob: rank %d has no usable current CUDA device (%s): "
+                        "the comm uses the device current on the calling thread", rank, cudaGetErrorString(e));
+    }
+  }
+  const moe_bootstrap_t boot = {.rank = rank, .nRanks = nRanks, .allgather = allgather, .ctx = ctx};
+  return moe_comm_create(&boot, device, local, &c, comm_p);
 }
 
 /* ------------------------------------------------------ virtual ranks */
@@ -127,7 +167,7 @@ typedef struct {
 
 static void* moe_virtual_rank_main(void* arg) {
   moe_virtual_rank_t* v = arg;
-  v->res = moe_comm_create(&v->boot, v->device, 1, v->config, &v->comm);
+  v->res = moe_comm_create(&v->boot, v->device, ncclSuccess, v->config, &v->comm);
   if (v->res != ncclSuccess) {
     snprintf(v->error, sizeof(v->error), "%s", moe_last_error());
     moe_local_group_abort(v->member.group, v->boot.rank);
@@ -233,6 +273,30 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm) {
    * for what it enqueued, then stop the proxies, then free. */
   moe_comm_wait_idle(comm);
   moe_comm_destroy_rank(comm);
+  moe_device_leave(&guard);
+  return res;
+}
+
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommAbort(ncclMoeComm_t comm) {
+  if (comm == NULL) return ncclSuccess; /* like ncclMoeCommDestroy(NULL) */
+  moe_device_guard_t guard;
+  const ncclResult_t res = moe_device_enter(comm->device, &guard);
+  /* The kernels' waits end at their next look at the error record, the
+   * proxies stop without finishing what peers wait for, and nothing waits
+   * for a peer. */
+  moe_comm_mark_aborted(comm);
+  moe_inter_stop(comm->inter);
+  /* Memory a kernel still touches cannot be freed (nor a peer's mapping
+   * closed): wait for this comm's kernels, as long as a wait of theirs may
+   * last. */
+  const int waitMs = comm->config.timeoutMs + MOE_ABORT_GRACE_MS;
+  if (moe_comm_wait_idle_for(comm, waitMs)) {
+    moe_comm_destroy_rank(comm);
+  } else {
+    MOE_WARN("rank %d: ncclMoeCommAbort: work of this comm (or work before it on the same streams) still ran %d ms "
+             "after the abort: the comm's memory stays allocated, since freeing it under a running kernel would "
+             "poison this process's CUDA context", comm->rank, waitMs);
+  }
   moe_device_leave(&guard);
   return res;
 }

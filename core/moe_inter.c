@@ -242,6 +242,17 @@ ncclResult_t moe_inter_connect_start(moe_inter_comm_t* in, const char* handles) 
   return ncclSuccess;
 }
 
+void moe_inter_stop(moe_inter_comm_t* in) {
+  if (in == NULL) return;
+  moe_proxy_t* proxies[] = {in->ll.proxy, in->ep.proxy};
+  for (size_t i = 0; i < sizeof(proxies) / sizeof(proxies[0]); i++) {
+    moe_proxy_abort(proxies[i]);
+    moe_proxy_destroy(proxies[i]);
+  }
+  in->ll.proxy = NULL;
+  in->ep.proxy = NULL;
+}
+
 void moe_inter_destroy(moe_inter_comm_t* in) {
   if (in == NULL) return;
   moe_net_ep_close(&in->ll);

@@ -28,6 +28,11 @@ void moe_inter_handles(const moe_inter_comm_t* inter, char* out);
  * the comm's timeout is an error), then starts the proxy threads. */
 ncclResult_t moe_inter_connect_start(moe_inter_comm_t* inter, const char* handles);
 
+/* ncclMoeCommAbort: stops the proxy threads now (without finishing the
+ * slabs and credits peers wait for) and closes their connections; the
+ * memory stays for moe_inter_destroy. NULL is a no-op. */
+void moe_inter_stop(moe_inter_comm_t* inter);
+
 /* Stops the proxies, frees everything and releases the transport; NULL is a
  * no-op. */
 void moe_inter_destroy(moe_inter_comm_t* inter);

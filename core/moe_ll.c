@@ -10,6 +10,7 @@
 
 #include "common/moe_check.h"
 #include "common/moe_log.h"
+#include "core/moe_config.h"
 #include "core/moe_device.h"
 
 #define MOE_LL_UE8M0_PER_WORD 4

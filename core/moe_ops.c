@@ -92,8 +92,10 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle) {
                      "was not called (ncclMoeCombineRecv): the ranks' barrier epochs would part");
   if (handle->comm != NULL && handle->comm->splitPending == handle) handle->comm->splitPending = NULL;
   /* A send half without its receive half would leave peers waiting for this
-   * rank's acknowledgement on that buffer set. */
-  if (handle->ll.state == MOE_LL_DISPATCH_SENT || handle->ll.state == MOE_LL_COMBINE_SENT)
+   * rank's acknowledgement on that buffer set (unless the comm is broken:
+   * then nobody waits, and the handle goes before ncclMoeCommAbort). */
+  const int broken = moe_kerr_fatal(moe_error_read_host(handle->comm->hostError, NULL, NULL));
+  if (!broken && (handle->ll.state == MOE_LL_DISPATCH_SENT || handle->ll.state == MOE_LL_COMBINE_SENT))
     return MOE_ERROR(ncclInvalidUsage, "ncclMoeHandleDestroy: the handle has a low-latency send half whose receive "
                      "half was not called (ncclMoeLowLatency*Recv)");
   moe_ll_handle_destroy(handle);

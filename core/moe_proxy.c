@@ -35,6 +35,10 @@
 #define MOE_PROXY_WRITES 4               /* data writes in flight per (channel, peer) */
 #define MOE_PROXY_MIN_WRITE (256u << 10) /* a shorter run waits while a write is in flight */
 #define MOE_PROXY_CH MOE_NET_MAX_CHANNELS
+/* moe_proxy_t.stop: run, finish what is in flight then stop, stop now. */
+#define MOE_PROXY_RUN 0
+#define MOE_PROXY_STOP_DRAIN 1
+#define MOE_PROXY_STOP_NOW 2
 
 typedef struct {
   uint32_t magic, tag;
@@ -502,9 +506,11 @@ static void* moe_proxy_main(void* arg) {
   int idle = 0;
   long long drainUntil = 0;
   for (;;) {
+    const int stop = atomic_load(&p->stop);
+    if (stop == MOE_PROXY_STOP_NOW) break;
     /* Asked to stop: finish what the GPU handed over (a peer may still wait
      * for our last slab or credit), bounded by the timeout. */
-    if (atomic_load(&p->stop)) {
+    if (stop == MOE_PROXY_STOP_DRAIN) {
       if (drainUntil == 0) drainUntil = moe_proxy_now_ns() + (long long)p->a.timeoutMs * 1000000LL;
       if (moe_proxy_quiet(p) || moe_proxy_now_ns() > drainUntil) break;
     }
@@ -536,13 +542,21 @@ ncclResult_t moe_proxy_start(moe_proxy_t* p) {
 
 const char* moe_proxy_error(const moe_proxy_t* p) { return p == NULL ? "" : p->err; }
 
+static void moe_proxy_join(moe_proxy_t* p, int how) {
+  if (!p->threadStarted) return;
+  atomic_store(&p->stop, how);
+  pthread_join(p->thread, NULL);
+  p->threadStarted = 0;
+}
+
+void moe_proxy_abort(moe_proxy_t* p) {
+  if (p != NULL) moe_proxy_join(p, MOE_PROXY_STOP_NOW);
+}
+
 void moe_proxy_destroy(moe_proxy_t* p) {
   if (p == NULL) return;
   const moe_transport_t* t = p->a.transport;
-  if (p->threadStarted) {
-    atomic_store(&p->stop, 1);
-    pthread_join(p->thread, NULL);
-  }
+  moe_proxy_join(p, MOE_PROXY_STOP_DRAIN);
   for (int i = 0; i < p->nIncoming; i++) {
     if (p->incoming[i].comm == NULL) continue;
     if (p->incoming[i].mr != NULL) t->dereg_mr(p->incoming[i].comm, p->incoming[i].mr);

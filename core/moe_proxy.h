@@ -47,7 +47,12 @@ ncclResult_t moe_proxy_connect(moe_proxy_t* proxy, const char* handles, int* don
 /* Starts the proxy thread (after moe_proxy_connect finished). */
 ncclResult_t moe_proxy_start(moe_proxy_t* proxy);
 
-/* Stops the thread, closes connections, frees everything. NULL is a no-op. */
+/* Stops the thread at once (ncclMoeCommAbort): slabs and credits peers
+ * wait for are not finished. NULL is a no-op. */
+void moe_proxy_abort(moe_proxy_t* proxy);
+
+/* Stops the thread (first finishing, within timeoutMs, what the GPU handed
+ * over), closes connections, frees everything. NULL is a no-op. */
 void moe_proxy_destroy(moe_proxy_t* proxy);
 
 /* The message of the error that stopped the thread ("" if none). */

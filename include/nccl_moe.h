@@ -1,6 +1,7 @@
 /*************************************************************************
  * nccl-moe: expert-parallel all-to-all (dispatch / combine) for
- * Mixture-of-Experts models, on top of an existing NCCL communicator.
+ * Mixture-of-Experts models, on top of an existing NCCL communicator or of
+ * an all-gather the caller supplies (MPI, gloo, a store).
  *
  * Conventions for every function below
  * - Every function returns ncclResult_t. A bad argument returns
@@ -173,7 +174,10 @@ typedef struct ncclMoeComm* ncclMoeComm_t;
  * comms also allocate network slabs, about
  * 4 x nodes x maxTokensPerRank x (2 x hidden + 256) bytes per rank: GPU
  * memory when the NIC can reach it (GPUDirect RDMA), else pinned host memory.
- * The caller's current CUDA device is left unchanged.
+ * The caller's current CUDA device is left unchanged. Set-up is collective
+ * to the end: a rank that fails (a bad config, out of memory, a peer it
+ * cannot map) still takes part in the exchanges, and every rank returns an
+ * error naming it rather than waiting for it.
  * `nccl` must outlive the MoE communicator. The library does not link NCCL:
  * it calls the NCCL already loaded in the process (a libnccl.so* it finds
  * among the loaded objects, else NCCL's functions in the global symbol
@@ -181,6 +185,37 @@ typedef struct ncclMoeComm* ncclMoeComm_t;
  * returns ncclInvalidUsage. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInit(ncclComm_t nccl, const ncclMoeConfig_t* config,
                                              ncclMoeComm_t* comm_p);
+
+/* An all-gather the caller supplies (the out-of-band bootstrap of UCC/UCX):
+ * `send` holds `bytes` of this rank's data, `recv` receives nRanks * bytes,
+ * rank r's at offset r * bytes (this rank's included). Collective: every
+ * rank calls it with the same `bytes`. Returns 0 on success, anything else
+ * on failure (the init call then fails with that code, or ncclSystemError
+ * when it is not an ncclResult_t). It must not wait forever for a rank that
+ * died: give it a timeout of its own. */
+typedef int (*ncclMoeAllGatherFn_t)(const void* send, void* recv, size_t bytes, void* ctx);
+
+/* Creates an MoE communicator without an NCCL communicator: rank `rank` of
+ * `nRanks`, exchanging its set-up data through `allgather(..., ctx)` (over
+ * MPI_Allgather, a gloo process group, a file or TCP store, ...). Collective:
+ * every rank calls it, each with its own rank, the same nRanks and equal
+ * config values. The comm uses the CUDA device current on the calling thread
+ * (what cudaGetDevice returns: with CUDA 12 or later, a cudaSetDevice made
+ * through any CUDA runtime of the process counts); ncclMoeCommQuery returns
+ * it. Everything else is as ncclMoeCommInit: nodes and peer mapping (CUDA IPC
+ * between processes of one host, the network transport between nodes),
+ * buffer sizes, the caller's device left unchanged. ncclMoeCommInit is this
+ * call with ncclAllGather on its communicator as the all-gather.
+ * `allgather` is called synchronously on the calling thread, two to three
+ * times (identity and buffers, network handles when there are several nodes,
+ * then a final status), with at most a few KiB per rank. What it returns is
+ * checked (every rank's place, rank numbering, nRanks, library version and
+ * configs must agree) and a mismatch is an error on every rank. Bad
+ * arguments (allgather or comm_p NULL, rank outside [0, nRanks), nRanks
+ * outside [1, NCCL_MOE_MAX_RANKS]) return ncclInvalidArgument at once,
+ * without calling allgather. */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitOob(int rank, int nRanks, ncclMoeAllGatherFn_t allgather, void* ctx,
+                                                const ncclMoeConfig_t* config, ncclMoeComm_t* comm_p);
 
 /* Testing and single-GPU development: creates `nRanks` communicators of one
  * process on one `device` ("virtual ranks"), each with its own buffers,
@@ -217,8 +252,25 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommInitVirtualNodes(int nRanks, int ranksPe
  * this comm enqueued on the callers' streams (not for work captured in a CUDA
  * graph: finish the graph's launches before destroying). Not collective, but
  * peers that still use this rank's buffers will time out, so destroy all
- * ranks together. */
+ * ranks together. Destroy the comm's handles first. */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t comm);
+
+/* Ends `comm` without waiting for any peer: after a peer died or stopped
+ * answering (ncclMoeCommGetAsyncError reported an error, or the caller's own
+ * failure detection says so), or to give up on a step. Marks the comm
+ * aborted in its error record, so that every wait of its kernels (queued or
+ * running) ends at its next look at it and later kernels of the comm do
+ * nothing; stops its network proxies at once; then waits for the comm's work
+ * on the callers' streams at most the comm's timeout plus one second, and
+ * frees what ncclMoeCommDestroy frees. If that work has not ended by then
+ * (a kernel of the caller's before ours on the stream, say), the comm's
+ * memory is left allocated (freeing it under a running kernel would poison
+ * the process's CUDA context) and a warning says so. Returns ncclSuccess
+ * (NULL is a no-op); the comm is gone either way. Not collective. Destroy
+ * the comm's handles first (ncclMoeHandleDestroy accepts a handle with a
+ * pending low-latency receive half once the comm has an error), and do not
+ * call it while another thread uses the comm. */
+NCCL_MOE_EXPORT ncclResult_t ncclMoeCommAbort(ncclMoeComm_t comm);
 
 /* What `comm` was built with: this rank, the number of ranks, the CUDA
  * device, the number of nodes (1 when every rank maps every other; see
@@ -231,10 +283,14 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeCommQuery(ncclMoeComm_t comm, int* rank_p, i
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCommBufferBytes(ncclMoeComm_t comm, size_t* bytes_p);
 
 /* ncclSuccess, or the first error a kernel of this comm recorded (a timeout
- * waiting for a peer: ncclSystemError; an expert id out of range, a receive
- * capacity exceeded, or ranks disagreeing on hidden/sendType/topk:
+ * waiting for a peer: ncclSystemError; a network proxy that failed, e.g. a
+ * peer process that died: ncclSystemError; an expert id out of range, a
+ * receive capacity exceeded, or ranks disagreeing on hidden/sendType/topk:
  * ncclInvalidArgument). Does not synchronize: it reads host-mapped memory
- * the kernels write. Once set, the error stays. After a timeout the comm is
+ * the kernels write. Once set, the error stays. A peer that dies or stops
+ * shows here within NCCL_MOE_TIMEOUT_MS of the step that waits for it (or
+ * at once, across nodes, when its connections close); then end the comm
+ * with ncclMoeCommAbort. After a timeout the comm is
  * unusable and every later call returns the error; after a bad batch the
  * calls go on (every rank must keep calling in step) and that batch's
  * outputs are partial: tokens over capacity and bad expert ids were dropped,
@@ -268,7 +324,10 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const 
 typedef struct ncclMoeHandle* ncclMoeHandle_t;
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleCreate(ncclMoeComm_t comm, ncclMoeHandle_t* handle_p);
-/* The handle must not be in use by enqueued work. */
+/* The handle must not be in use by enqueued work, and its comm must still
+ * exist (destroy handles before the comm). A handle whose low-latency send
+ * half has no receive half yet is refused (peers would wait for it), unless
+ * the comm has a fatal error (ncclMoeCommGetAsyncError). */
 NCCL_MOE_EXPORT ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle);
 
 /* ---------------------------------------------------------------- dispatch */

@@ -35,6 +35,7 @@ enum {
   MOE_KERR_MISMATCH = 4,     /* ranks disagree on hidden / type / topk */
   MOE_KERR_BAD_NOTIFY = 5,   /* a notify message with impossible counts (fatal) */
   MOE_KERR_NET = 6,          /* the network proxy failed: transport error, bad peer data (fatal) */
+  MOE_KERR_ABORT = 7,        /* the host aborted the comm (ncclMoeCommAbort): every wait ends (fatal) */
 };
 
 /* What a wait waited for (the record's MOE_ERR_WAIT word after a timeout). */
@@ -75,7 +76,7 @@ typedef struct {
 /* Fatal codes end the comm: every later kernel does nothing, every entry
  * point fails. */
 static inline MOE_HD int moe_kerr_fatal(int code) {
-  return code == MOE_KERR_TIMEOUT || code == MOE_KERR_BAD_NOTIFY || code == MOE_KERR_NET;
+  return code == MOE_KERR_TIMEOUT || code == MOE_KERR_BAD_NOTIFY || code == MOE_KERR_NET || code == MOE_KERR_ABORT;
 }
 
 /* Whether `code` may replace `cur` in the code word (see the protocol). */

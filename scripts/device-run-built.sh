@@ -5,6 +5,9 @@
 # there, so no rebuild spends device time.
 #   scripts/device-run-built.sh BUILD_DIR STEP...
 # Steps: gpu (every gpu test binary), <test name> (one gpu test binary),
+# multiproc (the multiproc tier: ranks as processes on GPU 0, under a private
+# MPS daemon when the machine has nvidia-cuda-mps-control; its first line
+# says whether MPS is on),
 # python[=PYTEST_ARGS] (the pytest suite, or the given files / -k filter),
 # bench[=ARGS] (nccl-moe-bench ARGS), torch (python/benchmarks/bench_vs_torch.py
 # --virtual 8), example (examples/moe_layer.py --virtual 8), sweep (nccl-moe-bench
@@ -46,6 +49,7 @@ for s in "$@"; do
         [ -x "$t" ] && [ -f "$t" ] && step "$(basename "$t")" 600 "$t"
       done ;;
     test_*) step "$s" 600 "$bin/tests/gpu/$s" ;;
+    multiproc) step multiproc 600 "$bin/tests/multiproc/test_multiproc" ;;
     python) step python 600 "$py" -m pytest -q -p no:cacheprovider tests/python ;;
     python=*) step "python ${s#python=}" 600 "$py" -m pytest -q -p no:cacheprovider ${s#python=} ;;
     bench) step bench 300 "$bin/nccl-moe-bench" ;;

@@ -327,8 +327,10 @@ class Core:
         if not self.alive:
             raise RuntimeError("this nccl_moe buffer was destroyed")
 
-    def destroy(self):
-        """Frees the handles and communicators (waits for the device)."""
+    def destroy(self, abort=False):
+        """Frees the handles and communicators (waits for the device).
+        abort: end the communicators with ncclMoeCommAbort instead (no wait
+        for any peer; see Buffer.abort)."""
         if not getattr(self, "alive", False):
             return
         self.alive = False
@@ -343,11 +345,12 @@ class Core:
                 for h in c.created:
                     lib.ncclMoeHandleDestroy(h)
                 c.created, c.free = [], []
+            end = lib.ncclMoeCommAbort if abort and lib.ncclMoeCommAbort is not None else lib.ncclMoeCommDestroy
             for c in self.comms:
                 if c.ptr:
-                    res = lib.ncclMoeCommDestroy(c.ptr)
+                    res = end(c.ptr)
                     if res != _lib.ncclSuccess:
-                        errors.append((c.rank, _lib.make_error(res, "ncclMoeCommDestroy", lib.last_error())))
+                        errors.append((c.rank, _lib.make_error(res, end.__name__, lib.last_error())))
                     c.ptr = None
         if errors:
             raise merge_errors(errors)

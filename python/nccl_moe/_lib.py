@@ -328,6 +328,9 @@ PROTOTYPES = {
                                       ctypes.c_void_p]),
 }
 
+# ncclMoeAllGatherFn_t: int (*)(const void* send, void* recv, size_t bytes, void* ctx).
+AllGatherFn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+
 # Bound when the library has them (newer than the 0.1 core API).
 OPTIONAL_PROTOTYPES = {
     # Virtual ranks grouped into virtual nodes that talk through the network
@@ -339,6 +342,11 @@ OPTIONAL_PROTOTYPES = {
     "ncclMoeCombineRecv": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),
     # Low-latency bytes of a config without a comm (DeepEP's size hint).
     "ncclMoeLowLatencySizeHint": (ctypes.c_int, [ctypes.POINTER(Config), ctypes.c_int, _c_size_p]),
+    # A comm bootstrapped through the caller's all-gather (any process group).
+    "ncclMoeCommInitOob": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, AllGatherFn, ctypes.c_void_p,
+                                          ctypes.POINTER(Config), _c_void_pp]),
+    # Ends a comm without waiting for its peers (a peer died).
+    "ncclMoeCommAbort": (ctypes.c_int, [ctypes.c_void_p]),
 }
 
 # The low-latency API: bound when the library has it (builds with

@@ -1,6 +1,7 @@
-"""Buffer (one rank of a torch.distributed NCCL process group) and
-VirtualBuffer (N ranks in this process on one GPU): expert-parallel dispatch
-and combine on torch tensors, over libnccl-net-moe.so.
+"""Buffer (one rank of a torch.distributed process group of any backend, or
+of a raw NCCL communicator) and VirtualBuffer (N ranks in this process on
+one GPU): expert-parallel dispatch and combine on torch tensors, over
+libnccl-net-moe.so.
 
 Memory: the received rows a dispatch returns are VIEWS INTO COMMUNICATOR
 MEMORY, as in the C API: peers write them directly, no copy is made, and they
@@ -389,6 +390,84 @@ def _comm_query(lib, comm):
     return rank.value, n_ranks.value, device.value
 
 
+def _is_nccl_group(group) -> bool:
+    """Whether torch reaches CUDA tensors of `group` through NCCL (the group's
+    own communicator can then bootstrap the comm)."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" not in backend:
+        return False
+    # "cpu:gloo,cuda:nccl" and the like: NCCL is the CUDA backend.
+    return all(not part.startswith("cuda:") or part.endswith("nccl") for part in backend.split(","))
+
+
+class _GroupAllGather:
+    """ncclMoeCommInitOob's all-gather over a torch.distributed group of any
+    backend (gloo, NCCL, mixed): all_gather_object of the bytes. The library
+    calls it synchronously on the calling thread during the init call (ctypes
+    takes the GIL back for it); a Python exception is kept and turned into the
+    init call's error, never let through the C frames."""
+
+    def __init__(self, group):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.error = None
+        self.calls = 0
+        self.fn = _lib.AllGatherFn(self._call)  # keep a reference while the library may call it
+
+    def _call(self, send, recv, nbytes, ctx):
+        try:
+            self.calls += 1
+            data = ctypes.string_at(send, nbytes) if nbytes else b""
+            out = [None] * self.size
+            self.dist.all_gather_object(out, data, group=self.group)
+            for r, b in enumerate(out):
+                if not isinstance(b, bytes) or len(b) != nbytes:
+                    raise RuntimeError("rank %d of the group sent %s to the bootstrap all-gather, expected %d bytes (do "
+                                       "all ranks create the buffer together, with equal arguments?)"
+                                       % (r, ("%d bytes" % len(b)) if isinstance(b, bytes) else type(b).__name__,
+                                          nbytes))
+                if nbytes:
+                    ctypes.memmove(recv + r * nbytes, b, nbytes)
+            return 0
+        except BaseException as e:  # noqa: BLE001 - nothing may unwind through the library's frames
+            self.error = e
+            return -1
+
+
+def _init_oob(lib, group, config, device_index):
+    """ncclMoeCommInitOob for this rank of `group` on device_index; returns
+    the native comm."""
+    import torch.distributed as dist
+
+    if lib.ncclMoeCommInitOob is None:
+        raise RuntimeError("%s has no ncclMoeCommInitOob: a process group without NCCL needs a newer nccl-moe "
+                           "library" % lib.path)
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    gather = _GroupAllGather(group)
+    out = ctypes.c_void_p()
+    with torch.cuda.device(device_index):
+        # The library takes the device current on this thread: make its
+        # context current (an allocation does), torch's current device is
+        # restored on the way out.
+        torch.zeros(1, device=torch.device("cuda", device_index))
+        res = lib.ncclMoeCommInitOob(rank, size, gather.fn, None, ctypes.byref(config.struct), ctypes.byref(out))
+    if res != _lib.ncclSuccess:
+        err = _lib.make_error(res, "ncclMoeCommInitOob (rank %d of %d)" % (rank, size), lib.last_error())
+        raise err from gather.error
+    got_rank, got_size, got_device = _comm_query(lib, out.value)
+    if (got_rank, got_size, got_device) != (rank, size, device_index):
+        lib.ncclMoeCommDestroy(out.value)
+        raise RuntimeError("the communicator is rank %d of %d on device %d, expected rank %d of %d on device %d (the "
+                           "library did not see this thread's current CUDA device)"
+                           % (got_rank, got_size, got_device, rank, size, device_index))
+    return out.value
+
+
 # ------------------------------------------------------------ public classes
 class _Base:
     _core: Core
@@ -475,13 +554,22 @@ class _Base:
 
 class Buffer(_Base):
     """Expert-parallel dispatch/combine for one rank of a torch.distributed
-    process group (NCCL backend), over the group's own NCCL communicator.
+    process group, or of a raw NCCL communicator (Buffer.from_nccl_comm).
 
     Collective: every rank of the group creates it with equal arguments, and
     calls dispatch and combine in the same order. Which ranks the library can
     connect (one host, or several through its network transport) is
     documented at ncclMoeCommInit in include/nccl_moe.h.
 
+    group: any process group (default: the world). With an NCCL backend for
+        CUDA tensors the library uses the group's own communicator
+        (ncclMoeCommInit); with another backend (gloo) it bootstraps through
+        an all-gather on the group (ncclMoeCommInitOob), so ranks may even
+        share a GPU (processes on one GPU run side by side only under MPS).
+    bootstrap: "auto" (as above), "nccl" or "oob" to force one way.
+    device: the CUDA device of this rank for the out-of-band bootstrap
+        (default: the current device); an NCCL group's communicator names
+        its own.
     max_tokens_per_rank: most tokens any rank passes to one dispatch.
     hidden: largest hidden size (channels per token).
     num_experts: experts over all ranks; rank r owns experts
@@ -497,33 +585,82 @@ class Buffer(_Base):
     """
 
     def __init__(self, group=None, *, max_tokens_per_rank: int, hidden: int, num_experts: int, max_topk: int = 0,
-                 max_recv_tokens: int = 0, num_sms: int = 0, timeout_ms: int = 0, ll_max_tokens_per_rank: int = 0):
+                 max_recv_tokens: int = 0, num_sms: int = 0, timeout_ms: int = 0, ll_max_tokens_per_rank: int = 0,
+                 bootstrap: str = "auto", device=None):
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group("
-                               "'nccl', device_id=...) first, or use nccl_moe.VirtualBuffer (Buffer.virtual) for "
-                               "N virtual ranks on one GPU")
+                               "'nccl', device_id=...) (or 'gloo') first, use Buffer.from_nccl_comm for a raw NCCL "
+                               "communicator, or nccl_moe.VirtualBuffer (Buffer.virtual) for N virtual ranks on one "
+                               "GPU")
+        if bootstrap not in ("auto", "nccl", "oob"):
+            raise ValueError("bootstrap = %r: must be 'auto', 'nccl' or 'oob'" % (bootstrap,))
         if group is None:
             group = dist.group.WORLD
-        comm = nccl_comm_pointer(group)
         lib = _lib.get_library()
         rank = dist.get_rank(group)
         size = dist.get_world_size(group)
         config = Config(size, max_tokens_per_rank, hidden, num_experts, max_topk, max_recv_tokens, num_sms,
                         timeout_ms, ll_max_tokens_per_rank)
-        out = ctypes.c_void_p()
-        # The library calls the NCCL already in this process (torch's): it
-        # reads rank, size and device from the communicator itself.
-        lib.check(lib.ncclMoeCommInit(comm, ctypes.byref(config.struct), ctypes.byref(out)),
-                  "ncclMoeCommInit (rank %d of %d)" % (rank, size))
-        nccl_rank, nccl_size, device = _comm_query(lib, out.value)
-        if nccl_rank != rank or nccl_size != size:
-            lib.ncclMoeCommDestroy(out.value)
-            raise RuntimeError("the group's NCCL communicator is rank %d of %d, but torch says rank %d of %d"
-                               % (nccl_rank, nccl_size, rank, size))
+        use_nccl = bootstrap == "nccl" or (bootstrap == "auto" and _is_nccl_group(group))
+        if use_nccl:
+            comm = nccl_comm_pointer(group)
+            out = ctypes.c_void_p()
+            # The library calls the NCCL already in this process (torch's): it
+            # reads rank, size and device from the communicator itself.
+            lib.check(lib.ncclMoeCommInit(comm, ctypes.byref(config.struct), ctypes.byref(out)),
+                      "ncclMoeCommInit (rank %d of %d)" % (rank, size))
+            ptr = out.value
+            nccl_rank, nccl_size, device_index = _comm_query(lib, ptr)
+            if nccl_rank != rank or nccl_size != size:
+                lib.ncclMoeCommDestroy(ptr)
+                raise RuntimeError("the group's NCCL communicator is rank %d of %d, but torch says rank %d of %d"
+                                   % (nccl_rank, nccl_size, rank, size))
+        else:
+            device_index = _device_index(device)
+            ptr = _init_oob(lib, group, config, device_index)
         self._group = group
-        self._core = Core(lib, [out.value], [rank], size, config, torch.device("cuda", device), virtual=False)
+        self._nccl_group = use_nccl
+        self._core = Core(lib, [ptr], [rank], size, config, torch.device("cuda", device_index), virtual=False)
+
+    @classmethod
+    def from_nccl_comm(cls, comm, *, max_tokens_per_rank: int, hidden: int, num_experts: int, max_topk: int = 0,
+                       max_recv_tokens: int = 0, num_sms: int = 0, timeout_ms: int = 0,
+                       ll_max_tokens_per_rank: int = 0, group=None) -> "Buffer":
+        """A Buffer over a raw ncclComm_t: what engines that drive NCCL
+        themselves (pynccl) hold. comm: the communicator's address, as an int
+        or a ctypes.c_void_p. Collective over the communicator's ranks (an
+        ncclAllGather on it), which must belong to the NCCL loaded in this
+        process (torch's, or one loaded with RTLD_GLOBAL) and outlive the
+        buffer. Rank, size and device come from the communicator. group: an
+        optional process group of the same ranks for destroy()'s barrier;
+        without one, destroy() does not wait for the peers (end every rank's
+        work first)."""
+        if isinstance(comm, ctypes.c_void_p):
+            comm = comm.value
+        if not isinstance(comm, int) or comm == 0:
+            raise ValueError("comm must be a non-NULL ncclComm_t address (an int or ctypes.c_void_p), got %r" % (comm,))
+        lib = _lib.get_library()
+        # The struct does not depend on the number of ranks; the library checks
+        # the values against the communicator's size, then the Python checks
+        # are built for that size.
+        probe = Config(1, max_tokens_per_rank, hidden, num_experts, max_topk, max_recv_tokens, num_sms, timeout_ms,
+                       ll_max_tokens_per_rank)
+        out = ctypes.c_void_p()
+        lib.check(lib.ncclMoeCommInit(comm, ctypes.byref(probe.struct), ctypes.byref(out)), "ncclMoeCommInit")
+        rank, size, device_index = _comm_query(lib, out.value)
+        try:
+            config = Config(size, max_tokens_per_rank, hidden, num_experts, max_topk, max_recv_tokens, num_sms,
+                            timeout_ms, ll_max_tokens_per_rank)
+        except BaseException:
+            lib.ncclMoeCommDestroy(out.value)
+            raise
+        self = cls.__new__(cls)
+        self._group = group
+        self._nccl_group = False
+        self._core = Core(lib, [out.value], [rank], size, config, torch.device("cuda", device_index), virtual=False)
+        return self
 
     @classmethod
     def _unbacked(cls, n_ranks, device="cpu", **config):
@@ -531,6 +668,7 @@ class Buffer(_Base):
         (see Core.unbacked)."""
         self = cls.__new__(cls)
         self._group = None
+        self._nccl_group = False
         self._core = Core.unbacked(n_ranks, Config(n_ranks, **config), torch.device(device), virtual=False)
         return self
 
@@ -546,9 +684,11 @@ class Buffer(_Base):
         not be used afterwards.
 
         Collective by default: peers read this rank's memory during a combine,
-        so every rank first waits until all ranks' work is done (an
-        all-reduce on the group, then a device synchronization).
-        barrier=False skips that (e.g. when a peer failed)."""
+        so every rank first waits until all ranks' work is done (this rank's
+        device synchronized, then a barrier of the group: an all-reduce on
+        an NCCL group, dist.barrier on another). barrier=False skips that
+        (e.g. when a peer failed: better, abort()). A buffer from
+        from_nccl_comm without a group never waits for its peers."""
         core = getattr(self, "_core", None)
         if core is None or not core.alive:
             return
@@ -556,9 +696,24 @@ class Buffer(_Base):
             import torch.distributed as dist
 
             with core.on_device():
-                dist.all_reduce(torch.zeros(1, device=core.device), group=self._group)
-                torch.cuda.synchronize(core.device)
+                if getattr(self, "_nccl_group", False):
+                    dist.all_reduce(torch.zeros(1, device=core.device), group=self._group)
+                    torch.cuda.synchronize(core.device)
+                else:
+                    torch.cuda.synchronize(core.device)
+                    dist.barrier(group=self._group)
         core.destroy()
+
+    def abort(self) -> None:
+        """Ends the communicator without waiting for any peer
+        (ncclMoeCommAbort): after check_async_error raised a timeout or a
+        network failure (a peer process died or stopped). The kernels' waits
+        end, the network proxies stop, the memory is freed once this rank's
+        kernels are done (at most the comm's timeout plus a second). Views
+        from this buffer must not be used afterwards. Not collective."""
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.destroy(abort=True)
 
     def __exit__(self, exc_type, *exc):
         # After an exception a peer may never reach the barrier.

@@ -40,6 +40,15 @@ typedef struct {
   int recvRowsDevice;
 } worker_t;
 
+/* Every rank's host data, and the reference's rows and counts. */
+struct case_data {
+  const case_t* cs;
+  rank_data_t d[MAXR];
+  int counts[MAXR];   /* rows each rank receives */
+  int* rows;          /* row of (src s, token t) at rank r, or -1: [s][maxT][r] */
+  int maxT;
+};
+
 static void gen_routing(moe_rng_t* rng, const case_t* cs, int T, int64_t* idx) {
   const int E = cs->numExperts, K = cs->topk, L = E / cs->nRanks;
   for (int t = 0; t < T; t++) {
@@ -152,29 +161,32 @@ static void* worker(void* arg) {
 
 static float bf16f(uint16_t v) { return moe_bf16_to_float(v); }
 
-void run_case(const case_t* cs) {
-  const int N = cs->nRanks, H = cs->hidden, K = cs->topk, E = cs->numExperts, L = E / N;
-  const int nS = H / NCCL_MOE_FP8_BLOCK;
-  moe_rng_t rng;
-  moe_rng_init(&rng, moe_test_seed() ^ ((uint64_t)N << 40) ^ ((uint64_t)H << 20) ^ (uint64_t)(K * 131 + E));
+ncclMoeConfig_t case_config(const case_t* cs) {
   int maxT = 1;
-  for (int r = 0; r < N; r++) if (cs->tokens[r] > maxT) maxT = cs->tokens[r];
+  for (int r = 0; r < cs->nRanks; r++)
+    if (cs->tokens[r] > maxT) maxT = cs->tokens[r];
   ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
   cfg.maxTokensPerRank = maxT;
-  cfg.hidden = H;
-  cfg.numExperts = E;
-  cfg.maxTopk = K;
-  cfg.timeoutMs = 5000;
-  ncclMoeComm_t comms[MAXR];
-  ck_assert_int_eq(cudaSetDevice(0), cudaSuccess);
-  const int R = cs->ranksPerNode > 0 ? cs->ranksPerNode : N;
-  ncclResult_t ir = ncclMoeCommInitVirtualNodes(N, R, 0, &cfg, comms);
-  ck_assert_msg(ir == ncclSuccess, "init: %s", ncclMoeGetLastError());
+  cfg.hidden = cs->hidden;
+  cfg.numExperts = cs->numExperts;
+  cfg.maxTopk = cs->topk;
+  cfg.timeoutMs = cs->timeoutMs > 0 ? cs->timeoutMs : CASE_TIMEOUT_MS;
+  return cfg;
+}
 
-  rank_data_t d[MAXR];
-  memset(d, 0, sizeof(d));
+case_data_t* case_data_new(const case_t* cs) {
+  const int N = cs->nRanks, H = cs->hidden, K = cs->topk, E = cs->numExperts;
+  const int nS = H / NCCL_MOE_FP8_BLOCK;
+  case_data_t* cd = calloc(1, sizeof(case_data_t));
+  ck_assert_ptr_nonnull(cd);
+  cd->cs = cs;
+  moe_rng_t rng;
+  moe_rng_init(&rng, moe_test_seed() ^ ((uint64_t)N << 40) ^ ((uint64_t)H << 20) ^ (uint64_t)(K * 131 + E));
+  cd->maxT = 1;
+  for (int r = 0; r < N; r++)
+    if (cs->tokens[r] > cd->maxT) cd->maxT = cs->tokens[r];
   for (int r = 0; r < N; r++) {
-    rank_data_t* p = &d[r];
+    rank_data_t* p = &cd->d[r];
     p->T = cs->tokens[r];
     size_t T = p->T > 0 ? p->T : 1;
     p->x = malloc(T * H * 2);
@@ -186,39 +198,182 @@ void run_case(const case_t* cs) {
     if (nS > 0) moe_fp8_quantize_ref(p->x, p->T, H, cs->pow2, p->xq, p->xs);
     gen_routing(&rng, cs, p->T, p->idx);
     for (size_t i = 0; i < (size_t)p->T * K; i++) p->w[i] = moe_rng_uniform(&rng, 0.0f, 1.0f);
-    cudaMalloc(&p->dx, T * H * 2);
-    cudaMalloc(&p->dxs, T * nS * 4 + 4);
-    cudaMalloc(&p->didx, T * K * 8);
-    cudaMalloc(&p->dw, T * K * 4);
-    cudaMalloc(&p->dout, T * H * 2 + 16);
-    cudaMalloc(&p->doutw, T * K * 4);
-    if (cs->xFp8) cudaMemcpy(p->dx, p->xq, (size_t)p->T * H, cudaMemcpyHostToDevice);
-    else cudaMemcpy(p->dx, p->x, (size_t)p->T * H * 2, cudaMemcpyHostToDevice);
-    cudaMemcpy(p->dxs, p->xs, (size_t)p->T * nS * 4, cudaMemcpyHostToDevice);
-    cudaMemcpy(p->didx, p->idx, (size_t)p->T * K * 8, cudaMemcpyHostToDevice);
-    cudaMemcpy(p->dw, p->w, (size_t)p->T * K * 4, cudaMemcpyHostToDevice);
   }
-  int counts[MAXR];
-  int* rows = ref_rows(cs, d, counts);
+  cd->rows = ref_rows(cs, cd->d, cd->counts);
   for (int r = 0; r < N; r++) {
     /* Combine input: fresh random rows, one per received row. */
-    int cap = cs->capacity ? cs->capacity : (counts[r] > 0 ? counts[r] : 1);
-    d[r].y = malloc((size_t)cap * H * 2);
-    for (size_t i = 0; i < (size_t)cap * H; i++) d[r].y[i] = moe_float_to_bf16(moe_rng_normal(&rng));
-    cudaMalloc(&d[r].dy, (size_t)cap * H * 2);
-    cudaMemcpy(d[r].dy, d[r].y, (size_t)cap * H * 2, cudaMemcpyHostToDevice);
-    /* Poison the comm-owned outputs. */
-    struct ncclMoeComm* cm = comms[r];
-    cudaMemset(cm->buffer + cm->layout.recvX, 0xA5, cm->layout.recvScales - cm->layout.recvX);
-    cudaMemset(cm->buffer + cm->layout.recvScales, 0xA5, cm->layout.combineX - cm->layout.recvScales);
+    int cap = cs->capacity ? cs->capacity : (cd->counts[r] > 0 ? cd->counts[r] : 1);
+    cd->d[r].y = malloc((size_t)cap * H * 2);
+    for (size_t i = 0; i < (size_t)cap * H; i++) cd->d[r].y[i] = moe_float_to_bf16(moe_rng_normal(&rng));
   }
-  cudaDeviceSynchronize();
+  return cd;
+}
+
+void case_data_free(case_data_t* cd) {
+  if (cd == NULL) return;
+  for (int r = 0; r < cd->cs->nRanks; r++) {
+    rank_data_t* p = &cd->d[r];
+    free(p->x), free(p->xq), free(p->xs), free(p->idx), free(p->w), free(p->y);
+  }
+  free(cd->rows);
+  free(cd);
+}
+
+/* Rank r's inputs on the device, and its comm's outputs poisoned. */
+static void upload_rank(case_data_t* cd, int r, ncclMoeComm_t comm) {
+  const case_t* cs = cd->cs;
+  const int H = cs->hidden, K = cs->topk, nS = H / NCCL_MOE_FP8_BLOCK;
+  rank_data_t* p = &cd->d[r];
+  size_t T = p->T > 0 ? p->T : 1;
+  ck_assert_int_eq(cudaMalloc(&p->dx, T * H * 2), cudaSuccess);
+  ck_assert_int_eq(cudaMalloc(&p->dxs, T * nS * 4 + 4), cudaSuccess);
+  ck_assert_int_eq(cudaMalloc(&p->didx, T * K * 8), cudaSuccess);
+  ck_assert_int_eq(cudaMalloc(&p->dw, T * K * 4), cudaSuccess);
+  ck_assert_int_eq(cudaMalloc(&p->dout, T * H * 2 + 16), cudaSuccess);
+  ck_assert_int_eq(cudaMalloc(&p->doutw, T * K * 4), cudaSuccess);
+  if (cs->xFp8) cudaMemcpy(p->dx, p->xq, (size_t)p->T * H, cudaMemcpyHostToDevice);
+  else cudaMemcpy(p->dx, p->x, (size_t)p->T * H * 2, cudaMemcpyHostToDevice);
+  cudaMemcpy(p->dxs, p->xs, (size_t)p->T * nS * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(p->didx, p->idx, (size_t)p->T * K * 8, cudaMemcpyHostToDevice);
+  cudaMemcpy(p->dw, p->w, (size_t)p->T * K * 4, cudaMemcpyHostToDevice);
+  const int cap = cs->capacity ? cs->capacity : (cd->counts[r] > 0 ? cd->counts[r] : 1);
+  ck_assert_int_eq(cudaMalloc(&p->dy, (size_t)cap * H * 2), cudaSuccess);
+  cudaMemcpy(p->dy, p->y, (size_t)cap * H * 2, cudaMemcpyHostToDevice);
+  /* Poison the comm-owned outputs. */
+  struct ncclMoeComm* cm = comm;
+  cudaMemset(cm->buffer + cm->layout.recvX, 0xA5, cm->layout.recvScales - cm->layout.recvX);
+  cudaMemset(cm->buffer + cm->layout.recvScales, 0xA5, cm->layout.combineX - cm->layout.recvScales);
+  ck_assert_int_eq(cudaDeviceSynchronize(), cudaSuccess);
+}
+
+static void free_rank(case_data_t* cd, int r) {
+  rank_data_t* p = &cd->d[r];
+  cudaFree(p->dx), cudaFree(p->dxs), cudaFree(p->didx), cudaFree(p->dw), cudaFree(p->dy);
+  cudaFree(p->dout), cudaFree(p->doutw);
+}
+
+/* What rank r received, against the reference. */
+static void check_dispatch(const case_data_t* cd, int r, const worker_t* w) {
+  const case_t* cs = cd->cs;
+  const int N = cs->nRanks, H = cs->hidden, K = cs->topk, L = cs->numExperts / N, nS = H / NCCL_MOE_FP8_BLOCK;
+  const int esz = cs->sendFp8 ? 1 : 2, maxT = cd->maxT;
+  const rank_data_t* d = cd->d;
+  const ncclMoeDispatchResult_t* res = &w->result;
+  int cap = cs->capacity ? cs->capacity : cd->counts[r];
+  if (cs->capacity == 0) ck_assert_int_eq(res->numRecv, cd->counts[r]);
+  else ck_assert_int_eq(res->numRecv, -1);
+  ck_assert_int_eq(w->recvRowsDevice, cd->counts[r]);
+  int got = cd->counts[r] < cap ? cd->counts[r] : cap;
+  /* Per-expert counts, padded. */
+  int* perExpert = calloc(L, sizeof(int));
+  for (int s = 0; s < N; s++)
+    for (int t = 0; t < d[s].T; t++)
+      for (int k = 0; k < K; k++) {
+        int64_t e = d[s].idx[(size_t)t * K + k];
+        if (e >= 0 && e / L == r) perExpert[e % L]++;
+      }
+  int* gotPerExpert = malloc(L * sizeof(int));
+  cudaMemcpy(gotPerExpert, res->recvTokensPerExpert, L * sizeof(int), cudaMemcpyDeviceToHost);
+  int align = cs->alignment > 0 ? cs->alignment : 1;
+  for (int l = 0; l < L; l++) {
+    int want = (perExpert[l] + align - 1) / align * align;
+    ck_assert_msg(gotPerExpert[l] == want, "rank %d expert %d: %d rows, want %d", r, l, gotPerExpert[l], want);
+    if (cs->capacity == 0) ck_assert_int_eq(res->hostRecvTokensPerExpert[l], want);
+  }
+  free(perExpert);
+  free(gotPerExpert);
+  if (got == 0) return;
+  uint8_t* rx = malloc((size_t)got * H * esz);
+  float* rs = malloc((size_t)got * nS * 4 + 4);
+  int64_t* ri = malloc((size_t)got * K * 8);
+  float* rw = malloc((size_t)got * K * 4);
+  cudaMemcpy(rx, res->recvX, (size_t)got * H * esz, cudaMemcpyDeviceToHost);
+  if (cs->sendFp8) cudaMemcpy(rs, res->recvScales, (size_t)got * nS * 4, cudaMemcpyDeviceToHost);
+  cudaMemcpy(ri, res->recvTopkIdx, (size_t)got * K * 8, cudaMemcpyDeviceToHost);
+  if (cs->weights) cudaMemcpy(rw, res->recvTopkWeights, (size_t)got * K * 4, cudaMemcpyDeviceToHost);
+  for (int s = 0; s < N; s++)
+    for (int t = 0; t < d[s].T; t++) {
+      int row = cd->rows[((size_t)s * maxT + t) * N + r];
+      if (row < 0 || row >= got) continue;
+      const void* want = cs->sendFp8 ? (const void*)(d[s].xq + (size_t)t * H) : (const void*)(d[s].x + (size_t)t * H);
+      ck_assert_msg(memcmp(rx + (size_t)row * H * esz, want, (size_t)H * esz) == 0,
+                    "rank %d row %d (src %d token %d): payload differs", r, row, s, t);
+      if (cs->sendFp8)
+        ck_assert_msg(memcmp(rs + (size_t)row * nS, d[s].xs + (size_t)t * nS, nS * 4) == 0,
+                      "rank %d row %d: scales differ", r, row);
+      for (int k = 0; k < K; k++) {
+        int64_t e = d[s].idx[(size_t)t * K + k];
+        int64_t local = (e >= 0 && e / L == r) ? e % L : -1;
+        ck_assert_msg(ri[(size_t)row * K + k] == local, "rank %d row %d k %d: id %lld want %lld", r, row, k,
+                      (long long)ri[(size_t)row * K + k], (long long)local);
+        if (cs->weights) ck_assert_float_eq(rw[(size_t)row * K + k], local >= 0 ? d[s].w[(size_t)t * K + k] : 0.0f);
+      }
+    }
+  free(rx), free(rs), free(ri), free(rw);
+}
+
+/* Combine at source s: fp32 sum in rank order, rounded to BF16 once. Across
+ * nodes: each node's fp32 sum (its ranks in order) rounded to BF16, then
+ * those partials summed in fp32 in node order and rounded once more. */
+static void check_combine(const case_data_t* cd, int s) {
+  const case_t* cs = cd->cs;
+  const int N = cs->nRanks, H = cs->hidden, K = cs->topk, L = cs->numExperts / N, maxT = cd->maxT;
+  const int R = cs->ranksPerNode > 0 ? cs->ranksPerNode : N;
+  const rank_data_t* d = cd->d;
+  if (d[s].T == 0) return;
+  uint16_t* out = malloc((size_t)d[s].T * H * 2);
+  float* ow = malloc((size_t)d[s].T * K * 4);
+  cudaMemcpy(out, d[s].dout, (size_t)d[s].T * H * 2, cudaMemcpyDeviceToHost);
+  if (cs->weights) cudaMemcpy(ow, d[s].doutw, (size_t)d[s].T * K * 4, cudaMemcpyDeviceToHost);
+  for (int t = 0; t < d[s].T; t++) {
+    for (int h = 0; h < H; h++) {
+      float acc = 0.0f;
+      for (int n0 = 0; n0 < N; n0 += R) {
+        float part = 0.0f;
+        for (int r = n0; r < n0 + R; r++) {
+          int row = cd->rows[((size_t)s * maxT + t) * N + r];
+          int cap = cs->capacity ? cs->capacity : cd->counts[r];
+          if (row >= 0 && row < cap) part += bf16f(d[r].y[(size_t)row * H + h]);
+        }
+        acc += R == N ? part : bf16f(moe_float_to_bf16(part));
+      }
+      uint16_t want = moe_float_to_bf16(acc);
+      ck_assert_msg(out[(size_t)t * H + h] == want, "src %d token %d ch %d: 0x%04x want 0x%04x", s, t, h,
+                    out[(size_t)t * H + h], want);
+    }
+    if (cs->weights)
+      for (int k = 0; k < K; k++) {
+        /* A weight comes back from its expert's rank, unless the token was
+         * dropped there (over capacity). */
+        int64_t e = d[s].idx[(size_t)t * K + k];
+        int r = e >= 0 ? (int)(e / L) : 0;
+        int row = e >= 0 ? cd->rows[((size_t)s * maxT + t) * N + r] : -1;
+        int cap = cs->capacity ? cs->capacity : cd->counts[r];
+        float want = (row >= 0 && row < cap) ? d[s].w[(size_t)t * K + k] : 0.0f;
+        ck_assert_float_eq(ow[(size_t)t * K + k], want);
+      }
+  }
+  free(out), free(ow);
+}
+
+static ncclResult_t want_of(const case_t* cs) { return cs->overflow ? ncclInvalidArgument : ncclSuccess; }
+
+void run_case(const case_t* cs) {
+  const int N = cs->nRanks;
+  ncclMoeConfig_t cfg = case_config(cs);
+  ncclMoeComm_t comms[MAXR];
+  ck_assert_int_eq(cudaSetDevice(0), cudaSuccess);
+  const int R = cs->ranksPerNode > 0 ? cs->ranksPerNode : N;
+  ncclResult_t ir = ncclMoeCommInitVirtualNodes(N, R, 0, &cfg, comms);
+  ck_assert_msg(ir == ncclSuccess, "init: %s", ncclMoeGetLastError());
+  case_data_t* cd = case_data_new(cs);
+  for (int r = 0; r < N; r++) upload_rank(cd, r, comms[r]);
 
   worker_t w[MAXR];
   pthread_t th[MAXR];
   memset(w, 0, sizeof(w));
   for (int r = 0; r < N; r++) {
-    w[r] = (worker_t){.cs = cs, .comm = comms[r], .d = d, .rank = r};
+    w[r] = (worker_t){.cs = cs, .comm = comms[r], .d = cd->d, .rank = r};
     ck_assert_int_eq(ncclMoeHandleCreate(comms[r], &w[r].handle), ncclSuccess);
     ck_assert_int_eq(cudaStreamCreateWithFlags(&w[r].stream, cudaStreamNonBlocking), cudaSuccess);
   }
@@ -226,7 +381,7 @@ void run_case(const case_t* cs) {
     pthread_create(&th[r], NULL, worker, &w[r]);
   }
   for (int r = 0; r < N; r++) pthread_join(th[r], NULL);
-  const ncclResult_t want = cs->overflow ? ncclInvalidArgument : ncclSuccess;
+  const ncclResult_t want = want_of(cs);
   int failed = 0;
   for (int r = 0; r < N; r++) /* every rank's outcome first: one failure often explains another */
     if (w[r].res != want) {
@@ -244,112 +399,35 @@ void run_case(const case_t* cs) {
         }
   for (int r = 0; r < N; r++)
     ck_assert_msg(w[r].res == want, "rank %d: %d (want %d) %s", r, w[r].res, want, w[r].err);
-
-  const int esz = cs->sendFp8 ? 1 : 2;
-  for (int r = 0; r < N; r++) {
-    const ncclMoeDispatchResult_t* res = &w[r].result;
-    int cap = cs->capacity ? cs->capacity : counts[r];
-    if (cs->capacity == 0) ck_assert_int_eq(res->numRecv, counts[r]);
-    else ck_assert_int_eq(res->numRecv, -1);
-    ck_assert_int_eq(w[r].recvRowsDevice, counts[r]);
-    int got = counts[r] < cap ? counts[r] : cap;
-    /* Per-expert counts, padded. */
-    int* perExpert = calloc(L, sizeof(int));
-    for (int s = 0; s < N; s++)
-      for (int t = 0; t < d[s].T; t++)
-        for (int k = 0; k < K; k++) {
-          int64_t e = d[s].idx[(size_t)t * K + k];
-          if (e >= 0 && e / L == r) perExpert[e % L]++;
-        }
-    int* gotPerExpert = malloc(L * sizeof(int));
-    cudaMemcpy(gotPerExpert, res->recvTokensPerExpert, L * sizeof(int), cudaMemcpyDeviceToHost);
-    int align = cs->alignment > 0 ? cs->alignment : 1;
-    for (int l = 0; l < L; l++) {
-      int want = (perExpert[l] + align - 1) / align * align;
-      ck_assert_msg(gotPerExpert[l] == want, "rank %d expert %d: %d rows, want %d", r, l, gotPerExpert[l], want);
-      if (cs->capacity == 0) ck_assert_int_eq(res->hostRecvTokensPerExpert[l], want);
-    }
-    free(perExpert);
-    free(gotPerExpert);
-    if (got == 0) continue;
-    uint8_t* rx = malloc((size_t)got * H * esz);
-    float* rs = malloc((size_t)got * nS * 4 + 4);
-    int64_t* ri = malloc((size_t)got * K * 8);
-    float* rw = malloc((size_t)got * K * 4);
-    cudaMemcpy(rx, res->recvX, (size_t)got * H * esz, cudaMemcpyDeviceToHost);
-    if (cs->sendFp8) cudaMemcpy(rs, res->recvScales, (size_t)got * nS * 4, cudaMemcpyDeviceToHost);
-    cudaMemcpy(ri, res->recvTopkIdx, (size_t)got * K * 8, cudaMemcpyDeviceToHost);
-    if (cs->weights) cudaMemcpy(rw, res->recvTopkWeights, (size_t)got * K * 4, cudaMemcpyDeviceToHost);
-    for (int s = 0; s < N; s++)
-      for (int t = 0; t < d[s].T; t++) {
-        int row = rows[((size_t)s * maxT + t) * N + r];
-        if (row < 0 || row >= got) continue;
-        const void* want = cs->sendFp8 ? (const void*)(d[s].xq + (size_t)t * H) : (const void*)(d[s].x + (size_t)t * H);
-        ck_assert_msg(memcmp(rx + (size_t)row * H * esz, want, (size_t)H * esz) == 0,
-                      "rank %d row %d (src %d token %d): payload differs", r, row, s, t);
-        if (cs->sendFp8)
-          ck_assert_msg(memcmp(rs + (size_t)row * nS, d[s].xs + (size_t)t * nS, nS * 4) == 0,
-                        "rank %d row %d: scales differ", r, row);
-        for (int k = 0; k < K; k++) {
-          int64_t e = d[s].idx[(size_t)t * K + k];
-          int64_t local = (e >= 0 && e / L == r) ? e % L : -1;
-          ck_assert_msg(ri[(size_t)row * K + k] == local, "rank %d row %d k %d: id %lld want %lld", r, row, k,
-                        (long long)ri[(size_t)row * K + k], (long long)local);
-          if (cs->weights) ck_assert_float_eq(rw[(size_t)row * K + k], local >= 0 ? d[s].w[(size_t)t * K + k] : 0.0f);
-        }
-      }
-    free(rx), free(rs), free(ri), free(rw);
-  }
-  /* Combine: fp32 sum in rank order, rounded to BF16 once. Across nodes:
-   * each node's fp32 sum (its ranks in order) rounded to BF16, then those
-   * partials summed in fp32 in node order and rounded once more. */
-  for (int s = 0; s < N; s++) {
-    if (d[s].T == 0) continue;
-    uint16_t* out = malloc((size_t)d[s].T * H * 2);
-    float* ow = malloc((size_t)d[s].T * K * 4);
-    cudaMemcpy(out, d[s].dout, (size_t)d[s].T * H * 2, cudaMemcpyDeviceToHost);
-    if (cs->weights) cudaMemcpy(ow, d[s].doutw, (size_t)d[s].T * K * 4, cudaMemcpyDeviceToHost);
-    for (int t = 0; t < d[s].T; t++) {
-      for (int h = 0; h < H; h++) {
-        float acc = 0.0f;
-        for (int n0 = 0; n0 < N; n0 += R) {
-          float part = 0.0f;
-          for (int r = n0; r < n0 + R; r++) {
-            int row = rows[((size_t)s * maxT + t) * N + r];
-            int cap = cs->capacity ? cs->capacity : counts[r];
-            if (row >= 0 && row < cap) part += bf16f(d[r].y[(size_t)row * H + h]);
-          }
-          acc += R == N ? part : bf16f(moe_float_to_bf16(part));
-        }
-        uint16_t want = moe_float_to_bf16(acc);
-        ck_assert_msg(out[(size_t)t * H + h] == want, "src %d token %d ch %d: 0x%04x want 0x%04x", s, t, h,
-                      out[(size_t)t * H + h], want);
-      }
-      if (cs->weights)
-        for (int k = 0; k < K; k++) {
-          /* A weight comes back from its expert's rank, unless the token was
-           * dropped there (over capacity). */
-          int64_t e = d[s].idx[(size_t)t * K + k];
-          int r = e >= 0 ? (int)(e / L) : 0;
-          int row = e >= 0 ? rows[((size_t)s * maxT + t) * N + r] : -1;
-          int cap = cs->capacity ? cs->capacity : counts[r];
-          float want = (row >= 0 && row < cap) ? d[s].w[(size_t)t * K + k] : 0.0f;
-          ck_assert_float_eq(ow[(size_t)t * K + k], want);
-        }
-    }
-    free(out), free(ow);
-  }
-  free(rows);
-  for (int r = 0; r < N; r++) {
-    free(d[r].x), free(d[r].xq), free(d[r].xs), free(d[r].idx), free(d[r].w), free(d[r].y);
-    cudaFree(d[r].dx), cudaFree(d[r].dxs), cudaFree(d[r].didx), cudaFree(d[r].dw), cudaFree(d[r].dy);
-    cudaFree(d[r].dout), cudaFree(d[r].doutw);
-  }
+  for (int r = 0; r < N; r++) check_dispatch(cd, r, &w[r]);
+  for (int s = 0; s < N; s++) check_combine(cd, s);
+  for (int r = 0; r < N; r++) free_rank(cd, r);
+  case_data_free(cd);
   for (int r = 0; r < N; r++) {
     ncclMoeHandleDestroy(w[r].handle);
     cudaStreamDestroy(w[r].stream);
   }
   for (int r = 0; r < N; r++) ck_assert_int_eq(ncclMoeCommDestroy(comms[r]), ncclSuccess);
+}
+
+void run_case_rank(const case_t* cs, int rank, ncclMoeComm_t comm, void (*barrier)(void*), void* arg) {
+  case_data_t* cd = case_data_new(cs);
+  upload_rank(cd, rank, comm);
+  worker_t w;
+  memset(&w, 0, sizeof(w));
+  w = (worker_t){.cs = cs, .comm = comm, .d = cd->d, .rank = rank};
+  ck_assert_int_eq(ncclMoeHandleCreate(comm, &w.handle), ncclSuccess);
+  ck_assert_int_eq(cudaStreamCreateWithFlags(&w.stream, cudaStreamNonBlocking), cudaSuccess);
+  barrier(arg); /* no rank's kernels wait while a peer still allocates */
+  worker(&w);
+  ck_assert_msg(w.res == want_of(cs), "rank %d: %d (want %d) %s", rank, w.res, want_of(cs), w.err);
+  check_dispatch(cd, rank, &w);
+  check_combine(cd, rank);
+  barrier(arg); /* every rank is done with the others' memory */
+  free_rank(cd, rank);
+  case_data_free(cd);
+  ncclMoeHandleDestroy(w.handle);
+  cudaStreamDestroy(w.stream);
 }
 
 case_t base_case(int N, int T, int H, int K, int E) {

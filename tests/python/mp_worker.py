@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""One process per GPU under torchrun: nccl_moe.Buffer over the process
-group's own NCCL communicator, against the torch reference. Every process
-draws every rank's inputs from one seed, so each can compute what it must
-receive and what its combine must return. Run by test_multigpu.py (and with
-one process by test_examples.py):
+"""One process per rank under torchrun: nccl_moe.Buffer over the process
+group, against the torch reference. Every process draws every rank's inputs
+from one seed, so each can compute what it must receive and what its combine
+must return. Run by test_multigpu.py (one process per GPU, the group's own
+NCCL communicator), test_examples.py (one process) and test_oob.py:
     torchrun --nproc-per-node=N tests/python/mp_worker.py --seed S
+        [--backend gloo] [--same-gpu] [--raw-comm]
+--backend gloo: a gloo group, so the Buffer bootstraps out of band
+(ncclMoeCommInitOob through all_gather_object on the group); --same-gpu:
+every process on GPU 0 (only with gloo: NCCL refuses two ranks on one GPU);
+--raw-comm: Buffer.from_nccl_comm on the NCCL group's raw ncclComm_t.
 Exits non-zero on the first mismatch, naming it."""
 
 import argparse
@@ -22,16 +27,29 @@ from moe_reference import (Routing, assert_close, bf16_rows, dense_moe, ll_combi
                            local_experts, make_routing, router)
 
 
-def init():
+def init(backend, same_gpu):
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local)
-    dev = torch.device("cuda", local)
+    index = 0 if same_gpu else local
+    torch.cuda.set_device(index)
+    dev = torch.device("cuda", index)
+    if backend == "gloo":
+        dist.init_process_group("gloo")
+        return dev
     try:  # eager communicator creation (torch >= 2.3)
         dist.init_process_group("nccl", device_id=dev)
     except TypeError:
         dist.init_process_group("nccl")
         dist.all_reduce(torch.zeros(1, device=dev))
     return dev
+
+
+def make_buffer(raw_comm, **kw):
+    """Buffer(group) on the default group, or over its raw ncclComm_t."""
+    if not raw_comm:
+        return nccl_moe.Buffer(**kw)
+    from nccl_moe.buffer import nccl_comm_pointer
+
+    return nccl_moe.Buffer.from_nccl_comm(nccl_comm_pointer(dist.group.WORLD), group=dist.group.WORLD, **kw)
 
 
 def tokens_of(N, T):
@@ -179,13 +197,21 @@ def check_layer(buf, dev, rank, N, gen, H, F, E, K, lazy_rank):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--backend", choices=("nccl", "gloo"), default="nccl")
+    p.add_argument("--same-gpu", action="store_true")
+    p.add_argument("--raw-comm", action="store_true")
     a = p.parse_args()
-    dev = init()
+    if a.same_gpu and a.backend != "gloo":
+        p.error("--same-gpu needs --backend gloo (NCCL refuses two ranks on one GPU)")
+    if a.raw_comm and a.backend != "nccl":
+        p.error("--raw-comm needs the NCCL backend")
+    dev = init(a.backend, a.same_gpu)
     rank, N = dist.get_rank(), dist.get_world_size()
     H, K, E = 1024, 4, 4 * N
     failed = 0
     try:
-        with nccl_moe.Buffer(max_tokens_per_rank=96, hidden=H, num_experts=E, max_topk=K, timeout_ms=60000) as buf:
+        with make_buffer(a.raw_comm, max_tokens_per_rank=96, hidden=H, num_experts=E, max_topk=K,
+                         timeout_ms=60000) as buf:
             assert buf.rank == rank and buf.num_ranks == N and buf.device == dev
             assert buf.buffer_bytes > 0
             cases = [
@@ -199,12 +225,12 @@ def main():
                 check_case(buf, dev, rank, N, gen, H, K, E, **kw)
                 print("rank %d: %s: ok" % (rank, name), flush=True)
         if nccl_moe.get_library().has_low_latency:
-            with nccl_moe.Buffer(max_tokens_per_rank=1, hidden=H, num_experts=E, max_topk=K, timeout_ms=60000,
-                                 ll_max_tokens_per_rank=32) as buf:
+            with make_buffer(a.raw_comm, max_tokens_per_rank=1, hidden=H, num_experts=E, max_topk=K,
+                             timeout_ms=60000, ll_max_tokens_per_rank=32) as buf:
                 check_low_latency(buf, dev, rank, N, torch.Generator().manual_seed(a.seed + 7), H, K, E, 32)
                 print("rank %d: low-latency, two steps in flight: ok" % rank, flush=True)
-        with nccl_moe.Buffer(max_tokens_per_rank=64, hidden=256, num_experts=2 * N, max_topk=2,
-                             timeout_ms=60000) as buf:
+        with make_buffer(a.raw_comm, max_tokens_per_rank=64, hidden=256, num_experts=2 * N, max_topk=2,
+                         timeout_ms=60000) as buf:
             check_layer(buf, dev, rank, N, torch.Generator().manual_seed(a.seed), 256, 64, 2 * N, 2, None)
             print("rank %d: MoE layer gradients: ok" % rank, flush=True)
             check_layer(buf, dev, rank, N, torch.Generator().manual_seed(a.seed + 1), 256, 64, 2 * N, 2, N - 1)

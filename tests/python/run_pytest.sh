@@ -46,7 +46,7 @@ case "$suite" in
   python)
     files=(test_package.py test_bindings.py test_cpu.py test_virtual.py test_autograd.py test_low_latency.py test_examples.py
            test_deep_ep_cpu.py test_deep_ep_intranode.py test_deep_ep_low_latency.py test_cuda_graphs.py
-           test_c_api_overlap.py test_deep_ep_examples.py)
+           test_c_api_overlap.py test_deep_ep_examples.py test_oob.py)
     need_gpus=1 ;;
   multigpu)
     files=(test_multigpu.py)

@@ -18,6 +18,7 @@
 #include "common/moe_log.h"
 #include "core/moe_backoff.h"
 #include "core/moe_bootstrap.h"
+#include "core/moe_comm.h"
 #include "core/moe_config.h"
 #include "core/moe_inter.h"
 #include "core/moe_nccl.h"
@@ -437,6 +438,340 @@ START_TEST(test_node_keys) {
 }
 END_TEST
 
+/* ------------------------------------------------ out-of-band set-up */
+static void good_info(moe_peer_info_t* p, int r, int n) {
+  memset(p, 0, sizeof(*p));
+  p->magic = MOE_BOOT_MAGIC;
+  p->bytes = (uint32_t)sizeof(*p);
+  p->rank = r;
+  p->nRanks = n;
+  p->pid = 100 + r;
+  snprintf(p->host, sizeof(p->host), "host");
+  snprintf(p->busId, sizeof(p->busId), "0000:0%d:00.0", r % 2);
+  p->nReach = 1;
+  snprintf(p->reach[0], sizeof(p->reach[0]), "%s", p->busId);
+  ncclMoeConfig_t c = small_config();
+  c.numExperts = 24; /* a multiple of every rank count used here */
+  ck_assert_int_eq(moe_config_resolve(&c, n, &p->config), ncclSuccess);
+}
+
+/* Every kind of bad data from the all-gather is a clear error, and strings
+ * arrive terminated whatever was sent. */
+START_TEST(test_peer_infos_check) {
+  enum { N = 3 };
+  moe_peer_info_t all[N];
+  for (int r = 0; r < N; r++) good_info(&all[r], r, N);
+  memset(all[1].host, 'h', sizeof(all[1].host)); /* unterminated */
+  memset(all[2].ipcError, 'e', sizeof(all[2].ipcError));
+  ck_assert_int_eq(moe_peer_infos_check(all, N, 0), ncclSuccess);
+  ck_assert_uint_lt(strlen(all[1].host), sizeof(all[1].host));
+  ck_assert_uint_lt(strlen(all[2].ipcError), sizeof(all[2].ipcError));
+  struct {
+    const char* what;
+    ncclResult_t want;
+    const char* msg;
+  } cases[] = {
+      {"magic", ncclInvalidUsage, "not from this version"},   {"bytes", ncclInvalidUsage, "not from this version"},
+      {"rank", ncclInvalidArgument, "says it is rank 0 of 3"}, {"nRanks", ncclInvalidArgument, "of 4, not rank 1 of 3"},
+      {"status", ncclUnhandledCudaError, "rank 1 failed its set-up (unhandled cuda error, before the peer "
+                                         "exchange): fffff"},
+      {"hidden", ncclInvalidArgument, "hidden is 256 here and 512 there"},
+      {"timeout", ncclInvalidArgument, "timeoutMs is"},
+      {"nReach", ncclRemoteError, "impossible"},
+  };
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    for (int r = 0; r < N; r++) good_info(&all[r], r, N);
+    moe_peer_info_t* p = &all[1];
+    const char* w = cases[i].what;
+    if (strcmp(w, "magic") == 0) p->magic ^= 1;
+    if (strcmp(w, "bytes") == 0) p->bytes--;
+    if (strcmp(w, "rank") == 0) p->rank = 0;
+    if (strcmp(w, "nRanks") == 0) p->nRanks = 4;
+    if (strcmp(w, "status") == 0) {
+      p->status = ncclUnhandledCudaError;
+      memset(p->failure, 'f', sizeof(p->failure)); /* unterminated */
+      p->config.hidden = 0;                        /* a failed rank's config counts for nothing */
+    }
+    if (strcmp(w, "hidden") == 0) p->config.hidden = 512;
+    if (strcmp(w, "timeout") == 0) p->config.timeoutMs++;
+    if (strcmp(w, "nReach") == 0) p->nReach = MOE_MAX_VISIBLE_DEVICES + 1;
+    ck_assert_msg(moe_peer_infos_check(all, N, 0) == cases[i].want, "%s: %d", w, moe_peer_infos_check(all, N, 0));
+    ck_assert_msg(strstr(ncclMoeGetLastError(), cases[i].msg) != NULL, "%s: '%s'", w, ncclMoeGetLastError());
+  }
+}
+END_TEST
+
+START_TEST(test_config_diff_and_gpu_ranks) {
+  ncclMoeConfig_t a = small_config(), b = small_config();
+  long long x = 0, y = 0;
+  ck_assert_ptr_null(moe_config_diff(&a, &b, &x, &y));
+  b.llMaxTokensPerRank = 7; /* the last field */
+  ck_assert_str_eq(moe_config_diff(&a, &b, &x, &y), "llMaxTokensPerRank");
+  ck_assert(x == 0 && y == 7);
+  b = a;
+  b.maxTopk = 3;
+  b.numSMs = 4;
+  ck_assert_str_eq(moe_config_diff(&a, &b, &x, &y), "maxTopk"); /* the first that differs */
+  /* Ranks 0, 2, 4 on bus 0 of one host, 1 and 3 on bus 1; rank 5 on bus 0 of another host. */
+  moe_peer_info_t all[6];
+  for (int r = 0; r < 6; r++) good_info(&all[r], r, 6);
+  snprintf(all[5].host, sizeof(all[5].host), "other");
+  ck_assert_int_eq(moe_gpu_ranks(all, 6, 0), 3);
+  ck_assert_int_eq(moe_gpu_ranks(all, 6, 3), 2);
+  ck_assert_int_eq(moe_gpu_ranks(all, 6, 5), 1);
+  /* No bus id: the same process and ordinal only. */
+  for (int r = 0; r < 6; r++) all[r].busId[0] = '\0', all[r].pid = 7, all[r].device = r % 2;
+  ck_assert_int_eq(moe_gpu_ranks(all, 6, 0), 3);
+}
+END_TEST
+
+/* All-gathers that break the contract, each on its own. */
+static int ag_overrun(const void* send, void* recv, size_t bytes, void* ctx) {
+  const int n = *(const int*)ctx;
+  for (int r = 0; r < n; r++) memcpy((char*)recv + (size_t)r * bytes, send, bytes);
+  memset((char*)recv + (size_t)n * bytes, 0, 8); /* one past the end */
+  return 0;
+}
+
+static int ag_misplaced(const void* send, void* recv, size_t bytes, void* ctx) {
+  const int n = *(const int*)ctx;
+  memset(recv, 0x11, (size_t)n * bytes); /* rank r's own bytes are not at r * bytes */
+  (void)send;
+  return 0;
+}
+
+static int ag_copy(const void* send, void* recv, size_t bytes, void* ctx) {
+  const int n = *(const int*)ctx;
+  for (int r = 0; r < n; r++) memcpy((char*)recv + (size_t)r * bytes, send, bytes);
+  return 0;
+}
+
+START_TEST(test_bootstrap_allgather_checks_the_callback) {
+  int n = 3;
+  char send[24], recv[3 * 24];
+  memset(send, 0x42, sizeof(send));
+  moe_bootstrap_t b = {.rank = 1, .nRanks = n, .allgather = ag_copy, .ctx = &n};
+  ck_assert_int_eq(moe_bootstrap_allgather(&b, send, recv, sizeof(send), "x"), ncclSuccess);
+  ck_assert_int_eq(recv[2 * 24 + 23], 0x42);
+  b.allgather = ag_overrun;
+  ck_assert_int_eq(moe_bootstrap_allgather(&b, send, recv, sizeof(send), "x"), ncclInvalidUsage);
+  ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "wrote past"));
+  b.allgather = ag_misplaced;
+  ck_assert_int_eq(moe_bootstrap_allgather(&b, send, recv, sizeof(send), "x"), ncclInvalidUsage);
+  ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "offset r * bytes"));
+}
+END_TEST
+
+/* Rounds after the first: one rank's local failure is every rank's error,
+ * naming it; without failures the payloads arrive. */
+typedef struct {
+  moe_local_member_t member;
+  int nRanks;
+  ncclResult_t local, res;
+  int payload[4];
+  int got[4 * 4];
+  char error[512];
+} round_rank_t;
+
+static void* round_main(void* arg) {
+  round_rank_t* r = arg;
+  if (r->local != ncclSuccess) r->local = MOE_ERROR(r->local, "cannot map rank 0's buffer (a test)");
+  r->res = moe_bootstrap_round(&(moe_bootstrap_t){.rank = r->member.rank, .nRanks = r->nRanks,
+                                                  .allgather = moe_local_allgather, .ctx = &r->member},
+                               r->local, r->payload, r->got, sizeof(r->payload), "test payload");
+  snprintf(r->error, sizeof(r->error), "%s", r->res == ncclSuccess ? "" : moe_last_error());
+  return NULL;
+}
+
+static void run_round(round_rank_t* ranks, int n) {
+  moe_local_group_t* g = NULL;
+  ck_assert_int_eq(moe_local_group_create(n, 10000, &g), ncclSuccess);
+  pthread_t th[4];
+  for (int r = 0; r < n; r++) {
+    ranks[r].member = (moe_local_member_t){.group = g, .rank = r};
+    ranks[r].nRanks = n;
+    for (int i = 0; i < 4; i++) ranks[r].payload[i] = 10 * r + i;
+    ck_assert_int_eq(pthread_create(&th[r], NULL, round_main, &ranks[r]), 0);
+  }
+  for (int r = 0; r < n; r++) pthread_join(th[r], NULL);
+  moe_local_group_destroy(g);
+}
+
+START_TEST(test_rounds_carry_failures) {
+  round_rank_t ranks[3];
+  memset(ranks, 0, sizeof(ranks));
+  run_round(ranks, 3);
+  for (int r = 0; r < 3; r++) {
+    ck_assert_msg(ranks[r].res == ncclSuccess, "rank %d: %s", r, ranks[r].error);
+    for (int q = 0; q < 3; q++)
+      for (int i = 0; i < 4; i++) ck_assert_int_eq(ranks[r].got[q * 4 + i], 10 * q + i);
+  }
+  memset(ranks, 0, sizeof(ranks));
+  ranks[1].local = ncclUnhandledCudaError;
+  run_round(ranks, 3);
+  for (int r = 0; r < 3; r++) {
+    ck_assert_int_eq(ranks[r].res, ncclUnhandledCudaError);
+    ck_assert_msg(strstr(ranks[r].error, "cannot map rank 0's buffer (a test)") != NULL, "rank %d: %s", r,
+                  ranks[r].error);
+    if (r != 1)
+      ck_assert_msg(strstr(ranks[r].error, "rank 1 failed its set-up (unhandled cuda error, before the test "
+                                           "payload exchange)") != NULL, "rank %d: %s", r, ranks[r].error);
+  }
+}
+END_TEST
+
+/* Round 1 between a rank that set up (a stand-in comm: no GPU here) and one
+ * that failed: both return an error, the first naming the second. */
+typedef struct {
+  moe_local_member_t member;
+  struct ncclMoeComm* comm;
+  ncclResult_t local, res;
+  char error[512];
+} xchg_rank_t;
+
+static void* xchg_main(void* arg) {
+  xchg_rank_t* r = arg;
+  if (r->local != ncclSuccess) r->local = MOE_ERROR(r->local, "out of device memory (a test)");
+  moe_peer_info_t* all = NULL;
+  moe_topo_t topo;
+  r->res = moe_bootstrap_exchange(&(moe_bootstrap_t){.rank = r->member.rank, .nRanks = 2,
+                                                     .allgather = moe_local_allgather, .ctx = &r->member},
+                                  r->comm, r->local, &all, &topo);
+  snprintf(r->error, sizeof(r->error), "%s", r->res == ncclSuccess ? "" : moe_last_error());
+  free(all);
+  return NULL;
+}
+
+static void run_exchange(xchg_rank_t* ranks) {
+  moe_local_group_t* g = NULL;
+  ck_assert_int_eq(moe_local_group_create(2, 10000, &g), ncclSuccess);
+  pthread_t th[2];
+  for (int r = 0; r < 2; r++) {
+    ranks[r].member = (moe_local_member_t){.group = g, .rank = r};
+    ck_assert_int_eq(pthread_create(&th[r], NULL, xchg_main, &ranks[r]), 0);
+  }
+  for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+  moe_local_group_destroy(g);
+}
+
+START_TEST(test_exchange_reports_failed_and_mismatched_ranks) {
+  struct ncclMoeComm comms[2];
+  memset(comms, 0, sizeof(comms));
+  for (int r = 0; r < 2; r++) {
+    ncclMoeConfig_t c = small_config();
+    comms[r].rank = r, comms[r].nRanks = 2;
+    ck_assert_int_eq(moe_config_resolve(&c, 2, &comms[r].config), ncclSuccess);
+  }
+  xchg_rank_t ranks[2];
+  memset(ranks, 0, sizeof(ranks));
+  ranks[0].comm = &comms[0];
+  ranks[1].local = ncclSystemError;
+  run_exchange(ranks);
+  ck_assert_int_eq(ranks[1].res, ncclSystemError);
+  ck_assert_ptr_nonnull(strstr(ranks[1].error, "out of device memory (a test)"));
+  ck_assert_int_eq(ranks[0].res, ncclSystemError);
+  ck_assert_msg(strstr(ranks[0].error, "rank 1 failed its set-up") != NULL &&
+                    strstr(ranks[0].error, "out of device memory (a test)") != NULL, "%s", ranks[0].error);
+  /* Both set up, with different configs: both refuse, naming the field. */
+  memset(ranks, 0, sizeof(ranks));
+  comms[1].config.numExperts = 16;
+  ranks[0].comm = &comms[0], ranks[1].comm = &comms[1];
+  run_exchange(ranks);
+  for (int r = 0; r < 2; r++) {
+    ck_assert_int_eq(ranks[r].res, ncclInvalidArgument);
+    ck_assert_msg(strstr(ranks[r].error, "numExperts") != NULL, "rank %d: %s", r, ranks[r].error);
+  }
+}
+END_TEST
+
+/* ncclMoeCommInitOob: bad arguments fail before any all-gather; a rank
+ * whose set-up fails (no GPU here, or a bad config) still takes part in the
+ * first round, so its peers return instead of waiting. */
+typedef struct {
+  moe_local_member_t member;
+  int calls;
+  ncclMoeConfig_t config;
+  ncclResult_t res;
+  ncclMoeComm_t comm;
+} oob_rank_t;
+
+static int oob_counting_allgather(const void* send, void* recv, size_t bytes, void* ctx) {
+  oob_rank_t* r = ctx;
+  r->calls++;
+  return moe_local_allgather(send, recv, bytes, &r->member);
+}
+
+static void* oob_main(void* arg) {
+  oob_rank_t* r = arg;
+  r->res = ncclMoeCommInitOob(r->member.rank, 2, oob_counting_allgather, r, &r->config, &r->comm);
+  return NULL;
+}
+
+START_TEST(test_init_oob_arguments_and_failed_set_up) {
+  oob_rank_t one;
+  memset(&one, 0, sizeof(one));
+  one.config = small_config();
+  ncclMoeComm_t comm = NULL;
+  ck_assert_int_eq(ncclMoeCommInitOob(0, 2, NULL, &one, &one.config, &comm), ncclInvalidArgument);
+  ck_assert_int_eq(ncclMoeCommInitOob(0, 2, oob_counting_allgather, &one, &one.config, NULL), ncclInvalidArgument);
+  ck_assert_int_eq(ncclMoeCommInitOob(2, 2, oob_counting_allgather, &one, &one.config, &comm), ncclInvalidArgument);
+  ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "rank = 2"));
+  ck_assert_int_eq(ncclMoeCommInitOob(-1, 2, oob_counting_allgather, &one, &one.config, &comm), ncclInvalidArgument);
+  ck_assert_int_eq(ncclMoeCommInitOob(0, 0, oob_counting_allgather, &one, &one.config, &comm), ncclInvalidArgument);
+  ck_assert_int_eq(ncclMoeCommInitOob(0, NCCL_MOE_MAX_RANKS + 1, oob_counting_allgather, &one, &one.config, &comm),
+                   ncclInvalidArgument);
+  ck_assert_int_eq(one.calls, 0);
+
+  oob_rank_t ranks[2];
+  memset(ranks, 0, sizeof(ranks));
+  moe_local_group_t* g = NULL;
+  ck_assert_int_eq(moe_local_group_create(2, 10000, &g), ncclSuccess);
+  pthread_t th[2];
+  for (int r = 0; r < 2; r++) {
+    ranks[r].member = (moe_local_member_t){.group = g, .rank = r};
+    ranks[r].config = small_config();
+  }
+  ranks[1].config.magic = 0; /* rank 1's config is bad; rank 0 has no GPU here */
+  for (int r = 0; r < 2; r++) ck_assert_int_eq(pthread_create(&th[r], NULL, oob_main, &ranks[r]), 0);
+  for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+  moe_local_group_destroy(g);
+  ck_assert_int_ne(ranks[0].res, ncclSuccess);
+  ck_assert_int_eq(ranks[1].res, ncclInvalidArgument);
+  for (int r = 0; r < 2; r++) {
+    ck_assert_ptr_null(ranks[r].comm);
+    ck_assert_int_eq(ranks[r].calls, 1); /* the first round, then every rank stops */
+  }
+}
+END_TEST
+
+/* The abort mark: set by compare-and-swap unless a fatal error is there;
+ * a recorded bad batch gives way so that the kernels' waits end. */
+START_TEST(test_abort_marks_the_error_record) {
+  ck_assert_int_eq(ncclMoeCommAbort(NULL), ncclSuccess);
+  struct ncclMoeComm comm;
+  memset(&comm, 0, sizeof(comm));
+  moe_comm_mark_aborted(&comm); /* never set up: nothing to mark */
+  int rec[MOE_ERR_WORDS] = {0};
+  comm.hostError = rec;
+  ck_assert_int_eq(moe_comm_ready(&comm), ncclSuccess);
+  moe_comm_mark_aborted(&comm);
+  ck_assert_int_eq(rec[MOE_ERR_CODE], MOE_KERR_ABORT);
+  ck_assert_int_eq(moe_comm_ready(&comm), ncclInvalidUsage);
+  ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "aborted"));
+  rec[MOE_ERR_CODE] = MOE_KERR_BAD_EXPERT;
+  moe_comm_mark_aborted(&comm);
+  ck_assert_int_eq(rec[MOE_ERR_CODE], MOE_KERR_ABORT);
+  rec[MOE_ERR_CODE] = MOE_KERR_TIMEOUT; /* the first fatal error stays */
+  moe_comm_mark_aborted(&comm);
+  ck_assert_int_eq(rec[MOE_ERR_CODE], MOE_KERR_TIMEOUT);
+  /* Abort's bounded wait: nothing of this comm runs, so it is idle at once. */
+  ck_assert_int_eq(moe_comm_wait_idle_for(&comm, 1000), 1);
+  for (int code = MOE_KERR_NONE; code <= MOE_KERR_ABORT; code++)
+    ck_assert_int_eq(moe_kerr_fatal(code), code == MOE_KERR_TIMEOUT || code == MOE_KERR_BAD_NOTIFY ||
+                                                    code == MOE_KERR_NET || code == MOE_KERR_ABORT);
+}
+END_TEST
+
 int main(int argc, char** argv) {
   if (argc < 3) {
     fprintf(stderr, "usage: %s FAKE_LIBNCCL_SO_2 FAKE_GLOBAL_NCCL_SO\n", argv[0]);
@@ -465,6 +800,13 @@ int main(int argc, char** argv) {
   tcase_add_test(tb, test_local_allgather_timeout);
   tcase_add_test(tb, test_bootstrap_allgather_errors);
   tcase_add_test(tb, test_node_keys);
+  tcase_add_test(tb, test_peer_infos_check);
+  tcase_add_test(tb, test_config_diff_and_gpu_ranks);
+  tcase_add_test(tb, test_bootstrap_allgather_checks_the_callback);
+  tcase_add_test(tb, test_rounds_carry_failures);
+  tcase_add_test(tb, test_exchange_reports_failed_and_mismatched_ranks);
+  tcase_add_test(tb, test_init_oob_arguments_and_failed_set_up);
+  tcase_add_test(tb, test_abort_marks_the_error_record);
   suite_add_tcase(s, tb);
   return moe_test_run(s);
 }

@@ -20,6 +20,8 @@
 
 #include "bench_net.h"
 #include "tests/support/moe_fp8.h"
+#include "tests/support/moe_mps.h"
+#include "tests/support/moe_procs.h"
 #include "tests/support/moe_test_kernels.h"
 #include "kernels/moe_lowlatency.h"
 #include "nccl_moe.h"
@@ -44,6 +46,8 @@ typedef struct {
   int ranks, tokens, hidden, topk, experts, iters, warmup, sms, fp8, cast;
   int nodes;                       /* --nodes: virtual nodes */
   int gpus;                        /* --gpus: one process per GPU (normal mode) */
+  int procs;                       /* --procs: one process per rank, out-of-band bootstrap */
+  int mps;                         /* --mps auto|off (--procs): a private MPS daemon when available */
   unsigned long long seed;
   int ll;                          /* --mode ll */
   ncclMoeScaleFormat_t scaleFormat; /* --scales (low-latency FP8 cast) */
@@ -59,7 +63,8 @@ static const int SWEEP_LL[] = {1, 2, 4, 8, 16, 32, 64, 128, 256};
 
 static void usage(FILE* out) {
   fprintf(out,
-          "usage: nccl-moe-bench [--mode normal|ll] [--ranks N | --gpus N] [--nodes M]\n"
+          "usage: nccl-moe-bench [--mode normal|ll] [--ranks N | --gpus N | --procs N [--gpus G] [--mps auto|off]]\n"
+          "                      [--nodes M]\n"
           "                      [--tokens T | --sweep[=T,T,...]] [--hidden H] [--topk K] [--experts E]\n"
           "                      [--dispatch fp8|bf16|cast] [--scales float|pow2|ue8m0] [--iters I]\n"
           "                      [--warmup W] [--sms S] [--seed X] [--json]\n"
@@ -70,6 +75,10 @@ static void usage(FILE* out) {
           "  loopback unless NCCL_MOE_NET_BACKEND); adds network-side GB/s and the transport's own GB/s.\n"
           "  --gpus N: one process per GPU (GPUs 0..N-1) over a real NCCL communicator instead of virtual\n"
           "  ranks; GB/s are per GPU (normal mode only).\n"
+          "  --procs N: one process per rank (rank r on GPU r %% G), bootstrapped with ncclMoeCommInitOob;\n"
+          "  on one GPU the same shapes with N virtual ranks first, then RESULT ... procs=N ... procs_ratio\n"
+          "  (processes' / virtual ranks' bandwidth). Under a private MPS daemon when nvidia-cuda-mps-control\n"
+          "  exists (--mps off: never; without MPS the processes only take turns on the GPU).\n"
           "  --mode ll: low-latency dispatch/combine, 128 tokens/rank, BF16 x cast to FP8 in the kernel\n"
           "  (fp8 and cast alike; bf16 sends BF16) with --scales (default float), median of 200 graph\n"
           "  replays after 20. With --nodes M the ranks of other nodes are reached through the\n"
@@ -665,6 +674,9 @@ typedef struct {
   int gpus, ranks;
 } results_t;
 
+/* Where virtual_main also leaves its figures (the --procs comparison), or NULL. */
+static results_t* g_results_out;
+
 static void report(const opts_t* o, const results_t* m, const char* device, int sms) {
   const double H = o->hidden;
   const double tokBytes = o->fp8 ? H + H / 128 * 4 : H * 2;
@@ -775,6 +787,7 @@ static int virtual_main(const opts_t* o) {
     if (async != ncclSuccess) { fprintf(stderr, "rank %d: async error: %s\n", r, ncclMoeGetLastError()); return 1; }
   }
   report(o, &m, prop.name, prop.multiProcessorCount);
+  if (g_results_out != NULL) *g_results_out = m;
   for (int r = 0; r < o->ranks; r++) teardown_rank(&rk[r]);
   for (int r = 0; r < o->ranks; r++) ncclMoeCommDestroy(rk[r].comm);
   return 0;
@@ -909,10 +922,233 @@ static int mp_main(const opts_t* o) {
   return failed;
 }
 
+/* --------------------------------------------------------- --procs N */
+/* One process per rank (rank r on GPU r % gpus), bootstrapped out of band:
+ * ncclMoeCommInitOob with an all-gather through this process, the hub of
+ * tests/support/moe_procs.h, which starts the ranks with fork + exec of this
+ * program (and never makes a CUDA context itself). The path real jobs run:
+ * buffers mapped across processes with CUDA IPC, every process launching its
+ * own kernels. On one GPU, kernels of different processes run side by side
+ * only under MPS: the bench starts a private MPS daemon when
+ * nvidia-cuda-mps-control exists (--mps off: never), and first runs the same
+ * shapes with virtual ranks (in a child, under the same daemon), so that its
+ * RESULT line (procs=N) carries procs_ratio, the processes' bandwidth over
+ * the virtual ranks'. Each timed iteration starts behind a host barrier of
+ * the ranks (an all-gather through the hub); its span is the slowest rank's
+ * (start to end on its stream), the median is reported. */
+#define PROCS_GATHER_TIMEOUT_MS 600000
+#define PROCS_LIMIT_MS 1800000
+#define PROCS_REAP_MS 30000
+#define PROCS_REPORT_RESULTS 1
+#define PROCS_CHILD_CONNECTIONS "CUDA_DEVICE_MAX_CONNECTIONS=4" /* MPS budgets hardware queues over its clients */
+#define PROCS_CHILD_LOADING "CUDA_MODULE_LOADING=EAGER"
+
+static moe_oob_t g_procs_oob;
+
+static void procs_gather(const void* mine, void* all, size_t bytes) {
+  if (moe_oob_allgather(mine, all, bytes, &g_procs_oob) != 0) {
+    fprintf(stderr, "nccl-moe-bench: %s\n", g_procs_oob.error);
+    exit(1);
+  }
+}
+
+static void procs_barrier(void) {
+  char b = 0, all[MAXR];
+  procs_gather(&b, all, 1);
+}
+
+/* v[i] = the largest v[i] of any rank. */
+static void procs_max(float* v, int n) {
+  const int N = g_procs_oob.nRanks;
+  float* all = malloc(sizeof(float) * (size_t)n * N);
+  procs_gather(v, all, sizeof(float) * (size_t)n);
+  for (int i = 0; i < n; i++)
+    for (int r = 0; r < N; r++) v[i] = all[(size_t)r * n + i] > v[i] ? all[(size_t)r * n + i] : v[i];
+  free(all);
+}
+
+static double procs_sum(double v) {
+  double all[MAXR], s = 0;
+  procs_gather(&v, all, sizeof(v));
+  for (int r = 0; r < g_procs_oob.nRanks; r++) s += all[r];
+  return s;
+}
+
+static float procs_time_op(rank_t* r, const opts_t* o, op_t op) {
+  float* span = malloc(sizeof(float) * o->iters);
+  for (int i = 0; i < o->warmup + o->iters; i++) {
+    procs_barrier();
+    CK(cudaEventRecord(r->start, r->stream));
+    run_op(r, o, op);
+    CK(cudaEventRecord(r->end, r->stream));
+    CK(cudaStreamSynchronize(r->stream));
+    if (i >= o->warmup) CK(cudaEventElapsedTime(&span[i - o->warmup], r->start, r->end));
+  }
+  procs_max(span, o->iters);
+  const float m = median(span, o->iters);
+  free(span);
+  return m;
+}
+
+/* A rank (a child of procs_main): its figures go to the hub from rank 0. */
+static int procs_rank_main(const opts_t* o) {
+  if (moe_oob_attach(&g_procs_oob, PROCS_GATHER_TIMEOUT_MS) != 0) {
+    fprintf(stderr, "nccl-moe-bench: a --procs rank not started by the bench\n");
+    return 2;
+  }
+  const int rank = g_procs_oob.rank, n = g_procs_oob.nRanks;
+  CK(cudaSetDevice(rank % o->gpus)); /* the comm takes the current device */
+  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
+  cfg.maxTokensPerRank = o->tokens, cfg.hidden = o->hidden, cfg.numExperts = o->experts, cfg.maxTopk = o->topk;
+  cfg.numSMs = o->sms;
+  ncclMoeComm_t comm;
+  NK(ncclMoeCommInitOob(rank, n, moe_oob_allgather, &g_procs_oob, &cfg, &comm));
+  results_t m = {.gpus = o->gpus, .ranks = n};
+  NK(ncclMoeCommBufferBytes(comm, &m.bufBytes));
+  srand((unsigned)(o->seed + 7919 * rank));
+  rank_t r;
+  memset(&r, 0, sizeof(r));
+  setup_rank(&r, comm, o, rank, n, n, &m.netTokens);
+  CK(cudaDeviceSynchronize());
+  /* The copy with the GPU to itself: rank 0 measures while the others wait. */
+  procs_barrier();
+  if (rank == 0) m.copy = copy_gbps(o);
+  procs_barrier();
+  run_op(&r, o, OP_DISPATCH); /* fills the handle the cached runs reuse */
+  CK(cudaStreamSynchronize(r.stream));
+  m.layout = procs_time_op(&r, o, OP_LAYOUT);
+  m.dispatch = procs_time_op(&r, o, OP_DISPATCH);
+  m.cached = procs_time_op(&r, o, OP_DISPATCH_CACHED);
+  m.combine = procs_time_op(&r, o, OP_COMBINE);
+  int recv = 0;
+  CK(cudaMemcpy(&recv, r.recvCount, sizeof(int), cudaMemcpyDeviceToHost));
+  m.recvTotal = procs_sum(recv);
+  ncclResult_t async;
+  NK(ncclMoeCommGetAsyncError(comm, &async));
+  if (async != ncclSuccess) {
+    fprintf(stderr, "rank %d: async error: %s\n", rank, ncclMoeGetLastError());
+    return 1;
+  }
+  if (rank == 0) moe_oob_report(&g_procs_oob, PROCS_REPORT_RESULTS, 0, &m, sizeof(m));
+  NK(ncclMoeHandleDestroy(r.handle));
+  procs_barrier(); /* no rank frees its buffers while a peer may still read them */
+  NK(ncclMoeCommDestroy(comm));
+  return 0;
+}
+
+typedef struct {
+  results_t m;
+  int got;
+} procs_got_t;
+
+static int procs_on_event(moe_hub_t* hub, const moe_hub_event_t* ev, void* arg) {
+  (void)hub;
+  procs_got_t* g = arg;
+  if (ev->type == MOE_HUB_REPORT && ev->kind == PROCS_REPORT_RESULTS && ev->rank == 0 && ev->bytes == sizeof(g->m)) {
+    memcpy(&g->m, ev->data, sizeof(g->m));
+    g->got = 1;
+  }
+  return 0;
+}
+
+/* GB/s per GPU of a phase of `ms`, as report() counts them. */
+static double procs_gbps(const opts_t* o, const results_t* m, float ms, int combine) {
+  const double H = o->hidden, tokBytes = combine ? H * 2 : (o->fp8 ? H + H / 128 * 4 : H * 2);
+  return m->recvTotal * tokBytes / m->gpus / (ms * 1e-3) / 1e9;
+}
+
+static void procs_report(const opts_t* o, const results_t* p, const results_t* v, const moe_mps_t* mps) {
+  const double pd = procs_gbps(o, p, p->dispatch, 0), pc = procs_gbps(o, p, p->combine, 1);
+  const double pk = procs_gbps(o, p, p->cached, 0);
+  printf("nccl-moe-bench --procs: %d processes on %d GPU(s), one rank each, ncclMoeCommInitOob; %s\n", p->ranks,
+         p->gpus, mps->on ? "under a private MPS daemon" : "without MPS (time-sliced: not a meaningful figure)");
+  printf("%-28s %10s %12s %10s %12s %8s\n", "phase (median)", "us", "GB/s/GPU", "virtual us", "virtual GB/s", "ratio");
+  const float* pt[] = {&p->layout, &p->dispatch, &p->cached, &p->combine};
+  const float* vt[] = {&v->layout, &v->dispatch, &v->cached, &v->combine};
+  const char* names[] = {"layout", "dispatch (layout+notify+move)", "dispatch, cached handle", "combine"};
+  for (int i = 0; i < 4; i++) {
+    const int comb = i == 3;
+    const double g = i == 0 ? 0 : procs_gbps(o, p, *pt[i], comb), vg = i == 0 || v->ranks == 0 ? 0 : procs_gbps(o, v, *vt[i], comb);
+    printf("%-28s %10.1f %12.1f %10.1f %12.1f %8.3f\n", names[i], *pt[i] * 1e3, g, *vt[i] * 1e3, vg,
+           vg > 0 ? g / vg : 0.0);
+  }
+  const double vd = v->ranks > 0 ? procs_gbps(o, v, v->dispatch, 0) : 0, vc = v->ranks > 0 ? procs_gbps(o, v, v->combine, 1) : 0;
+  const double rd = vd > 0 ? pd / vd : 0, rc = vc > 0 ? pc / vc : 0;
+  printf("RESULT mode=normal procs=%d gpus=%d ranks=%d mps=%d dispatch_GBps=%.1f combine_GBps=%.1f "
+         "cached_dispatch_GBps=%.1f copy_GBps=%.1f virtual_dispatch_GBps=%.1f virtual_combine_GBps=%.1f "
+         "procs_dispatch_ratio=%.3f procs_combine_ratio=%.3f procs_ratio=%.3f\n",
+         p->ranks, p->gpus, p->ranks, mps->on, pd, pc, pk, p->copy, vd, vc, rd, rc, rd < rc ? rd : rc);
+}
+
+/* The parent: MPS, the virtual run, the processes, the comparison. */
+static int procs_main(const opts_t* o, char** argv) {
+  if (getenv(MOE_OOB_ENV_FD) != NULL) return procs_rank_main(o);
+  const int have = mp_gpu_count();
+  if (have < o->gpus) {
+    fprintf(stderr, "nccl-moe-bench: --procs on %d GPU(s) but %d CUDA device(s)\n", o->gpus, have);
+    return 77;
+  }
+  moe_mps_t mps;
+  moe_mps_start(&mps, o->mps ? MOE_MPS_AUTO : MOE_MPS_OFF);
+  char line[1024];
+  printf("%s\n", moe_mps_describe(&mps, line, sizeof(line)));
+  results_t* virt = mmap(NULL, sizeof(results_t), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (virt == MAP_FAILED) {
+    moe_mps_stop(&mps);
+    return 1;
+  }
+  memset(virt, 0, sizeof(*virt));
+  int failed = 0;
+  if (o->gpus == 1) {
+    /* The same shapes with virtual ranks, in a child: this process makes no CUDA context. */
+    fflush(stdout);
+    const pid_t pid = fork();
+    if (pid == 0) {
+      opts_t v = *o;
+      v.ranks = o->procs;
+      g_results_out = virt;
+      if (cudaSetDevice(0) != cudaSuccess) _exit(1);
+      _exit(virtual_main(&v));
+    }
+    int st = 0;
+    if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+      fprintf(stderr, "nccl-moe-bench: the virtual-rank run failed\n");
+      failed = 1;
+    }
+  }
+  argv[0] = "/proc/self/exe";
+  const char* env[] = {PROCS_CHILD_CONNECTIONS, PROCS_CHILD_LOADING, NULL};
+  moe_hub_args_t a = {.nRanks = o->procs, .argv = argv, .env = env};
+  moe_hub_t* hub = NULL;
+  procs_got_t got;
+  memset(&got, 0, sizeof(got));
+  if (!failed && moe_hub_spawn(&a, &hub) == 0) {
+    const int served = moe_hub_serve(hub, PROCS_LIMIT_MS, procs_on_event, &got);
+    int status[MAXR];
+    moe_hub_reap(hub, PROCS_REAP_MS, status);
+    for (int r = 0; r < o->procs; r++) {
+      char s[64];
+      if (status[r] == -1 || !WIFEXITED(status[r]) || WEXITSTATUS(status[r]) != 0) {
+        fprintf(stderr, "nccl-moe-bench: --procs rank %d: %s\n", r, moe_hub_status_str(status[r], s, sizeof(s)));
+        failed = 1;
+      }
+    }
+    if (served < 0) failed = 1;
+    moe_hub_free(hub);
+  } else {
+    failed = 1;
+  }
+  moe_mps_stop(&mps);
+  if (!failed && got.got) procs_report(o, &got.m, virt, &mps);
+  munmap(virt, sizeof(*virt));
+  return failed || !got.got;
+}
+
 /* ------------------------------------------------------------ options */
 static const char* const MODE_NAMES[] = {"normal", "ll"};
 static const char* const DISPATCH_NAMES[] = {"fp8", "bf16", "cast"};
 static const char* const SCALE_NAMES[] = {"float", "pow2", "ue8m0"};
+static const char* const MPS_NAMES[] = {"auto", "off"};
 static const ncclMoeScaleFormat_t SCALE_FORMATS[] = {ncclMoeScaleFloat, ncclMoeScalePow2, ncclMoeScaleUE8M0};
 
 /* What the command line set explicitly (defaults depend on the mode). */
@@ -922,7 +1158,7 @@ typedef struct {
 
 static void parse_args(int argc, char** argv, opts_t* o, given_t* g, moe_opts_t* p) {
   enum { O_RANKS = 1, O_TOKENS, O_HIDDEN, O_TOPK, O_EXPERTS, O_DISPATCH, O_ITERS, O_WARMUP, O_SMS, O_SEED, O_MODE,
-         O_SCALES, O_NODES, O_GPUS, O_SWEEP, O_JSON, O_HELP };
+         O_SCALES, O_NODES, O_GPUS, O_PROCS, O_MPS, O_SWEEP, O_JSON, O_HELP };
   static const struct option lo[] = {
       {"ranks", required_argument, 0, O_RANKS},     {"tokens", required_argument, 0, O_TOKENS},
       {"hidden", required_argument, 0, O_HIDDEN},   {"topk", required_argument, 0, O_TOPK},
@@ -931,6 +1167,7 @@ static void parse_args(int argc, char** argv, opts_t* o, given_t* g, moe_opts_t*
       {"sms", required_argument, 0, O_SMS},         {"seed", required_argument, 0, O_SEED},
       {"mode", required_argument, 0, O_MODE},       {"scales", required_argument, 0, O_SCALES},
       {"nodes", required_argument, 0, O_NODES},     {"gpus", required_argument, 0, O_GPUS},
+      {"procs", required_argument, 0, O_PROCS},     {"mps", required_argument, 0, O_MPS},
       {"sweep", optional_argument, 0, O_SWEEP},     {"json", no_argument, 0, O_JSON},
       {"help", no_argument, 0, O_HELP},             {0, 0, 0, 0}};
   p->longopts = lo;
@@ -940,6 +1177,8 @@ static void parse_args(int argc, char** argv, opts_t* o, given_t* g, moe_opts_t*
       case O_RANKS: o->ranks = (int)moe_opts_int(p, optarg, 1, MAXR), g->ranks = 1; break;
       case O_NODES: o->nodes = (int)moe_opts_int(p, optarg, 1, MAXR); break;
       case O_GPUS: o->gpus = (int)moe_opts_int(p, optarg, 1, MAXR); break;
+      case O_PROCS: o->procs = (int)moe_opts_int(p, optarg, 1, MAXR); break;
+      case O_MPS: o->mps = moe_opts_choice(p, optarg, MPS_NAMES, 2) == 0; break;
       case O_TOKENS: o->tokens = (int)moe_opts_int(p, optarg, 1, BENCH_MAX_TOKENS), g->tokens = 1; break;
       case O_HIDDEN: o->hidden = (int)moe_opts_int(p, optarg, 8, BENCH_MAX_HIDDEN); break;
       case O_TOPK: o->topk = (int)moe_opts_int(p, optarg, 1, NCCL_MOE_MAX_TOPK); break;
@@ -967,7 +1206,14 @@ static void parse_args(int argc, char** argv, opts_t* o, given_t* g, moe_opts_t*
 
 /* Combinations that cannot run, each with its reason (before any CUDA call). */
 static void check_args(opts_t* o, const given_t* g, const moe_opts_t* p) {
-  if (o->gpus > 1) {
+  if (o->procs > 0) {
+    if (o->ll) moe_opts_fail(p, "--procs measures normal mode; --mode ll runs virtual ranks on one GPU");
+    if (o->nodes > 1) moe_opts_fail(p, "--nodes splits virtual ranks into virtual nodes; with --procs each rank is a process");
+    if (g->sweep) moe_opts_fail(p, "--procs runs one token count: give --tokens instead of --sweep");
+    if (g->ranks && o->ranks != o->procs)
+      moe_opts_fail(p, "--ranks %d with --procs %d: one rank per process, give one of them", o->ranks, o->procs);
+    o->ranks = o->procs;
+  } else if (o->gpus > 1) {
     if (o->ll)
       moe_opts_fail(p, "--mode ll runs virtual ranks on one GPU; --gpus N (one process per GPU) is for --mode normal");
     if (o->nodes > 1)
@@ -1019,7 +1265,7 @@ static int run_all(opts_t* o) {
 }
 
 int main(int argc, char** argv) {
-  opts_t o = {.ranks = 8, .nodes = 1, .gpus = 1, .hidden = 7168, .topk = 8, .experts = 256, .sms = 0, .fp8 = 1,
+  opts_t o = {.ranks = 8, .nodes = 1, .gpus = 1, .mps = 1, .hidden = 7168, .topk = 8, .experts = 256, .sms = 0, .fp8 = 1,
               .cast = 0, .seed = 1, .scaleFormat = ncclMoeScaleFloat};
   given_t given = {0};
   moe_opts_t p = {.prog = "nccl-moe-bench", .usage = usage};
@@ -1031,6 +1277,7 @@ int main(int argc, char** argv) {
   setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
   setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   setvbuf(stdout, NULL, _IOLBF, 0);
+  if (o.procs > 0) return procs_main(&o, argv); /* before this process touches CUDA */
   if (o.gpus > 1) return run_all(&o); /* forks before this process touches CUDA */
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {

@@ -371,6 +371,32 @@ START_TEST(test_destroy_sends_the_last_slab) {
 }
 END_TEST
 
+/* ncclMoeCommAbort's stop: a slab the peer will never give credit for (it
+ * does not consume the previous one) keeps a draining destroy waiting up to
+ * the timeout; an abort stops the thread at once. */
+START_TEST(test_abort_does_not_drain) {
+  cluster_t cl;
+  cluster_up(&cl, 2);
+  node_t *s = &cl.node[0], *r = &cl.node[1];
+  const int c = MOE_CH_DISPATCH;
+  hand_over(s, c, 1, 1, 4096);
+  ck_assert(wait_ge(&r->flags.arrived[c][0], 1, NET_TEST_DEADLINE_MS));
+  hand_over(s, c, 1, 2, 4096); /* held back: slab 1 is never consumed */
+  const uint64_t start = net_now_ms();
+  moe_proxy_abort(s->proxy);
+  const uint64_t took = net_now_ms() - start;
+  ck_assert_msg(took < NET_TEST_DEADLINE_MS / 8, "abort took %llu ms (a drain waits %d)", (unsigned long long)took,
+                NET_TEST_DEADLINE_MS / 2);
+  ck_assert_uint_eq(load(&s->flags.sent[c][1]), 1); /* slab 2 never went */
+  moe_proxy_abort(s->proxy);                        /* twice: a no-op */
+  moe_proxy_destroy(s->proxy);                      /* closes at once: the thread is gone */
+  s->proxy = NULL;
+  ck_assert_uint_lt(net_now_ms() - start, NET_TEST_DEADLINE_MS / 8);
+  moe_proxy_abort(NULL);
+  cluster_down(&cl);
+}
+END_TEST
+
 /* A slab size beyond the slab (a corrupt counter) stops the proxy with an
  * error instead of writing past the peer's slab. */
 START_TEST(test_oversized_slab_is_an_error) {
@@ -454,6 +480,7 @@ int main(void) {
   add_case(s, "dead_peer", test_dead_peer_is_an_error);
   add_case(s, "oversized_slab", test_oversized_slab_is_an_error);
   add_case(s, "destroy_drains", test_destroy_sends_the_last_slab);
+  add_case(s, "abort", test_abort_does_not_drain);
   add_case(s, "chunks_in_order", test_chunks_land_in_order_as_marked);
   add_case(s, "bad_chunk_geometry", test_bad_chunk_geometry_is_an_error);
   return moe_test_run(s);
