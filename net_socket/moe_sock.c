@@ -427,6 +427,11 @@ static void moe_sock_quiesce(moe_sock_comm_t* comm) {
 
 static void moe_sock_comm_destroy(moe_sock_comm_t* comm) {
   if (comm == NULL) return;
+  /* A helper thread may sit in poll() on a peer for a whole slice: wake it
+   * (bytes already queued in the kernel still go out, as with close()). */
+  if (comm->streams != NULL)
+    for (int s = 0; s < comm->nstreams; s++)
+      if (comm->streams[s].fd >= 0) shutdown(comm->streams[s].fd, SHUT_RDWR);
   for (int w = 0; w < comm->nworkers; w++) {
     moe_sock_worker_t* wk = &comm->workers[w];
     if (!wk->started) continue;
