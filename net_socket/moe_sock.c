@@ -179,7 +179,6 @@ struct moe_sock_comm {
 struct moe_sock_mr {
   uint32_t magic;
   uint64_t key;  /* slot | random bits << MOE_SOCK_MR_SLOT_BITS */
-  moe_sock_comm_t* comm;
   char* base;
   size_t size;
 };
@@ -570,7 +569,7 @@ static ncclResult_t moe_sock_get_properties(int dev, moe_net_props_t* props_p) {
   snprintf(p.pci_path, sizeof(p.pci_path), "%s", d.pci_path);
   p.guid = (uint64_t)dev;
   p.ptr_support = NCCL_PTR_HOST;  /* bytes go through the kernel's socket copy */
-  p.reg_is_global = 1;            /* registration is bookkeeping only */
+  p.reg_is_global = 1;            /* isend/irecv take any comm's handle: only write targets are per comm */
   p.force_flush = 0;
   p.speed_mbps = d.speed_mbps;
   p.port = 0;
@@ -1009,7 +1008,7 @@ static ncclResult_t moe_sock_reg_mr(moe_net_comm_t* c, void* data, size_t size, 
   pthread_mutex_lock(&comm->lock);
   int slot = moe_sock_mr_slot(comm);
   if (slot >= 0) {
-    *mr = (moe_sock_mr_t){.magic = MOE_SOCK_MR_MAGIC, .comm = comm, .base = data, .size = size,
+    *mr = (moe_sock_mr_t){.magic = MOE_SOCK_MR_MAGIC, .base = data, .size = size,
                           .key = (moe_net_random_u64() << MOE_SOCK_MR_SLOT_BITS) | (uint64_t)slot};
     comm->mrs[slot] = mr;
   }
@@ -1391,6 +1390,9 @@ static ncclResult_t moe_sock_test(moe_net_request_t* r, int* done_p, size_t* siz
     goto out_unlock;
   }
   res = moe_sock_progress(comm);
+  /* Chunks first: once none is pending, every error a helper thread recorded
+   * for them is visible (it stores the error before it counts the chunk). */
+  int pending = atomic_load_explicit(&req->chunks_pending, memory_order_acquire);
   int err = atomic_load_explicit(&req->error, memory_order_acquire);
   if (res == ncclSuccess && err != ncclSuccess && err != MOE_SOCK_ERR_WRITING)
     res = moe_sock_fail(comm, MOE_ERROR((ncclResult_t)err, "%s", req->errmsg));
@@ -1401,8 +1403,7 @@ static ncclResult_t moe_sock_test(moe_net_request_t* r, int* done_p, size_t* siz
   }
   /* An inline payload still arriving belongs to this request until it landed. */
   int inline_busy = comm->rreq == req && comm->rleft > 0;
-  if (req->state == MOE_SOCK_REQ_DATA && !inline_busy &&
-      atomic_load_explicit(&req->chunks_pending, memory_order_acquire) == 0) {
+  if (req->state == MOE_SOCK_REQ_DATA && !inline_busy && pending == 0) {
     if (sizes_p != NULL)
       for (int i = 0; i < req->n; i++) sizes_p[i] = req->slot[i].size;
     req->state = MOE_SOCK_REQ_FREE;

@@ -156,7 +156,8 @@ struct moe_transport {
                         const moe_net_rkey_t* remote, uint64_t offset, int with_imm, uint32_t imm,
                         moe_net_request_t** req_p);
   /* Receiving side of write(): progresses the comm and returns the next
-   * immediate that arrived (*got_p = 1) or nothing yet (*got_p = 0). */
+   * immediate that arrived (*got_p = 1) or nothing yet (*got_p = 0). A user
+   * of write() with immediates must call it: see MOE_IMM_RING. */
   ncclResult_t (*poll_imm)(moe_net_comm_t* recv, uint32_t* imm_p, int* got_p);
 };
 
@@ -191,7 +192,10 @@ static inline int moe_net_comm_ok(const void* comm, moe_net_comm_type_t type) {
 }
 
 /* Immediates of one-sided writes that arrived and wait for poll_imm: a FIFO
- * both backends share. The owner serializes access (its comm lock). */
+ * both backends share. The owner serializes access (its comm lock). When it
+ * is full the backend stops taking writes (back-pressure) and fails the comm
+ * if poll_imm() makes no room within NCCL_MOE_TIMEOUT_MS: a bounded stall,
+ * never a silent one. */
 #define MOE_IMM_RING 1024
 typedef struct {
   uint32_t v[MOE_IMM_RING];
