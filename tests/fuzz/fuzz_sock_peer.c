@@ -27,7 +27,11 @@
 #define FZ_MAX_REGS 16
 #define FZ_POISON 0xA5   /* posted, not yet filled */
 #define FZ_RELEASED 0x5A /* the user's again: must never change */
-#define FZ_BULK_MAX ((size_t)2 << 20)
+/* Sizes stay small enough for many runs a second, yet a message above
+ * MOE_SOCK_INLINE_MAX goes over the data streams, in two chunks when it is
+ * larger than MOE_SOCK_MIN_CHUNK. */
+#define FZ_BULK_MAX (MOE_SOCK_MIN_CHUNK + ((size_t)64 << 10))
+#define FZ_POSTED_MAX ((size_t)16 << 20) /* receive buffers one input may post */
 
 static const moe_transport_t* T = &moe_transport_socket;
 static char pattern[FZ_BULK_MAX]; /* payload bytes the peer sends */
@@ -61,6 +65,7 @@ typedef struct {
   int junk[FZ_MAX_JUNK], njunk;
   fz_buf_t bufs[FZ_MAX_BUFS];
   int nbufs;
+  size_t posted; /* bytes of all receive buffers */
   fz_req_t reqs[MOE_NET_MAX_REQUESTS];
   int nreqs;
   fz_reg_t regs[FZ_MAX_REGS];
@@ -105,8 +110,8 @@ static size_t fz_pick_size(fz_in_t* in) {
   switch (k & 3) {
     case 0: return k >> 2;                                          /* tiny */
     case 1: return fz_u16(in);                                      /* inline */
-    case 2: return MOE_SOCK_INLINE_MAX + 1 + fz_u16(in) * 16ull;    /* bulk, over the streams */
-    default: return (size_t)fz_u32(in) % (FZ_BULK_MAX + 1);         /* anything up to 2 MiB */
+    case 2: return MOE_SOCK_INLINE_MAX + 1 + fz_u16(in) * 8ull;     /* bulk, over the streams */
+    default: return (size_t)fz_u32(in) % (FZ_BULK_MAX + 1);         /* anything up to FZ_BULK_MAX */
   }
 }
 
@@ -147,6 +152,8 @@ static void fz_post(fz_t* f, fz_in_t* in) {
   for (int i = 0; i < n; i++) {
     sizes[i] = fz_pick_size(in);
     tags[i] = fz_u8(in) % 4;
+    if (f->posted + sizes[i] > FZ_POSTED_MAX) sizes[i] = 0;
+    f->posted += sizes[i];
     r->buf[i] = f->nbufs;
     f->bufs[f->nbufs++] = (fz_buf_t){.b = fz_alloc(sizes[i], FZ_POISON), .cap = sizes[i]};
     data[i] = f->bufs[r->buf[i]].b;
