@@ -917,6 +917,7 @@ static ncclResult_t moe_ib_close(moe_net_comm_t* c) {
 static ncclResult_t moe_ib_reg_mr(moe_net_comm_t* comm, void* data, size_t size, int type, int fd, uint64_t offset,
                                   void** mr_p) {
   int dev = comm->type == MOE_NET_COMM_LISTEN ? ((moe_ib_listen_t*)comm)->dev : ((moe_ib_comm_t*)comm)->dev;
+  MOE_CHECK(moe_net_reg_check("ib regMr", data, size, type));
   return moe_ib_reg_dev(dev, data, size, type, fd, offset, mr_p);
 }
 
@@ -1030,6 +1031,12 @@ static ncclResult_t moe_ib_poll(moe_ib_comm_t* c) {
         return moe_ib_fail(c, MOE_ERROR(ncclInvalidUsage, "ib: the peer sent a message with a tag no posted receive "
                                         "buffer has, or larger than that buffer"));
       if (imm & MOE_IB_IMM_WRITE_BIT) {
+        /* NCCL has no one-sided writes: on its comms one is a protocol error
+         * (the bytes landed in a registered receive buffer, as with NCCL's
+         * own IB transport; nothing reports them as data). */
+        if (c->base.flags & MOE_NET_COMM_NO_WRITES)
+          return moe_ib_fail(c, MOE_ERROR(ncclRemoteError, "ib: the peer sent a one-sided write on a comm of the "
+                                          "NCCL plugin, which has none"));
         if (moe_imm_ring_full(&c->imms))
           return moe_ib_fail(c, MOE_ERROR(ncclInternalError, "ib: immediates not polled (ring of %d full)",
                                           MOE_IMM_RING));
@@ -1212,16 +1219,16 @@ static ncclResult_t moe_ib_write(moe_net_comm_t* comm, void* local, size_t size,
   struct ibv_mr* mr = moe_ib_mr_of(mh);
   *req_p = NULL;
   if (remote == NULL || size > MOE_IB_MAX_CHUNK || (size > 0 && mr == NULL) || offset > remote->size ||
-      size > remote->size - offset || (with_imm && (imm & MOE_IB_IMM_WRITE_BIT)))
-    return MOE_ERROR(ncclInvalidArgument, "ib: write of %zu bytes at %llu: unregistered, out of bounds, or an "
-                     "immediate >= 2^31", size, (unsigned long long)offset);
+      size > remote->size - offset || (with_imm && (imm & MOE_IB_IMM_WRITE_BIT)) || remote->key > UINT32_MAX)
+    return MOE_ERROR(ncclInvalidArgument, "ib: write of %zu bytes at %llu: unregistered, out of bounds, a key "
+                     "that is no rkey, or an immediate >= 2^31", size, (unsigned long long)offset);
   pthread_mutex_lock(&c->lock);
   MOE_CHECK_GOTO(moe_ib_poll(c), res, out_unlock);
   moe_ib_req_t* req = moe_ib_req_alloc(c, MOE_IB_REQ_WRITE);
   if (req == NULL) goto out_unlock;
   req->completions = 1;
   req->sizes[0] = size;
-  res = moe_ib_post_write(c, 0, local, mr != NULL ? mr->lkey : 0, size, remote->addr + offset, remote->key, with_imm,
+  res = moe_ib_post_write(c, 0, local, mr != NULL ? mr->lkey : 0, size, remote->addr + offset, (uint32_t)remote->key, with_imm,
                           imm | MOE_IB_IMM_WRITE_BIT, 1, (uint64_t)(uintptr_t)req);
   if (res != ncclSuccess) {
     req->type = MOE_IB_REQ_FREE;

@@ -11,7 +11,14 @@
  *
  * The receiver matches each header against its oldest posted irecv (tags pick
  * the buffer) and rejects one larger than the buffer: a truncation is an error
- * on the receiving side and poisons the comm, as the stream cannot be resynced. */
+ * on the receiving side and poisons the comm, as the stream cannot be resynced.
+ *
+ * The first error poisons the comm (moe_sock_fail): its sockets are shut down
+ * and its helper threads drop their queued chunks and confirm it, before the
+ * error reaches the caller, so no thread touches a buffer whose request
+ * reported an error. Registered regions belong to the comm they were
+ * registered on, under a 64-bit key with 52 random bits; only that comm's
+ * peer can write into them, and only with the key. */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/tcp.h>
@@ -22,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/moe_check.h"
@@ -33,16 +41,28 @@
 #define MOE_SOCK_RING (MOE_NET_MAX_REQUESTS * MOE_NET_MAX_RECVS)
 /* Helper threads re-check for shutdown and stalls this often while blocked in poll(). */
 #define MOE_SOCK_POLL_SLICE_MS 50
-/* Connections being set up on one listen comm at most. */
+/* Sockets that connected but have not sent their hello yet, per listen comm.
+ * When full, the oldest is dropped for a new one: silent connections cannot
+ * keep real ones waiting in the kernel's backlog. */
 #define MOE_SOCK_MAX_INCOMING 256
+/* A hello must arrive this soon after the connection (or NCCL_MOE_TIMEOUT_MS
+ * when shorter): a real connector sends it at once. */
+#define MOE_SOCK_HELLO_TIMEOUT_MS 5000
+/* New sockets one accept() call takes from the kernel at most. */
+#define MOE_SOCK_ACCEPT_BURST (2 * MOE_SOCK_MAX_INCOMING)
 #define MOE_SOCK_MAX_GROUPS 64
 /* connect() calls in flight in the process at most. */
 #define MOE_SOCK_MAX_PENDING 4096
 #define MOE_SOCK_PENDING_MAGIC 0x504f454du /* "MOEP" */
-/* Immediates received but not yet polled, per comm. */
-/* Registered regions in the process at most (one-sided writes address them by id). */
-#define MOE_SOCK_MAX_MRS 4096
+/* Registered regions per comm at most; a key's low bits are the slot. */
+#define MOE_SOCK_MR_SLOT_BITS 12
+#define MOE_SOCK_MAX_MRS (1 << MOE_SOCK_MR_SLOT_BITS)
+#define MOE_SOCK_MR_MIN_SLOTS 16
 #define MOE_SOCK_MR_MAGIC 0x524d4f4du /* "MOMR" */
+/* A request's error message (set by a helper thread, reported by test()). */
+#define MOE_SOCK_ERR_MAX 256
+/* req->error while the thread that set it still writes the message. */
+#define MOE_SOCK_ERR_WRITING (-1)
 
 /* ------------------------------------------------------------------------ */
 /* Process-wide state: the devices and the registries. Survives nothing on
@@ -57,8 +77,6 @@ static struct {
   int ndevs;
   moe_net_iface_t devs[MOE_NET_MAX_DEVS];
   moe_sock_pending_t* pending[MOE_SOCK_MAX_PENDING];
-  moe_sock_mr_t* mrs[MOE_SOCK_MAX_MRS];
-  uint32_t mr_generation;
 } moe_sock_g = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 static uint64_t moe_sock_timeout_ns(void) { return (uint64_t)moe_env()->timeout_ms * 1000000ull; }
@@ -88,9 +106,11 @@ typedef struct {
 typedef struct {
   pthread_t thread;
   pthread_mutex_t lock;
-  pthread_cond_t cond;
+  pthread_cond_t cond; /* CLOCK_MONOTONIC: the comm thread waits on it with a deadline */
   int started;
   int stop;
+  int cancel;    /* the comm failed: drop every queued chunk */
+  int cancelled; /* ... done: no chunk of this thread is in progress */
   int index;
   moe_sock_comm_t* comm;
 } moe_sock_worker_t;
@@ -117,6 +137,7 @@ struct moe_sock_req {
   size_t ctrl_off;                 /* send side: header+inline bytes written */
   _Atomic int chunks_pending;
   _Atomic int error;               /* ncclResult_t set by a helper thread */
+  char errmsg[MOE_SOCK_ERR_MAX];   /* what went wrong there (valid once error is set) */
 };
 
 struct moe_sock_comm {
@@ -140,24 +161,37 @@ struct moe_sock_comm {
   char* rdst;           /* where inline payload bytes go */
   size_t rleft;         /* inline payload bytes still to read */
   moe_sock_req_t* rreq; /* the request the inline payload belongs to (NULL: a write) */
+  moe_sock_mr_t* rmr;   /* the region a write's payload lands in (NULL: a message) */
   int rslot;
   int rimm_pending;     /* a write's immediate to publish once its bytes landed */
   uint32_t rimm;
   moe_imm_ring_t imms;
+  uint64_t imm_full_since_ns; /* 0: the immediate ring has room */
   uint64_t ctrl_stall_since_ns;
+  /* Regions registered on this comm, by the slot in their key's low bits. */
+  moe_sock_mr_t** mrs;
+  int mr_slots;
+  int quiesced;         /* the helper threads dropped their chunks (after a failure) */
   moe_sock_worker_t* workers;
   moe_sock_stream_t* streams;
 };
 
 struct moe_sock_mr {
   uint32_t magic;
-  uint32_t id;   /* slot | generation << 12 */
+  uint64_t key;  /* slot | random bits << MOE_SOCK_MR_SLOT_BITS */
   char* base;
   size_t size;
 };
 
+static void moe_sock_quiesce(moe_sock_comm_t* comm);
+
+/* Poisons the comm with its first error and stops every data transfer of it
+ * before the error can reach a caller. Comm thread, comm lock held. */
 static ncclResult_t moe_sock_fail(moe_sock_comm_t* comm, ncclResult_t res) {
-  if (comm->failed == ncclSuccess) comm->failed = res;
+  if (comm->failed == ncclSuccess) {
+    comm->failed = res;
+    moe_sock_quiesce(comm);
+  }
   return res;
 }
 
@@ -190,6 +224,9 @@ static ncclResult_t moe_sock_io(int fd, int is_send, void* buf, size_t len, size
     if (n == 0) return MOE_ERROR(ncclRemoteError, "socket: the peer closed the connection");
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return ncclSuccess;
+    if (errno == EFAULT) /* our caller's buffer, not the peer */
+      return MOE_ERROR(ncclInvalidArgument, "socket %s: the local buffer [%p, +%zu bytes) is not accessible memory",
+                       is_send ? "send" : "recv", buf, len);
     return MOE_ERROR(errno == ECONNRESET || errno == EPIPE || errno == ETIMEDOUT ? ncclRemoteError : ncclSystemError,
                      "socket %s failed: %m", is_send ? "send" : "recv");
   }
@@ -198,11 +235,16 @@ static ncclResult_t moe_sock_io(int fd, int is_send, void* buf, size_t len, size
 /* ------------------------------------------------------------------------ */
 /* Helper threads: each owns the data streams s with s % nworkers == index. */
 
-static void moe_sock_task_finish(moe_sock_stream_t* s, moe_sock_task_t* t, ncclResult_t res) {
-  if (res != ncclSuccess) {
-    int expected = ncclSuccess;
-    atomic_compare_exchange_strong(&t->req->error, &expected, (int)res);
-  }
+/* Records a request's first error and its message (test() reports both). */
+static void moe_sock_req_error(moe_sock_req_t* req, ncclResult_t res, const char* msg) {
+  int expected = ncclSuccess;
+  if (!atomic_compare_exchange_strong(&req->error, &expected, MOE_SOCK_ERR_WRITING)) return;
+  snprintf(req->errmsg, sizeof(req->errmsg), "%s", msg);
+  atomic_store_explicit(&req->error, (int)res, memory_order_release);
+}
+
+static void moe_sock_task_finish(moe_sock_stream_t* s, moe_sock_task_t* t, ncclResult_t res, const char* msg) {
+  if (res != ncclSuccess) moe_sock_req_error(t->req, res, msg);
   atomic_fetch_sub_explicit(&t->req->chunks_pending, 1, memory_order_release);
   atomic_fetch_add_explicit(&s->head, 1, memory_order_release);
 }
@@ -219,7 +261,7 @@ static int moe_sock_worker_pass(moe_sock_worker_t* w, int is_send, struct pollfd
     if (head == atomic_load_explicit(&s->tail, memory_order_acquire)) continue;
     moe_sock_task_t* t = &s->ring[head % MOE_SOCK_RING];
     if (s->dead) {
-      moe_sock_task_finish(s, t, ncclRemoteError);
+      moe_sock_task_finish(s, t, ncclRemoteError, "socket: the data stream broke on an earlier message");
       progressed = 1;
       continue;
     }
@@ -227,7 +269,7 @@ static int moe_sock_worker_pass(moe_sock_worker_t* w, int is_send, struct pollfd
     ncclResult_t res = moe_sock_io(s->fd, is_send, t->buf + t->done, t->size - t->done, &n);
     if (res != ncclSuccess) {
       s->dead = 1;
-      moe_sock_task_finish(s, t, res);
+      moe_sock_task_finish(s, t, res, moe_last_error());
       progressed = 1;
       continue;
     }
@@ -235,16 +277,19 @@ static int moe_sock_worker_pass(moe_sock_worker_t* w, int is_send, struct pollfd
       t->done += n;
       s->stall_since_ns = 0;
       progressed = 1;
-      if (t->done == t->size) moe_sock_task_finish(s, t, ncclSuccess);
+      if (t->done == t->size) moe_sock_task_finish(s, t, ncclSuccess, NULL);
       continue;
     }
     if (now == 0) now = moe_net_now_ns();
     if (s->stall_since_ns == 0) {
       s->stall_since_ns = now;
     } else if (now - s->stall_since_ns > moe_sock_timeout_ns()) {
-      MOE_WARN("socket: data stream %d made no progress for %d ms: peer dead or stuck", si, moe_env()->timeout_ms);
+      char msg[MOE_SOCK_ERR_MAX];
+      snprintf(msg, sizeof(msg), "socket: data stream %d made no progress for %d ms: peer dead or stuck", si,
+               moe_env()->timeout_ms);
+      MOE_WARN("%s", msg);
       s->dead = 1;
-      moe_sock_task_finish(s, t, ncclRemoteError);
+      moe_sock_task_finish(s, t, ncclRemoteError, msg);
       progressed = 1;
       continue;
     }
@@ -267,6 +312,19 @@ static int moe_sock_worker_idle(moe_sock_worker_t* w) {
   return 1;
 }
 
+/* Finishes every queued chunk of the worker's streams without moving a byte
+ * (the comm failed). Worker lock held. */
+static void moe_sock_worker_drop(moe_sock_worker_t* w) {
+  moe_sock_comm_t* comm = w->comm;
+  for (int si = w->index; si < comm->nstreams; si += comm->nworkers) {
+    moe_sock_stream_t* s = &comm->streams[si];
+    s->dead = 1;
+    while (atomic_load_explicit(&s->head, memory_order_relaxed) != atomic_load_explicit(&s->tail, memory_order_acquire))
+      moe_sock_task_finish(s, &s->ring[atomic_load_explicit(&s->head, memory_order_relaxed) % MOE_SOCK_RING],
+                           ncclRemoteError, "socket: transfer cancelled: the connection failed");
+  }
+}
+
 static void* moe_sock_worker_main(void* arg) {
   moe_sock_worker_t* w = (moe_sock_worker_t*)arg;
   int is_send = w->comm->base.type == MOE_NET_COMM_SEND;
@@ -274,8 +332,18 @@ static void* moe_sock_worker_main(void* arg) {
   for (;;) {
     pthread_mutex_lock(&w->lock);
     /* Waiting for local work, not for a peer: no timeout needed here. */
-    while (!w->stop && moe_sock_worker_idle(w)) pthread_cond_wait(&w->cond, &w->lock);
+    while (!w->stop && !w->cancel && moe_sock_worker_idle(w)) pthread_cond_wait(&w->cond, &w->lock);
     int stop = w->stop;
+    if (!stop && w->cancel) {
+      /* Between passes no chunk is in progress: drop them all and confirm,
+       * so that the comm thread may report the failure (moe_sock_quiesce). */
+      moe_sock_worker_drop(w);
+      w->cancelled = 1;
+      pthread_cond_broadcast(&w->cond);
+      while (!w->stop && moe_sock_worker_idle(w)) pthread_cond_wait(&w->cond, &w->lock);
+      pthread_mutex_unlock(&w->lock);
+      continue;
+    }
     pthread_mutex_unlock(&w->lock);
     if (stop) break;
     int npfd = 0;
@@ -323,11 +391,46 @@ static ncclResult_t moe_sock_dispatch(moe_sock_comm_t* comm, moe_sock_req_t* req
   return ncclSuccess;
 }
 
+/* Stops every transfer of a failed comm: shuts its sockets down (waking a
+ * helper thread blocked on the peer, and telling the peer) and waits until
+ * each helper thread confirmed it dropped its chunks. Afterwards no thread
+ * reads or writes a request's buffer, so the error may be reported. Bounded:
+ * a helper thread confirms at the end of its current pass, which the
+ * shutdown cuts short. */
+static void moe_sock_quiesce(moe_sock_comm_t* comm) {
+  if (comm->quiesced) return;
+  comm->quiesced = 1;
+  for (int si = 0; si < comm->nstreams; si++)
+    if (comm->streams[si].fd >= 0) shutdown(comm->streams[si].fd, SHUT_RDWR);
+  if (comm->ctrl_fd >= 0) shutdown(comm->ctrl_fd, SHUT_RDWR);
+  struct timespec deadline;
+  clock_gettime(CLOCK_MONOTONIC, &deadline);
+  deadline.tv_sec += moe_env()->timeout_ms / 1000 + 1;
+  for (int wi = 0; wi < comm->nworkers; wi++) {
+    moe_sock_worker_t* w = &comm->workers[wi];
+    if (!w->started) continue;
+    pthread_mutex_lock(&w->lock);
+    w->cancel = 1;
+    pthread_cond_broadcast(&w->cond);
+    while (!w->cancelled)
+      if (pthread_cond_timedwait(&w->cond, &w->lock, &deadline) == ETIMEDOUT) {
+        MOE_WARN("socket: helper thread %d did not stop its transfers within %d ms", wi, moe_env()->timeout_ms);
+        break;
+      }
+    pthread_mutex_unlock(&w->lock);
+  }
+}
+
 /* ------------------------------------------------------------------------ */
 /* Comm creation and teardown. */
 
 static void moe_sock_comm_destroy(moe_sock_comm_t* comm) {
   if (comm == NULL) return;
+  /* A helper thread may sit in poll() on a peer for a whole slice: wake it
+   * (bytes already queued in the kernel still go out, as with close()). */
+  if (comm->streams != NULL)
+    for (int s = 0; s < comm->nstreams; s++)
+      if (comm->streams[s].fd >= 0) shutdown(comm->streams[s].fd, SHUT_RDWR);
   for (int w = 0; w < comm->nworkers; w++) {
     moe_sock_worker_t* wk = &comm->workers[w];
     if (!wk->started) continue;
@@ -345,8 +448,10 @@ static void moe_sock_comm_destroy(moe_sock_comm_t* comm) {
     for (int s = 0; s < comm->nstreams; s++)
       if (comm->streams[s].fd >= 0) close(comm->streams[s].fd);
   if (comm->ctrl_fd >= 0) close(comm->ctrl_fd);
+  /* Registrations the user did not take back go with their comm. */
+  for (int i = 0; i < comm->mr_slots; i++) free(comm->mrs[i]);
+  free(comm->mrs);
   pthread_mutex_destroy(&comm->lock);
-  comm->base.magic = 0;
   free(comm->workers);
   free(comm->streams);
   free(comm);
@@ -379,13 +484,17 @@ static ncclResult_t moe_sock_comm_create(moe_net_comm_type_t type, int dev, int 
   }
   for (int s = 0; s < nstreams; s++) comm->streams[s].fd = data_fds[s];
   for (int r = 0; r < MOE_NET_MAX_REQUESTS; r++) comm->reqs[r].comm = comm;
+  pthread_condattr_t cattr;
+  pthread_condattr_init(&cattr);
+  pthread_condattr_setclock(&cattr, CLOCK_MONOTONIC);
   for (int w = 0; w < comm->nworkers; w++) {
     moe_sock_worker_t* wk = &comm->workers[w];
     pthread_mutex_init(&wk->lock, NULL);
-    pthread_cond_init(&wk->cond, NULL);
+    pthread_cond_init(&wk->cond, &cattr);
     wk->index = w;
     wk->comm = comm;
   }
+  pthread_condattr_destroy(&cattr);
   for (int w = 0; w < comm->nworkers; w++) {
     int err = pthread_create(&comm->workers[w].thread, NULL, moe_sock_worker_main, &comm->workers[w]);
     if (err != 0) {
@@ -460,7 +569,7 @@ static ncclResult_t moe_sock_get_properties(int dev, moe_net_props_t* props_p) {
   snprintf(p.pci_path, sizeof(p.pci_path), "%s", d.pci_path);
   p.guid = (uint64_t)dev;
   p.ptr_support = NCCL_PTR_HOST;  /* bytes go through the kernel's socket copy */
-  p.reg_is_global = 1;            /* registration is bookkeeping only */
+  p.reg_is_global = 1;            /* isend/irecv take any comm's handle: only write targets are per comm */
   p.force_flush = 0;
   p.speed_mbps = d.speed_mbps;
   p.port = 0;
@@ -744,42 +853,72 @@ static ncclResult_t moe_sock_group_add(moe_sock_listen_t* l, int fd, const moe_s
   return ncclSuccess;
 }
 
+static uint64_t moe_sock_hello_timeout_ns(void) {
+  uint64_t ms = moe_env()->timeout_ms < MOE_SOCK_HELLO_TIMEOUT_MS ? (uint64_t)moe_env()->timeout_ms
+                                                                   : (uint64_t)MOE_SOCK_HELLO_TIMEOUT_MS;
+  return ms * 1000000ull;
+}
+
+static void moe_sock_incoming_drop(moe_sock_listen_t* l, int i) {
+  close(l->incoming[i].fd);
+  l->incoming[i] = l->incoming[--l->nincoming];
+}
+
+/* Reads the hello of incoming socket i; files it under its connection or
+ * drops it (bad hello, or none in time). 1 when the entry left the list. */
+static int moe_sock_incoming_progress(moe_sock_listen_t* l, int i, uint64_t now) {
+  moe_sock_incoming_t* in = &l->incoming[i];
+  size_t n = 0;
+  ncclResult_t res = moe_sock_io(in->fd, 0, in->buf + in->got, MOE_SOCK_HELLO_BYTES - in->got, &n);
+  in->got += n;
+  if (res == ncclSuccess && in->got < MOE_SOCK_HELLO_BYTES) {
+    if (now - in->since_ns <= moe_sock_hello_timeout_ns()) return 0;
+    MOE_WARN("socket accept: a peer connected but sent no complete hello within %llu ms; dropped",
+             (unsigned long long)(moe_sock_hello_timeout_ns() / 1000000ull));
+    res = ncclRemoteError;
+  }
+  moe_sock_hello_t h;
+  int group = -1;
+  if (res == ncclSuccess && moe_sock_hello_decode(in->buf, in->got, &h) == ncclSuccess &&
+      moe_sock_group_add(l, in->fd, &h, &group) == ncclSuccess) {
+    l->incoming[i] = l->incoming[--l->nincoming]; /* the group owns the socket now */
+    return 1;
+  }
+  moe_sock_incoming_drop(l, i);
+  return 1;
+}
+
 /* Accepts new sockets and reads their hellos; bad ones are closed. */
 static void moe_sock_accept_progress(moe_sock_listen_t* l, int* ready_p) {
   *ready_p = -1;
-  while (l->nincoming < MOE_SOCK_MAX_INCOMING) {
+  uint64_t now = moe_net_now_ns();
+  for (int i = 0; i < l->nincoming;)
+    if (!moe_sock_incoming_progress(l, i, now)) i++;
+  int evicted = 0;
+  for (int k = 0; k < MOE_SOCK_ACCEPT_BURST; k++) {
     int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
     if (fd < 0) break;
     if (moe_sock_set_opts(fd, 1) != ncclSuccess) {
       close(fd);
       continue;
     }
-    l->incoming[l->nincoming++] = (moe_sock_incoming_t){.fd = fd, .since_ns = moe_net_now_ns()};
-  }
-  uint64_t now = moe_net_now_ns();
-  for (int i = 0; i < l->nincoming;) {
-    moe_sock_incoming_t* in = &l->incoming[i];
-    size_t n = 0;
-    ncclResult_t res = moe_sock_io(in->fd, 0, in->buf + in->got, MOE_SOCK_HELLO_BYTES - in->got, &n);
-    in->got += n;
-    int drop = res != ncclSuccess;
-    if (!drop && in->got < MOE_SOCK_HELLO_BYTES) {
-      if (now - in->since_ns <= moe_sock_timeout_ns()) {
-        i++;
-        continue;
-      }
-      MOE_WARN("socket accept: a peer connected but sent no complete hello within %d ms; dropped",
-               moe_env()->timeout_ms);
-      drop = 1;
+    if (l->nincoming == MOE_SOCK_MAX_INCOMING) {
+      /* Full of sockets that said nothing yet: the oldest makes room. A real
+       * connector sends its hello right after connecting, so it is never the
+       * oldest for long. */
+      int oldest = 0;
+      for (int i = 1; i < l->nincoming; i++)
+        if (l->incoming[i].since_ns < l->incoming[oldest].since_ns) oldest = i;
+      moe_sock_incoming_drop(l, oldest);
+      evicted++;
     }
-    moe_sock_hello_t h;
-    int group = -1;
-    if (!drop) drop = moe_sock_hello_decode(in->buf, in->got, &h) != ncclSuccess ||
-                      moe_sock_group_add(l, in->fd, &h, &group) != ncclSuccess;
-    if (drop) close(in->fd);
-    l->incoming[i] = l->incoming[--l->nincoming];
-    (void)group;
+    now = moe_net_now_ns();
+    l->incoming[l->nincoming++] = (moe_sock_incoming_t){.fd = fd, .since_ns = now};
+    moe_sock_incoming_progress(l, l->nincoming - 1, now); /* its hello may be here already */
   }
+  if (evicted > 0)
+    MOE_WARN("socket accept: more than %d connections sent no hello; dropped the %d oldest", MOE_SOCK_MAX_INCOMING,
+             evicted);
   /* Groups opened above are younger than `now`: read the clock again, or the
    * unsigned age of a group just opened would wrap and drop it at once. */
   now = moe_net_now_ns();
@@ -823,7 +962,6 @@ static ncclResult_t moe_sock_close(moe_net_comm_t* c) {
     while (l->ngroups > 0) moe_sock_group_drop(l, 0);
     close(l->fd);
     pthread_mutex_destroy(&l->lock);
-    l->base.magic = 0;
     free(l);
     return ncclSuccess;
   }
@@ -832,48 +970,96 @@ static ncclResult_t moe_sock_close(moe_net_comm_t* c) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* Memory registration: bookkeeping only (the kernel copies), but regions get
- * an id so that one-sided writes from a peer can name them and be checked. */
+/* Memory registration: bookkeeping only (the kernel copies), but a region
+ * gets a key so that one-sided writes from the comm's peer can name it: the
+ * slot in the comm's table in the low bits, random bits above, so a peer
+ * cannot guess the key of a region it was not given, and a key given on one
+ * connection is worth nothing on another. */
 
-static ncclResult_t moe_sock_reg_mr(moe_net_comm_t* comm, void* data, size_t size, int type, int dmabuf_fd,
+static int moe_sock_data_comm(const moe_net_comm_t* c) {
+  return c != NULL && (c->type == MOE_NET_COMM_SEND || c->type == MOE_NET_COMM_RECV);
+}
+
+/* A free slot of the comm's table (grown on demand), -1 when full. Comm lock held. */
+static int moe_sock_mr_slot(moe_sock_comm_t* comm) {
+  for (int i = 0; i < comm->mr_slots; i++)
+    if (comm->mrs[i] == NULL) return i;
+  if (comm->mr_slots == MOE_SOCK_MAX_MRS) return -1;
+  int slots = comm->mr_slots == 0 ? MOE_SOCK_MR_MIN_SLOTS : 2 * comm->mr_slots;
+  moe_sock_mr_t** mrs = realloc(comm->mrs, (size_t)slots * sizeof(*mrs));
+  if (mrs == NULL) return -1;
+  memset(mrs + comm->mr_slots, 0, (size_t)(slots - comm->mr_slots) * sizeof(*mrs));
+  int slot = comm->mr_slots;
+  comm->mrs = mrs;
+  comm->mr_slots = slots;
+  return slot;
+}
+
+static ncclResult_t moe_sock_reg_mr(moe_net_comm_t* c, void* data, size_t size, int type, int dmabuf_fd,
                                     uint64_t dmabuf_offset, void** mr_p) {
-  (void)comm;
   (void)dmabuf_offset;
+  if (!moe_sock_data_comm(c)) return MOE_ERROR(ncclInvalidArgument, "socket: regMr needs a send or recv comm");
   if (type != NCCL_PTR_HOST || dmabuf_fd >= 0)
     return MOE_ERROR(ncclInvalidArgument, "socket: only host memory can be registered (type %d)", type);
-  if (data == NULL && size > 0) return MOE_ERROR(ncclInvalidArgument, "socket: regMr of NULL with size %zu", size);
+  MOE_CHECK(moe_net_reg_check("socket regMr", data, size, type));
+  moe_sock_comm_t* comm = (moe_sock_comm_t*)c;
   moe_sock_mr_t* mr = calloc(1, sizeof(*mr));
   if (mr == NULL) return MOE_ERROR(ncclSystemError, "socket: out of memory for a registration");
-  pthread_mutex_lock(&moe_sock_g.lock);
-  int slot = -1;
-  for (int s = 0; s < MOE_SOCK_MAX_MRS && slot < 0; s++)
-    if (moe_sock_g.mrs[s] == NULL) slot = s;
+  pthread_mutex_lock(&comm->lock);
+  int slot = moe_sock_mr_slot(comm);
   if (slot >= 0) {
-    moe_sock_g.mr_generation++;
-    mr->id = (uint32_t)slot | (moe_sock_g.mr_generation << 12);
-    moe_sock_g.mrs[slot] = mr;
+    *mr = (moe_sock_mr_t){.magic = MOE_SOCK_MR_MAGIC, .base = data, .size = size,
+                          .key = (moe_net_random_u64() << MOE_SOCK_MR_SLOT_BITS) | (uint64_t)slot};
+    comm->mrs[slot] = mr;
   }
-  pthread_mutex_unlock(&moe_sock_g.lock);
+  pthread_mutex_unlock(&comm->lock);
   if (slot < 0) {
     free(mr);
-    return MOE_ERROR(ncclSystemError, "socket: more than %d registered regions", MOE_SOCK_MAX_MRS);
+    return MOE_ERROR(ncclSystemError, "socket: more than %d regions registered on one comm", MOE_SOCK_MAX_MRS);
   }
-  mr->magic = MOE_SOCK_MR_MAGIC;
-  mr->base = data;
-  mr->size = size;
   *mr_p = mr;
   return ncclSuccess;
 }
 
-static ncclResult_t moe_sock_dereg_mr(moe_net_comm_t* comm, void* handle) {
-  (void)comm;
-  moe_sock_mr_t* mr = (moe_sock_mr_t*)handle;
-  if (mr == NULL || mr->magic != MOE_SOCK_MR_MAGIC)
-    return MOE_ERROR(ncclInvalidArgument, "socket: deregMr of something that is not a registration");
-  pthread_mutex_lock(&moe_sock_g.lock);
-  moe_sock_g.mrs[mr->id & (MOE_SOCK_MAX_MRS - 1)] = NULL;
-  pthread_mutex_unlock(&moe_sock_g.lock);
-  mr->magic = 0;
+static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm);
+
+/* A peer's write may be landing in `mr` right now (its header was read, its
+ * payload is still arriving): let it finish before the region goes, bounded
+ * by the timeout; a peer that stalls fails the comm, which stops the write.
+ * The region is already out of the table, so no later write can start. Comm
+ * lock held. */
+static void moe_sock_mr_fence(moe_sock_comm_t* comm, const moe_sock_mr_t* mr) {
+  uint64_t deadline = moe_net_now_ns() + moe_sock_timeout_ns();
+  while (comm->rmr == mr && comm->rleft > 0 && comm->failed == ncclSuccess) {
+    if (moe_sock_recv_progress(comm) != ncclSuccess || comm->rmr != mr) break;
+    if (moe_net_now_ns() > deadline) {
+      moe_sock_fail(comm, MOE_ERROR(ncclRemoteError, "socket: a write into a region being deregistered did not finish "
+                                    "within %d ms", moe_env()->timeout_ms));
+      break;
+    }
+    struct pollfd pfd = {.fd = comm->ctrl_fd, .events = POLLIN};
+    poll(&pfd, 1, MOE_SOCK_POLL_SLICE_MS);
+  }
+}
+
+/* Finds the handle in the comm's table by value: a handle that was freed
+ * already is never read. */
+static ncclResult_t moe_sock_dereg_mr(moe_net_comm_t* c, void* handle) {
+  if (!moe_sock_data_comm(c)) return MOE_ERROR(ncclInvalidArgument, "socket: deregMr needs a send or recv comm");
+  moe_sock_comm_t* comm = (moe_sock_comm_t*)c;
+  pthread_mutex_lock(&comm->lock);
+  int slot = -1;
+  for (int i = 0; i < comm->mr_slots && slot < 0; i++)
+    if (handle != NULL && comm->mrs[i] == handle) slot = i;
+  if (slot < 0) {
+    pthread_mutex_unlock(&comm->lock);
+    return MOE_ERROR(ncclInvalidArgument, "socket: deregMr of %p, which is not a registration of this comm "
+                     "(deregistered twice, or registered on another comm)", handle);
+  }
+  moe_sock_mr_t* mr = comm->mrs[slot];
+  comm->mrs[slot] = NULL;
+  moe_sock_mr_fence(comm, mr);
+  pthread_mutex_unlock(&comm->lock);
   free(mr);
   return ncclSuccess;
 }
@@ -882,24 +1068,25 @@ static ncclResult_t moe_sock_mr_key(void* handle, moe_net_rkey_t* key_p) {
   moe_sock_mr_t* mr = (moe_sock_mr_t*)handle;
   if (mr == NULL || mr->magic != MOE_SOCK_MR_MAGIC)
     return MOE_ERROR(ncclInvalidArgument, "socket: mr_key of something that is not a registration");
-  *key_p = (moe_net_rkey_t){.addr = (uint64_t)(uintptr_t)mr->base, .size = mr->size, .key = mr->id};
+  *key_p = (moe_net_rkey_t){.addr = (uint64_t)(uintptr_t)mr->base, .size = mr->size, .key = mr->key};
   return ncclSuccess;
 }
 
-/* Resolves a peer's write target; every field came from the network. */
-static ncclResult_t moe_sock_mr_target(uint32_t key, uint64_t offset, uint64_t size, char** dst_p) {
-  ncclResult_t res = ncclSuccess;
-  pthread_mutex_lock(&moe_sock_g.lock);
-  moe_sock_mr_t* mr = moe_sock_g.mrs[key & (MOE_SOCK_MAX_MRS - 1)];
-  if (mr == NULL || mr->id != key)
-    res = MOE_ERROR(ncclRemoteError, "socket: peer wrote to unknown region id 0x%x", key);
-  else if (offset > mr->size || size > mr->size - offset)
-    res = MOE_ERROR(ncclRemoteError, "socket: peer write [%llu, +%llu) outside its region of %zu bytes",
-                    (unsigned long long)offset, (unsigned long long)size, mr->size);
-  else
-    *dst_p = mr->base + offset;
-  pthread_mutex_unlock(&moe_sock_g.lock);
-  return res;
+/* Resolves a peer's write target on this comm; every field came from the
+ * network. Comm lock held. */
+static ncclResult_t moe_sock_mr_target(moe_sock_comm_t* comm, const moe_sock_hdr_t* h, moe_sock_mr_t** mr_p) {
+  if (comm->base.flags & MOE_NET_COMM_NO_WRITES)
+    return MOE_ERROR(ncclRemoteError, "socket: the peer sent a one-sided write on a connection that accepts none "
+                     "(NCCL plugin comms have no such operation)");
+  const uint64_t slot = h->key & (MOE_SOCK_MAX_MRS - 1);
+  moe_sock_mr_t* mr = slot < (uint64_t)comm->mr_slots ? comm->mrs[slot] : NULL;
+  if (mr == NULL || mr->key != h->key)
+    return MOE_ERROR(ncclRemoteError, "socket: the peer wrote with a key that names no region of this connection");
+  if (h->offset > mr->size || h->size > mr->size - h->offset)
+    return MOE_ERROR(ncclRemoteError, "socket: peer write [%llu, +%llu) outside its region of %zu bytes",
+                     (unsigned long long)h->offset, (unsigned long long)h->size, mr->size);
+  *mr_p = mr;
+  return ncclSuccess;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -967,6 +1154,9 @@ static ncclResult_t moe_sock_send_progress(moe_sock_comm_t* comm) {
       if (n < 0 && errno == EINTR) continue;
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
         return moe_sock_ctrl_stall(comm, 1);
+      if (n < 0 && errno == EFAULT) /* our caller's buffer, not the peer */
+        return moe_sock_fail(comm, MOE_ERROR(ncclInvalidArgument, "socket: isend/write: the local buffer [%p, +%zu "
+                                             "bytes) is not accessible memory", s->buf, s->size));
       if (n <= 0)
         return moe_sock_fail(comm, MOE_ERROR(ncclRemoteError, "socket: sending on the control stream failed: %m"));
       req->ctrl_off += (size_t)n;
@@ -1026,6 +1216,21 @@ static ncclResult_t moe_sock_match(moe_sock_comm_t* comm, moe_sock_req_t* req) {
   return moe_sock_dispatch(comm, req, s->buf, h->size);
 }
 
+/* The immediate ring is full: back-pressure (the control stream waits) until
+ * poll_imm() makes room, but a user that never polls gets an error after the
+ * timeout, not a silent stop. */
+static ncclResult_t moe_sock_imm_stall(moe_sock_comm_t* comm) {
+  uint64_t now = moe_net_now_ns();
+  if (comm->imm_full_since_ns == 0) {
+    comm->imm_full_since_ns = now;
+  } else if (now - comm->imm_full_since_ns > moe_sock_timeout_ns()) {
+    return moe_sock_fail(comm, MOE_ERROR(ncclRemoteError, "socket: %d immediates of one-sided writes waited for "
+                                         "poll_imm() for %d ms; the connection stops", MOE_IMM_RING,
+                                         moe_env()->timeout_ms));
+  }
+  return ncclSuccess;
+}
+
 /* Reads headers and inline payloads; dispatches large payloads. */
 static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm) {
   for (;;) {
@@ -1033,12 +1238,14 @@ static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm) {
     if (comm->rleft > 0 || comm->rimm_pending) {
       MOE_CHECK(moe_sock_ctrl_read(comm, &comm->rdst, &comm->rleft, &more));
       if (more) return moe_sock_ctrl_stall(comm, 1);
+      comm->rreq = NULL; /* the payload landed */
+      comm->rmr = NULL;
       if (comm->rimm_pending) {
-        if (moe_imm_ring_full(&comm->imms)) return ncclSuccess; /* backpressure until poll_imm drains */
+        if (moe_imm_ring_full(&comm->imms)) return moe_sock_imm_stall(comm);
+        comm->imm_full_since_ns = 0;
         moe_imm_ring_push(&comm->imms, comm->rimm);
         comm->rimm_pending = 0;
       }
-      comm->rreq = NULL;
     }
     if (!comm->rhdr_valid) {
       size_t left = MOE_SOCK_HDR_BYTES - comm->rhdr_got;
@@ -1052,10 +1259,12 @@ static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm) {
       comm->rhdr_got = 0;
     }
     if (comm->rh.op == MOE_SOCK_OP_WRITE) {
-      char* dst = NULL;
-      ncclResult_t res = moe_sock_mr_target(comm->rh.key, comm->rh.offset, comm->rh.size, &dst);
+      moe_sock_mr_t* mr = NULL;
+      ncclResult_t res = moe_sock_mr_target(comm, &comm->rh, &mr);
       if (res != ncclSuccess) return moe_sock_fail(comm, res);
-      comm->rdst = dst;
+      /* Until the payload landed, deregistration of mr waits for it. */
+      comm->rmr = comm->rh.size > 0 ? mr : NULL;
+      comm->rdst = comm->rh.size > 0 ? mr->base + comm->rh.offset : NULL;
       comm->rleft = comm->rh.size;
       comm->rimm_pending = (comm->rh.flags & MOE_SOCK_HDR_FLAG_IMM) != 0;
       comm->rimm = comm->rh.imm;
@@ -1094,9 +1303,12 @@ static ncclResult_t moe_sock_post_send(moe_sock_comm_t* comm, int is_write, void
   req->n = 1;
   req->slot[0] = (moe_sock_slot_t){.buf = data, .cap = size, .tag = tag, .size = size, .matched = 1};
   moe_sock_hdr_encode(hdr, req->hdr);
-  *req_p = &req->base;
   /* Start right away: a small message leaves in this call. */
   res = moe_sock_send_progress(comm);
+  if (res == ncclSuccess)
+    *req_p = &req->base;
+  else
+    req->state = MOE_SOCK_REQ_FREE; /* the comm failed and stopped: the caller never sees the request */
 out_unlock:
   pthread_mutex_unlock(&comm->lock);
   return res;
@@ -1148,8 +1360,13 @@ static ncclResult_t moe_sock_irecv(moe_net_comm_t* c, int n, void** data, const 
   req->base.nsizes = (uint32_t)n;
   for (int i = 0; i < n; i++)
     req->slot[i] = (moe_sock_slot_t){.buf = data[i], .cap = sizes[i], .tag = tags != NULL ? tags[i] : 0};
-  *req_p = &req->base;
+  /* Progress may already match messages to this request (and start moving
+   * their payloads); on an error the comm stopped them all. */
   res = moe_sock_recv_progress(comm);
+  if (res == ncclSuccess)
+    *req_p = &req->base;
+  else
+    req->state = MOE_SOCK_REQ_FREE;
 out_unlock:
   pthread_mutex_unlock(&comm->lock);
   return res;
@@ -1173,16 +1390,20 @@ static ncclResult_t moe_sock_test(moe_net_request_t* r, int* done_p, size_t* siz
     goto out_unlock;
   }
   res = moe_sock_progress(comm);
-  int err = atomic_load(&req->error);
-  if (res == ncclSuccess && err != ncclSuccess) res = moe_sock_fail(comm, (ncclResult_t)err);
+  /* Chunks first: once none is pending, every error a helper thread recorded
+   * for them is visible (it stores the error before it counts the chunk). */
+  int pending = atomic_load_explicit(&req->chunks_pending, memory_order_acquire);
+  int err = atomic_load_explicit(&req->error, memory_order_acquire);
+  if (res == ncclSuccess && err != ncclSuccess && err != MOE_SOCK_ERR_WRITING)
+    res = moe_sock_fail(comm, MOE_ERROR((ncclResult_t)err, "%s", req->errmsg));
   if (res != ncclSuccess) {
-    req->state = MOE_SOCK_REQ_FREE;  /* the comm is dead: release the slot */
+    /* The comm is dead and its transfers stopped (moe_sock_fail): release the slot. */
+    req->state = MOE_SOCK_REQ_FREE;
     goto out_unlock;
   }
   /* An inline payload still arriving belongs to this request until it landed. */
   int inline_busy = comm->rreq == req && comm->rleft > 0;
-  if (req->state == MOE_SOCK_REQ_DATA && !inline_busy &&
-      atomic_load_explicit(&req->chunks_pending, memory_order_acquire) == 0) {
+  if (req->state == MOE_SOCK_REQ_DATA && !inline_busy && pending == 0) {
     if (sizes_p != NULL)
       for (int i = 0; i < req->n; i++) sizes_p[i] = req->slot[i].size;
     req->state = MOE_SOCK_REQ_FREE;

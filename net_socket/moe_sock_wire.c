@@ -46,7 +46,7 @@ ncclResult_t moe_sock_hello_decode(const uint8_t* buf, size_t len, moe_sock_hell
 }
 
 /* Header layout: u16 magic, u8 op, u8 flags, i32 tag, u64 size, u64 offset,
- * u32 key, u32 imm. */
+ * u64 key, u32 imm, u32 reserved (0). */
 void moe_sock_hdr_encode(const moe_sock_hdr_t* h, uint8_t buf[MOE_SOCK_HDR_BYTES]) {
   moe_put_u16(buf, MOE_SOCK_HDR_MAGIC);
   buf[2] = (uint8_t)h->op;
@@ -54,8 +54,9 @@ void moe_sock_hdr_encode(const moe_sock_hdr_t* h, uint8_t buf[MOE_SOCK_HDR_BYTES
   moe_put_u32(buf + 4, (uint32_t)h->tag);
   moe_put_u64(buf + 8, h->size);
   moe_put_u64(buf + 16, h->offset);
-  moe_put_u32(buf + 24, h->key);
-  moe_put_u32(buf + 28, h->imm);
+  moe_put_u64(buf + 24, h->key);
+  moe_put_u32(buf + 32, h->imm);
+  moe_put_u32(buf + 36, 0);
 }
 
 ncclResult_t moe_sock_hdr_decode(const uint8_t* buf, size_t len, moe_sock_hdr_t* h_p) {
@@ -65,7 +66,8 @@ ncclResult_t moe_sock_hdr_decode(const uint8_t* buf, size_t len, moe_sock_hdr_t*
     return MOE_ERROR(ncclRemoteError, "message header: bad magic 0x%04x (stream out of sync)", moe_get_u16(buf));
   moe_sock_hdr_t h = {.op = buf[2], .flags = buf[3], .tag = (int)moe_get_u32(buf + 4),
                       .size = moe_get_u64(buf + 8), .offset = moe_get_u64(buf + 16),
-                      .key = moe_get_u32(buf + 24), .imm = moe_get_u32(buf + 28)};
+                      .key = moe_get_u64(buf + 24), .imm = moe_get_u32(buf + 32)};
+  if (moe_get_u32(buf + 36) != 0) return MOE_ERROR(ncclRemoteError, "message header: reserved bytes set");
   if (h.size > MOE_NET_MAX_MSG_BYTES)
     return MOE_ERROR(ncclRemoteError, "message header: size %llu exceeds the limit %zu",
                      (unsigned long long)h.size, MOE_NET_MAX_MSG_BYTES);

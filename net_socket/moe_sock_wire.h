@@ -21,7 +21,8 @@
 extern "C" {
 #endif
 
-#define MOE_SOCK_WIRE_VERSION 1
+/* 2: 64-bit region keys in a 40-byte header. */
+#define MOE_SOCK_WIRE_VERSION 2
 /* Data streams per connection at most (NCCL_SOCKET_NTHREADS x NCCL_NSOCKS_PERTHREAD is clamped to this). */
 #define MOE_SOCK_MAX_STREAMS 64
 
@@ -45,7 +46,7 @@ ncclResult_t moe_sock_hello_decode(const uint8_t* buf, size_t len, moe_sock_hell
 
 /* --- message header: precedes every message on the control socket --------- */
 #define MOE_SOCK_HDR_MAGIC 0x484du /* "MH" */
-#define MOE_SOCK_HDR_BYTES 32
+#define MOE_SOCK_HDR_BYTES 40
 typedef enum { MOE_SOCK_OP_MSG = 1, MOE_SOCK_OP_WRITE = 2 } moe_sock_op_t;
 #define MOE_SOCK_HDR_FLAG_IMM 0x1u
 
@@ -55,7 +56,7 @@ typedef struct {
   int tag;           /* messages: the sender's tag */
   uint64_t size;     /* payload bytes, <= MOE_NET_MAX_MSG_BYTES */
   uint64_t offset;   /* writes: byte offset into the target region */
-  uint32_t key;      /* writes: the target region's id */
+  uint64_t key;      /* writes: the target region's key (moe_net_rkey_t.key) */
   uint32_t imm;      /* writes with MOE_SOCK_HDR_FLAG_IMM: the immediate */
 } moe_sock_hdr_t;
 

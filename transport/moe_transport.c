@@ -1,7 +1,9 @@
 #include "transport/moe_transport.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -29,6 +31,37 @@ uint64_t moe_net_random_u64(void) {
 }
 
 #define MOE_TRANSPORT_WHY_MAX 512
+/* Pages mincore() reports on per call: a bounded stack vector. */
+#define MOE_NET_MINCORE_PAGES 16384
+
+/* 1 when every page of [data, data + size) is mapped: mincore() fails with
+ * ENOMEM on a range with a hole, and touches nothing. */
+static int moe_net_host_mapped(const void* data, size_t size) {
+  const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  uintptr_t begin = (uintptr_t)data & ~(page - 1);
+  const uintptr_t end = (uintptr_t)data + size;
+  unsigned char vec[MOE_NET_MINCORE_PAGES];
+  while (begin < end) {
+    uintptr_t len = end - begin;
+    if (len > (uintptr_t)MOE_NET_MINCORE_PAGES * page) len = (uintptr_t)MOE_NET_MINCORE_PAGES * page;
+    if (mincore((void*)begin, (size_t)len, vec) != 0 && errno == ENOMEM) return 0;
+    begin += len;
+  }
+  return 1;
+}
+
+ncclResult_t moe_net_reg_check(const char* what, const void* data, size_t size, int type) {
+  if (data == NULL && size > 0) return MOE_ERROR(ncclInvalidArgument, "%s: NULL region of %zu bytes", what, size);
+  if ((uint64_t)size > MOE_NET_MAX_REG_BYTES)
+    return MOE_ERROR(ncclInvalidArgument, "%s: region of %zu bytes exceeds the limit of %llu (MOE_NET_MAX_REG_BYTES)",
+                     what, size, (unsigned long long)MOE_NET_MAX_REG_BYTES);
+  if ((uintptr_t)data + size < (uintptr_t)data)
+    return MOE_ERROR(ncclInvalidArgument, "%s: region %p + %zu bytes wraps around the address space", what, data, size);
+  if (type == NCCL_PTR_HOST && size > 0 && !moe_net_host_mapped(data, size))
+    return MOE_ERROR(ncclInvalidArgument, "%s: host region [%p, +%zu bytes) is not (entirely) mapped memory", what,
+                     data, size);
+  return ncclSuccess;
+}
 
 static const moe_transport_t* moe_transports[MOE_NET_KINDS];
 

@@ -21,7 +21,16 @@
  *    peer registered and described with mr_key(); with `imm` the receiving
  *    side sees the value through poll_imm() once the bytes landed. Immediates
  *    must be below 2^31 (the ib backend uses the top bit to tell them from
- *    message completions).
+ *    message completions). A region is reachable only through the connection
+ *    (comm) it was registered on, under a key a peer cannot guess; a comm
+ *    flagged MOE_NET_COMM_NO_WRITES (every comm the NCCL plugin hands out:
+ *    NCCL has no one-sided operation) refuses incoming writes.
+ *  - After a call reports an error for a request (test(), or the isend/irecv
+ *    that created it), the backend never touches that request's buffers
+ *    again: it stops or drains whatever still moved them before reporting.
+ *  - close(), dereg_mr() and the plugin's finalize() on an object that is
+ *    already gone are the caller's bug; the plugin layer catches them for
+ *    NCCL with a registry of live objects (moe_net_live.h).
  *
  * Every wait on a peer is bounded by NCCL_MOE_TIMEOUT_MS: a dead peer gives an
  * error, never a hang. Comms are used by one thread at a time each; different
@@ -80,10 +89,15 @@ typedef struct moe_transport moe_transport_t;
 #define MOE_NET_REQ_MAGIC 0x6d6f6552u  /* "moeR" */
 typedef enum { MOE_NET_COMM_LISTEN = 1, MOE_NET_COMM_SEND = 2, MOE_NET_COMM_RECV = 3 } moe_net_comm_type_t;
 
+/* moe_net_comm_t.flags */
+#define MOE_NET_COMM_NO_WRITES 0x1u /* incoming one-sided writes are a protocol error */
+
 typedef struct {
   uint32_t magic;
   uint32_t type; /* moe_net_comm_type_t */
   const moe_transport_t* transport;
+  /* MOE_NET_COMM_*; set by the comm's user before it posts anything. */
+  uint32_t flags;
 } moe_net_comm_t;
 
 typedef struct {
@@ -92,13 +106,20 @@ typedef struct {
   const moe_transport_t* transport;
 } moe_net_request_t;
 
-/* What a peer needs to write() into a registered region. */
+/* What a peer needs to write() into a registered region. It travels between
+ * ranks as is (24 bytes, the proxy's key message), so its layout is fixed. */
 typedef struct {
   uint64_t addr;  /* the region's base as the owner sees it */
   uint64_t size;
-  uint32_t key;   /* backend-specific: rkey (ib), region id (socket) */
-  uint32_t reserved;
+  /* Backend-specific and opaque to the user: the NIC's 32-bit rkey (ib), or
+   * a 64-bit key with 52 random bits (socket). */
+  uint64_t key;
 } moe_net_rkey_t;
+_Static_assert(sizeof(moe_net_rkey_t) == 24, "moe_net_rkey_t travels on the wire");
+
+/* Largest region reg_mr() accepts (a larger size is a caller's bug: no host
+ * or GPU has that much memory to register). */
+#define MOE_NET_MAX_REG_BYTES ((uint64_t)1 << 40)
 
 struct moe_transport {
   const char* name;
@@ -135,7 +156,8 @@ struct moe_transport {
                         const moe_net_rkey_t* remote, uint64_t offset, int with_imm, uint32_t imm,
                         moe_net_request_t** req_p);
   /* Receiving side of write(): progresses the comm and returns the next
-   * immediate that arrived (*got_p = 1) or nothing yet (*got_p = 0). */
+   * immediate that arrived (*got_p = 1) or nothing yet (*got_p = 0). A user
+   * of write() with immediates must call it: see MOE_IMM_RING. */
   ncclResult_t (*poll_imm)(moe_net_comm_t* recv, uint32_t* imm_p, int* got_p);
 };
 
@@ -154,8 +176,14 @@ ncclResult_t moe_transport_select(const moe_transport_t** transport_p);
 
 /* Monotonic clock in nanoseconds. */
 uint64_t moe_net_now_ns(void);
-/* A random 64-bit value that is never zero (connection ids, cookies). */
+/* A random 64-bit value that is never zero (connection ids, cookies, keys). */
 uint64_t moe_net_random_u64(void);
+
+/* Checks a region a caller wants registered: NULL only with size 0, size at
+ * most MOE_NET_MAX_REG_BYTES, no address wrap-around, and, for host memory
+ * (type NCCL_PTR_HOST), every page mapped. ncclInvalidArgument with a message
+ * naming `what` otherwise. */
+ncclResult_t moe_net_reg_check(const char* what, const void* data, size_t size, int type);
 
 /* Checks that `comm` carries our header and the expected type. */
 static inline int moe_net_comm_ok(const void* comm, moe_net_comm_type_t type) {
@@ -164,7 +192,10 @@ static inline int moe_net_comm_ok(const void* comm, moe_net_comm_type_t type) {
 }
 
 /* Immediates of one-sided writes that arrived and wait for poll_imm: a FIFO
- * both backends share. The owner serializes access (its comm lock). */
+ * both backends share. The owner serializes access (its comm lock). When it
+ * is full the backend stops taking writes (back-pressure) and fails the comm
+ * if poll_imm() makes no room within NCCL_MOE_TIMEOUT_MS: a bounded stall,
+ * never a silent one. */
 #define MOE_IMM_RING 1024
 typedef struct {
   uint32_t v[MOE_IMM_RING];

@@ -30,8 +30,13 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (moe_sock_hello_decode(data, size, &hello) == ncclSuccess)
     if (hello.nstreams < 1 || hello.nstreams > MOE_SOCK_MAX_STREAMS || hello.index >= hello.nstreams) abort();
   moe_sock_hdr_t hdr;
-  if (moe_sock_hdr_decode(data, size, &hdr) == ncclSuccess)
-    if (hdr.size > MOE_NET_MAX_MSG_BYTES) abort();
+  if (moe_sock_hdr_decode(data, size, &hdr) == ncclSuccess) {
+    if (hdr.size > MOE_NET_MAX_MSG_BYTES || (hdr.op != MOE_SOCK_OP_MSG && hdr.op != MOE_SOCK_OP_WRITE)) abort();
+    if (hdr.op == MOE_SOCK_OP_MSG && (hdr.key != 0 || hdr.offset != 0 || hdr.flags != 0 || hdr.imm != 0)) abort();
+    uint8_t again[MOE_SOCK_HDR_BYTES]; /* what was accepted encodes to the same bytes */
+    moe_sock_hdr_encode(&hdr, again);
+    if (memcmp(again, data, MOE_SOCK_HDR_BYTES) != 0) abort();
+  }
   moe_ib_handle_t ih;
   if (moe_ib_handle_decode(data, size, &ih) == ncclSuccess)
     if (ih.nonce == 0) abort();
