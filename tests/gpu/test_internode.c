@@ -163,7 +163,8 @@ START_TEST(test_closed_connection_is_an_error) {
 END_TEST
 
 /* Each rank's internode part holds one init() of the transport and gives it
- * back when destroyed: the socket backend, counted through a wrapper. */
+ * back when destroyed: the backend in use (NCCL_MOE_NET_BACKEND: socket
+ * unless ib is asked for), counted through a wrapper. */
 static const moe_transport_t* g_socket;
 static int g_inits, g_finis;
 static ncclResult_t counted_init(void) {
@@ -177,7 +178,7 @@ static void counted_fini(void) {
 }
 
 START_TEST(test_transport_reference_released) {
-  g_socket = moe_transport_get(MOE_NET_KIND_SOCKET);
+  g_socket = moe_transport_get(moe_env()->net_backend == MOE_NET_BACKEND_IB ? MOE_NET_KIND_IB : MOE_NET_KIND_SOCKET);
   ck_assert_ptr_nonnull(g_socket);
   static moe_transport_t counted;
   counted = *g_socket;
