@@ -1277,7 +1277,10 @@ int main(int argc, char** argv) {
   setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
   setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   setvbuf(stdout, NULL, _IOLBF, 0);
-  if (o.procs > 0) return procs_main(&o, argv); /* before this process touches CUDA */
+  if (o.procs > 0) { /* before this process touches CUDA; one token count (check_args) */
+    o.tokens = o.sweepTokens[0];
+    return procs_main(&o, argv);
+  }
   if (o.gpus > 1) return run_all(&o); /* forks before this process touches CUDA */
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
