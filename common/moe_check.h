@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Error-propagation macros in NCCL's style: every internal function returns
  * ncclResult_t; the first place an error is detected logs it. */
 #ifndef MOE_CHECK_H_

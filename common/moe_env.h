@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Every environment parameter the library reads, parsed in one place.
  *
  * Values are read once, on first use. A malformed or out-of-range value gives

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 #include "common/moe_log.h"
 
 #include <pthread.h>

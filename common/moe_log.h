@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Logging and the per-thread last-error message.
  *
  * When NCCL loads the library as a net plugin, messages go through the logger

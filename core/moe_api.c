@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Library-wide entry points: version and last error. */
 #include "common/moe_log.h"
 #include "nccl_moe.h"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Host-side polling without burning a core: a poll loop calls
  * moe_backoff_wait() after each unsuccessful check. The first checks follow
  * each other closely (a quick answer costs no sleep), then the thread yields,

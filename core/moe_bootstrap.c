@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 #include "core/moe_bootstrap.h"
 
 #include <errno.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Comm set-up across ranks: each rank's identity (host, process, device, the
  * devices it can map), buffer (pointer, CUDA IPC handle) and config, gathered
  * from every rank with an all-gather; from them the nodes and the peer

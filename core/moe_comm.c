@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* One rank's own memory and the kernels' context: allocation, the block
  * budget, teardown, the error word, and the work ncclMoeCommDestroy waits for. */
 #include "core/moe_comm.h"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The MoE communicator and handle (internal): every state type of a comm and
  * a handle (normal mode, low latency, internode), and what one rank does
  * with its own memory: allocate and free it, fill the kernels' context,

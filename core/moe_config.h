@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The comm's configuration and the layout of its buffers: pure functions of
  * the config and the number of ranks (no CUDA, no comm), so every rank
  * computes the same offsets and the unit tests check them without a GPU. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The comm's CUDA device around a call. The library links its own (static)
  * CUDA runtime, whose current device says nothing about the caller's: every
  * entry point makes the comm's device current on the way in and gives the

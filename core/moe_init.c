@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Creating and ending comms: ncclMoeCommInit (ranks of the caller's NCCL
  * communicator), ncclMoeCommInitOob (the caller's all-gather),
  * ncclMoeCommInitVirtual / ...VirtualNodes (ranks of this process, one thread

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Internode set-up: topology, network slabs, the proxy and its connections
  * (see kernels/moe_internode.h for the protocol).
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Internode set-up of a comm (internal): topology, the network regions and
  * counters, the proxies and their connections; and the handle's forwarding
  * routes. The state types (moe_inter_comm_t) are in core/moe_comm.h. */

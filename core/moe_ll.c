@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Low-latency dispatch / combine: argument and call-order checks, then the
  * kernels of kernels/lowlatency.cu (the buffer layout is in moe_config.c).
  * Nothing here waits for the GPU, so every call can be captured in a CUDA

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Low-latency mode, host side (internal): the set-up step the comm init
  * runs, and what a handle's destruction undoes. The state types are in
  * core/moe_comm.h, the buffer layout in core/moe_config.h; the entry points

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The NCCL of the caller's communicator, found at run time.
  *
  * The library does not link libnccl: an ncclComm_t works only with the NCCL

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* ncclMoe layout / dispatch / combine and handles: argument checks, then the
  * kernels of kernels/intranode.cu (kernels/internode.cu across nodes) in
  * stream order. */

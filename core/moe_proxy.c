@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The network proxy of one rank (see moe_proxy.h and kernels/moe_internode.h).
  *
  * Set-up: every rank listens once; it connects to each of its peers and

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The network proxy of one rank: connections to a set of peers (the normal
  * path: the rank with the same local index on every other node, indexed by
  * node; the low-latency path: every rank of another node), made through the internal transport interface,

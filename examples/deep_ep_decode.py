@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """A decode step of a Mixture-of-Experts layer in low-latency mode, written
 against DeepEP's API (nccl_moe.deep_ep), captured once in a CUDA graph and
 replayed with new tokens; each replay is checked against the same layer

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Code written for DeepEP (its legacy deep_ep.Buffer API), running on
 nccl-moe: the only change is the import. Normal mode with DeepEP's overlap
 idiom (previous_event, async_finish, allocate_on_comm_stream), then

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """A small Mixture-of-Experts layer on nccl_moe: router, top-k, dispatch,
 per-expert MLP, combine; forward and backward, checked against the same layer
 computed densely (every token through its experts, no communication).

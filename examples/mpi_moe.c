@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* nccl-moe in an MPI job without PyTorch and without an NCCL communicator:
  * the comm is bootstrapped with MPI_Allgather as ncclMoeCommInitOob's
  * all-gather. One process per GPU of a node (ranks of a node take its GPUs

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /*************************************************************************
  * nccl-moe: expert-parallel all-to-all (dispatch / combine) for
  * Mixture-of-Experts models, on top of an existing NCCL communicator or of

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Internode kernels (high-throughput mode): ranks on several nodes.
  *
  * A token crosses the network once per destination node, as a record in the

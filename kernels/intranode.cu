@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Intranode expert-parallel kernels (high-throughput mode): layout, notify,
  * dispatch, combine. Senders write each token straight into the receiver's
  * comm-owned output rows (no intermediate ring), once per destination rank;

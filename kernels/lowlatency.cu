@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Low-latency (decode) dispatch and combine, intranode over peer stores.
  *
  * Dispatch (use n of buffer set b; one kernel per rank when both halves run

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Device helpers shared by the kernel families: 16-byte vector loads that
  * bypass L1 (peer and host-mapped memory is read once), BF16x8 accumulation
  * in fp32, one token's row and metadata to its destination ranks, and the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The comm's error record: a few ints of host-mapped memory that the kernels
  * (many blocks at once) and the network proxy thread (on the CPU) write, and
  * the host reads. The protocol lives here once, both halves: the host half is

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* FP8 e4m3 device codec: the same function as the host reference in
  * plugin/moe_fp8.c (see its header for the rules), bit for bit. The cast uses
  * the hardware's round-to-nearest-even saturating conversion. */

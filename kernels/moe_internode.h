@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Plain structs shared by the host (the proxy thread) and the internode
  * kernels. Ranks are grouped into nodes; a token crosses the network once per
  * destination node, to the rank with the same local index there (its

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Plain structs shared by the host and the intranode kernels, and their launch
  * functions. A kernel reaches peers only through moe_peers_t: one base pointer
  * per rank (the same pointer for virtual ranks in one process, a CUDA IPC

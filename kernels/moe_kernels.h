@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Launch functions of the CUDA kernels: the only way host code reaches them.
  * Each returns the launch's cudaError_t; argument checks are the caller's. */
 #ifndef MOE_KERNELS_H_

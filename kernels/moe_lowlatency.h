@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Plain structs shared by the host and the low-latency kernels, and their
  * launch functions (see lowlatency.cu for the protocol).
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The notify message (moe_intranode.h) and the routing every rank derives
  * once all sources' messages are in its notify area: shared by the
  * intranode notify kernel and the internode one, which differ only in how

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The intranode barrier of moe_sync.cuh cut in two, for the split halves of
  * ncclMoeDispatch / ncclMoeCombine (sendOnly): the send half's kernel ends
  * with the barrier's arrival, the receive half waits. Whole calls and halves

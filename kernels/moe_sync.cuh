@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Cross-rank synchronization for every kernel: release/acquire flag accesses
  * at system scope, the one wait (moe_wait_geq), the epoch barrier, and error
  * recording (the protocol: moe_error.h). Every wait is bounded by

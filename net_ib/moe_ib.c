@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The verbs backend of moe_transport_t: RC QPs, a receiver-driven
  * clear-to-send FIFO, RDMA write + write-with-immediate (see moe_ib_wire.h
  * for the protocol). libibverbs is dlopen()ed (moe_ib_verbs.c).

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Verbs device and port discovery, NCCL_IB_HCA filtering and GID selection. */
 #ifndef MOE_IB_DEVS_H_
 #define MOE_IB_DEVS_H_

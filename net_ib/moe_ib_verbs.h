@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libibverbs, resolved at run time through a function table: the library
  * must load on hosts without rdma-core, and NCCL_MOE_IBVERBS_LIBRARY can name
  * another library with libibverbs' API (the test verbs emulator).

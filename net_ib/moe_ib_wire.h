@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* What the verbs backend exchanges with its peer, and the arithmetic of its
  * clear-to-send FIFO. Pure functions (no verbs calls) so they are unit tested
  * and fuzzed on hosts without an HCA.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The TCP backend of moe_transport_t.
  *
  * A connection is one control socket plus `nstreams` data sockets

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Internals of the TCP backend shared between its files and its tests. */
 #ifndef MOE_SOCK_H_
 #define MOE_SOCK_H_

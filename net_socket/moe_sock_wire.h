@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* What the socket backend puts on the wire, and the parsers that check it.
  *
  * Everything that arrives from a peer (the handle, the per-socket hello, the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* CollNet pass-through. NCCL takes its net plugin and its CollNet plugin
  * (in-network reductions: SHARP's libnccl-net.so exports ncclCollNetPlugin_v*)
  * from one library, so users of such a plugin would lose it when they pick

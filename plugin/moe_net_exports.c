@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The structs NCCL looks up: ncclNetPlugin_v11 .. _v8, thin shims over the
  * one implementation in moe_net_plugin.c. We offer no device offload, no
  * virtual-NIC merging (makeVDevice NULL: NCCL then uses the physical devices)

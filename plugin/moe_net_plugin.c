@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The net plugin's current implementation over the transport interface.
  *
  * Process-wide state is one reference-counted record: the first init picks

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The net plugin's one current implementation (ABI v11 shaped); the exported
  * structs for v8..v11 in moe_net_exports.c are thin shims over it. */
 #ifndef MOE_NET_PLUGIN_H_

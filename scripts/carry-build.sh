@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Copies what a GPU machine runs from a build directory (programs, shared
 # libraries: no objects, no static libraries), without debug sections, into
 # a smaller directory to carry there (docs/DEVELOPING.md).

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Checks the layering of the C/CUDA sources (docs/ARCHITECTURE.md):
 #  1. every file includes headers only from its own folder and from the
 #     folders its layer may call (the table below, from DESIGN.md's);

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Everything a one-GPU device run should verify, in two phases that each fit
 # one device call (carry .deps, see scripts/device-test.sh):
 #   scripts/device-all.sh tests   the gpu and python suites

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Runs steps against a build directory made on another machine (binaries
 # built here run on the GPU machine: carry the build dir, configured with
 # -Dcheck_root=$PWD/.deps/root so Check links statically). No Meson needed

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Builds nccl-moe and runs the GPU test suite on a GPU machine like the device
 # machine (Ubuntu 24.04, CUDA 13, meson on PATH, no Check, no registry), then
 # prints a summary last.

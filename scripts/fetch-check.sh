@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Unpacks Debian's Check and subunit packages into .deps/root (no install, no
 # root needed), for GPU machines that have neither Check nor a package
 # registry: run it here, then carry .deps to the GPU machine

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Prints the prefix of PyTorch's NCCL wheel (nvidia-nccl-cu12 / -cu13:
 site-packages/nvidia/nccl, holding include/nccl.h) for this Python, or
 nothing. Meson runs it to find NCCL's headers when no other NCCL is

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Builds the libFuzzer targets with clang (build-fuzz/) and runs each one for
 # a bounded time under AddressSanitizer + UndefinedBehaviorSanitizer, starting
 # from the seeds in tests/fuzz/corpus/<target>/ (docs/FUZZING.md).

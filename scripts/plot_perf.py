@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Draws nccl-moe-bench --json results against tokens per rank: bandwidth
 (dispatch and combine, with the device copy of the same runs as the line to
 compare with) and latency, one row of plots per mode (normal, ll).

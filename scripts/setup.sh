@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # One-command set-up for developing nccl-moe: installs what Debian 12 /
 # Ubuntu 24.04 lack to build and test it, checks for the CUDA toolkit and
 # NCCL, then configures and builds build/. Idempotent: a second run only

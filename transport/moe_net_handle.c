@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The address handle both backends put on the wire (transport/moe_net_handle.h). */
 #include "transport/moe_net_handle.h"
 

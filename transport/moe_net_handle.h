@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The address handle both backends exchange: a TCP address (the socket
  * backend's listener, or the verbs backend's side channel), the listener's
  * random nonce and a backend byte (moe_net_kind_t), checksummed. Decoding

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Interface discovery for TCP (transport/moe_net_ifaces.h). */
 #include <arpa/inet.h>
 #include <ifaddrs.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Network interfaces for TCP: the socket backend's devices and the verbs
  * backend's side channel, chosen as NCCL chooses them. */
 #ifndef MOE_NET_IFACES_H_

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* A registry of live objects: which pointers a layer handed out and has not
  * taken back yet.
  *

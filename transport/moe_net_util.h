@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Helpers shared by the network backends: NCCL's interface/device list syntax
  * (NCCL_SOCKET_IFNAME, NCCL_IB_HCA) and little-endian wire encoding. */
 #ifndef MOE_NET_UTIL_H_

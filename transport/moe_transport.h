@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The one internal network-transport interface.
  *
  * Both the NCCL net plugin (plugin/) and the MoE internode path talk to

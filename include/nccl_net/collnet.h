@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Our own declarations of NCCL's CollNet plugin ABI (in-network reductions,
  * e.g. SHARP's libnccl-net.so), versions 8 to 11, written from NCCL's
  * src/include/plugin/net/net_v*.h. We never call these tables ourselves:

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Our own declarations of the logging types NCCL hands to a net plugin's init().
  * Values match NCCL's ABI (src/include/nccl_common.h); written here so the
  * plugin builds without NCCL's internal headers. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Our own declarations of NCCL's network-plugin ABI, versions 8 to 11.
  *
  * NCCL (2.19 .. 2.28+) dlopen()s a net plugin and looks up the symbols

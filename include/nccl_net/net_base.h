@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* What every version of NCCL's net-plugin ABI shares (net_v*.h): handle
  * size, request bound, pointer types. See net.h. */
 #ifndef NCCL_MOE_NET_BASE_H_

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Our own declarations of NCCL's net-plugin device-offload types (shared by
  * every net ABI version from v7 on). We never offload to the device: the
  * plugin reports NCCL_NET_DEVICE_HOST and leaves the device-handle pointers

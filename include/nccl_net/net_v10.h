@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Net plugin ABI v10 (NCCL 2.24 .. 2.27): a profiler callback at init, a
  * per-connection config (traffic class) at connect, profiler handles on
  * isend/irecv. See net.h. */

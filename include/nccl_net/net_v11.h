@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Net plugin ABI v11 (NCCL 2.28+): init/finalize per communicator with a
  * context pointer that listen/connect receive, the comm config moved to init,
  * multi-request size and application-aware attributes. See net.h. */

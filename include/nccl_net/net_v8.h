@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Net plugin ABI v8 (NCCL 2.19 .. 2.21): int message sizes, one init per
  * process, no device merging. See net.h. */
 #ifndef NCCL_MOE_NET_V8_H_

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Net plugin ABI v9 (NCCL 2.22 .. 2.23): size_t message sizes, virtual NICs
  * (makeVDevice), per-operation size limits in the properties. See net.h. */
 #ifndef NCCL_MOE_NET_V9_H_

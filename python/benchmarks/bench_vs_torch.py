@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """nccl_moe dispatch/combine against the same routing done by plain torch, in
 the same run, printing times, bandwidths and ratios (torch time / ours: above
 1 means nccl_moe is faster).

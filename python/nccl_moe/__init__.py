@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """nccl_moe: expert-parallel dispatch / combine for PyTorch, over
 libnccl-net-moe.so (ctypes).
 

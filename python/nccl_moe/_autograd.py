@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Autograd for dispatch and combine.
 
 dispatch sends row t of x to every rank owning one of its experts, and the

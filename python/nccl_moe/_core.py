@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What Buffer and VirtualBuffer share: one object driving the native
 communicators of the ranks this process runs (one rank of a process group,
 or N virtual ranks on one GPU), argument checks, and the raw dispatch /

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Torch tensors over memory the C library owns (receive buffers, the combine
 buffer, a handle's counts), without copying.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """ctypes view of libnccl-net-moe.so: the C structs and constants of
 include/nccl_moe.h, the function prototypes, where the library is looked for,
 and how an ncclResult_t becomes a Python exception.

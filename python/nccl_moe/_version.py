@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The package's version. It is written in one place, project(version:) in
 the repository's meson.build: an installed package (pip install .) carries it
 in _build_version.py, which Meson generates; a source checkout

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Buffer (one rank of a torch.distributed process group of any backend, or
 of a raw NCCL communicator) and VirtualBuffer (N ranks in this process on
 one GPU): expert-parallel dispatch and combine on torch tensors, over

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """DeepEP's legacy (V1) Python API on nccl-moe: code written for DeepEP runs
 after changing ``import deep_ep`` to ``from nccl_moe import deep_ep``.
 

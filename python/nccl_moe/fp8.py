@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """FP8 (e4m3, "fn" variant) block quantization in torch, bit for bit the
 codec of the library (tests/support/moe_fp8.h documents it; the dispatch kernel's
 in-kernel cast produces the same bytes):

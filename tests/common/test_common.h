@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Helpers shared by the test suites: seeds, random numbers, GPU probing that
  * never touches CUDA in the parent process, and a Check runner. */
 #ifndef MOE_TEST_COMMON_H_

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* What the peer fuzz targets share: a reader that turns fuzz input into
  * choices (zeros once the input is used up, so every input is a complete
  * script), guarded buffers, non-blocking raw sends, and a bound on calls. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libFuzzer target: random bytes into every parser that reads network or
  * user input in the net backends (socket handle, hello, message header, IB
  * handle, NCCL_SOCKET_IFNAME / NCCL_IB_HCA lists). A crash, a sanitizer report

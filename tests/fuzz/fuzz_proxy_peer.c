@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libFuzzer target: a malicious peer against the internode proxy
  * (core/moe_proxy.c), driven through its API as tests/unit/net/test_proxy.c
  * does, over the socket transport on loopback. The proxy is rank 0 with one

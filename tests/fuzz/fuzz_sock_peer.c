@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libFuzzer target: a malicious peer against the socket backend's listener
  * and receiver, over loopback TCP. The input is a script: the connection's
  * hellos (optionally corrupted, plus junk connections), then operations of

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The low-latency test harness (ll_case.h): every rank's inputs drawn
  * fresh each step from one seed, the plain CPU reference (routing, received
  * rows and scales, combine in fp32 with fused multiply-adds), the calls of a

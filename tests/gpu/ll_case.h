@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The low-latency test harness shared by the gpu suite (virtual ranks and
  * virtual nodes, tests/gpu/test_lowlatency.c) and the multiproc tier (one
  * rank per process, tests/multiproc/): fresh random inputs every step, a

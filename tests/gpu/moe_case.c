@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The dispatch/combine test harness (moe_case.h). */
 #include "moe_case.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The dispatch/combine test harness shared by the gpu suite: N virtual ranks
  * on one GPU (optionally split into virtual nodes), one host thread and
  * stream per rank, fresh random inputs, poisoned outputs, and a plain CPU

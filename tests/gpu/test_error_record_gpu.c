@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The error record's device half and the one wait, on a GPU:
  *  - many blocks (codes with details) and a host thread (the proxy's role:
  *    codes only) race to record random codes into the same host-mapped

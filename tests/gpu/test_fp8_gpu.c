@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The device FP8 codec produces the host reference's bits, on random inputs
  * with the awkward values mixed in (zeros, NaN, Inf, tiny and huge blocks). */
 #include <cuda_runtime_api.h>

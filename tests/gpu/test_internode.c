@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Internode dispatch / combine on one GPU with virtual nodes: ranks of one
  * virtual node map each other's buffers, ranks of different ones talk only
  * through the socket transport on loopback (proxy threads, slabs, credits),

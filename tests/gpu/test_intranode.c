@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Intranode dispatch / combine with N virtual ranks on one GPU, against a
  * plain CPU reference on fresh random inputs. Each virtual rank runs on its
  * own host thread and stream, through the public API. */

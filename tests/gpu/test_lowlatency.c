@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Low-latency dispatch / combine with N virtual ranks on one GPU, against a
  * plain CPU reference, fresh random inputs every step (the harness is
  * ll_case.c). One host thread enqueues every rank's calls on the rank's own

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Real NCCL loads our plugin: a 1-rank-per-GPU all-reduce through
 # nccl-moe-netcheck with NCCL_DEBUG=INFO must log "Loaded net plugin MoE".
 netcheck="$1"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Dispatch / combine with one process per GPU: real NCCL communicator, CUDA
  * IPC between processes (and, with NCCL_MOE_P2P_DISABLE=1, the internode
  * path through the transport), checked against a CPU reference.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The multigpu tier's baseline: one process per GPU, NCCL unique id through a
  * file, an all-reduce checked on every rank. Skips with fewer than 2 GPUs. */
 #include <cuda_runtime_api.h>

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # All NCCL traffic through our plugin: with NCCL_P2P_DISABLE=1 and
 # NCCL_SHM_DISABLE=1, nccl-moe-netcheck's all-reduce and all-to-all between 2+
 # GPUs cross the MoE net plugin, and both results are checked. Skips (77) with

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The multiproc tier: ranks in processes of their own on ONE GPU, the path
  * real jobs run (buffers mapped across processes with CUDA IPC, host-mapped
  * flags per process, each process launching its own kernels), bootstrapped

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """The tools' command lines, without a GPU: a mistyped option, a malformed
 value or an impossible combination is an error that names the problem,
 prints the usage and exits 2, before the tool touches CUDA (on a machine

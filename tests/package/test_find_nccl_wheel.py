@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """scripts/find_nccl_wheel.py, which Meson runs to find NCCL's headers in
 PyTorch's NCCL wheel: it prints site-packages/nvidia/nccl when that holds
 include/nccl.h, and nothing (exit 0) without an nvidia package, with an

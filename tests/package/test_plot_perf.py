@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """scripts/plot_perf.py on made-up nccl-moe-bench --json lines (both modes,
 a repeated token count, a foreign line): it writes a PNG; it rejects input
 without bench results (exit 2) and malformed JSON (exit 1, naming the line).

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # scripts/spdx.sh in a scratch git repository: --check lists the source files
 # lacking the identifier and exits 1; a run adds it in each file's comment
 # syntax (after a "#!" line, mode kept) and leaves other files alone; a second

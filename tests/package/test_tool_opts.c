@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The tools' shared command-line parser and JSON writer (tools/common):
  * values parse strictly or the process exits 2 (Check runs each test in a
  * child, so exits are observable); names must be whole; JSON strings are

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """One version everywhere. meson.build's project(version:) is the only place
 it is written; this checks that the generated header, the built library
 (ncclMoeGetVersion), the Python package of the checkout, pyproject.toml (which

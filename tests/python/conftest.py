@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """pytest set-up for the nccl_moe package tests: the package importable from
 the source tree (or, with NCCL_MOE_TEST_INSTALLED=1, the installed one: what
 pip install . put in the running Python), a seed per run (MOE_TEST_SEED, else

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Runs the package's scripts (examples, benchmark, torchrun workers) in
 child processes for the tests, with the package and library of this tree."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Plain torch (CPU) reference of dispatch, combine and layout, and the small
 MoE layer the autograd tests differentiate, for the nccl_moe tests.
 

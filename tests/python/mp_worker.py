@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """One process per rank under torchrun: nccl_moe.Buffer over the process
 group, against the torch reference. Every process draws every rank's inputs
 from one seed, so each can compute what it must receive and what its combine

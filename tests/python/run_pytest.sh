@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Runs the Python package's tests with pytest, against the library just built.
 #   run_pytest.sh LIBRARY SOURCE_ROOT SUITE        SUITE: python | multigpu
 # Python: $NCCL_MOE_PYTHON, else the first of python3, /usr/bin/python3 that

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Autograd through dispatch and combine, with virtual ranks on one GPU:
 exact gradients of each op against the routing reference, and a small MoE
 layer (router, top-k, dispatch, experts, combine) whose gradients must match

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ctypes bindings against the C header and the built library. Needs no
 torch and no GPU: the struct layouts are checked by compiling a small C
 program against include/nccl_moe.h (skipped without a C compiler or the

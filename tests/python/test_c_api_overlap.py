@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The C API additions behind nccl_moe.deep_ep, called directly (ctypes) on
 virtual ranks: column-major TMA-aligned FP8 scales in normal mode (FP8 input
 and in-kernel cast, capacity and exact mode, rows not a multiple of 4),

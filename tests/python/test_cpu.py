@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What the package does without a GPU: the FP8 codec against an
 independent nearest-value reference, DLPack views over host memory, the
 process-group probing, and every argument check of dispatch / combine /

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """CUDA graphs from Python: every virtual rank captures a step in
 torch.cuda.graph (capacity-mode dispatch + expert compute + combine through
 nccl_moe.deep_ep with num_worst_tokens, and a low-latency dispatch + combine

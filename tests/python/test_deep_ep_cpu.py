@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """nccl_moe.deep_ep without a GPU: the torch layout fallback, Config's and
 the constructor's argument checks, the size hints, EventOverlap, and the
 low-latency handle's DeepEP-style items (computed from the receive views).

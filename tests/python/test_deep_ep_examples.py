@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The nccl_moe.deep_ep examples run and pass their own checks on one GPU:
 the low-latency decode step captured in a CUDA graph (virtual ranks, and a
 one-process torchrun group), and the DeepEP-style script (unchanged DeepEP

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """nccl_moe.deep_ep normal mode with virtual ranks (N ranks on one GPU, each
 driven from its own thread, as DeepEP's one rank per process), checked the
 way DeepEP's legacy tests/test_intranode.py checks, against the plain

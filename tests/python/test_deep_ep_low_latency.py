@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """nccl_moe.deep_ep low-latency mode with virtual ranks, checked the way
 DeepEP's legacy tests/test_low_latency.py checks, against moe_reference.py:
 per-expert counts (and the int32 cumulative stats), each row's source token

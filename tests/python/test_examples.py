@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The example MoE layer and the benchmark run and agree with their own
 references, on one GPU: with virtual ranks, and through a one-process
 torchrun group (the process-group path of Buffer on a single-GPU machine)."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Low-latency dispatch / combine (decode mode) with virtual ranks on one GPU
 against a plain reference: expert-major rows in (source rank, token) order,
 their sources, FP8 codes and scales (fp32, power-of-two, packed UE8M0), the

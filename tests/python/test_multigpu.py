@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Several GPUs, one process each (torchrun): the Buffer over a real
 ProcessGroupNCCL communicator against the torch reference, the example MoE
 layer, and the benchmark against all_to_all_single. Skips with fewer than 2

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Buffer over process groups without an NCCL communicator, on one GPU: a
 gloo group of two and of four processes all on GPU 0 (the out-of-band
 bootstrap, ncclMoeCommInitOob through all_gather_object on the group, and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The package as users get it, without torch or a GPU: importing it changes
 nothing in the process; an installed package (the layout pip install .
 produces: the library inside the package, _build_version.py beside it) finds

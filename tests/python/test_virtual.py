@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """VirtualBuffer (N ranks on one GPU) against the plain torch reference of
 moe_reference.py, on fresh random inputs (seed printed): exact and capacity
 mode, BF16 / FP8 inputs / in-kernel casts, -1 experts, ranks without tokens,

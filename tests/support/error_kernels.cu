@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Kernels that drive the error record's device half and the one wait
  * (kernels/moe_error.h, kernels/moe_sync.cuh) for tests/gpu/test_error_record_gpu. */
 #include "kernels/moe_sync.cuh"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* A stand-in for an in-network reduction plugin (SHARP's libnccl-net.so) to
  * test the CollNet pass-through: exports ncclCollNetPlugin_v11 and _v8 (only
  * _v8 when built with FAKE_COLLNET_ONLY_V8), counts the calls that reach it,

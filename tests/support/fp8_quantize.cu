@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Stand-alone FP8 quantization of a BF16 tensor: the codec of moe_fp8.cuh as
  * a kernel (used by tests and the benchmark to make FP8 inputs). */
 #include "kernels/moe_fp8.cuh"

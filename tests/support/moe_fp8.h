@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* FP8 e4m3 (fn) codec, host reference.
  *
  * Format: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities; the

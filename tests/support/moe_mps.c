@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The private MPS daemon (moe_mps.h). Every command goes to
  * nvidia-cuda-mps-control with our two directories in its environment; the
  * daemon's own output goes to a file in the log directory, never to our

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* A private CUDA MPS control daemon for ranks of several processes on one
  * GPU (test and benchmark support, never shipped). Without MPS the kernels
  * of different processes only take turns on the GPU (time slices), so ranks

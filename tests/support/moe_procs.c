@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The hub and its children (moe_procs.h). One message format both ways: a
  * header, then `bytes` of payload. The hub validates every header it reads
  * (a child may be killed mid-write: a short message is a closed socket). */

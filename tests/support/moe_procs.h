@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Ranks in separate processes of one host, bootstrapped out of band (test
  * and benchmark support, never shipped). A parent, the hub, starts N copies
  * of a program with fork + exec (a child never inherits a CUDA context: the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Kernels for tests and the benchmark (tests/support, never shipped). */
 #ifndef MOE_TEST_KERNELS_H_
 #define MOE_TEST_KERNELS_H_

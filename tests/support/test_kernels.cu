@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The benchmark's gate and no-op kernels (tests/support/moe_test_kernels.h). */
 #include "kernels/moe_kernels.h"
 #include "tests/support/moe_test_kernels.h"

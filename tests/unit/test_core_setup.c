@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Comm set-up on the host, without a GPU: the NCCL of the caller found at
  * run time (none loaded; a libnccl.so.2 loaded RTLD_LOCAL; one only in the
  * global symbol scope), config bounds, ncclMoeCommDestroy(NULL), the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Environment parsing, logging through NCCL's logger, the per-thread last
  * error, and the version entry point. */
 #include <pthread.h>

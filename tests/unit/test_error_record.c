@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The error record's host half (kernels/moe_error.h): threads racing to
  * record different errors leave exactly one winner per kind of claim (one
  * from NONE, one fatal), the record ends with the winner's code and, for a

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* FP8 e4m3 host codec: exact values, rounding, saturation, subnormals,
  * block scales and the round-trip error bound. */
 #include <float.h>

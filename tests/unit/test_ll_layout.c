@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Host side without a GPU: config sizes from older headers, and the
  * low-latency buffer layout (every region
  * inside the low-latency bytes, aligned, disjoint, as large as the kernels

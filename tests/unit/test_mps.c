@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The private MPS daemon's life cycle (tests/support/moe_mps.h) against a
  * stand-in control program (tests/unit/fake_mps/): no control program on
  * PATH, a daemon that will not start, and a daemon started, probed and

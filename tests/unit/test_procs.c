@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The out-of-band harness of the multiproc tier and the benchmark
  * (tests/support/moe_procs.h), on the CPU: a hub spawns copies of this
  * program, which all-gather random bytes of random sizes through it and

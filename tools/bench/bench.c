@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* nccl-moe-bench: the project's main job. Times layout, notify, dispatch and
  * combine of the normal (high-throughput) mode with N virtual ranks on one
  * GPU, beside a device-to-device copy measured in the same run. With

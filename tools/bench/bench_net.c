@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The transport's own throughput, measured the way the internode proxy uses
  * it: `pairs` connections at once (one per sending rank and peer node), each
  * with one write of `bytes` with an immediate in flight, the receiver

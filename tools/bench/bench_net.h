@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Transport throughput for nccl-moe-bench --nodes (bench_net.c). */
 #ifndef MOE_BENCH_NET_H_
 #define MOE_BENCH_NET_H_

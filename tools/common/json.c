@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* JSON Lines writer of the tools (json.h). */
 #include "json.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* One JSON object per line ("JSON Lines") for the tools' --json output: keys
  * in the order written, numbers finite or null, strings escaped. */
 #ifndef MOE_TOOLS_JSON_H_

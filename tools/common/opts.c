@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Strict command lines for the tools (opts.h). */
 #include "opts.h"
 

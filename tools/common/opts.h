@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Command lines of the tools: getopt_long with whole option names and strict
  * values. Every mistake (an unknown or abbreviated option, a missing or
  * malformed value, a stray argument) prints the usage and the reason to

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Default plugin path of the net tools (plugin_path.h). */
 #include "plugin_path.h"
 

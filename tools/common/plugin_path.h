@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Where the net tools find libnccl-net-moe.so when --plugin is not given. */
 #ifndef MOE_TOOLS_PLUGIN_PATH_H_
 #define MOE_TOOLS_PLUGIN_PATH_H_

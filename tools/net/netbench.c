@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* nccl-moe-netbench: bandwidth and latency of the net plugin on loopback,
  * driven through its exported ncclNetPlugin_v11 struct exactly as NCCL's
  * proxy drives it, beside a plain blocking TCP send/recv loop measured in the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* nccl-moe-netcheck: loads the net plugin into a real NCCL and runs an
  * all-reduce and an all-to-all (grouped send/recv) over every visible GPU
  * (one process, ncclCommInitAll), checking both results. With NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 and 2+ GPUs all

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* A verbs emulator for tests: a library with libibverbs' API (the subset
  * net_ib/ uses) that emulates an RC HCA between threads and processes of one
  * machine, so the verbs backend runs in CI and on hosts without an HCA.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Devices, contexts, protection domains, memory regions, completion queues,
  * asynchronous events and the status strings of the verbs emulator. */
 #include <errno.h>

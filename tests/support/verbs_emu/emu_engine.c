@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The engine thread of the verbs emulator: the "HCA" of this process.
  *
  * It owns every socket. Each iteration (under the lock): free destroyed QPs,

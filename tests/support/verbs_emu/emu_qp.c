@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* RC queue pairs of the verbs emulator: creation (which allocates the QP
  * number machine-wide by binding its socket name), the state machine with the
  * attribute checks an HCA makes, posting, and completions (in order per

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* A stand-in for libnccl with the four functions nccl-moe resolves at run
  * time (core/moe_nccl.c), for test_core_setup. It is built twice: as
  * libnccl.so.2 (found through the link map even when loaded RTLD_LOCAL) and

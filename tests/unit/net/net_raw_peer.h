@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* A hand-made peer of the socket backend for the hostile-peer tests: plain
  * TCP sockets that speak the wire format (net_socket/moe_sock_wire.h)
  * directly, so a test can send what a real peer never would (a reset data

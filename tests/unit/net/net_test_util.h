@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Helpers for the net-plugin tests: load the built plugin with dlopen and
  * drive it the way NCCL's proxy thread does (non-blocking connect/accept
  * retried until non-NULL, requests retried when NULL, test() polled). */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The CollNet pass-through (plugin/moe_collnet.c): NCCL finds another
  * library's ncclCollNetPlugin_vN in ours, the newest version both have, when
  * NCCL_MOE_COLLNET_PLUGIN names it, and nothing otherwise. The stand-in

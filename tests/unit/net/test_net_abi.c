@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The plugin ABI declarations: prints every struct's size and the offsets
  * NCCL depends on (the headers pin them with static asserts too), and checks
  * them against the values derived from NCCL's own headers (LP64). */

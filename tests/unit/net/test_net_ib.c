@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The verbs backend's pieces that run without an HCA: NCCL_IB_HCA matching,
  * GID selection from a fixture sysfs tree, handle and connection-info
  * encoding (malformed rejected), FIFO arithmetic, the QP split, port speeds,

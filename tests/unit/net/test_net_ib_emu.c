@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* What only the verbs emulator can show (run with NCCL_MOE_NET_BACKEND=ib,
  * NCCL_MOE_IBVERBS_LIBRARY=libverbs-emu.so, VERBS_EMU_DMABUF=1):
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Loading the plugin the ways NCCL does: dlopen by full path and by
  * "libnccl-net-<name>.so" lookup, the versioned symbols, unload and reload,
  * finalize after a failed init, and the pre-v11 ABIs through their shims. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The net plugin driven through its exported ncclNetPlugin_v11 struct, the
  * way NCCL's proxy drives it, host memory registered with regMr. Runs once
  * per backend: socket on loopback, and ib over the verbs emulator

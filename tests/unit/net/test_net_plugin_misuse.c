@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The plugin misused the way a buggy caller or a hostile peer would (issue
  * 15, items 2, 3 and 7 on the NCCL path): a second close, deregMr or finalize
  * is ncclInvalidArgument and touches no freed memory (the ASan build checks

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* After a request reports an error, nothing touches its buffer again (issue
  * 15, items 1 and 10). A raw peer breaks one data stream of a large message
  * while another stream still carries bytes: once test() or irecv() reported

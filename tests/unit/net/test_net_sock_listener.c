@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* A listener flooded with connections that never say hello (issue 15, item
  * 6): 300 silent TCP connections, more than the listener serves at once, must
  * not hold a real connection back until the silent ones time out. */

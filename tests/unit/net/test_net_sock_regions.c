@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Registered regions facing a hostile peer (issue 15, items 3, 4, 5, 7): a
  * region is reachable only from the connection it was registered on and only
  * under an unguessable key; deregistration waits for (or stops) a write that

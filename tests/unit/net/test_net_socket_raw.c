@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The socket backend facing a misbehaving peer: a hand-made TCP client talks
  * to the plugin's listen comm with garbage hellos, a corrupt message header,
  * and a message that stops halfway. Each must be an error (or a dropped

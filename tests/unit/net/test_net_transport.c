@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The internal transport interface directly (what the MoE internode path
  * uses): backend selection and one-sided writes with immediates,
  * interleaved with two-sided messages. Runs on the socket backend and on the

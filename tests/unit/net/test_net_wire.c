@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Parsers and encoders of the socket backend's wire format, NCCL's interface
  * list syntax, the message split, and interface discovery. Everything from
  * the network must be rejected when malformed. */

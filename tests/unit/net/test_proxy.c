@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The internode network proxy over the transport (socket on loopback, or ib
  * over the verbs emulator, as the run chose), with
  * host memory standing in for the GPU: test threads play each rank's
