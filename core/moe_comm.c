@@ -324,3 +324,14 @@ void moe_comm_wait_idle(ncclMoeComm_t comm) {
   if (comm->stream) cudaStreamSynchronize(comm->stream);
   cudaGetLastError(); /* an earlier kernel fault is the caller's to see, not destroy's */
 }
+
+ncclResult_t moe_comm_enter(ncclMoeComm_t comm, const char* fn, moe_device_guard_t* guard) {
+  MOE_ARG_CHECK(comm != NULL, "%s: comm is NULL", fn);
+  return moe_device_enter(comm->device, guard);
+}
+
+ncclResult_t moe_comm_leave(ncclMoeComm_t comm, cudaStream_t stream, moe_device_guard_t* guard, ncclResult_t res) {
+  moe_comm_track(comm, stream);
+  moe_device_leave(guard);
+  return res;
+}

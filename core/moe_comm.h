@@ -10,6 +10,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "core/moe_device.h"
 #include "core/moe_proxy.h"
 #include "kernels/moe_internode.h"
 #include "kernels/moe_intranode.h"
@@ -176,6 +177,12 @@ ncclResult_t moe_check_device_ptr(const void* p, size_t align, const char* what)
  * it. Work captured into a CUDA graph is not tracked (its replays are the
  * caller's to finish before destroying the comm). */
 void moe_comm_track(ncclMoeComm_t comm, cudaStream_t stream);
+
+/* What every stream entry point does around its work: `fn` names it in the
+ * NULL-comm message; enter makes the comm's device current, leave tracks
+ * `stream` (moe_comm_track), restores the caller's device and returns res. */
+ncclResult_t moe_comm_enter(ncclMoeComm_t comm, const char* fn, moe_device_guard_t* guard);
+ncclResult_t moe_comm_leave(ncclMoeComm_t comm, cudaStream_t stream, moe_device_guard_t* guard, ncclResult_t res);
 
 /* Waits for every tracked piece of work and the set-up stream. */
 void moe_comm_wait_idle(ncclMoeComm_t comm);

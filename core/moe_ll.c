@@ -215,13 +215,9 @@ NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t comm, const
                                                        ncclMoeHandle_t handle,
                                                        ncclMoeLowLatencyDispatchResult_t* result_p,
                                                        cudaStream_t stream) {
-  MOE_ARG_CHECK(comm != NULL, "ncclMoeLowLatencyDispatch: comm is NULL");
   moe_device_guard_t guard;
-  MOE_CHECK(moe_device_enter(comm->device, &guard));
-  ncclResult_t res = moe_ll_dispatch(comm, args, handle, result_p, stream);
-  moe_comm_track(comm, stream);
-  moe_device_leave(&guard);
-  return res;
+  MOE_CHECK(moe_comm_enter(comm, "ncclMoeLowLatencyDispatch", &guard));
+  return moe_comm_leave(comm, stream, &guard, moe_ll_dispatch(comm, args, handle, result_p, stream));
 }
 
 static ncclResult_t moe_ll_dispatch_recv_checked(ncclMoeComm_t comm, ncclMoeHandle_t handle,
@@ -235,13 +231,9 @@ static ncclResult_t moe_ll_dispatch_recv_checked(ncclMoeComm_t comm, ncclMoeHand
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyDispatchRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
                                                            cudaStream_t stream) {
-  MOE_ARG_CHECK(comm != NULL, "ncclMoeLowLatencyDispatchRecv: comm is NULL");
   moe_device_guard_t guard;
-  MOE_CHECK(moe_device_enter(comm->device, &guard));
-  ncclResult_t res = moe_ll_dispatch_recv_checked(comm, handle, stream);
-  moe_comm_track(comm, stream);
-  moe_device_leave(&guard);
-  return res;
+  MOE_CHECK(moe_comm_enter(comm, "ncclMoeLowLatencyDispatchRecv", &guard));
+  return moe_comm_leave(comm, stream, &guard, moe_ll_dispatch_recv_checked(comm, handle, stream));
 }
 
 static ncclResult_t moe_ll_combine(ncclMoeComm_t comm, const ncclMoeLowLatencyCombineArgs_t* args,
@@ -281,13 +273,9 @@ static ncclResult_t moe_ll_combine(ncclMoeComm_t comm, const ncclMoeLowLatencyCo
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t comm, const ncclMoeLowLatencyCombineArgs_t* args,
                                                       ncclMoeHandle_t handle, cudaStream_t stream) {
-  MOE_ARG_CHECK(comm != NULL, "ncclMoeLowLatencyCombine: comm is NULL");
   moe_device_guard_t guard;
-  MOE_CHECK(moe_device_enter(comm->device, &guard));
-  ncclResult_t res = moe_ll_combine(comm, args, handle, stream);
-  moe_comm_track(comm, stream);
-  moe_device_leave(&guard);
-  return res;
+  MOE_CHECK(moe_comm_enter(comm, "ncclMoeLowLatencyCombine", &guard));
+  return moe_comm_leave(comm, stream, &guard, moe_ll_combine(comm, args, handle, stream));
 }
 
 static ncclResult_t moe_ll_combine_recv_checked(ncclMoeComm_t comm, ncclMoeHandle_t handle,
@@ -301,13 +289,9 @@ static ncclResult_t moe_ll_combine_recv_checked(ncclMoeComm_t comm, ncclMoeHandl
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyCombineRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
                                                           cudaStream_t stream) {
-  MOE_ARG_CHECK(comm != NULL, "ncclMoeLowLatencyCombineRecv: comm is NULL");
   moe_device_guard_t guard;
-  MOE_CHECK(moe_device_enter(comm->device, &guard));
-  ncclResult_t res = moe_ll_combine_recv_checked(comm, handle, stream);
-  moe_comm_track(comm, stream);
-  moe_device_leave(&guard);
-  return res;
+  MOE_CHECK(moe_comm_enter(comm, "ncclMoeLowLatencyCombineRecv", &guard));
+  return moe_comm_leave(comm, stream, &guard, moe_ll_combine_recv_checked(comm, handle, stream));
 }
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeLowLatencyBufferBytes(ncclMoeComm_t comm, size_t* bytes_p) {

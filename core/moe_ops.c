@@ -5,7 +5,6 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <time.h>
 
 #include "common/moe_check.h"
 #include "common/moe_log.h"
@@ -14,6 +13,7 @@
 #include "core/moe_device.h"
 #include "core/moe_inter.h"
 #include "core/moe_ll.h"
+#include "transport/moe_transport.h"
 
 #define MOE_DISPATCH_THREADS 512
 /* Exact mode: the host waits for the counts at most this many comm timeouts
@@ -125,14 +125,11 @@ static ncclResult_t moe_dispatch_layout(ncclMoeComm_t comm, const int64_t* topkI
 NCCL_MOE_EXPORT ncclResult_t ncclMoeGetDispatchLayout(ncclMoeComm_t comm, const int64_t* topkIdx, int numTokens,
                                                       int topk, int* numTokensPerRank, int* numTokensPerExpert,
                                                       uint8_t* isTokenInRank, cudaStream_t stream) {
-  MOE_ARG_CHECK(comm != NULL, "ncclMoeGetDispatchLayout: comm is NULL");
   moe_device_guard_t guard;
-  MOE_CHECK(moe_device_enter(comm->device, &guard));
-  ncclResult_t res = moe_dispatch_layout(comm, topkIdx, numTokens, topk, numTokensPerRank, numTokensPerExpert,
-                                         isTokenInRank, stream);
-  moe_comm_track(comm, stream);
-  moe_device_leave(&guard);
-  return res;
+  MOE_CHECK(moe_comm_enter(comm, "ncclMoeGetDispatchLayout", &guard));
+  const ncclResult_t res = moe_dispatch_layout(comm, topkIdx, numTokens, topk, numTokensPerRank, numTokensPerExpert,
+                                               isTokenInRank, stream);
+  return moe_comm_leave(comm, stream, &guard, res);
 }
 
 static ncclResult_t moe_dispatch_check(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t* a, ncclMoeHandle_t handle) {
@@ -195,12 +192,6 @@ static ncclResult_t moe_dispatch_check(ncclMoeComm_t comm, const ncclMoeDispatch
   return ncclSuccess;
 }
 
-static uint64_t moe_now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static unsigned int moe_exact_seq_seen(ncclMoeComm_t comm) {
   return (unsigned int)__atomic_load_n(&comm->hostCounts[MOE_HOST_SEQ], __ATOMIC_ACQUIRE);
 }
@@ -211,7 +202,7 @@ static unsigned int moe_exact_seq_seen(ncclMoeComm_t comm) {
  * with that error, and so does the kernel's end without them (a fault). */
 static ncclResult_t moe_exact_wait(ncclMoeComm_t comm, unsigned int seq) {
   const uint64_t limitNs = (uint64_t)MOE_EXACT_WAIT_TIMEOUTS * (uint64_t)comm->config.timeoutMs * 1000000ull;
-  const uint64_t start = moe_now_ns();
+  const uint64_t start = moe_net_now_ns();
   moe_backoff_t backoff;
   moe_backoff_init(&backoff, MOE_EXACT_MAX_SLEEP_NS);
   for (unsigned int i = 1;; i++) {
@@ -229,7 +220,7 @@ static ncclResult_t moe_exact_wait(ncclMoeComm_t comm, unsigned int seq) {
       if (e != cudaErrorNotReady)
         return MOE_ERROR(ncclUnhandledCudaError, "rank %d: exact-mode dispatch: waiting for the receive counts: %s",
                          comm->rank, cudaGetErrorString(e));
-      if (moe_now_ns() - start > limitNs)
+      if (moe_net_now_ns() - start > limitNs)
         return MOE_ERROR(ncclSystemError, "rank %d: exact-mode dispatch: the receive counts did not arrive within "
                          "%d x %d ms (the comm's timeout): the work before the dispatch on its stream did not finish",
                          comm->rank, MOE_EXACT_WAIT_TIMEOUTS, comm->config.timeoutMs);
@@ -326,13 +317,9 @@ static ncclResult_t moe_dispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t
 NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatch(ncclMoeComm_t comm, const ncclMoeDispatchArgs_t* args,
                                              ncclMoeHandle_t handle, ncclMoeDispatchResult_t* result_p,
                                              cudaStream_t stream) {
-  MOE_ARG_CHECK(comm != NULL, "ncclMoeDispatch: comm is NULL");
   moe_device_guard_t guard;
-  MOE_CHECK(moe_device_enter(comm->device, &guard));
-  ncclResult_t res = moe_dispatch(comm, args, handle, result_p, stream);
-  moe_comm_track(comm, stream);
-  moe_device_leave(&guard);
-  return res;
+  MOE_CHECK(moe_comm_enter(comm, "ncclMoeDispatch", &guard));
+  return moe_comm_leave(comm, stream, &guard, moe_dispatch(comm, args, handle, result_p, stream));
 }
 
 static ncclResult_t moe_dispatch_recv(ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream) {
@@ -348,13 +335,9 @@ static ncclResult_t moe_dispatch_recv(ncclMoeComm_t comm, ncclMoeHandle_t handle
 }
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeDispatchRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream) {
-  MOE_ARG_CHECK(comm != NULL, "ncclMoeDispatchRecv: comm is NULL");
   moe_device_guard_t guard;
-  MOE_CHECK(moe_device_enter(comm->device, &guard));
-  ncclResult_t res = moe_dispatch_recv(comm, handle, stream);
-  moe_comm_track(comm, stream);
-  moe_device_leave(&guard);
-  return res;
+  MOE_CHECK(moe_comm_enter(comm, "ncclMoeDispatchRecv", &guard));
+  return moe_comm_leave(comm, stream, &guard, moe_dispatch_recv(comm, handle, stream));
 }
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeGetCombineBuffer(ncclMoeComm_t comm, void** buffer_p, size_t* bytes_p) {
@@ -430,13 +413,9 @@ static ncclResult_t moe_combine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* 
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCombine(ncclMoeComm_t comm, const ncclMoeCombineArgs_t* args,
                                             ncclMoeHandle_t handle, cudaStream_t stream) {
-  MOE_ARG_CHECK(comm != NULL, "ncclMoeCombine: comm is NULL");
   moe_device_guard_t guard;
-  MOE_CHECK(moe_device_enter(comm->device, &guard));
-  ncclResult_t res = moe_combine(comm, args, handle, stream);
-  moe_comm_track(comm, stream);
-  moe_device_leave(&guard);
-  return res;
+  MOE_CHECK(moe_comm_enter(comm, "ncclMoeCombine", &guard));
+  return moe_comm_leave(comm, stream, &guard, moe_combine(comm, args, handle, stream));
 }
 
 static ncclResult_t moe_combine_recv(ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream) {
@@ -455,11 +434,7 @@ static ncclResult_t moe_combine_recv(ncclMoeComm_t comm, ncclMoeHandle_t handle,
 }
 
 NCCL_MOE_EXPORT ncclResult_t ncclMoeCombineRecv(ncclMoeComm_t comm, ncclMoeHandle_t handle, cudaStream_t stream) {
-  MOE_ARG_CHECK(comm != NULL, "ncclMoeCombineRecv: comm is NULL");
   moe_device_guard_t guard;
-  MOE_CHECK(moe_device_enter(comm->device, &guard));
-  ncclResult_t res = moe_combine_recv(comm, handle, stream);
-  moe_comm_track(comm, stream);
-  moe_device_leave(&guard);
-  return res;
+  MOE_CHECK(moe_comm_enter(comm, "ncclMoeCombineRecv", &guard));
+  return moe_comm_leave(comm, stream, &guard, moe_combine_recv(comm, handle, stream));
 }
