@@ -34,7 +34,7 @@
 #define RAW_DEPTH 16
 #define RAW_WAIT_MS 5000
 #define STREAM_WINDOW 8
-#define STREAM_GRACE_MS 5000
+#define STREAM_GRACE_MS 10000
 
 /* ======================================================================== */
 /* Raw verbs: two RC QPs of one device connected to each other. */
