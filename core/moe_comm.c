@@ -18,8 +18,8 @@
 
 #define MOE_AUTO_BLOCKS_PER_GPU_RANK 24 /* SMs one rank takes when it has its GPU alone */
 #define MOE_BLOCKS_PER_SM 2
-/* Scratch: the barrier epoch (8 bytes), the grid-completion counter, then
- * the layout's counts from this offset. */
+/* Scratch: the barrier epoch (8 bytes), the grid-completion counter, the
+ * error record's claim word, then the layout's counts from this offset. */
 #define MOE_SCRATCH_COUNTS 64
 
 ncclResult_t moe_comm_alloc(ncclMoeComm_t comm) {
@@ -90,6 +90,7 @@ ncclResult_t moe_comm_finish(ncclMoeComm_t comm) {
   ctx->error = devError;
   ctx->epoch = (unsigned long long*)comm->scratch;
   ctx->blocksDone = (unsigned int*)((char*)comm->scratch + sizeof(unsigned long long));
+  ctx->errorClaim = (int*)((char*)comm->scratch + sizeof(unsigned long long) + sizeof(unsigned int));
   ctx->timeoutNs = (long long)comm->config.timeoutMs * 1000000LL;
   comm->tokensPerRank = (int*)((char*)comm->scratch + MOE_SCRATCH_COUNTS);
   comm->tokensPerExpert = comm->tokensPerRank + comm->nRanks;
@@ -199,7 +200,7 @@ void moe_comm_mark_aborted(ncclMoeComm_t comm) {
   if (comm->hostError == NULL) return; /* never finished its set-up: no kernel can run */
   /* A fatal code replaces a non-fatal one (kernels' waits then end); an
    * earlier fatal error stays, and is what the comm reports. */
-  moe_error_record_host(comm->hostError, MOE_KERR_ABORT, NULL);
+  moe_error_record_host(comm->hostError, MOE_KERR_ABORT);
 }
 
 /* A pointer the kernels will dereference: device (or managed) memory, with

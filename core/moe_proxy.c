@@ -104,7 +104,7 @@ static long long moe_proxy_now_ns(void) { return (long long)moe_net_now_ns(); }
 static ncclResult_t moe_proxy_fail(moe_proxy_t* p, ncclResult_t res) {
   if (p->err[0] == '\0') snprintf(p->err, sizeof(p->err), "%s", ncclMoeGetLastError());
   /* The message first: recording the code releases it to whoever sees the code. */
-  moe_error_record_host(p->a.error, MOE_KERR_NET, NULL);
+  moe_error_record_host(p->a.error, MOE_KERR_NET);
   return res;
 }
 

@@ -50,6 +50,7 @@ typedef struct {
   moe_layout_t layout;
   int rank, nRanks, numLocalExperts;
   volatile int* error;        /* host-mapped error record [MOE_ERR_WORDS] (moe_error.h) */
+  int* errorClaim;            /* the kernels' claim word of the record (device, moe_error.h) */
   unsigned long long* epoch;  /* this rank's barrier counter (device) */
   unsigned int* blocksDone;   /* grid-completion counter (device) */
   long long timeoutNs;

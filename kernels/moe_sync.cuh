@@ -40,15 +40,16 @@ __device__ __forceinline__ long long moe_now_ns(void) {
 /* Records `code` in the rank's error record (moe_error.h: the first fatal
  * error wins; any thread may call it). */
 __device__ __forceinline__ void moe_record_error(const moe_rank_ctx_t& c, int code) {
-  moe_error_record_dev(c.error, code, NULL);
+  moe_error_record_kernel(c.errorClaim, c.error, code, NULL);
 }
 
 /* True when a fatal error was recorded (a wait of this rank timed out, so the
  * epochs of the ranks no longer agree; the network proxy failed; a peer sent
- * impossible counts): every later kernel of the comm does nothing. The record
- * is host memory: a read crosses PCIe, so waits read it at a bounded rate. */
+ * impossible counts; the host aborted): every later kernel of the comm does
+ * nothing. The host's word is host memory: a read crosses PCIe, so waits read
+ * it at a bounded rate. */
 __device__ __forceinline__ bool moe_comm_broken(const moe_rank_ctx_t& c) {
-  return moe_kerr_fatal(c.error[MOE_ERR_CODE]);
+  return moe_error_fatal(c.errorClaim, c.error);
 }
 
 /* Every thread of the block, at a kernel's start: false when the comm is
@@ -62,7 +63,7 @@ __device__ __forceinline__ bool moe_block_proceed(const moe_rank_ctx_t& c) {
 __device__ __noinline__ inline void moe_record_timeout(const moe_rank_ctx_t& c, moe_wait_t what, unsigned long long want,
                                                 int peer, unsigned long long seen) {
   const moe_error_details_t d = {what, peer, want, seen};
-  moe_error_record_dev(c.error, MOE_KERR_TIMEOUT, &d);
+  moe_error_record_kernel(c.errorClaim, c.error, MOE_KERR_TIMEOUT, &d);
 }
 
 /* How often a wait that has not ended reads the error record, and the first

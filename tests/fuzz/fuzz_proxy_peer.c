@@ -256,7 +256,7 @@ static void fz_gpu(fz_in_t* in, fz_t* f) {
 }
 
 static void fz_check(fz_t* f) {
-  int code = f->error[MOE_ERR_CODE];
+  int code = f->error[MOE_ERR_HOST];
   FZ_CHECK(code == MOE_KERR_NONE || code == MOE_KERR_NET, "proxy error code %d", code);
   for (int c = 0; c < f->nch; c++) {
     unsigned long long a = __atomic_load_n((unsigned long long*)&flags.arrived[c][FZ_PEER], __ATOMIC_ACQUIRE);
@@ -327,7 +327,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   if (getenv("FUZZ_VERBOSE") != NULL)
     fprintf(stderr, "fuzz_proxy_peer: channel 0 sent %llu arrived %llu; proxy error code %d: %s\n",
-            flags.sent[0][FZ_PEER], flags.arrived[0][FZ_PEER], f.error[MOE_ERR_CODE], moe_proxy_error(f.proxy));
+            flags.sent[0][FZ_PEER], flags.arrived[0][FZ_PEER], f.error[MOE_ERR_HOST], moe_proxy_error(f.proxy));
   /* Rank 1 leaves first: the proxy's drain at destroy ends at the closed
    * connection instead of waiting out its timeout for a quiet peer. */
   if (f.send != NULL) {

@@ -6,7 +6,7 @@
 
 /* Thread 0 of every block waits for *go (so the blocks and the host thread
  * start together), then records codes[k][block] into every record k. */
-__global__ void moe_test_error_race_kernel(volatile int* recs, int nRecords, const int* codes, int* won,
+__global__ void moe_test_error_race_kernel(volatile int* recs, int* claims, int nRecords, const int* codes, int* won,
                                            const volatile int* go, long long timeoutNs) {
   if (threadIdx.x != 0) return;
   const long long start = moe_now_ns();
@@ -15,15 +15,15 @@ __global__ void moe_test_error_race_kernel(volatile int* recs, int nRecords, con
   const int writers = gridDim.x, id = blockIdx.x;
   for (int k = 0; k < nRecords; k++) {
     const moe_error_details_t d = moe_test_error_details(id, k);
-    won[(size_t)k * writers + id] = moe_error_record_dev(recs + (size_t)k * MOE_ERR_WORDS,
-                                                         codes[(size_t)k * writers + id], &d);
+    won[(size_t)k * writers + id] = moe_error_record_kernel(&claims[k], recs + (size_t)k * MOE_ERR_WORDS,
+                                                            codes[(size_t)k * writers + id], &d);
   }
 }
 
-extern "C" cudaError_t moe_test_error_race_launch(volatile int* recs, int nRecords, const int* codes, int* won,
-                                                  int blocks, const volatile int* go, long long timeoutNs,
+extern "C" cudaError_t moe_test_error_race_launch(volatile int* recs, int* claims, int nRecords, const int* codes,
+                                                  int* won, int blocks, const volatile int* go, long long timeoutNs,
                                                   cudaStream_t stream) {
-  moe_test_error_race_kernel<<<blocks, 32, 0, stream>>>(recs, nRecords, codes, won, go, timeoutNs);
+  moe_test_error_race_kernel<<<blocks, 32, 0, stream>>>(recs, claims, nRecords, codes, won, go, timeoutNs);
   return cudaGetLastError();
 }
 

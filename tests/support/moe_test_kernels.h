@@ -40,9 +40,11 @@ static inline MOE_HD moe_error_details_t moe_test_error_details(int id, int k) {
 /* The error record's device half (error_kernels.cu): blocks x 32 threads;
  * thread 0 of block b waits for *go (host-mapped; at most timeoutNs), then
  * records codes[k * blocks + b], with moe_test_error_details(b, k),
- * into every record k of recs (host-mapped, nRecords x MOE_ERR_WORDS), and
- * stores whether it won in won[k * blocks + b]. */
-cudaError_t moe_test_error_race_launch(volatile int* recs, int nRecords, const int* codes, int* won, int blocks,
+ * into every record k of recs (host-mapped, nRecords x MOE_ERR_WORDS) with
+ * claim word claims[k] (device memory), and stores whether it won in
+ * won[k * blocks + b]. */
+cudaError_t moe_test_error_race_launch(volatile int* recs, int* claims, int nRecords, const int* codes, int* won,
+                                       int blocks,
                                        const volatile int* go, long long timeoutNs, cudaStream_t stream);
 
 /* The one wait (moe_wait_geq) with ctx's error record: block 0 waits for

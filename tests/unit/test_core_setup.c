@@ -745,8 +745,9 @@ START_TEST(test_init_oob_arguments_and_failed_set_up) {
 }
 END_TEST
 
-/* The abort mark: set by compare-and-swap unless a fatal error is there;
- * a recorded bad batch gives way so that the kernels' waits end. */
+/* The abort mark: the host's side of the record, set by compare-and-swap;
+ * a bad batch the kernels recorded gives way to it, a timeout they recorded
+ * is what the comm reports (the root cause). */
 START_TEST(test_abort_marks_the_error_record) {
   ck_assert_int_eq(ncclMoeCommAbort(NULL), ncclSuccess);
   struct ncclMoeComm comm;
@@ -755,16 +756,18 @@ START_TEST(test_abort_marks_the_error_record) {
   int rec[MOE_ERR_WORDS] = {0};
   comm.hostError = rec;
   ck_assert_int_eq(moe_comm_ready(&comm), ncclSuccess);
+  rec[MOE_ERR_DEV_SOFT] = MOE_KERR_BAD_EXPERT; /* a bad batch: the comm stays usable */
+  ck_assert_int_eq(moe_comm_ready(&comm), ncclSuccess);
   moe_comm_mark_aborted(&comm);
-  ck_assert_int_eq(rec[MOE_ERR_CODE], MOE_KERR_ABORT);
+  ck_assert_int_eq(rec[MOE_ERR_HOST], MOE_KERR_ABORT);
   ck_assert_int_eq(moe_comm_ready(&comm), ncclInvalidUsage);
   ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "aborted"));
-  rec[MOE_ERR_CODE] = MOE_KERR_BAD_EXPERT;
+  rec[MOE_ERR_WAIT] = -1;
+  rec[MOE_ERR_DEV_FATAL] = MOE_KERR_TIMEOUT; /* the kernels' timeout explains more than the abort */
+  ck_assert_int_eq(moe_comm_ready(&comm), ncclSystemError);
+  ck_assert_ptr_nonnull(strstr(ncclMoeGetLastError(), "did not answer"));
   moe_comm_mark_aborted(&comm);
-  ck_assert_int_eq(rec[MOE_ERR_CODE], MOE_KERR_ABORT);
-  rec[MOE_ERR_CODE] = MOE_KERR_TIMEOUT; /* the first fatal error stays */
-  moe_comm_mark_aborted(&comm);
-  ck_assert_int_eq(rec[MOE_ERR_CODE], MOE_KERR_TIMEOUT);
+  ck_assert_int_eq(moe_comm_ready(&comm), ncclSystemError);
   /* Abort's bounded wait: nothing of this comm runs, so it is idle at once. */
   ck_assert_int_eq(moe_comm_wait_idle_for(&comm, 1000), 1);
   for (int code = MOE_KERR_NONE; code <= MOE_KERR_ABORT; code++)

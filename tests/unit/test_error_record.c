@@ -1,11 +1,13 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* The error record's host half (kernels/moe_error.h): threads racing to
- * record different errors leave exactly one winner per kind of claim (one
- * from NONE, one fatal), the record ends with the winner's code and, for a
- * fatal one, the winner's details intact; a reader racing with them never
- * sees a code go back, a fatal code change, or details that are not the
- * winner's. The device half follows the same protocol with atomicCAS_system
- * (tests/gpu/test_error_record_gpu). */
+/* The error record (kernels/moe_error.h), both halves on CPU threads: the
+ * kernels' half (claim word + published words; on the GPU the claim is an
+ * atomicCAS in device memory, tests/gpu/test_error_record_gpu) and the host's
+ * half racing to record different errors leave exactly one winner per side
+ * and kind of claim (one from NONE, one fatal); the record reads as the
+ * combination the protocol defines, with the kernels' fatal winner's details
+ * intact; a reader racing with them never sees a code go back to none, a
+ * fatal code give way to a non-fatal one or to a lesser cause, or details
+ * that are not the winner's. */
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -19,6 +21,7 @@
 #include "test_common.h"
 
 #define WRITERS 6
+#define KERNEL_WRITERS 4 /* writers 0..3 play the kernels' half, the others the host's */
 #define RECORDS 16 /* records raced for per round: each writer claims them all, in order */
 #define ROUNDS 300
 
@@ -43,6 +46,7 @@ static int details_equal(const moe_error_details_t* a, const moe_error_details_t
 
 typedef struct {
   volatile int rec[RECORDS][MOE_ERR_WORDS];
+  int claim[RECORDS];         /* the kernels' claim words */
   int code[RECORDS][WRITERS]; /* what each writer records this round */
   int won[RECORDS][WRITERS];
   int round;                  /* -1 while the main thread resets */
@@ -57,24 +61,27 @@ typedef struct {
   int id;
 } writer_arg_t;
 
+static int record(race_t* r, int k, int id, int round) {
+  const moe_error_details_t d = details_of(round, k, id);
+  if (id < KERNEL_WRITERS) return moe_error_record_kernel(&r->claim[k], r->rec[k], r->code[k][id], &d);
+  return moe_error_record_host(r->rec[k], r->code[k][id]);
+}
+
 static void* writer(void* p) {
   writer_arg_t* w = p;
   race_t* r = w->r;
   for (int i = 0; i < ROUNDS; i++) {
     pthread_barrier_wait(&r->start);
     while (atomic_load_explicit(&r->go, memory_order_acquire) != i + 1) sched_yield(); /* start together */
-    for (int k = 0; k < RECORDS; k++) {
-      const moe_error_details_t d = details_of(i, k, w->id);
-      r->won[k][w->id] = moe_error_record_host(r->rec[k], r->code[k][w->id], &d);
-    }
+    for (int k = 0; k < RECORDS; k++) r->won[k][w->id] = record(r, k, w->id, i);
     pthread_barrier_wait(&r->end);
   }
   return NULL;
 }
 
 /* Reads the records while the writers race: a code only moves NONE ->
- * non-fatal -> fatal, and details, when present, are those of a writer
- * that recorded the code read. */
+ * non-fatal -> fatal -> a fatal code of a deeper cause, and details, when
+ * present, are those of a kernels' writer that recorded the code read. */
 static void* reader(void* p) {
   race_t* r = p;
   int lastRound = -1, last[RECORDS];
@@ -84,7 +91,7 @@ static void* reader(void* p) {
     if (round < 0) continue; /* being reset */
     int has = 0;
     const int code = moe_error_read_host(r->rec[k], &d, &has);
-    const int peerCode = has && d.peer >= 0 && d.peer < WRITERS ? r->code[k][d.peer] : MOE_KERR_NONE;
+    const int peerCode = has && d.peer >= 0 && d.peer < KERNEL_WRITERS ? r->code[k][d.peer] : MOE_KERR_NONE;
     __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the reads above before the check below */
     if (__atomic_load_n(&r->round, __ATOMIC_RELAXED) != round) continue; /* reset meanwhile */
     if (round != lastRound) {
@@ -93,10 +100,10 @@ static void* reader(void* p) {
     }
     int bad = 0;
     if (code == MOE_KERR_NONE && last[k] != MOE_KERR_NONE) bad = __LINE__;
-    if (moe_kerr_fatal(last[k]) && code != last[k]) bad = __LINE__;
+    if (moe_kerr_fatal(last[k]) && (!moe_kerr_fatal(code) || moe_kerr_cause(last[k], code) != code)) bad = __LINE__;
     if (has && !moe_kerr_fatal(code)) bad = __LINE__;
     if (has) {
-      if (d.peer < 0 || d.peer >= WRITERS) {
+      if (d.peer < 0 || d.peer >= KERNEL_WRITERS) {
         bad = __LINE__;
       } else {
         const moe_error_details_t want = details_of(round, k, d.peer);
@@ -109,39 +116,58 @@ static void* reader(void* p) {
   return NULL;
 }
 
-/* After a round: one winner per kind of claim, the record holds its code
- * and, for a fatal one, its details. Returns whether a non-fatal code was
- * replaced by a fatal one. */
-static int check_record(race_t* r, int round, int k) {
-  int anyFatal = 0, fatalWins = 0, otherWins = 0, winner = -1;
-  for (int i = 0; i < WRITERS; i++) anyFatal |= moe_kerr_fatal(r->code[k][i]);
-  for (int i = 0; i < WRITERS; i++) {
+/* One side's writers [from, to) after a round: at most one non-fatal winner,
+ * exactly one fatal winner when any wrote a fatal code. Returns that side's fatal winner (-1: none) and in *soft its non-fatal
+ * winner (-1: none). */
+static int side_winners(race_t* r, int round, int k, int from, int to, int* soft) {
+  int anyFatal = 0, fatalWins = 0, softWins = 0, fatal = -1;
+  *soft = -1;
+  for (int i = from; i < to; i++) anyFatal |= moe_kerr_fatal(r->code[k][i]);
+  for (int i = from; i < to; i++) {
     if (!r->won[k][i]) continue;
     if (moe_kerr_fatal(r->code[k][i])) {
       fatalWins++;
-      winner = i;
+      fatal = i;
     } else {
-      otherWins++;
-      if (!anyFatal) winner = i;
+      softWins++;
+      *soft = i;
     }
   }
+  ck_assert_msg(softWins <= 1, "round %d record %d: %d non-fatal writers won on one side", round, k, softWins);
+  ck_assert_msg(fatalWins == (anyFatal ? 1 : 0), "round %d record %d: %d fatal writers won on one side", round, k,
+                fatalWins);
+  ck_assert_msg(softWins + fatalWins > 0 || to == from, "round %d record %d: nobody won", round, k);
+  return fatal;
+}
+
+/* After a round: the winners per side, and the record reads as their
+ * combination. Returns whether a non-fatal code was replaced by a fatal
+ * one. */
+static int check_record(race_t* r, int round, int k) {
+  int kSoft, hSoft;
+  const int kFatal = side_winners(r, round, k, 0, KERNEL_WRITERS, &kSoft);
+  const int hFatal = side_winners(r, round, k, KERNEL_WRITERS, WRITERS, &hSoft);
+  const int kCode = kFatal >= 0 ? r->code[k][kFatal] : MOE_KERR_NONE;
+  const int hCode = hFatal >= 0 ? r->code[k][hFatal] : hSoft >= 0 ? r->code[k][hSoft] : MOE_KERR_NONE;
+  int want;
+  if (kFatal >= 0 || hFatal >= 0) want = moe_kerr_cause(kCode, hFatal >= 0 ? hCode : MOE_KERR_NONE);
+  else want = kSoft >= 0 ? r->code[k][kSoft] : hCode;
   moe_error_details_t d = {0, -1, 0, 0};
   int has = 0;
   const int code = moe_error_read_host(r->rec[k], &d, &has);
-  ck_assert_msg(otherWins <= 1, "round %d record %d: %d non-fatal writers won", round, k, otherWins);
-  ck_assert_msg(fatalWins == (anyFatal ? 1 : 0), "round %d record %d: %d fatal writers won", round, k, fatalWins);
-  ck_assert_int_ge(winner, 0);
-  ck_assert_int_eq(code, r->code[k][winner]);
-  if (!anyFatal) {
-    ck_assert_msg(!has, "round %d record %d: details with a non-fatal code", round, k);
-    for (int w = MOE_ERR_DETAILS; w < MOE_ERR_WORDS; w++) ck_assert_int_eq(r->rec[k][w], 0);
-    return 0;
+  ck_assert_int_eq(code, want);
+  ck_assert_int_eq(r->rec[k][MOE_ERR_HOST], hCode);
+  ck_assert_int_eq(r->rec[k][MOE_ERR_DEV_FATAL], kCode);
+  ck_assert_int_eq(r->rec[k][MOE_ERR_DEV_SOFT], kSoft >= 0 ? r->code[k][kSoft] : MOE_KERR_NONE);
+  if (kFatal < 0 || code != kCode) {
+    ck_assert_msg(!has, "round %d record %d: details with code %d", round, k, code);
+  } else {
+    const moe_error_details_t wantD = details_of(round, k, kFatal);
+    ck_assert_msg(has, "round %d record %d: no details after the kernels' fatal code", round, k);
+    ck_assert_msg(details_equal(&d, &wantD), "round %d record %d: details are not those of writer %d (peer %d)",
+                  round, k, kFatal, d.peer);
   }
-  const moe_error_details_t want = details_of(round, k, winner);
-  ck_assert_msg(has, "round %d record %d: no details after a fatal code", round, k);
-  ck_assert_msg(details_equal(&d, &want), "round %d record %d: details are not those of writer %d (peer %d)", round,
-                k, winner, d.peer);
-  return otherWins;
+  return (kSoft >= 0 && kFatal >= 0) || (hSoft >= 0 && hFatal >= 0);
 }
 
 START_TEST(test_racing_writers_one_winner) {
@@ -165,6 +191,7 @@ START_TEST(test_racing_writers_one_winner) {
     __atomic_store_n(&r->round, -1, __ATOMIC_RELEASE);
     for (int k = 0; k < RECORDS; k++) {
       for (int w = 0; w < MOE_ERR_WORDS; w++) r->rec[k][w] = 0;
+      r->claim[k] = 0;
       for (int i = 0; i < WRITERS; i++) r->code[k][i] = codes[moe_rng_below(&rng, NCODES)];
     }
     __atomic_store_n(&r->round, round, __ATOMIC_RELEASE);
@@ -187,35 +214,55 @@ END_TEST
 /* One thread, in order: the rules the race above relies on. */
 START_TEST(test_claim_rules) {
   volatile int rec[MOE_ERR_WORDS] = {0};
+  int claim = 0;
   moe_error_details_t d = {MOE_WAIT_NET_CHUNK, 3, 0xfedcba9876543210ull, 0x0123456789abcdefull}, got;
   int has = 1;
   ck_assert_int_eq(moe_error_read_host(rec, &got, &has), MOE_KERR_NONE);
   ck_assert_int_eq(has, 0);
-  /* A non-fatal code: claims the record from NONE only, never with details. */
-  ck_assert_int_eq(moe_error_record_host(rec, MOE_KERR_CAPACITY, &d), 1);
-  ck_assert_int_eq(moe_error_record_host(rec, MOE_KERR_MISMATCH, NULL), 0);
+  /* The kernels' half. A non-fatal code: claims from NONE only, never with details. */
+  ck_assert_int_eq(moe_error_record_kernel(&claim, rec, MOE_KERR_CAPACITY, &d), 1);
+  ck_assert_int_eq(moe_error_record_kernel(&claim, rec, MOE_KERR_MISMATCH, NULL), 0);
   ck_assert_int_eq(moe_error_read_host(rec, &got, &has), MOE_KERR_CAPACITY);
   ck_assert_int_eq(has, 0);
-  for (int w = MOE_ERR_DETAILS; w < MOE_ERR_WORDS; w++) ck_assert_int_eq(rec[w], 0);
+  ck_assert(!moe_error_fatal(&claim, rec));
+  for (int w = MOE_ERR_DEV_FATAL; w < MOE_ERR_WORDS; w++) ck_assert_int_eq(rec[w], 0);
+  /* A host code that is not fatal does not hide the kernels' one. */
+  ck_assert_int_eq(moe_error_record_host(rec, MOE_KERR_MISMATCH), 1);
+  ck_assert_int_eq(moe_error_read_host(rec, NULL, NULL), MOE_KERR_CAPACITY);
   /* A fatal code replaces it, with its details; nothing replaces a fatal code. */
-  ck_assert_int_eq(moe_error_record_host(rec, MOE_KERR_TIMEOUT, &d), 1);
+  ck_assert_int_eq(moe_error_record_kernel(&claim, rec, MOE_KERR_TIMEOUT, &d), 1);
   moe_error_details_t other = {MOE_WAIT_BARRIER, 1, 5, 4};
-  ck_assert_int_eq(moe_error_record_host(rec, MOE_KERR_NET, &other), 0);
-  ck_assert_int_eq(moe_error_record_host(rec, MOE_KERR_TIMEOUT, &other), 0);
-  ck_assert_int_eq(moe_error_record_host(rec, MOE_KERR_BAD_EXPERT, NULL), 0);
+  ck_assert_int_eq(moe_error_record_kernel(&claim, rec, MOE_KERR_NET, &other), 0);
+  ck_assert_int_eq(moe_error_record_kernel(&claim, rec, MOE_KERR_TIMEOUT, &other), 0);
+  ck_assert_int_eq(moe_error_record_kernel(&claim, rec, MOE_KERR_BAD_EXPERT, NULL), 0);
   ck_assert_int_eq(moe_error_read_host(rec, &got, &has), MOE_KERR_TIMEOUT);
   ck_assert_int_eq(has, 1);
   ck_assert(details_equal(&got, &d));
-  /* A fatal code without details reads as one without details. */
+  ck_assert(moe_error_fatal(&claim, rec));
+  /* The host's abort does not hide the kernels' timeout (the deeper cause);
+   * the host's proxy failure does, and then there are no details. */
+  ck_assert_int_eq(moe_error_record_host(rec, MOE_KERR_ABORT), 1);
+  ck_assert_int_eq(moe_error_read_host(rec, &got, &has), MOE_KERR_TIMEOUT);
+  ck_assert_int_eq(has, 1);
   volatile int rec2[MOE_ERR_WORDS] = {0};
-  ck_assert_int_eq(moe_error_record_host(rec2, MOE_KERR_NET, NULL), 1);
-  ck_assert_int_eq(moe_error_read_host(rec2, NULL, &has), MOE_KERR_NET);
-  ck_assert_int_eq(has, 0);
-  /* Details published for another code (a winner the code word lost to,
-   * on a platform whose CPU and GPU atomics do not exclude each other) are
-   * not this code's. */
-  rec2[MOE_ERR_DETAILS] = MOE_KERR_TIMEOUT;
+  int claim2 = 0;
+  ck_assert_int_eq(moe_error_record_kernel(&claim2, rec2, MOE_KERR_TIMEOUT, &d), 1);
+  ck_assert_int_eq(moe_error_record_host(rec2, MOE_KERR_NET), 1);
+  ck_assert_int_eq(moe_error_record_host(rec2, MOE_KERR_ABORT), 0);
   ck_assert_int_eq(moe_error_read_host(rec2, &got, &has), MOE_KERR_NET);
+  ck_assert_int_eq(has, 0);
+  /* The host's fatal code alone: the kernels see the comm broken. */
+  volatile int rec3[MOE_ERR_WORDS] = {0};
+  int claim3 = 0;
+  ck_assert_int_eq(moe_error_record_host(rec3, MOE_KERR_ABORT), 1);
+  ck_assert(moe_error_fatal(&claim3, rec3));
+  ck_assert_int_eq(moe_error_read_host(rec3, NULL, &has), MOE_KERR_ABORT);
+  ck_assert_int_eq(has, 0);
+  /* The kernels' fatal code without details reads as one without details. */
+  volatile int rec4[MOE_ERR_WORDS] = {0};
+  int claim4 = 0;
+  ck_assert_int_eq(moe_error_record_kernel(&claim4, rec4, MOE_KERR_BAD_NOTIFY, NULL), 1);
+  ck_assert_int_eq(moe_error_read_host(rec4, &got, &has), MOE_KERR_BAD_NOTIFY);
   ck_assert_int_eq(has, 0);
 }
 END_TEST
@@ -226,7 +273,12 @@ START_TEST(test_fatal_codes) {
             !moe_kerr_fatal(MOE_KERR_CAPACITY) && !moe_kerr_fatal(MOE_KERR_MISMATCH));
   ck_assert(!moe_kerr_replaces(MOE_KERR_NONE, MOE_KERR_NONE));
   volatile int rec[MOE_ERR_WORDS] = {0};
-  ck_assert_int_eq(moe_error_record_host(rec, MOE_KERR_NONE, NULL), 0);
+  int claim = 0;
+  ck_assert_int_eq(moe_error_record_host(rec, MOE_KERR_NONE), 0);
+  ck_assert_int_eq(moe_error_record_kernel(&claim, rec, MOE_KERR_NONE, NULL), 0);
+  ck_assert_int_eq(moe_kerr_cause(MOE_KERR_ABORT, MOE_KERR_TIMEOUT), MOE_KERR_TIMEOUT);
+  ck_assert_int_eq(moe_kerr_cause(MOE_KERR_NET, MOE_KERR_TIMEOUT), MOE_KERR_NET);
+  ck_assert_int_eq(moe_kerr_cause(MOE_KERR_TIMEOUT, MOE_KERR_BAD_NOTIFY), MOE_KERR_BAD_NOTIFY);
   ck_assert_int_eq(moe_error_read_host(rec, NULL, NULL), MOE_KERR_NONE);
 }
 END_TEST

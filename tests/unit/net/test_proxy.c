@@ -297,7 +297,7 @@ static void run_ops_as(int nNodes, int compact) {
     if (!args[n].ok) fprintf(stderr, "rank %d: %s\n", n, args[n].why);
   for (int n = 0; n < nNodes; n++) {
     ck_assert_msg(args[n].ok, "rank %d: %s (proxy error: %s)", n, args[n].why, moe_proxy_error(cl.node[n].proxy));
-    ck_assert_int_eq(cl.node[n].error[MOE_ERR_CODE], MOE_KERR_NONE);
+    ck_assert_int_eq(cl.node[n].error[MOE_ERR_HOST], MOE_KERR_NONE);
   }
   cluster_down(&cl);
 }
@@ -348,8 +348,8 @@ START_TEST(test_dead_peer_is_an_error) {
   moe_proxy_destroy(cl.node[1].proxy);
   cl.node[1].proxy = NULL;
   uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
-  while (cl.node[0].error[MOE_ERR_CODE] == MOE_KERR_NONE) ck_assert(net_now_ms() < deadline);
-  ck_assert_int_eq(cl.node[0].error[MOE_ERR_CODE], MOE_KERR_NET);
+  while (cl.node[0].error[MOE_ERR_HOST] == MOE_KERR_NONE) ck_assert(net_now_ms() < deadline);
+  ck_assert_int_eq(cl.node[0].error[MOE_ERR_HOST], MOE_KERR_NET);
   ck_assert(strlen(moe_proxy_error(cl.node[0].proxy)) > 0);
   cluster_down(&cl);
 }
@@ -406,7 +406,7 @@ START_TEST(test_oversized_slab_is_an_error) {
   node_t* s = &cl.node[0];
   hand_over(s, MOE_CH_COMBINE, 1, 1, SLAB_BYTES + 1);
   uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
-  while (s->error[MOE_ERR_CODE] == MOE_KERR_NONE) ck_assert(net_now_ms() < deadline);
+  while (s->error[MOE_ERR_HOST] == MOE_KERR_NONE) ck_assert(net_now_ms() < deadline);
   ck_assert_uint_eq(load(&cl.node[1].flags.arrived[MOE_CH_COMBINE][0]), 0);
   cluster_down(&cl);
 }
@@ -457,7 +457,7 @@ START_TEST(test_bad_chunk_geometry_is_an_error) {
     s->flags.chunkBytes[c][1] = bad == 0 ? 1000 : 64; /* 2 x 1000 after the header < 4096 */
     store(&s->flags.ready[c][1], 1);
     uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
-    while (s->error[MOE_ERR_CODE] == MOE_KERR_NONE) ck_assert(net_now_ms() < deadline);
+    while (s->error[MOE_ERR_HOST] == MOE_KERR_NONE) ck_assert(net_now_ms() < deadline);
     ck_assert_ptr_nonnull(strstr(moe_proxy_error(s->proxy), "chunks"));
     ck_assert_uint_eq(load(&cl.node[1].flags.arrived[c][0]), 0);
     cluster_down(&cl);
