@@ -13,7 +13,10 @@
 # bench[=ARGS] (nccl-moe-bench ARGS), torch (python/benchmarks/bench_vs_torch.py
 # --virtual 8), example (examples/moe_layer.py --virtual 8), sweep (nccl-moe-bench
 # --sweep --json in both modes: $OUT/sweep-normal.jsonl and $OUT/sweep-ll.jsonl,
-# for scripts/plot_perf.py). Each step's output goes to $OUT/<n>-<step>.log too;
+# for scripts/plot_perf.py), netcheck (nccl-moe-netcheck: real NCCL through the
+# plugin), collnet (netcheck again with the test's fake CollNet passed through,
+# NCCL_COLLNET_ENABLE=1, NCCL_DEBUG=INFO: the log shows which CollNet NCCL
+# loaded). Each step's output goes to $OUT/<n>-<step>.log too;
 # a summary comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +63,11 @@ for s in "$@"; do
         step "sweep $mode" 300 sh -c '"$1" --mode "$2" --sweep --json > "$3"' sh "$bin/nccl-moe-bench" "$mode" \
           "$out/sweep-$mode.jsonl"
       done ;;
+    netcheck) step netcheck 300 "$bin/nccl-moe-netcheck" --plugin "$PWD/$bin/libnccl-net-moe.so" ;;
+    collnet)
+      step collnet 300 env NCCL_MOE_COLLNET_PLUGIN="$PWD/$bin/tests/support/libfake-collnet.so" NCCL_COLLNET_ENABLE=1 \
+        NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET,ENV "$bin/nccl-moe-netcheck" --plugin "$PWD/$bin/libnccl-net-moe.so"
+      grep -hE 'collnet|CollNet|netcheck:' "$out/$n-collnet.log" ;;
     torch) step torch 300 "$py" python/benchmarks/bench_vs_torch.py --virtual 8 ;;
     example) step example 300 "$py" examples/moe_layer.py --virtual 8 ;;
     *) echo "unknown step $s" >&2; exit 2 ;;

@@ -4,7 +4,13 @@
  * _v8 when built with FAKE_COLLNET_ONLY_V8), counts the calls that reach it,
  * and says so through NCCL's logger so a run with real NCCL shows it was used.
  * It offers no devices unless FAKE_COLLNET_DEVICES says so: with real NCCL it
- * is loaded and initialized, and CollNet then stays off. */
+ * is loaded and initialized, and CollNet then stays off.
+ *
+ * Its v11 behaves as a real library may: init makes a context before NCCL
+ * asks for devices (even when there are none), fills part of its table
+ * (reduceSupport) only then, and fails with its context set when
+ * FAKE_COLLNET_INIT_FAIL is set. fake_collnet_live counts contexts made and
+ * not finalized. */
 #include <stdlib.h>
 
 #include "nccl_net/collnet.h"
@@ -48,16 +54,22 @@ FAKE_EXPORT ncclCollNet_v8_t ncclCollNetPlugin_v8 = {
 };
 
 #ifndef FAKE_COLLNET_ONLY_V8
-static ncclResult_t fake_init_v11(void** ctx, uint64_t comm_id, ncclDebugLogger_t log) {
-  (void)comm_id;
-  *ctx = &fake_collnet_calls;
-  fake_hello(log, 11);
+/* Contexts made by init and not yet finalized (tests read it with dlsym). */
+FAKE_EXPORT int fake_collnet_live;
+
+static ncclResult_t fake_reduce_support(ncclDataType_t type, ncclRedOp_t op, int* supported) {
+  fake_collnet_calls++;
+  *supported = type == ncclFloat32 && op == ncclSum;
   return ncclSuccess;
 }
 
+static ncclResult_t fake_init_v11(void** ctx, uint64_t comm_id, ncclDebugLogger_t log);
+
 static ncclResult_t fake_finalize(void* ctx) {
   fake_collnet_calls++;
-  return ctx == &fake_collnet_calls ? ncclSuccess : ncclInvalidArgument;
+  if (ctx != &fake_collnet_live || fake_collnet_live <= 0) return ncclInvalidArgument;
+  fake_collnet_live--;
+  return ncclSuccess;
 }
 
 FAKE_EXPORT ncclCollNet_v11_t ncclCollNetPlugin_v11 = {
@@ -65,10 +77,21 @@ FAKE_EXPORT ncclCollNet_v11_t ncclCollNetPlugin_v11 = {
     .init = fake_init_v11,
     .devices = fake_devices,
     FAKE_UNSUPPORTED(getProperties), FAKE_UNSUPPORTED(listen), FAKE_UNSUPPORTED(connect),
-    FAKE_UNSUPPORTED(reduceSupport), FAKE_UNSUPPORTED(regMr), FAKE_UNSUPPORTED(regMrDmaBuf),
+    .reduceSupport = NULL, /* filled in by init */
+    FAKE_UNSUPPORTED(regMr), FAKE_UNSUPPORTED(regMrDmaBuf),
     FAKE_UNSUPPORTED(deregMr), FAKE_UNSUPPORTED(iallreduce), FAKE_UNSUPPORTED(iallgather),
     FAKE_UNSUPPORTED(ireducescatter), FAKE_UNSUPPORTED(iflush), FAKE_UNSUPPORTED(test),
     FAKE_UNSUPPORTED(closeColl), FAKE_UNSUPPORTED(closeListen), FAKE_UNSUPPORTED(makeVDevice),
     .finalize = fake_finalize,
 };
+
+static ncclResult_t fake_init_v11(void** ctx, uint64_t comm_id, ncclDebugLogger_t log) {
+  (void)comm_id;
+  fake_hello(log, 11);
+  *ctx = &fake_collnet_live;
+  if (getenv("FAKE_COLLNET_INIT_FAIL") != NULL) return ncclSystemError;
+  fake_collnet_live++;
+  ncclCollNetPlugin_v11.reduceSupport = fake_reduce_support;
+  return ncclSuccess;
+}
 #endif

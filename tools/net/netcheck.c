@@ -112,6 +112,9 @@ int main(int argc, char** argv) {
     if (ch == O_JSON) json = 1;
   }
   if (plugin == NULL) plugin = moe_tool_plugin_path();
+  /* NCCL's INFO lines share stdout: line-buffer it, so a crash does not take
+   * the report lines printed before it (a full buffer into a file or pipe). */
+  setvbuf(stdout, NULL, _IOLBF, 0);
   text_out = json ? stderr : stdout;
   int ngpus = 0;
   if (cudaGetDeviceCount(&ngpus) != cudaSuccess || ngpus == 0) {

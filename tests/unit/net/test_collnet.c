@@ -1,9 +1,12 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* The CollNet pass-through (plugin/moe_collnet.c): NCCL finds another
  * library's ncclCollNetPlugin_vN in ours, the newest version both have, when
- * NCCL_MOE_COLLNET_PLUGIN names it, and nothing otherwise. The stand-in
- * libraries (tests/support/fake_collnet.c) export v11 and v8, or v8 only. */
+ * NCCL_MOE_COLLNET_PLUGIN names it, and nothing otherwise; driven through v11
+ * as NCCL 2.28.3 drives it, a library without devices leaves NCCL no context
+ * to finalize. The stand-in libraries (tests/support/fake_collnet.c) export
+ * v11 and v8, or v8 only. */
 #include <dlfcn.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,15 +63,25 @@ START_TEST(test_no_collnet_without_the_variable) {
 }
 END_TEST
 
-START_TEST(test_newest_common_version_unchanged) {
+/* The v11 table NCCL gets: the library's, but for init (see moe_collnet.c). */
+static void ck_v11_is_the_library_s(const ncclCollNet_v11_t* ours, const ncclCollNet_v11_t* theirs) {
+  ck_assert_ptr_ne(ours, theirs);
+  ck_assert_ptr_ne(ours->init, theirs->init);
+  ck_assert_ptr_eq(ours->name, theirs->name);
+  const size_t from = offsetof(ncclCollNet_v11_t, devices);
+  ck_assert_msg(memcmp((const char*)ours + from, (const char*)theirs + from, sizeof(*ours) - from) == 0,
+                "the v11 table NCCL gets differs from the library's beyond init");
+}
+
+START_TEST(test_newest_common_version) {
   const char* fake_path = path_of("FAKE_COLLNET_LIB");
   void* lib = load(fake_path);
   void* fake = dlopen(fake_path, RTLD_NOW | RTLD_NOLOAD); /* loaded by ours */
   ck_assert_ptr_nonnull(fake);
   void* t = NULL;
   ck_assert_int_eq(nccl_pick(lib, &t), 11);
-  ck_assert_ptr_eq(t, dlsym(fake, "ncclCollNetPlugin_v11")); /* the other library's own struct */
-  ck_assert_ptr_eq(dlsym(lib, "ncclCollNetPlugin_v8"), dlsym(fake, "ncclCollNetPlugin_v8"));
+  ck_v11_is_the_library_s(t, dlsym(fake, "ncclCollNetPlugin_v11"));
+  ck_assert_ptr_eq(dlsym(lib, "ncclCollNetPlugin_v8"), dlsym(fake, "ncclCollNetPlugin_v8")); /* its own struct */
   const int absent[] = {12, 10, 9, 7, 6};
   for (int i = 0; i < 5; i++) {
     char name[32];
@@ -80,13 +93,16 @@ START_TEST(test_newest_common_version_unchanged) {
   ck_assert_ptr_nonnull(calls);
   ncclCollNet_v11_t* cn = t;
   ck_assert_str_eq(cn->name, "FakeCollNet");
+  setenv("FAKE_COLLNET_DEVICES", "2", 1);
   void* ctx = NULL;
   int ndev = -1, before = *calls;
   ck_assert_int_eq(cn->init(&ctx, 42, NULL), ncclSuccess);
+  ck_assert_ptr_eq(ctx, dlsym(fake, "fake_collnet_live")); /* the library's context, passed through */
   ck_assert_int_eq(cn->devices(&ndev), ncclSuccess);
-  ck_assert_int_eq(ndev, 0);
+  ck_assert_int_eq(ndev, 2);
   ck_assert_int_eq(cn->finalize(ctx), ncclSuccess);
-  ck_assert_int_eq(*calls, before + 3);
+  ck_assert_int_eq(*calls, before + 4); /* init, our devices probe, devices, finalize */
+  unsetenv("FAKE_COLLNET_DEVICES");
   ck_assert_int_eq(dlclose(fake), 0); /* our reference remains */
   /* Unloading us unloads it (NCCL may unload and reload its plugin). */
   unload(lib);
@@ -95,6 +111,72 @@ START_TEST(test_newest_common_version_unchanged) {
   ck_assert_int_eq(nccl_pick(lib, &t), 11);
   unload(lib);
 }
+END_TEST
+
+/* What NCCL 2.28.3 does with a v11 CollNet (src/plugin/net.cc): per comm,
+ * ncclNetPluginInit calls init(&comm->collNetContext, ...) then devices(), and
+ * only with devices > 0 does ncclNetPluginAssignToComm set comm->ncclCollNet;
+ * at ncclCommDestroy ncclNetFinalize calls
+ * comm->ncclCollNet->finalize(comm->collNetContext) whenever the context is
+ * not NULL. */
+typedef struct {
+  ncclCollNet_v11_t* collnet; /* comm->ncclCollNet */
+  void* context;              /* comm->collNetContext */
+} nccl_2_28_3_comm_t;
+
+static void nccl_2_28_3_comm_init(ncclCollNet_v11_t* cn, nccl_2_28_3_comm_t* comm) {
+  comm->collnet = NULL;
+  comm->context = NULL;
+  int ndev = 0;
+  if (cn->init(&comm->context, 0x5eed, NULL) != ncclSuccess) return;
+  if (cn->devices(&ndev) != ncclSuccess || ndev <= 0) return;
+  comm->collnet = cn;
+}
+
+static void nccl_2_28_3_comm_destroy(nccl_2_28_3_comm_t* comm) {
+  if (comm->context == NULL) return;
+  ck_assert_msg(comm->collnet != NULL, "NCCL 2.28.3 would call finalize through a NULL ncclCollNet");
+  ck_assert_int_eq(comm->collnet->finalize(comm->context), ncclSuccess);
+}
+
+/* devices: FAKE_COLLNET_DEVICES (NULL: unset); init_fails: FAKE_COLLNET_INIT_FAIL. */
+static void run_as_nccl_2_28_3(const char* devices, int init_fails, int want_collnet) {
+  const char* fake_path = path_of("FAKE_COLLNET_LIB");
+  if (devices != NULL) setenv("FAKE_COLLNET_DEVICES", devices, 1);
+  else unsetenv("FAKE_COLLNET_DEVICES");
+  if (init_fails) setenv("FAKE_COLLNET_INIT_FAIL", "1", 1);
+  else unsetenv("FAKE_COLLNET_INIT_FAIL");
+  void* lib = load(fake_path);
+  void* fake = dlopen(fake_path, RTLD_NOW | RTLD_NOLOAD);
+  int* live = dlsym(fake, "fake_collnet_live");
+  ck_assert_ptr_nonnull(live);
+  void* t = NULL;
+  ck_assert_int_eq(nccl_pick(lib, &t), 11);
+  nccl_2_28_3_comm_t comm;
+  nccl_2_28_3_comm_init(t, &comm);
+  ck_assert_int_eq(comm.collnet != NULL, want_collnet);
+  if (want_collnet) {
+    /* The library filled reduceSupport in during init: NCCL sees it. */
+    int supported = 0;
+    ck_assert_ptr_nonnull(comm.collnet->reduceSupport);
+    ck_assert_int_eq(comm.collnet->reduceSupport(ncclFloat32, ncclSum, &supported), ncclSuccess);
+    ck_assert_int_eq(supported, 1);
+  }
+  nccl_2_28_3_comm_destroy(&comm);
+  ck_assert_int_eq(*live, 0); /* no context left behind */
+  unsetenv("FAKE_COLLNET_DEVICES");
+  unsetenv("FAKE_COLLNET_INIT_FAIL");
+  dlclose(fake);
+  unload(lib);
+}
+
+START_TEST(test_nccl_2_28_3_no_devices) { run_as_nccl_2_28_3(NULL, 0, 0); }
+END_TEST
+
+START_TEST(test_nccl_2_28_3_init_fails) { run_as_nccl_2_28_3("2", 1, 0); }
+END_TEST
+
+START_TEST(test_nccl_2_28_3_with_devices) { run_as_nccl_2_28_3("2", 0, 1); }
 END_TEST
 
 START_TEST(test_older_library) {
@@ -134,7 +216,10 @@ int main(void) {
   TCase* tc = tcase_create("passthrough");
   tcase_set_timeout(tc, 60);
   tcase_add_test(tc, test_no_collnet_without_the_variable);
-  tcase_add_test(tc, test_newest_common_version_unchanged);
+  tcase_add_test(tc, test_newest_common_version);
+  tcase_add_test(tc, test_nccl_2_28_3_no_devices);
+  tcase_add_test(tc, test_nccl_2_28_3_init_fails);
+  tcase_add_test(tc, test_nccl_2_28_3_with_devices);
   tcase_add_test(tc, test_older_library);
   tcase_add_test(tc, test_unusable_libraries);
   suite_add_tcase(s, tc);
