@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Real NCCL with a CollNet library passed through ours (NCCL_MOE_COLLNET_PLUGIN,
 # the test's fake: a v11 table, a context made at init, no devices): NCCL must
 # load it ("Loaded collnet plugin FakeCollNet (v11)"), leave CollNet off, run
