@@ -1058,11 +1058,11 @@ static double procs_gbps(const opts_t* o, const results_t* m, float ms, int comb
   return m->recvTotal * tokBytes / m->gpus / (ms * 1e-3) / 1e9;
 }
 
-static void procs_report(const opts_t* o, const results_t* p, const results_t* v, const moe_mps_t* mps) {
+static void procs_report(const opts_t* o, const results_t* p, const results_t* v, int mpsOn) {
   const double pd = procs_gbps(o, p, p->dispatch, 0), pc = procs_gbps(o, p, p->combine, 1);
   const double pk = procs_gbps(o, p, p->cached, 0);
   printf("nccl-moe-bench --procs: %d processes on %d GPU(s), one rank each, ncclMoeCommInitOob; %s\n", p->ranks,
-         p->gpus, mps->on ? "under a private MPS daemon" : "without MPS (time-sliced: not a meaningful figure)");
+         p->gpus, mpsOn ? "under a private MPS daemon" : "without MPS (time-sliced: not a meaningful figure)");
   printf("%-28s %10s %12s %10s %12s %8s\n", "phase (median)", "us", "GB/s/GPU", "virtual us", "virtual GB/s", "ratio");
   const float* pt[] = {&p->layout, &p->dispatch, &p->cached, &p->combine};
   const float* vt[] = {&v->layout, &v->dispatch, &v->cached, &v->combine};
@@ -1078,7 +1078,7 @@ static void procs_report(const opts_t* o, const results_t* p, const results_t* v
   printf("RESULT mode=normal procs=%d gpus=%d ranks=%d mps=%d dispatch_GBps=%.1f combine_GBps=%.1f "
          "cached_dispatch_GBps=%.1f copy_GBps=%.1f virtual_dispatch_GBps=%.1f virtual_combine_GBps=%.1f "
          "procs_dispatch_ratio=%.3f procs_combine_ratio=%.3f procs_ratio=%.3f\n",
-         p->ranks, p->gpus, p->ranks, mps->on, pd, pc, pk, p->copy, vd, vc, rd, rc, rd < rc ? rd : rc);
+         p->ranks, p->gpus, p->ranks, mpsOn, pd, pc, pk, p->copy, vd, vc, rd, rc, rd < rc ? rd : rc);
 }
 
 /* The parent: MPS, the virtual run, the processes, the comparison. */
@@ -1139,8 +1139,9 @@ static int procs_main(const opts_t* o, char** argv) {
   } else {
     failed = 1;
   }
+  const int mpsOn = mps.on; /* what the run had: stopping clears it */
   moe_mps_stop(&mps);
-  if (!failed && got.got) procs_report(o, &got.m, virt, &mps);
+  if (!failed && got.got) procs_report(o, &got.m, virt, mpsOn);
   munmap(virt, sizeof(*virt));
   return failed || !got.got;
 }
