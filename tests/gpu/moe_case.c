@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/moe_comm.h"
 #include "core/moe_inter.h"
@@ -28,6 +29,31 @@ typedef struct {
   void *dx, *dxs, *didx, *dw, *dy, *dout, *doutw;
 } rank_data_t;
 
+/* A worker's timeline: when each of its calls began and returned, in ms
+ * since the case started its workers (CLOCK_MONOTONIC). Printed when a case
+ * fails, and with MOE_CASE_TRACE=1 always: a rank whose kernels started
+ * after its peers had given up (the peers' timeout names it "at 0") shows
+ * whether its own thread was late, or which call of which rank held it up. */
+#define TRACE_STEPS 32
+typedef struct {
+  const char* what[TRACE_STEPS];
+  double ms[TRACE_STEPS];
+  int n;
+  struct timespec t0;
+} trace_t;
+
+static double ms_since(const struct timespec* t0) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (t.tv_sec - t0->tv_sec) * 1e3 + (t.tv_nsec - t0->tv_nsec) * 1e-6;
+}
+
+static void mark(trace_t* tr, const char* what) {
+  if (tr->n == TRACE_STEPS) return;
+  tr->ms[tr->n] = ms_since(&tr->t0);
+  tr->what[tr->n++] = what;
+}
+
 typedef struct {
   const case_t* cs;
   ncclMoeComm_t comm;
@@ -39,6 +65,7 @@ typedef struct {
   char err[256];
   ncclMoeDispatchResult_t result;
   int recvRowsDevice;
+  trace_t trace;
 } worker_t;
 
 /* Every rank's host data, and the reference's rows and counts. */
@@ -101,7 +128,10 @@ static void* worker(void* arg) {
   cudaStream_t stream = w->stream;
   ncclMoeHandle_t handle = w->handle;
   ncclResult_t res = ncclSuccess;
+  trace_t* tr = &w->trace;
+  mark(tr, "thread");
   cudaSetDevice(0);
+  mark(tr, "device set");
   ncclMoeDispatchArgs_t a = {
       .x = d->dx, .xType = cs->xFp8 ? ncclFloat8e4m3 : ncclBfloat16,
       .xScales = cs->xFp8 ? d->dxs : NULL, .sendType = cs->sendFp8 ? ncclFloat8e4m3 : ncclBfloat16,
@@ -119,11 +149,13 @@ static void* worker(void* arg) {
     if (cs->graphReplays > 0) {
       cudaGraph_t graph;
       cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
+      mark(tr, "capture");
       res = ncclMoeDispatch(comm, &a, handle, &w->result, stream);
       c.topkWeights = cs->weights ? w->result.recvTopkWeights : NULL;
       if (res == ncclSuccess) res = ncclMoeCombine(comm, &c, handle, stream);
       cudaError_t ce = cudaStreamEndCapture(stream, &graph);
       if (res == ncclSuccess && ce == cudaSuccess) ce = cudaGraphInstantiate(&exec, graph, 0);
+      mark(tr, "instantiated");
       if (ce != cudaSuccess && res == ncclSuccess) {
         res = ncclUnhandledCudaError;
         snprintf(w->err, sizeof(w->err), "graph: %s", cudaGetErrorString(ce));
@@ -132,10 +164,14 @@ static void* worker(void* arg) {
       for (int i = 0; i < cs->graphReplays && res == ncclSuccess; i++) {
         cudaMemsetAsync(d->dout, 0xFF, (size_t)d->T * cs->hidden * 2 + 16, stream);
         if (cudaGraphLaunch(exec, stream) != cudaSuccess) res = ncclUnhandledCudaError;
+        if (i == 0) mark(tr, "replay 0 launched");
       }
+      mark(tr, "replays launched");
       cudaGraphDestroy(graph);
     } else {
+      mark(tr, "dispatch call");
       res = ncclMoeDispatch(comm, &a, handle, &w->result, stream);
+      mark(tr, "dispatch returned");
       if (res == ncclSuccess) {
         int rows = w->result.numRecv >= 0 ? w->result.numRecv : cs->capacity;
         if (cs->zeroCopy) cudaMemcpyAsync(combineBuf, d->dy, (size_t)rows * cs->hidden * 2, cudaMemcpyDeviceToDevice, stream);
@@ -143,10 +179,13 @@ static void* worker(void* arg) {
         /* Nothing received (exact mode): combine must not need any input. */
         if (w->result.numRecv == 0) c.x = NULL;
         cudaMemsetAsync(d->dout, 0xFF, (size_t)d->T * cs->hidden * 2 + 16, stream);
+        mark(tr, "combine call");
         res = ncclMoeCombine(comm, &c, handle, stream);
+        mark(tr, "combine returned");
       }
     }
     if (cudaStreamSynchronize(stream) != cudaSuccess && res == ncclSuccess) res = ncclUnhandledCudaError;
+    mark(tr, "stream synchronized");
   }
   if (res == ncclSuccess) {
     ncclResult_t async;
@@ -359,6 +398,55 @@ static void check_combine(const case_data_t* cd, int s) {
 
 static ncclResult_t want_of(const case_t* cs) { return cs->overflow ? ncclInvalidArgument : ncclSuccess; }
 
+static int env_is_1(const char* name) {
+  const char* v = getenv(name);
+  return v != NULL && strcmp(v, "1") == 0;
+}
+
+static void print_trace(const worker_t* w) {
+  const trace_t* tr = &w->trace;
+  fprintf(stderr, "rank %d timeline (ms since the workers started):", w->rank);
+  for (int i = 0; i < tr->n; i++) fprintf(stderr, "%s %s %.3f", i > 0 ? "," : "", tr->what[i], tr->ms[i]);
+  fprintf(stderr, "\n");
+}
+
+/* Where each rank's barrier stood once every worker returned: its epoch
+ * (barriers it arrived at) and the epoch each rank last signalled into its
+ * buffer. A rank that arrived after its peers gave up shows its later epochs
+ * there; an arrival that never landed leaves 0. */
+static void print_barrier_state(ncclMoeComm_t* comms, int N) {
+  for (int r = 0; r < N; r++) {
+    unsigned long long epoch = 0, slots[MAXR] = {0};
+    cudaError_t e = cudaMemcpy(&epoch, comms[r]->ctx.epoch, sizeof(epoch), cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess)
+      e = cudaMemcpy(slots, comms[r]->buffer + comms[r]->layout.signals, sizeof(slots[0]) * N, cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) {
+      fprintf(stderr, "rank %d: barrier state unreadable: %s\n", r, cudaGetErrorString(e));
+      continue;
+    }
+    fprintf(stderr, "rank %d: epoch %llu; signal slots (epoch of rank 0..%d):", r, epoch, N - 1);
+    for (int s = 0; s < N; s++) fprintf(stderr, " %llu", slots[s]);
+    fprintf(stderr, "\n");
+  }
+}
+
+/* MOE_CASE_PREWARM=1 (a diagnostic): each rank's stream goes through one
+ * entry point before the workers start, while no kernel waits, so that the
+ * comm's first use of that stream (moe_comm_track creates its event) happens
+ * then instead of while the peers' kernels spin. */
+static void prewarm_streams(ncclMoeComm_t* comms, const worker_t* w, const case_t* cs, const case_data_t* cd) {
+  const int N = cs->nRanks;
+  int* counts = NULL;
+  ck_assert_int_eq(cudaMalloc((void**)&counts, sizeof(int) * (N + cs->numExperts)), cudaSuccess);
+  for (int r = 0; r < N; r++) {
+    ncclResult_t res = ncclMoeGetDispatchLayout(comms[r], cd->d[r].didx, 0, cs->topk, counts, counts + N, NULL,
+                                                w[r].stream);
+    ck_assert_msg(res == ncclSuccess, "prewarm: %s", ncclMoeGetLastError());
+    ck_assert_int_eq(cudaStreamSynchronize(w[r].stream), cudaSuccess);
+  }
+  cudaFree(counts);
+}
+
 void run_case(const case_t* cs) {
   const int N = cs->nRanks;
   ncclMoeConfig_t cfg = case_config(cs);
@@ -378,7 +466,11 @@ void run_case(const case_t* cs) {
     ck_assert_int_eq(ncclMoeHandleCreate(comms[r], &w[r].handle), ncclSuccess);
     ck_assert_int_eq(cudaStreamCreateWithFlags(&w[r].stream, cudaStreamNonBlocking), cudaSuccess);
   }
+  if (env_is_1("MOE_CASE_PREWARM")) prewarm_streams(comms, w, cs, cd);
+  struct timespec t0;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
   for (int r = 0; r < N; r++) {
+    w[r].trace.t0 = t0;
     pthread_create(&th[r], NULL, worker, &w[r]);
   }
   for (int r = 0; r < N; r++) pthread_join(th[r], NULL);
@@ -389,6 +481,8 @@ void run_case(const case_t* cs) {
       fprintf(stderr, "rank %d: %d (want %d) %s\n", r, w[r].res, want, w[r].err);
       failed = 1;
     }
+  for (int r = 0; (failed || env_is_1("MOE_CASE_TRACE")) && r < N; r++) print_trace(&w[r]);
+  if (failed) print_barrier_state(comms, N);
   for (int r = 0; failed && r < N; r++) /* and where each rank's network slabs were */
     if (comms[r]->inter != NULL)
       for (int c = 0; c < MOE_NET_CHANNELS; c++)
@@ -420,7 +514,9 @@ void run_case_rank(const case_t* cs, int rank, ncclMoeComm_t comm, void (*barrie
   ck_assert_int_eq(ncclMoeHandleCreate(comm, &w.handle), ncclSuccess);
   ck_assert_int_eq(cudaStreamCreateWithFlags(&w.stream, cudaStreamNonBlocking), cudaSuccess);
   barrier(arg); /* no rank's kernels wait while a peer still allocates */
+  clock_gettime(CLOCK_MONOTONIC, &w.trace.t0);
   worker(&w);
+  if (w.res != want_of(cs) || env_is_1("MOE_CASE_TRACE")) print_trace(&w);
   ck_assert_msg(w.res == want_of(cs), "rank %d: %d (want %d) %s", rank, w.res, want_of(cs), w.err);
   check_dispatch(cd, rank, &w);
   check_combine(cd, rank);

@@ -220,8 +220,12 @@ int main(void) {
   tcase_add_test(tc, test_3x1_fp8_input_capacity_graph);
   tcase_add_test(tc, test_2x4_reuse_zero_copy_all_to_one_rank);
   tcase_add_test(tc, test_8x1_every_rank_a_node);
-  tcase_add_test(tc, test_2x2_overflow_is_an_error);
   suite_add_tcase(s, tc);
+  /* A case of its own, so that CK_RUN_CASE=overflow repeats it alone. */
+  TCase* to = tcase_create("overflow");
+  tcase_set_timeout(to, 300);
+  tcase_add_test(to, test_2x2_overflow_is_an_error);
+  suite_add_tcase(s, to);
   TCase* te = tcase_create("errors");
   tcase_set_timeout(te, 120);
   tcase_add_test(te, test_peer_node_never_arrives);

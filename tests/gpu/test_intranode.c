@@ -316,8 +316,12 @@ int main(void) {
   tcase_add_test(tc, test_reuse_handle_zero_copy);
   tcase_add_test(tc, test_capacity_graph_replays);
   tcase_add_test(tc, test_capacity_graph_zero_copy_bf16);
-  tcase_add_test(tc, test_capacity_overflow_is_an_error);
   suite_add_tcase(s, tc);
+  /* A case of its own, so that CK_RUN_CASE=overflow repeats it alone. */
+  TCase* to = tcase_create("overflow");
+  tcase_set_timeout(to, 300);
+  tcase_add_test(to, test_capacity_overflow_is_an_error);
+  suite_add_tcase(s, to);
   TCase* te = tcase_create("errors");
   tcase_set_timeout(te, 120);
   tcase_add_test(te, test_timeout_when_peer_never_arrives);
