@@ -19,7 +19,8 @@ void moe_sock_track_error(moe_sock_track_t* t, ncclResult_t res, const char* msg
 ncclResult_t moe_sock_track_result(moe_sock_track_t* t) {
   int err = atomic_load_explicit(&t->error, memory_order_acquire);
   if (err == ncclSuccess || err == MOE_SOCK_ERR_WRITING) return ncclSuccess;
-  return MOE_ERROR((ncclResult_t)err, "%s", t->errmsg);
+  moe_set_last_error(t->errmsg); /* the helper thread logged it where it happened */
+  return (ncclResult_t)err;
 }
 
 moe_sock_rwrite_t* moe_sock_wq_push(moe_sock_wq_t* q, const void* target, int has_imm, uint32_t imm, int chunks) {

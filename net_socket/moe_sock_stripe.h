@@ -47,7 +47,8 @@ typedef struct {
 void moe_sock_track_reset(moe_sock_track_t* t, int chunks);
 /* Records the first error only. */
 void moe_sock_track_error(moe_sock_track_t* t, ncclResult_t res, const char* msg);
-/* ncclSuccess, or the recorded error (message: the helper thread's). */
+/* ncclSuccess, or the recorded error, its message made this thread's last
+ * error (the helper thread logged it already). */
 ncclResult_t moe_sock_track_result(moe_sock_track_t* t);
 
 /* Writes a peer announced that have not been signalled yet, at most: more
