@@ -9,8 +9,8 @@
  * message uses several TCP streams and cores. The control socket is driven by
  * the thread that calls isend/irecv/test. Both sides derive the same split
  * from the header, so a message's chunks carry no headers of their own.
- * One-sided writes below MOE_SOCK_STRIPE_MIN travel inline on the control
- * socket (latency); larger ones are striped over the data sockets, each chunk
+ * One-sided writes below NCCL_MOE_SOCKET_STRIPE_KB travel inline on the
+ * control socket (latency); larger ones are striped over the data sockets, each chunk
  * behind a chunk header the receiver checks against what the write's control
  * header announced, with completions and immediates kept in posting order
  * (moe_sock_stripe.h).
@@ -1507,7 +1507,8 @@ static ncclResult_t moe_sock_write(moe_net_comm_t* c, void* local, size_t size, 
                      size, (unsigned long long)offset);
   moe_sock_hdr_t h = {.op = MOE_SOCK_OP_WRITE, .flags = with_imm ? MOE_SOCK_HDR_FLAG_IMM : 0, .size = size,
                       .offset = offset, .key = remote->key, .imm = with_imm ? imm : 0};
-  if (size >= MOE_SOCK_STRIPE_MIN) h.flags |= MOE_SOCK_HDR_FLAG_STRIPED;
+  const size_t stripe_min = (size_t)moe_env()->socket_stripe_kb << 10;
+  if (stripe_min > 0 && size >= stripe_min) h.flags |= MOE_SOCK_HDR_FLAG_STRIPED;
   return moe_sock_post_send((moe_sock_comm_t*)c, 1, local, size, 0, &h, req_p);
 }
 

@@ -2,7 +2,7 @@
  * and immediates in posting order although their chunks travel on several
  * data streams at once.
  *
- * A write of at least MOE_SOCK_STRIPE_MIN bytes sends its header (flag
+ * A write of at least NCCL_MOE_SOCKET_STRIPE_KB sends its header (flag
  * STRIPED) on the control socket and its payload as chunks over the data
  * streams, each chunk behind a moe_sock_chunk_t header. Chunks of different
  * writes land in any order, so

@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "net_raw_peer.h"
@@ -501,6 +502,44 @@ START_TEST(test_sender_reports_dead_stream) {
 }
 END_TEST
 
+/* NCCL_MOE_SOCKET_STRIPE_KB=0: every write stays on the control socket. */
+START_TEST(test_striping_can_be_turned_off) {
+  setenv("NCCL_MOE_SOCKET_STRIPE_KB", "0", 1);
+  t->fini();
+  t = raw_transport();
+  tx_t x;
+  tx_open(&x);
+  const size_t len = (size_t)1 << 20;
+  char* src = malloc(len);
+  char* got = malloc(len);
+  net_fill(src, len, 9);
+  const moe_net_rkey_t key = {.addr = 0, .size = len, .key = 0x77000ull};
+  moe_net_request_t* w = NULL;
+  ck_assert_int_eq(t->write(x.send, src, len, NULL, &key, 0, 1, 3, &w), ncclSuccess);
+  ck_assert_ptr_nonnull(w);
+  uint8_t buf[MOE_SOCK_HDR_BYTES];
+  ck_assert_int_eq(raw_recv_all(x.rc.ctrl, buf, sizeof(buf), 5000), 0);
+  moe_sock_hdr_t h;
+  ck_assert_int_eq(moe_sock_hdr_decode(buf, sizeof(buf), &h), ncclSuccess);
+  ck_assert_uint_eq(h.flags, MOE_SOCK_HDR_FLAG_IMM);
+  ck_assert_uint_eq(h.size, len);
+  /* The test thread drives the control socket: read while it is tested. */
+  size_t have = 0;
+  int done = 0;
+  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (have < len || !done) {
+    ssize_t n = recv(x.rc.ctrl, got + have, len - have, MSG_DONTWAIT);
+    if (n > 0) have += (size_t)n;
+    if (!done) ck_assert_int_eq(t->test(w, &done, NULL), ncclSuccess);
+    ck_assert(net_now_ms() < deadline);
+  }
+  ck_assert_int_eq(memcmp(got, src, len), 0);
+  free(got);
+  free(src);
+  tx_close(&x);
+}
+END_TEST
+
 int main(void) {
   Suite* s = suite_create("net_sock_stripe");
   TCase* tc = tcase_create("stripe");
@@ -511,6 +550,7 @@ int main(void) {
   tcase_add_test(tc, test_receiver_rejects_bad_striped_header);
   tcase_add_test(tc, test_sender_stripes_large_writes);
   tcase_add_test(tc, test_sender_reports_dead_stream);
+  tcase_add_test(tc, test_striping_can_be_turned_off);
   suite_add_tcase(s, tc);
   return moe_test_run(s);
 }
