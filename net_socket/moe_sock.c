@@ -1124,8 +1124,10 @@ static void moe_sock_mr_fence(moe_sock_comm_t* comm, const moe_sock_mr_t* mr) {
                                     "within %d ms", moe_env()->timeout_ms));
       break;
     }
+    /* Inline bytes come on the control socket; chunks land through the
+     * helper threads, which nothing here can wait on: check again soon. */
     struct pollfd pfd = {.fd = comm->ctrl_fd, .events = POLLIN};
-    poll(&pfd, 1, MOE_SOCK_POLL_SLICE_MS);
+    poll(&pfd, 1, moe_sock_wq_targets(&comm->wq, mr) ? 1 : MOE_SOCK_POLL_SLICE_MS);
   }
 }
 

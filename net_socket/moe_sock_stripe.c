@@ -58,7 +58,9 @@ ncclResult_t moe_sock_wq_retire(moe_sock_wq_t* q, moe_imm_ring_t* imms, int* imm
 }
 
 int moe_sock_wq_targets(const moe_sock_wq_t* q, const void* target) {
-  for (uint32_t i = 0; i < q->count; i++)
-    if (q->w[(q->head + i) % MOE_SOCK_MAX_RWRITES].target == target) return 1;
+  for (uint32_t i = 0; i < q->count; i++) {
+    const moe_sock_rwrite_t* w = &q->w[(q->head + i) % MOE_SOCK_MAX_RWRITES];
+    if (w->target == target && atomic_load_explicit(&w->track.chunks_pending, memory_order_acquire) > 0) return 1;
+  }
   return 0;
 }

@@ -83,7 +83,8 @@ moe_sock_rwrite_t* moe_sock_wq_push(moe_sock_wq_t* q, const void* target, int ha
  * is returned as the error. */
 ncclResult_t moe_sock_wq_retire(moe_sock_wq_t* q, moe_imm_ring_t* imms, int* imm_full_p);
 
-/* 1 when a write into `target` is filed and not released. */
+/* 1 while chunks of a filed write into `target` may still land (a write
+ * whose chunks all landed and that only waits to signal does not count). */
 int moe_sock_wq_targets(const moe_sock_wq_t* q, const void* target);
 
 #ifdef __cplusplus

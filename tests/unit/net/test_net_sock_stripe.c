@@ -154,6 +154,12 @@ static void* peer_main(void* arg) {
   return NULL;
 }
 
+/* The peer's jobs after a pause (a sender that is slow, not dead). */
+static void* late_main(void* arg) {
+  pause_ms(200);
+  return peer_main(arg);
+}
+
 static void peer_start(peer_t* p) {
   atomic_store(&p->finished, 0);
   ck_assert_int_eq(pthread_create(&p->th, NULL, peer_main, p), 0);
@@ -370,6 +376,50 @@ START_TEST(test_receiver_rejects_bad_chunks) {
 }
 END_TEST
 
+/* Deregistration while chunks of a striped write are still on the wire
+ * waits until they landed: after it returns nothing writes into the region. */
+START_TEST(test_dereg_waits_for_striped_chunks) {
+  setenv("NCCL_MOE_TIMEOUT_MS", "10000", 1); /* the late chunk must not count as a stall on a busy machine */
+  t->fini();
+  t = raw_transport();
+  rx_t x;
+  const size_t size = (size_t)1 << 20;
+  rx_open(&x, size);
+  char* payload = malloc(size);
+  memset(payload, 0x5C, size);
+  send_striped_hdr(&x, 0, size, 9);
+  peer_t p = {.n = 0};
+  for (int c = 1; c < NSTREAMS; c++) {
+    moe_sock_chunk_t h = expected_chunk(&x, 0, 0, size, c);
+    add_chunk(&p, x.rc.data[c], &h, payload, h.size, AFTER_NONE);
+  }
+  moe_sock_chunk_t h0 = expected_chunk(&x, 0, 0, size, 0);
+  add_chunk(&p, x.rc.data[0], &h0, payload, 1000, AFTER_NONE);
+  peer_run_quiet(&p, x.recv, 20);
+  /* The receiver is inside chunk 0; its rest comes 200 ms into dereg. */
+  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (x.region[999] != 0x5C) {
+    expect_quiet(x.recv, 1);
+    ck_assert(net_now_ms() < deadline);
+  }
+  p.jobs[0] = (job_t){.fd = x.rc.data[0], .payload = payload, .len = h0.size - 1000};
+  p.n = 1;
+  pthread_t th;
+  ck_assert_int_eq(pthread_create(&th, NULL, late_main, &p), 0);
+  ck_assert_int_eq(t->dereg_mr(x.recv, x.mr), ncclSuccess);
+  memset(x.region, POISON, size); /* the caller's memory again */
+  pthread_join(th, NULL);
+  ck_assert_uint_eq(next_imm(x.recv), 9);
+  expect_quiet(x.recv, 50);
+  ck_assert_msg(all_bytes(x.region, size, POISON), "a chunk landed in the region after dereg returned");
+  guarded_free(x.region, x.size);
+  ck_assert_int_eq(t->close(x.recv), ncclSuccess);
+  ck_assert_int_eq(t->close(x.listen), ncclSuccess);
+  raw_close(&x.rc);
+  free(payload);
+}
+END_TEST
+
 /* A striped header beyond its region, or with a key of no region, is
  * refused before any chunk is taken. */
 START_TEST(test_receiver_rejects_bad_striped_header) {
@@ -548,6 +598,7 @@ int main(void) {
   tcase_add_test(tc, test_receiver_orders_striped_writes);
   tcase_add_loop_test(tc, test_receiver_rejects_bad_chunks, 0, BAD_KINDS);
   tcase_add_test(tc, test_receiver_rejects_bad_striped_header);
+  tcase_add_test(tc, test_dereg_waits_for_striped_chunks);
   tcase_add_test(tc, test_sender_stripes_large_writes);
   tcase_add_test(tc, test_sender_reports_dead_stream);
   tcase_add_test(tc, test_striping_can_be_turned_off);
