@@ -10,10 +10,10 @@
  * the thread that calls isend/irecv/test. Both sides derive the same split
  * from the header, so a message's chunks carry no headers of their own.
  * One-sided writes below NCCL_MOE_SOCKET_STRIPE_KB travel inline on the
- * control socket (latency); larger ones are striped over the data sockets, each chunk
- * behind a chunk header the receiver checks against what the write's control
- * header announced, with completions and immediates kept in posting order
- * (moe_sock_stripe.h).
+ * control socket (latency); larger ones are striped over the data sockets,
+ * each chunk behind a chunk header the receiver checks against what the
+ * write's control header announced, with completions and immediates kept in
+ * posting order (moe_sock_stripe.h).
  *
  * The receiver matches each header against its oldest posted irecv (tags pick
  * the buffer) and rejects one larger than the buffer: a truncation is an error
@@ -260,7 +260,7 @@ static void moe_sock_task_finish(moe_sock_stream_t* s, moe_sock_task_t* t, ncclR
 /* The chunk header of a striped write's chunk. Sending: it leaves with the
  * first payload bytes. Receiving: it is read alone and must be exactly the
  * one the control header announced before a payload byte lands. *n_p bytes
- * moved; *hdr_done_p = 1 once the header is through. */
+ * moved (header and payload); s->chdr_done counts the header's. */
 static ncclResult_t moe_sock_chunk_io(moe_sock_stream_t* s, moe_sock_task_t* t, int is_send, size_t* n_p) {
   *n_p = 0;
   if (is_send) {
