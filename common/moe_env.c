@@ -12,6 +12,7 @@
 
 #define MOE_DEFAULT_TIMEOUT_MS 60000
 #define MOE_DEFAULT_NET_CHUNK_KB 256
+#define MOE_DEFAULT_SOCKET_STRIPE_KB 256
 
 static moe_env_t moe_env_values;
 static pthread_once_t moe_env_once = PTHREAD_ONCE_INIT;
@@ -88,6 +89,7 @@ static void moe_env_parse(void) {
   moe_env_str("NCCL_SOCKET_IFNAME", e->socket_ifname);
   e->socket_nthreads = moe_env_int("NCCL_SOCKET_NTHREADS", 2, 1, 16);
   e->socket_nsocks_per_thread = moe_env_int("NCCL_NSOCKS_PERTHREAD", 2, 1, 16);
+  e->socket_stripe_kb = moe_env_int("NCCL_MOE_SOCKET_STRIPE_KB", MOE_DEFAULT_SOCKET_STRIPE_KB, 0, 1 << 20);
   e->net_gdr_level = moe_env_gdr_level();
 }
 

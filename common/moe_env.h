@@ -44,6 +44,8 @@ typedef struct {
   char socket_ifname[MOE_ENV_STR_MAX];  /* NCCL_SOCKET_IFNAME, "" = first non-loopback up */
   int socket_nthreads;                  /* NCCL_SOCKET_NTHREADS, default 2 */
   int socket_nsocks_per_thread;         /* NCCL_NSOCKS_PERTHREAD, default 2 */
+  int socket_stripe_kb;                 /* NCCL_MOE_SOCKET_STRIPE_KB: smallest one-sided write the socket
+                                           backend stripes over its data streams, 0 = never; default 256 */
   int net_gdr_level;                    /* NCCL_NET_GDR_LEVEL as a number (LOC=0..SYS=5), -1 = unset */
 } moe_env_t;
 

@@ -3,12 +3,17 @@
  *
  * A connection is one control socket plus `nstreams` data sockets
  * (NCCL_SOCKET_NTHREADS x NCCL_NSOCKS_PERTHREAD). Every message starts with a
- * 32-byte header on the control socket; payloads up to MOE_SOCK_INLINE_MAX
+ * 40-byte header on the control socket; payloads up to MOE_SOCK_INLINE_MAX
  * follow it there, larger ones are split over the data sockets and moved by
  * helper threads (one per NCCL_NSOCKS_PERTHREAD sockets), so one large
  * message uses several TCP streams and cores. The control socket is driven by
  * the thread that calls isend/irecv/test. Both sides derive the same split
- * from the header, so the data sockets carry no headers of their own.
+ * from the header, so a message's chunks carry no headers of their own.
+ * One-sided writes below NCCL_MOE_SOCKET_STRIPE_KB travel inline on the
+ * control socket (latency); larger ones are striped over the data sockets,
+ * each chunk behind a chunk header the receiver checks against what the
+ * write's control header announced, with completions and immediates kept in
+ * posting order (moe_sock_stripe.h).
  *
  * The receiver matches each header against its oldest posted irecv (tags pick
  * the buffer) and rejects one larger than the buffer: a truncation is an error
@@ -36,10 +41,12 @@
 #include "common/moe_check.h"
 #include "common/moe_env.h"
 #include "net_socket/moe_sock.h"
+#include "net_socket/moe_sock_stripe.h"
 
 #define MOE_SOCK_LISTEN_BACKLOG 4096
-/* Tasks a data stream can queue: every buffer of every request, one chunk each. */
-#define MOE_SOCK_RING (MOE_NET_MAX_REQUESTS * MOE_NET_MAX_RECVS)
+/* Tasks a data stream can queue: every buffer of every request, and every
+ * striped write a peer may have announced, one chunk each. */
+#define MOE_SOCK_RING (MOE_NET_MAX_REQUESTS * MOE_NET_MAX_RECVS + MOE_SOCK_MAX_RWRITES)
 /* Helper threads re-check for shutdown and stalls this often while blocked in poll(). */
 #define MOE_SOCK_POLL_SLICE_MS 50
 /* Sockets that connected but have not sent their hello yet, per listen comm.
@@ -60,10 +67,6 @@
 #define MOE_SOCK_MAX_MRS (1 << MOE_SOCK_MR_SLOT_BITS)
 #define MOE_SOCK_MR_MIN_SLOTS 16
 #define MOE_SOCK_MR_MAGIC 0x524d4f4du /* "MOMR" */
-/* A request's error message (set by a helper thread, reported by test()). */
-#define MOE_SOCK_ERR_MAX 256
-/* req->error while the thread that set it still writes the message. */
-#define MOE_SOCK_ERR_WRITING (-1)
 
 /* ------------------------------------------------------------------------ */
 /* Process-wide state: the devices and the registries. Survives nothing on
@@ -92,7 +95,9 @@ typedef struct {
   char* buf;
   size_t size;
   size_t done;
-  moe_sock_req_t* req;
+  moe_sock_track_t* track; /* the request's or the write's: counts the chunk done */
+  int has_chunk;           /* a striped write's chunk: `chunk` goes before the payload */
+  moe_sock_chunk_t chunk;  /* the header to send, or the one the receiver expects */
 } moe_sock_task_t;
 
 typedef struct {
@@ -101,6 +106,8 @@ typedef struct {
   _Atomic uint32_t head;            /* next task to run (helper thread) */
   _Atomic uint32_t tail;            /* next free entry (comm thread) */
   uint64_t stall_since_ns;          /* 0: progressing */
+  uint8_t chdr[MOE_SOCK_CHUNK_BYTES]; /* the head task's chunk header (helper thread) */
+  size_t chdr_done;                 /* ... bytes of it moved */
   moe_sock_task_t ring[MOE_SOCK_RING];
 } moe_sock_stream_t;
 
@@ -136,9 +143,11 @@ struct moe_sock_req {
   int nmatched;
   uint8_t hdr[MOE_SOCK_HDR_BYTES]; /* send side: the encoded header */
   size_t ctrl_off;                 /* send side: header+inline bytes written */
-  _Atomic int chunks_pending;
-  _Atomic int error;               /* ncclResult_t set by a helper thread */
-  char errmsg[MOE_SOCK_ERR_MAX];   /* what went wrong there (valid once error is set) */
+  int striped;                     /* send side: a write whose payload goes over the data streams */
+  moe_sock_chunk_t wchunk;         /* ... its key and target offset (wid: its number) */
+  uint64_t wseq;                   /* send side, writes: posting order */
+  uint64_t after_writes;           /* receive side: writes filed before this message (wq.pushed) */
+  moe_sock_track_t track;          /* chunks on the data streams */
 };
 
 struct moe_sock_comm {
@@ -168,6 +177,11 @@ struct moe_sock_comm {
   uint32_t rimm;
   moe_imm_ring_t imms;
   uint64_t imm_full_since_ns; /* 0: the immediate ring has room */
+  moe_sock_wq_t wq;           /* striped writes not signalled yet (moe_sock_stripe.h) */
+  uint64_t rwid;              /* the number the next striped write from the peer has */
+  uint64_t wq_full_since_ns;  /* 0: the FIFO has room */
+  uint64_t swid;              /* send side: the number of our next striped write */
+  uint64_t wseq;              /* send side: writes posted */
   uint64_t ctrl_stall_since_ns;
   /* Regions registered on this comm, by the slot in their key's low bits. */
   moe_sock_mr_t** mrs;
@@ -236,18 +250,57 @@ static ncclResult_t moe_sock_io(int fd, int is_send, void* buf, size_t len, size
 /* ------------------------------------------------------------------------ */
 /* Helper threads: each owns the data streams s with s % nworkers == index. */
 
-/* Records a request's first error and its message (test() reports both). */
-static void moe_sock_req_error(moe_sock_req_t* req, ncclResult_t res, const char* msg) {
-  int expected = ncclSuccess;
-  if (!atomic_compare_exchange_strong(&req->error, &expected, MOE_SOCK_ERR_WRITING)) return;
-  snprintf(req->errmsg, sizeof(req->errmsg), "%s", msg);
-  atomic_store_explicit(&req->error, (int)res, memory_order_release);
+static void moe_sock_task_finish(moe_sock_stream_t* s, moe_sock_task_t* t, ncclResult_t res, const char* msg) {
+  if (res != ncclSuccess) moe_sock_track_error(t->track, res, msg);
+  s->chdr_done = 0;
+  atomic_fetch_sub_explicit(&t->track->chunks_pending, 1, memory_order_release);
+  atomic_fetch_add_explicit(&s->head, 1, memory_order_release);
 }
 
-static void moe_sock_task_finish(moe_sock_stream_t* s, moe_sock_task_t* t, ncclResult_t res, const char* msg) {
-  if (res != ncclSuccess) moe_sock_req_error(t->req, res, msg);
-  atomic_fetch_sub_explicit(&t->req->chunks_pending, 1, memory_order_release);
-  atomic_fetch_add_explicit(&s->head, 1, memory_order_release);
+/* The chunk header of a striped write's chunk. Sending: it leaves with the
+ * first payload bytes. Receiving: it is read alone and must be exactly the
+ * one the control header announced before a payload byte lands. *n_p bytes
+ * moved (header and payload); s->chdr_done counts the header's. */
+static ncclResult_t moe_sock_chunk_io(moe_sock_stream_t* s, moe_sock_task_t* t, int is_send, size_t* n_p) {
+  *n_p = 0;
+  if (is_send) {
+    if (s->chdr_done == 0) moe_sock_chunk_encode(&t->chunk, s->chdr);
+    struct iovec iov[2] = {{s->chdr + s->chdr_done, MOE_SOCK_CHUNK_BYTES - s->chdr_done}, {t->buf, t->size}};
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
+    ssize_t n;
+    do n = sendmsg(s->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return ncclSuccess;
+    if (n < 0 && errno == EFAULT)
+      return MOE_ERROR(ncclInvalidArgument, "socket write: the local buffer [%p, +%zu bytes) is not accessible memory",
+                       t->buf, t->size);
+    if (n <= 0) return MOE_ERROR(ncclRemoteError, "socket: sending a write's chunk failed: %m");
+    size_t hleft = MOE_SOCK_CHUNK_BYTES - s->chdr_done;
+    if ((size_t)n > hleft) t->done += (size_t)n - hleft;
+    s->chdr_done += (size_t)n < hleft ? (size_t)n : hleft;
+    *n_p = (size_t)n;
+    return ncclSuccess;
+  }
+  MOE_CHECK(moe_sock_io(s->fd, 0, s->chdr + s->chdr_done, MOE_SOCK_CHUNK_BYTES - s->chdr_done, n_p));
+  s->chdr_done += *n_p;
+  if (s->chdr_done < MOE_SOCK_CHUNK_BYTES) return ncclSuccess;
+  moe_sock_chunk_t c;
+  MOE_CHECK(moe_sock_chunk_decode(s->chdr, MOE_SOCK_CHUNK_BYTES, &c));
+  const moe_sock_chunk_t* e = &t->chunk;
+  if (c.wid != e->wid || c.index != e->index || c.key != e->key || c.offset != e->offset || c.size != e->size)
+    return MOE_ERROR(ncclRemoteError, "socket: the peer sent chunk %u of write %llu (%u bytes at offset %llu) where "
+                     "chunk %u of write %llu (%u bytes at offset %llu) was due", c.index, (unsigned long long)c.wid,
+                     c.size, (unsigned long long)c.offset, e->index, (unsigned long long)e->wid, e->size,
+                     (unsigned long long)e->offset);
+  return ncclSuccess;
+}
+
+/* Moves bytes of a stream's head task (its chunk header first); *n_p bytes moved. */
+static ncclResult_t moe_sock_task_io(moe_sock_stream_t* s, moe_sock_task_t* t, int is_send, size_t* n_p) {
+  if (t->has_chunk && s->chdr_done < MOE_SOCK_CHUNK_BYTES) return moe_sock_chunk_io(s, t, is_send, n_p);
+  MOE_CHECK(moe_sock_io(s->fd, is_send, t->buf + t->done, t->size - t->done, n_p));
+  t->done += *n_p;
+  return ncclSuccess;
 }
 
 /* Runs one pass over the worker's streams; returns 1 when bytes moved. */
@@ -267,7 +320,7 @@ static int moe_sock_worker_pass(moe_sock_worker_t* w, int is_send, struct pollfd
       continue;
     }
     size_t n = 0;
-    ncclResult_t res = moe_sock_io(s->fd, is_send, t->buf + t->done, t->size - t->done, &n);
+    ncclResult_t res = moe_sock_task_io(s, t, is_send, &n);
     if (res != ncclSuccess) {
       s->dead = 1;
       moe_sock_task_finish(s, t, res, moe_last_error());
@@ -275,10 +328,10 @@ static int moe_sock_worker_pass(moe_sock_worker_t* w, int is_send, struct pollfd
       continue;
     }
     if (n > 0) {
-      t->done += n;
       s->stall_since_ns = 0;
       progressed = 1;
-      if (t->done == t->size) moe_sock_task_finish(s, t, ncclSuccess, NULL);
+      if (t->done == t->size && (!t->has_chunk || s->chdr_done == MOE_SOCK_CHUNK_BYTES))
+        moe_sock_task_finish(s, t, ncclSuccess, NULL);
       continue;
     }
     if (now == 0) now = moe_net_now_ns();
@@ -353,8 +406,10 @@ static void* moe_sock_worker_main(void* arg) {
   return NULL;
 }
 
-/* Queues a chunk on a stream and wakes its helper thread. */
-static ncclResult_t moe_sock_push_task(moe_sock_comm_t* comm, int si, char* buf, size_t size, moe_sock_req_t* req) {
+/* Queues a chunk on a stream and wakes its helper thread; `chunk` NULL: no
+ * chunk header. */
+static ncclResult_t moe_sock_push_task(moe_sock_comm_t* comm, int si, char* buf, size_t size, moe_sock_track_t* track,
+                                       const moe_sock_chunk_t* chunk) {
   moe_sock_stream_t* s = &comm->streams[si];
   moe_sock_worker_t* w = &comm->workers[si % comm->nworkers];
   uint32_t tail = atomic_load_explicit(&s->tail, memory_order_relaxed);
@@ -364,7 +419,9 @@ static ncclResult_t moe_sock_push_task(moe_sock_comm_t* comm, int si, char* buf,
   t->buf = buf;
   t->size = size;
   t->done = 0;
-  t->req = req;
+  t->track = track;
+  t->has_chunk = chunk != NULL;
+  if (chunk != NULL) t->chunk = *chunk;
   pthread_mutex_lock(&w->lock);
   atomic_store_explicit(&s->tail, tail + 1, memory_order_release);
   pthread_cond_signal(&w->cond);
@@ -372,24 +429,47 @@ static ncclResult_t moe_sock_push_task(moe_sock_comm_t* comm, int si, char* buf,
   return ncclSuccess;
 }
 
-/* Splits a large payload over the data streams (same rule on both sides). */
-static ncclResult_t moe_sock_dispatch(moe_sock_comm_t* comm, moe_sock_req_t* req, char* buf, size_t size) {
-  int nchunks = 0;
-  size_t chunk = 0;
-  moe_sock_split(size, comm->nstreams, &nchunks, &chunk);
-  atomic_fetch_add_explicit(&req->chunks_pending, nchunks, memory_order_relaxed);
+/* Queues `nchunks` chunks of `chunk` bytes of a payload on consecutive data
+ * streams. Both sides queue in control-stream order, so stream by stream the
+ * receiver expects what the sender sends. `wchunk` (NULL for messages): the
+ * write's chunk header, whose offset is the payload's in its region. */
+static ncclResult_t moe_sock_queue_chunks(moe_sock_comm_t* comm, moe_sock_track_t* track, char* buf, size_t size,
+                                          int nchunks, size_t chunk, const moe_sock_chunk_t* wchunk) {
+  atomic_fetch_add_explicit(&track->chunks_pending, nchunks, memory_order_relaxed);
   for (int c = 0; c < nchunks; c++) {
     size_t off = (size_t)c * chunk;
     size_t len = size - off < chunk ? size - off : chunk;
     int si = (comm->next_stream + c) % comm->nstreams;
-    ncclResult_t res = moe_sock_push_task(comm, si, buf + off, len, req);
+    moe_sock_chunk_t h;
+    if (wchunk != NULL)
+      h = (moe_sock_chunk_t){.wid = wchunk->wid, .key = wchunk->key, .offset = wchunk->offset + off,
+                             .size = (uint32_t)len, .index = (uint32_t)c};
+    ncclResult_t res = moe_sock_push_task(comm, si, buf + off, len, track, wchunk != NULL ? &h : NULL);
     if (res != ncclSuccess) {
-      atomic_fetch_sub_explicit(&req->chunks_pending, nchunks - c, memory_order_relaxed);
+      atomic_fetch_sub_explicit(&track->chunks_pending, nchunks - c, memory_order_relaxed);
       return moe_sock_fail(comm, res);
     }
   }
   comm->next_stream = (comm->next_stream + nchunks) % comm->nstreams;
   return ncclSuccess;
+}
+
+/* Splits a large message over the data streams (same rule on both sides). */
+static ncclResult_t moe_sock_dispatch(moe_sock_comm_t* comm, moe_sock_req_t* req, char* buf, size_t size) {
+  int nchunks = 0;
+  size_t chunk = 0;
+  moe_sock_split(size, comm->nstreams, &nchunks, &chunk);
+  return moe_sock_queue_chunks(comm, &req->track, buf, size, nchunks, chunk, NULL);
+}
+
+/* Splits a striped write over the data streams; `w` names it (wid, key,
+ * offset of buf in the target region). */
+static ncclResult_t moe_sock_dispatch_write(moe_sock_comm_t* comm, moe_sock_track_t* track, char* buf, size_t size,
+                                            const moe_sock_chunk_t* w) {
+  int nchunks = 0;
+  size_t chunk = 0;
+  moe_sock_stripe_split(size, comm->nstreams, &nchunks, &chunk);
+  return moe_sock_queue_chunks(comm, track, buf, size, nchunks, chunk, w);
 }
 
 /* Stops every transfer of a failed comm: shuts its sockets down (waking a
@@ -1024,6 +1104,12 @@ static ncclResult_t moe_sock_reg_mr(moe_net_comm_t* c, void* data, size_t size, 
 
 static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm);
 
+/* 1 while a peer's write may be landing in `mr`: its inline payload on the
+ * control stream, or chunks of a striped write filed for it. */
+static int moe_sock_mr_busy(const moe_sock_comm_t* comm, const moe_sock_mr_t* mr) {
+  return (comm->rmr == mr && comm->rleft > 0) || moe_sock_wq_targets(&comm->wq, mr);
+}
+
 /* A peer's write may be landing in `mr` right now (its header was read, its
  * payload is still arriving): let it finish before the region goes, bounded
  * by the timeout; a peer that stalls fails the comm, which stops the write.
@@ -1031,15 +1117,17 @@ static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm);
  * lock held. */
 static void moe_sock_mr_fence(moe_sock_comm_t* comm, const moe_sock_mr_t* mr) {
   uint64_t deadline = moe_net_now_ns() + moe_sock_timeout_ns();
-  while (comm->rmr == mr && comm->rleft > 0 && comm->failed == ncclSuccess) {
-    if (moe_sock_recv_progress(comm) != ncclSuccess || comm->rmr != mr) break;
+  while (moe_sock_mr_busy(comm, mr) && comm->failed == ncclSuccess) {
+    if (moe_sock_recv_progress(comm) != ncclSuccess || !moe_sock_mr_busy(comm, mr)) break;
     if (moe_net_now_ns() > deadline) {
       moe_sock_fail(comm, MOE_ERROR(ncclRemoteError, "socket: a write into a region being deregistered did not finish "
                                     "within %d ms", moe_env()->timeout_ms));
       break;
     }
+    /* Inline bytes come on the control socket; chunks land through the
+     * helper threads, which nothing here can wait on: check again soon. */
     struct pollfd pfd = {.fd = comm->ctrl_fd, .events = POLLIN};
-    poll(&pfd, 1, MOE_SOCK_POLL_SLICE_MS);
+    poll(&pfd, 1, moe_sock_wq_targets(&comm->wq, mr) ? 1 : MOE_SOCK_POLL_SLICE_MS);
   }
 }
 
@@ -1103,8 +1191,9 @@ static moe_sock_req_t* moe_sock_req_alloc(moe_sock_comm_t* comm) {
     req->n = 0;
     req->nmatched = 0;
     req->ctrl_off = 0;
-    atomic_store(&req->chunks_pending, 0);
-    atomic_store(&req->error, ncclSuccess);
+    req->striped = 0;
+    req->after_writes = 0;
+    moe_sock_track_reset(&req->track, 0);
     req->state = MOE_SOCK_REQ_CTRL;
     comm->ctrlq[(comm->ctrlq_head + comm->ctrlq_count++) % MOE_NET_MAX_REQUESTS] = req;
     return req;
@@ -1139,7 +1228,7 @@ static ncclResult_t moe_sock_send_progress(moe_sock_comm_t* comm) {
   while (comm->ctrlq_count > 0) {
     moe_sock_req_t* req = comm->ctrlq[comm->ctrlq_head];
     moe_sock_slot_t* s = &req->slot[0];
-    int inline_payload = req->is_write || s->size <= MOE_SOCK_INLINE_MAX;
+    int inline_payload = req->is_write ? !req->striped : s->size <= MOE_SOCK_INLINE_MAX;
     size_t total = MOE_SOCK_HDR_BYTES + (inline_payload ? s->size : 0);
     while (req->ctrl_off < total) {
       struct iovec iov[2];
@@ -1163,7 +1252,8 @@ static ncclResult_t moe_sock_send_progress(moe_sock_comm_t* comm) {
       req->ctrl_off += (size_t)n;
       comm->ctrl_stall_since_ns = 0;
     }
-    if (!inline_payload) MOE_CHECK(moe_sock_dispatch(comm, req, s->buf, s->size));
+    if (req->striped) MOE_CHECK(moe_sock_dispatch_write(comm, &req->track, s->buf, s->size, &req->wchunk));
+    else if (!inline_payload) MOE_CHECK(moe_sock_dispatch(comm, req, s->buf, s->size));
     req->state = MOE_SOCK_REQ_DATA;
     moe_sock_ctrlq_pop(comm);
   }
@@ -1207,6 +1297,7 @@ static ncclResult_t moe_sock_match(moe_sock_comm_t* comm, moe_sock_req_t* req) {
   s->matched = 1;
   s->size = h->size;
   req->nmatched++;
+  req->after_writes = comm->wq.pushed; /* completes after the writes filed before it */
   if (h->size <= MOE_SOCK_INLINE_MAX) {
     comm->rdst = s->buf;
     comm->rleft = h->size;
@@ -1232,8 +1323,91 @@ static ncclResult_t moe_sock_imm_stall(moe_sock_comm_t* comm) {
   return ncclSuccess;
 }
 
+/* The FIFO of striped writes is full: back-pressure on the control stream
+ * until its head landed, bounded like the immediate ring's. */
+static ncclResult_t moe_sock_wq_stall(moe_sock_comm_t* comm) {
+  uint64_t now = moe_net_now_ns();
+  if (comm->wq_full_since_ns == 0) {
+    comm->wq_full_since_ns = now;
+  } else if (now - comm->wq_full_since_ns > moe_sock_timeout_ns()) {
+    return moe_sock_fail(comm, MOE_ERROR(ncclRemoteError, "socket: %d striped writes waited %d ms for their chunks "
+                                         "or for poll_imm(); the connection stops", MOE_SOCK_MAX_RWRITES,
+                                         moe_env()->timeout_ms));
+  }
+  return ncclSuccess;
+}
+
+/* Delivers the immediates of striped writes whose chunks (and every earlier
+ * write's) landed; a chunk that failed fails the comm. *blocked_p = 1 when
+ * the immediate ring is full. */
+static ncclResult_t moe_sock_retire_writes(moe_sock_comm_t* comm, int* blocked_p) {
+  *blocked_p = 0;
+  if (moe_sock_wq_empty(&comm->wq)) return ncclSuccess;
+  ncclResult_t res = moe_sock_wq_retire(&comm->wq, &comm->imms, blocked_p);
+  if (res != ncclSuccess) return moe_sock_fail(comm, res);
+  if (!moe_sock_wq_full(&comm->wq)) comm->wq_full_since_ns = 0;
+  return ncclSuccess;
+}
+
+/* A write's header from the peer (validated): an inline payload is read
+ * next on the control stream; a striped one is queued on the data streams,
+ * filed in the FIFO that orders the signals. */
+static ncclResult_t moe_sock_recv_write(moe_sock_comm_t* comm, int* wait_p) {
+  const moe_sock_hdr_t* h = &comm->rh;
+  *wait_p = 0;
+  moe_sock_mr_t* mr = NULL;
+  ncclResult_t res = moe_sock_mr_target(comm, h, &mr);
+  if (res != ncclSuccess) return moe_sock_fail(comm, res);
+  int has_imm = (h->flags & MOE_SOCK_HDR_FLAG_IMM) != 0;
+  if (h->flags & MOE_SOCK_HDR_FLAG_STRIPED) {
+    if (moe_sock_wq_full(&comm->wq)) {
+      *wait_p = 1;
+      return moe_sock_wq_stall(comm);
+    }
+    moe_sock_rwrite_t* w = moe_sock_wq_push(&comm->wq, mr, has_imm, h->imm, 0);
+    const moe_sock_chunk_t wc = {.wid = comm->rwid++, .key = h->key, .offset = h->offset};
+    MOE_CHECK(moe_sock_dispatch_write(comm, &w->track, mr->base + h->offset, h->size, &wc));
+    comm->rhdr_valid = 0;
+    return ncclSuccess;
+  }
+  /* Until the payload landed, deregistration of mr waits for it. */
+  comm->rmr = h->size > 0 ? mr : NULL;
+  comm->rdst = h->size > 0 ? mr->base + h->offset : NULL;
+  comm->rleft = h->size;
+  comm->rimm_pending = has_imm;
+  comm->rimm = h->imm;
+  comm->rhdr_valid = 0;
+  return ncclSuccess;
+}
+
+/* An inline write's immediate, once its bytes landed: behind striped writes
+ * still moving it waits in their FIFO. *wait_p = 1: no room yet. */
+static ncclResult_t moe_sock_deliver_imm(moe_sock_comm_t* comm, int* wait_p) {
+  *wait_p = 0;
+  if (!moe_sock_wq_empty(&comm->wq)) {
+    if (moe_sock_wq_full(&comm->wq)) {
+      *wait_p = 1;
+      return moe_sock_wq_stall(comm);
+    }
+    moe_sock_wq_push(&comm->wq, NULL, 1, comm->rimm, 0);
+  } else {
+    if (moe_imm_ring_full(&comm->imms)) {
+      *wait_p = 1;
+      return moe_sock_imm_stall(comm);
+    }
+    comm->imm_full_since_ns = 0;
+    moe_imm_ring_push(&comm->imms, comm->rimm);
+  }
+  comm->rimm_pending = 0;
+  return ncclSuccess;
+}
+
 /* Reads headers and inline payloads; dispatches large payloads. */
 static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm) {
+  int blocked = 0;
+  MOE_CHECK(moe_sock_retire_writes(comm, &blocked));
+  if (blocked) MOE_CHECK(moe_sock_imm_stall(comm));
+  else if (!moe_imm_ring_full(&comm->imms)) comm->imm_full_since_ns = 0;
   for (;;) {
     int more = 0;
     if (comm->rleft > 0 || comm->rimm_pending) {
@@ -1242,10 +1416,9 @@ static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm) {
       comm->rreq = NULL; /* the payload landed */
       comm->rmr = NULL;
       if (comm->rimm_pending) {
-        if (moe_imm_ring_full(&comm->imms)) return moe_sock_imm_stall(comm);
-        comm->imm_full_since_ns = 0;
-        moe_imm_ring_push(&comm->imms, comm->rimm);
-        comm->rimm_pending = 0;
+        int wait = 0;
+        MOE_CHECK(moe_sock_deliver_imm(comm, &wait));
+        if (wait) return ncclSuccess;
       }
     }
     if (!comm->rhdr_valid) {
@@ -1260,16 +1433,9 @@ static ncclResult_t moe_sock_recv_progress(moe_sock_comm_t* comm) {
       comm->rhdr_got = 0;
     }
     if (comm->rh.op == MOE_SOCK_OP_WRITE) {
-      moe_sock_mr_t* mr = NULL;
-      ncclResult_t res = moe_sock_mr_target(comm, &comm->rh, &mr);
-      if (res != ncclSuccess) return moe_sock_fail(comm, res);
-      /* Until the payload landed, deregistration of mr waits for it. */
-      comm->rmr = comm->rh.size > 0 ? mr : NULL;
-      comm->rdst = comm->rh.size > 0 ? mr->base + comm->rh.offset : NULL;
-      comm->rleft = comm->rh.size;
-      comm->rimm_pending = (comm->rh.flags & MOE_SOCK_HDR_FLAG_IMM) != 0;
-      comm->rimm = comm->rh.imm;
-      comm->rhdr_valid = 0;
+      int wait = 0;
+      MOE_CHECK(moe_sock_recv_write(comm, &wait));
+      if (wait) return ncclSuccess;
       continue;
     }
     /* A message: it belongs to the oldest irecv that still needs one. */
@@ -1303,6 +1469,13 @@ static ncclResult_t moe_sock_post_send(moe_sock_comm_t* comm, int is_write, void
   req->is_write = is_write;
   req->n = 1;
   req->slot[0] = (moe_sock_slot_t){.buf = data, .cap = size, .tag = tag, .size = size, .matched = 1};
+  if (is_write) {
+    req->wseq = comm->wseq++;
+    req->striped = (hdr->flags & MOE_SOCK_HDR_FLAG_STRIPED) != 0;
+    /* Its number: striped writes are counted in posting order, as the
+     * receiver counts their headers. */
+    if (req->striped) req->wchunk = (moe_sock_chunk_t){.wid = comm->swid++, .key = hdr->key, .offset = hdr->offset};
+  }
   moe_sock_hdr_encode(hdr, req->hdr);
   /* Start right away: a small message leaves in this call. */
   res = moe_sock_send_progress(comm);
@@ -1336,6 +1509,8 @@ static ncclResult_t moe_sock_write(moe_net_comm_t* c, void* local, size_t size, 
                      size, (unsigned long long)offset);
   moe_sock_hdr_t h = {.op = MOE_SOCK_OP_WRITE, .flags = with_imm ? MOE_SOCK_HDR_FLAG_IMM : 0, .size = size,
                       .offset = offset, .key = remote->key, .imm = with_imm ? imm : 0};
+  const size_t stripe_min = (size_t)moe_env()->socket_stripe_kb << 10;
+  if (stripe_min > 0 && size >= stripe_min) h.flags |= MOE_SOCK_HDR_FLAG_STRIPED;
   return moe_sock_post_send((moe_sock_comm_t*)c, 1, local, size, 0, &h, req_p);
 }
 
@@ -1380,6 +1555,23 @@ static ncclResult_t moe_sock_iflush(moe_net_comm_t* c, int n, void** data, const
   return ncclSuccess;
 }
 
+/* 1 while `req` must not complete yet to keep completions in order: a write
+ * behind an earlier write whose chunks are still moving (send side), a
+ * message behind writes the peer posted before it that have not landed
+ * (receive side). Comm lock held. */
+static int moe_sock_req_behind(const moe_sock_comm_t* comm, const moe_sock_req_t* req) {
+  if (comm->base.type == MOE_NET_COMM_RECV) return !req->is_write && comm->wq.retired < req->after_writes;
+  if (!req->is_write) return 0;
+  for (int r = 0; r < MOE_NET_MAX_REQUESTS; r++) {
+    const moe_sock_req_t* o = &comm->reqs[r];
+    if (o->is_write && o->wseq < req->wseq &&
+        (o->state == MOE_SOCK_REQ_CTRL ||
+         (o->state == MOE_SOCK_REQ_DATA && atomic_load_explicit(&o->track.chunks_pending, memory_order_acquire) > 0)))
+      return 1;
+  }
+  return 0;
+}
+
 static ncclResult_t moe_sock_test(moe_net_request_t* r, int* done_p, size_t* sizes_p) {
   moe_sock_req_t* req = (moe_sock_req_t*)r;
   moe_sock_comm_t* comm = req->comm;
@@ -1393,10 +1585,11 @@ static ncclResult_t moe_sock_test(moe_net_request_t* r, int* done_p, size_t* siz
   res = moe_sock_progress(comm);
   /* Chunks first: once none is pending, every error a helper thread recorded
    * for them is visible (it stores the error before it counts the chunk). */
-  int pending = atomic_load_explicit(&req->chunks_pending, memory_order_acquire);
-  int err = atomic_load_explicit(&req->error, memory_order_acquire);
-  if (res == ncclSuccess && err != ncclSuccess && err != MOE_SOCK_ERR_WRITING)
-    res = moe_sock_fail(comm, MOE_ERROR((ncclResult_t)err, "%s", req->errmsg));
+  int pending = atomic_load_explicit(&req->track.chunks_pending, memory_order_acquire);
+  if (res == ncclSuccess) {
+    ncclResult_t err = moe_sock_track_result(&req->track);
+    if (err != ncclSuccess) res = moe_sock_fail(comm, err);
+  }
   if (res != ncclSuccess) {
     /* The comm is dead and its transfers stopped (moe_sock_fail): release the slot. */
     req->state = MOE_SOCK_REQ_FREE;
@@ -1404,7 +1597,7 @@ static ncclResult_t moe_sock_test(moe_net_request_t* r, int* done_p, size_t* siz
   }
   /* An inline payload still arriving belongs to this request until it landed. */
   int inline_busy = comm->rreq == req && comm->rleft > 0;
-  if (req->state == MOE_SOCK_REQ_DATA && !inline_busy && pending == 0) {
+  if (req->state == MOE_SOCK_REQ_DATA && !inline_busy && pending == 0 && !moe_sock_req_behind(comm, req)) {
     if (sizes_p != NULL)
       for (int i = 0; i < req->n; i++) sizes_p[i] = req->slot[i].size;
     req->state = MOE_SOCK_REQ_FREE;

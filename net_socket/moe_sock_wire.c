@@ -76,7 +76,9 @@ ncclResult_t moe_sock_hdr_decode(const uint8_t* buf, size_t len, moe_sock_hdr_t*
     if (h.flags != 0 || h.offset != 0 || h.key != 0 || h.imm != 0)
       return MOE_ERROR(ncclRemoteError, "message header: message with write fields set");
   } else if (h.op == MOE_SOCK_OP_WRITE) {
-    if ((h.flags & ~MOE_SOCK_HDR_FLAG_IMM) != 0 || h.tag != 0 || ((h.flags & MOE_SOCK_HDR_FLAG_IMM) == 0 && h.imm != 0))
+    if ((h.flags & ~(MOE_SOCK_HDR_FLAG_IMM | MOE_SOCK_HDR_FLAG_STRIPED)) != 0 || h.tag != 0 ||
+        ((h.flags & MOE_SOCK_HDR_FLAG_IMM) == 0 && h.imm != 0) ||
+        ((h.flags & MOE_SOCK_HDR_FLAG_STRIPED) != 0 && h.size == 0))
       return MOE_ERROR(ncclRemoteError, "message header: write with invalid flags 0x%x", h.flags);
   } else {
     return MOE_ERROR(ncclRemoteError, "message header: unknown op %d", h.op);
@@ -85,12 +87,48 @@ ncclResult_t moe_sock_hdr_decode(const uint8_t* buf, size_t len, moe_sock_hdr_t*
   return ncclSuccess;
 }
 
-void moe_sock_split(size_t size, int nstreams, int* nchunks_p, size_t* chunk_p) {
+static void moe_sock_split_min(size_t size, int nstreams, size_t min_chunk, int* nchunks_p, size_t* chunk_p) {
   const size_t align = 4096;
   size_t chunk = (size + (size_t)nstreams - 1) / (size_t)nstreams;
-  if (chunk < MOE_SOCK_MIN_CHUNK) chunk = MOE_SOCK_MIN_CHUNK;
+  if (chunk < min_chunk) chunk = min_chunk;
   chunk = (chunk + align - 1) / align * align;
   int nchunks = size == 0 ? 0 : (int)((size + chunk - 1) / chunk);
   *nchunks_p = nchunks;
   *chunk_p = chunk;
+}
+
+void moe_sock_split(size_t size, int nstreams, int* nchunks_p, size_t* chunk_p) {
+  moe_sock_split_min(size, nstreams, MOE_SOCK_MIN_CHUNK, nchunks_p, chunk_p);
+}
+
+void moe_sock_stripe_split(size_t size, int nstreams, int* nchunks_p, size_t* chunk_p) {
+  moe_sock_split_min(size, nstreams, MOE_SOCK_STRIPE_MIN_CHUNK, nchunks_p, chunk_p);
+}
+
+/* Chunk header layout: u32 magic, u32 index, u64 wid, u64 key, u64 offset,
+ * u32 size, u32 checksum (FNV-1a of the first 36 bytes). */
+void moe_sock_chunk_encode(const moe_sock_chunk_t* c, uint8_t buf[MOE_SOCK_CHUNK_BYTES]) {
+  moe_put_u32(buf, MOE_SOCK_CHUNK_MAGIC);
+  moe_put_u32(buf + 4, c->index);
+  moe_put_u64(buf + 8, c->wid);
+  moe_put_u64(buf + 16, c->key);
+  moe_put_u64(buf + 24, c->offset);
+  moe_put_u32(buf + 32, c->size);
+  moe_put_u32(buf + 36, moe_net_fnv1a(buf, 36));
+}
+
+ncclResult_t moe_sock_chunk_decode(const uint8_t* buf, size_t len, moe_sock_chunk_t* c_p) {
+  if (buf == NULL || len < MOE_SOCK_CHUNK_BYTES)
+    return MOE_ERROR(ncclRemoteError, "chunk header truncated (%zu bytes)", len);
+  if (moe_get_u32(buf) != MOE_SOCK_CHUNK_MAGIC)
+    return MOE_ERROR(ncclRemoteError, "chunk header: bad magic 0x%08x (data stream out of sync)", moe_get_u32(buf));
+  if (moe_get_u32(buf + 36) != moe_net_fnv1a(buf, 36)) return MOE_ERROR(ncclRemoteError, "chunk header checksum mismatch");
+  moe_sock_chunk_t c = {.index = moe_get_u32(buf + 4), .wid = moe_get_u64(buf + 8), .key = moe_get_u64(buf + 16),
+                        .offset = moe_get_u64(buf + 24), .size = moe_get_u32(buf + 32)};
+  if (c.size == 0 || c.size > MOE_NET_MAX_MSG_BYTES || c.index >= MOE_SOCK_MAX_STREAMS ||
+      c.offset > UINT64_MAX - c.size)
+    return MOE_ERROR(ncclRemoteError, "chunk header has invalid fields (chunk %u, %u bytes at offset %llu)", c.index,
+                     c.size, (unsigned long long)c.offset);
+  *c_p = c;
+  return ncclSuccess;
 }

@@ -26,6 +26,13 @@
  *    (comm) it was registered on, under a key a peer cannot guess; a comm
  *    flagged MOE_NET_COMM_NO_WRITES (every comm the NCCL plugin hands out:
  *    NCCL has no one-sided operation) refuses incoming writes.
+ *    Order on one comm, which the internode proxy relies on: writes complete
+ *    at the sender (test()) in posting order, and their immediates come out
+ *    of poll_imm() in posting order, each once the bytes of its write and of
+ *    every earlier write landed. The placement of bytes of different writes
+ *    is not ordered (the socket backend stripes large writes over several
+ *    TCP streams; RDMA promises no placement order either): a write must not
+ *    overlap one still in flight.
  *  - After a call reports an error for a request (test(), or the isend/irecv
  *    that created it), the backend never touches that request's buffers
  *    again: it stops or drains whatever still moved them before reporting.

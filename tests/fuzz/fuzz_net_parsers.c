@@ -34,9 +34,19 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (moe_sock_hdr_decode(data, size, &hdr) == ncclSuccess) {
     if (hdr.size > MOE_NET_MAX_MSG_BYTES || (hdr.op != MOE_SOCK_OP_MSG && hdr.op != MOE_SOCK_OP_WRITE)) abort();
     if (hdr.op == MOE_SOCK_OP_MSG && (hdr.key != 0 || hdr.offset != 0 || hdr.flags != 0 || hdr.imm != 0)) abort();
+    if ((hdr.flags & MOE_SOCK_HDR_FLAG_STRIPED) && hdr.size == 0) abort();
     uint8_t again[MOE_SOCK_HDR_BYTES]; /* what was accepted encodes to the same bytes */
     moe_sock_hdr_encode(&hdr, again);
     if (memcmp(again, data, MOE_SOCK_HDR_BYTES) != 0) abort();
+  }
+  moe_sock_chunk_t chunk;
+  if (moe_sock_chunk_decode(data, size, &chunk) == ncclSuccess) {
+    if (chunk.size == 0 || chunk.size > MOE_NET_MAX_MSG_BYTES || chunk.index >= MOE_SOCK_MAX_STREAMS ||
+        chunk.offset + chunk.size < chunk.offset)
+      abort();
+    uint8_t again[MOE_SOCK_CHUNK_BYTES];
+    moe_sock_chunk_encode(&chunk, again);
+    if (memcmp(again, data, MOE_SOCK_CHUNK_BYTES) != 0) abort();
   }
   moe_ib_handle_t ih;
   if (moe_ib_handle_decode(data, size, &ih) == ncclSuccess)

@@ -4,7 +4,9 @@
  * hellos (optionally corrupted, plus junk connections), then operations of
  * the peer (raw control bytes, well-formed or skewed message and write
  * headers with keys and offsets of its choice, payload bytes on any stream,
- * resets) interleaved with what the receiving user does (post receives of
+ * resets; a striped write header is followed by its chunks on the streams
+ * the peer believes are due, behind chunk headers that are right as far as
+ * the peer can tell, so skewed counts turn them into misplaced chunks) interleaved with what the receiving user does (post receives of
  * chosen sizes and tags, test, poll immediates, register and deregister
  * regions). Checked after every call and at the end:
  *   - no crash, no sanitizer report, every call returns within FZ_CALL_BOUND_NS;
@@ -63,6 +65,8 @@ typedef struct {
   uint8_t handle[MOE_NET_HANDLE_BYTES];
   moe_net_addr_handle_t addr;
   int ctrl, data[4], nstreams;
+  uint64_t wid;    /* the peer's count of its striped writes */
+  int next_stream; /* the stream it believes its next chunk goes to */
   int junk[FZ_MAX_JUNK], njunk;
   fz_buf_t bufs[FZ_MAX_BUFS];
   int nbufs;
@@ -141,6 +145,28 @@ static void fz_send_header(fz_t* f, fz_in_t* in) {
   uint8_t buf[MOE_SOCK_HDR_BYTES];
   moe_sock_hdr_encode(&h, buf);
   fz_send(f->ctrl, buf, sizeof(buf));
+  int nchunks = 0;
+  size_t chunk = 0;
+  if (h.op == MOE_SOCK_OP_MSG && h.size > MOE_SOCK_INLINE_MAX) { /* its chunks: the payload ops send them */
+    moe_sock_split(h.size, f->nstreams, &nchunks, &chunk);
+    f->next_stream = (f->next_stream + nchunks) % f->nstreams;
+  }
+  if (h.op != MOE_SOCK_OP_WRITE || (h.flags & MOE_SOCK_HDR_FLAG_STRIPED) == 0 || h.size == 0 ||
+      h.size > sizeof(pattern))
+    return;
+  moe_sock_stripe_split(h.size, f->nstreams, &nchunks, &chunk);
+  for (int c = 0; c < nchunks; c++) {
+    const size_t off = (size_t)c * chunk, len = h.size - off < chunk ? h.size - off : chunk;
+    moe_sock_chunk_t ch = {.wid = f->wid, .key = h.key, .offset = h.offset + off, .size = (uint32_t)len,
+                           .index = (uint32_t)c};
+    uint8_t cbuf[MOE_SOCK_CHUNK_BYTES];
+    moe_sock_chunk_encode(&ch, cbuf);
+    const int fd = f->data[(f->next_stream + c) % f->nstreams];
+    fz_send(fd, cbuf, sizeof(cbuf));
+    fz_send(fd, pattern + off, len);
+  }
+  f->wid++;
+  f->next_stream = (f->next_stream + nchunks) % f->nstreams;
 }
 
 static void fz_post(fz_t* f, fz_in_t* in) {

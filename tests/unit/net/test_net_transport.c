@@ -128,6 +128,106 @@ START_TEST(test_write_with_imm) {
 }
 END_TEST
 
+/* Writes of random sizes, small (inline on sockets) and large (striped over
+ * the data streams on sockets), with and without immediates, many in flight:
+ * the sender's completions come in posting order (once a write reports done,
+ * every earlier one does), the receiver's immediates come in posting order,
+ * and when one arrives the bytes of that write and of every earlier one have
+ * landed. Targets do not overlap (placement order is not promised). */
+#define ORDER_WRITES 48
+#define ORDER_REGION ((size_t)24 << 20)
+START_TEST(test_writes_complete_and_signal_in_order) {
+  moe_rng_t rng;
+  const uint64_t seed = moe_test_seed();
+  moe_rng_init(&rng, seed);
+  moe_net_comm_t *send, *recv, *listen;
+  pair(&send, &recv, &listen);
+  char* region = malloc(ORDER_REGION);
+  char* src = malloc(ORDER_REGION);
+  memset(region, 0, ORDER_REGION);
+  net_fill(src, ORDER_REGION, seed);
+  void *rmr = NULL, *smr = NULL;
+  ck_assert_int_eq(t->reg_mr(recv, region, ORDER_REGION, NCCL_PTR_HOST, -1, 0, &rmr), ncclSuccess);
+  ck_assert_int_eq(t->reg_mr(send, src, ORDER_REGION, NCCL_PTR_HOST, -1, 0, &smr), ncclSuccess);
+  moe_net_rkey_t key;
+  ck_assert_int_eq(t->mr_key(rmr, &key), ncclSuccess);
+  uint64_t off[ORDER_WRITES + 1];
+  int imm_of[ORDER_WRITES];
+  off[0] = 0;
+  for (int i = 0; i < ORDER_WRITES; i++) {
+    const uint32_t kind = moe_rng_below(&rng, 3);
+    size_t len = kind == 0 ? 1 + moe_rng_below(&rng, 4096)
+                 : kind == 1 ? 4096 + moe_rng_below(&rng, 252 << 10)
+                             : (256 << 10) + moe_rng_below(&rng, 3 << 20);
+    if (off[i] + len > ORDER_REGION) len = ORDER_REGION - off[i];
+    off[i + 1] = off[i] + len;
+    imm_of[i] = moe_rng_below(&rng, 4) != 0; /* a quarter without an immediate */
+  }
+  moe_net_request_t* req[ORDER_WRITES] = {0};
+  int posted = 0, done[ORDER_WRITES] = {0}, signalled = 0, next_imm = 0;
+  size_t verified = 0;
+  uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  int nimm = 0;
+  for (int i = 0; i < ORDER_WRITES; i++) nimm += imm_of[i];
+  for (int completed = 0; completed < ORDER_WRITES || signalled < nimm;) {
+    while (posted < ORDER_WRITES && posted - completed < 12) {
+      const int i = posted;
+      ck_assert_int_eq(t->write(send, src + off[i], off[i + 1] - off[i], smr, &key, off[i], imm_of[i], (uint32_t)i,
+                                &req[i]), ncclSuccess);
+      if (req[i] == NULL) break;
+      posted++;
+    }
+    /* Newest first: once one reports done, every older one must too. */
+    int newer_done = 0;
+    for (int i = posted - 1; i >= 0; i--) {
+      if (done[i]) continue;
+      int d = 0;
+      ck_assert_int_eq(t->test(req[i], &d, NULL), ncclSuccess);
+      ck_assert_msg(d || !newer_done, "write %d completed before write %d (seed %llu)", i + 1, i,
+                    (unsigned long long)seed);
+      if (d) {
+        done[i] = 1;
+        newer_done = 1;
+        completed++;
+      }
+    }
+    uint32_t imm;
+    int got = 0;
+    ck_assert_int_eq(t->poll_imm(recv, &imm, &got), ncclSuccess);
+    if (got) {
+      while (next_imm < ORDER_WRITES && !imm_of[next_imm]) next_imm++;
+      ck_assert_msg(next_imm < ORDER_WRITES && imm == (uint32_t)next_imm, "immediate %u arrived, %d was due (seed %llu)",
+                    imm, next_imm, (unsigned long long)seed);
+      /* Its bytes and every earlier write's have landed. */
+      const size_t end = off[next_imm + 1];
+      ck_assert_msg(memcmp(region + verified, src + verified, end - verified) == 0,
+                    "write %d signalled before the bytes up to it landed (seed %llu)", next_imm,
+                    (unsigned long long)seed);
+      verified = end;
+      next_imm++;
+      signalled++;
+    }
+    ck_assert_msg(net_now_ms() < deadline, "writes did not complete (seed %llu)", (unsigned long long)seed);
+  }
+  /* Writes without an immediate after the last signalled one land too. */
+  deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
+  while (memcmp(region, src, off[ORDER_WRITES]) != 0) {
+    uint32_t imm;
+    int got = 0;
+    ck_assert_int_eq(t->poll_imm(recv, &imm, &got), ncclSuccess);
+    ck_assert_int_eq(got, 0);
+    ck_assert(net_now_ms() < deadline);
+  }
+  ck_assert_int_eq(t->dereg_mr(recv, rmr), ncclSuccess);
+  ck_assert_int_eq(t->dereg_mr(send, smr), ncclSuccess);
+  ck_assert_int_eq(t->close(send), ncclSuccess);
+  ck_assert_int_eq(t->close(recv), ncclSuccess);
+  ck_assert_int_eq(t->close(listen), ncclSuccess);
+  free(src);
+  free(region);
+}
+END_TEST
+
 START_TEST(test_write_to_deregistered_region_is_error) {
   moe_net_comm_t *send, *recv, *listen;
   pair(&send, &recv, &listen);
@@ -212,6 +312,7 @@ int main(void) {
   tcase_add_checked_fixture(tc, setup, teardown);
   tcase_set_timeout(tc, 60);
   tcase_add_test(tc, test_write_with_imm);
+  tcase_add_test(tc, test_writes_complete_and_signal_in_order);
   tcase_add_test(tc, test_write_to_deregistered_region_is_error);
   tcase_add_test(tc, test_forced_ib_without_device);
   suite_add_tcase(s, tc);
