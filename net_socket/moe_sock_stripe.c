@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 #include "net_socket/moe_sock_stripe.h"
 
 #include <stdio.h>

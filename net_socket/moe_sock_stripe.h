@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Striped one-sided writes of the TCP backend: what keeps their completions
  * and immediates in posting order although their chunks travel on several
  * data streams at once.

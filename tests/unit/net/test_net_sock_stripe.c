@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Striped one-sided writes of the socket backend (issue 20, item 4) against
  * a raw peer that speaks the wire format directly:
  *  - what the backend sends: a STRIPED control header, then one chunk per
