@@ -55,7 +55,7 @@ def test_capacity_mode_graph(seed):
     refs = [Routing(d[1], N, E) for d in data]
     worst = sum(TOKENS)
     barrier = threading.Barrier(N, timeout=120)
-    nvl = deep_ep.normal_row_bytes(H) * worst + 4096
+    nvl = deep_ep._bytes_for_rows(worst, H)  # rows are allocated in whole alignment units
     with deep_ep.virtual_buffers(N, nvl, hidden=H, num_experts=E, timeout_ms=30000) as group:
         def rank(buf):
             r, dev = buf.rank, buf.device

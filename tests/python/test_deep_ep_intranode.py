@@ -9,6 +9,7 @@ events, previous_event, allocate_on_comm_stream, the split send / receive
 halves (two micro-batches), and the arguments DeepEP has and nccl-moe does
 not."""
 
+import os
 import threading
 
 import pytest
@@ -20,6 +21,9 @@ if not torch.cuda.is_available():
 from nccl_moe import _lib, deep_ep, fp8  # noqa: E402
 from moe_reference import Routing, bf16_rows, make_routing  # noqa: E402
 
+# The communicators' timeout (MOE_TEST_TIMEOUT_MS: shorter to see a stuck rank sooner).
+TIMEOUT_MS = int(os.environ.get("MOE_TEST_TIMEOUT_MS", "30000"))
+
 N, H, K, E = 4, 1024, 4, 16
 L = E // N
 TOKENS = [96, 0, 61, 33]  # a rank without tokens, uneven loads
@@ -28,7 +32,7 @@ ROWS = 512                 # receive rows the buffers hold (>= any rank's receiv
 
 def make_group(**kw):
     nvl = deep_ep.normal_row_bytes(H) * ROWS + 4096
-    return deep_ep.virtual_buffers(N, nvl, hidden=H, num_experts=E, timeout_ms=30000, **kw)
+    return deep_ep.virtual_buffers(N, nvl, hidden=H, num_experts=E, timeout_ms=TIMEOUT_MS, **kw)
 
 
 def make_inputs(gen, tokens=TOKENS, kind="uniform", drop=0.15):

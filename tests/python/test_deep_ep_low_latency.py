@@ -8,6 +8,8 @@ their FP8 codes and scales in DeepEP's column-major, TMA-aligned layout
 async events, zero-copy combine, two steps in flight; a shape whose token
 count per expert is not a multiple of 4 (padded scale columns)."""
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -16,6 +18,9 @@ if not torch.cuda.is_available():
 
 from nccl_moe import _lib, deep_ep, fp8  # noqa: E402
 from moe_reference import assert_close, bf16_rows, ll_combine, ll_routing, make_routing  # noqa: E402
+
+# The communicators' timeout (MOE_TEST_TIMEOUT_MS: shorter to see a stuck rank sooner).
+TIMEOUT_MS = int(os.environ.get("MOE_TEST_TIMEOUT_MS", "30000"))
 
 SHAPES = {
     #            N  M   E   K  H     tokens per rank
@@ -29,7 +34,7 @@ def make_group(shape):
     N, M, E, K, H, _ = shape
     hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(M, H, N, E)
     group = deep_ep.virtual_buffers(N, 0, hint, True, hidden=H, num_experts=E, num_max_dispatch_tokens_per_rank=M,
-                                    timeout_ms=30000)
+                                    timeout_ms=TIMEOUT_MS)
     return group
 
 
