@@ -14,6 +14,28 @@ uint64_t net_now_ms(void) {
   return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+char* net_guarded_alloc(size_t size, int fill) {
+  char* p = malloc(size + 2 * NET_GUARD);
+  if (p == NULL) return NULL;
+  memset(p, NET_GUARD_BYTE, NET_GUARD);
+  memset(p + NET_GUARD, fill, size);
+  memset(p + NET_GUARD + size, NET_GUARD_BYTE, NET_GUARD);
+  return p + NET_GUARD;
+}
+
+int net_all_bytes(const char* p, size_t n, int v) {
+  for (size_t i = 0; i < n; i++)
+    if ((unsigned char)p[i] != (unsigned char)v) return 0;
+  return 1;
+}
+
+int net_guarded_free(char* region, size_t size) {
+  const int intact = net_all_bytes(region - NET_GUARD, NET_GUARD, NET_GUARD_BYTE) &&
+                     net_all_bytes(region + size, NET_GUARD, NET_GUARD_BYTE);
+  free(region - NET_GUARD);
+  return intact;
+}
+
 void net_test_env(void) {
   /* Meson runs the suites once per backend by setting NCCL_MOE_NET_BACKEND
    * (and, for ib, NCCL_MOE_IBVERBS_LIBRARY=the verbs emulator). */

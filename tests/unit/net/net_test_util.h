@@ -59,4 +59,15 @@ int net_check(const void* buf, size_t size, uint64_t seed);
 
 uint64_t net_now_ms(void);
 
+/* A region of `size` bytes filled with `fill` between two guard areas
+ * (NET_GUARD bytes of NET_GUARD_BYTE each side); net_guarded_free frees it
+ * and returns 0 when a guard was overwritten. */
+#define NET_GUARD 4096
+#define NET_GUARD_BYTE 0xE7
+char* net_guarded_alloc(size_t size, int fill);
+int net_guarded_free(char* region, size_t size);
+
+/* Whether the n bytes at p all equal v. */
+int net_all_bytes(const char* p, size_t n, int v);
+
 #endif

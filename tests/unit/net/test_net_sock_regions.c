@@ -17,8 +17,6 @@
 #include "net_test_util.h"
 #include "test_common.h"
 
-#define GUARD 4096
-#define GUARD_BYTE 0xE7
 #define POISON 0xA5
 
 static const moe_transport_t* t;
@@ -31,27 +29,6 @@ static void setup(void) {
 static void teardown(void) { t->fini(); }
 
 static void pause_ms(int ms) { poll(NULL, 0, ms); }
-
-/* A region of `size` bytes filled with `fill` between two guard areas. */
-static char* guarded_alloc(size_t size, int fill) {
-  char* p = malloc(size + 2 * GUARD);
-  memset(p, GUARD_BYTE, GUARD);
-  memset(p + GUARD, fill, size);
-  memset(p + GUARD + size, GUARD_BYTE, GUARD);
-  return p + GUARD;
-}
-
-static int all_bytes(const char* p, size_t n, int v) {
-  for (size_t i = 0; i < n; i++)
-    if ((unsigned char)p[i] != (unsigned char)v) return 0;
-  return 1;
-}
-
-static void guarded_free(char* region, size_t size) {
-  ck_assert_msg(all_bytes(region - GUARD, GUARD, GUARD_BYTE), "guard before the region overwritten");
-  ck_assert_msg(all_bytes(region + size, GUARD, GUARD_BYTE), "guard after the region overwritten");
-  free(region - GUARD);
-}
 
 /* poll_imm until it fails (bounded); asserts no immediate came. */
 static ncclResult_t poll_until_error(moe_net_comm_t* recv) {
@@ -92,7 +69,7 @@ START_TEST(test_region_only_reachable_from_its_connection) {
   ck_assert_int_eq(raw_dial(handle, 1, 3, &c), 0);
   moe_net_comm_t* recvC = raw_accept_comm(t, listen);
   enum { SIZE = 4096 };
-  char* region = guarded_alloc(SIZE, 0);
+  char* region = net_guarded_alloc(SIZE, 0);
   void* mr = NULL;
   ck_assert_int_eq(t->reg_mr(recvA, region, SIZE, NCCL_PTR_HOST, -1, 0, &mr), ncclSuccess);
   moe_net_rkey_t key;
@@ -106,7 +83,7 @@ START_TEST(test_region_only_reachable_from_its_connection) {
   int got = 1;
   ck_assert_int_eq(t->poll_imm(recvA, &imm, &got), ncclSuccess);
   ck_assert_int_eq(got, 0);
-  ck_assert_msg(all_bytes(region, SIZE, 0), "a write from another connection landed in the region");
+  ck_assert_msg(net_all_bytes(region, SIZE, 0), "a write from another connection landed in the region");
   send_write(a.ctrl, key.key, 8, 16, 0x42, 3);
   uint64_t deadline = net_now_ms() + NET_TEST_DEADLINE_MS;
   while (!got) {
@@ -114,9 +91,9 @@ START_TEST(test_region_only_reachable_from_its_connection) {
     ck_assert(net_now_ms() < deadline);
   }
   ck_assert_uint_eq(imm, 3);
-  ck_assert(all_bytes(region, 8, 0) && all_bytes(region + 8, 16, 0x42) && all_bytes(region + 24, SIZE - 24, 0));
+  ck_assert(net_all_bytes(region, 8, 0) && net_all_bytes(region + 8, 16, 0x42) && net_all_bytes(region + 24, SIZE - 24, 0));
   ck_assert_int_eq(t->dereg_mr(recvA, mr), ncclSuccess);
-  guarded_free(region, SIZE);
+  ck_assert_msg(net_guarded_free(region, SIZE), "a guard around the region was overwritten");
   moe_net_comm_t* comms[] = {recvA, recvB, recvC, listen};
   for (int i = 0; i < 4; i++) ck_assert_int_eq(t->close(comms[i]), ncclSuccess);
   raw_close(&a);
@@ -189,7 +166,7 @@ START_TEST(test_dereg_waits_for_write_in_flight) {
   ck_assert_int_eq(raw_dial(handle, 1, 1, &rc), 0);
   moe_net_comm_t* recv = raw_accept_comm(t, listen);
   const size_t size = (size_t)1 << 20, first = 32 << 10;
-  char* region = guarded_alloc(size, 0);
+  char* region = net_guarded_alloc(size, 0);
   void* mr = NULL;
   ck_assert_int_eq(t->reg_mr(recv, region, size, NCCL_PTR_HOST, -1, 0, &mr), ncclSuccess);
   moe_net_rkey_t key;
@@ -226,8 +203,8 @@ START_TEST(test_dereg_waits_for_write_in_flight) {
     ck_assert_int_eq(t->poll_imm(recv, &imm, &got), ncclSuccess);
     pause_ms(5);
   }
-  ck_assert_msg(all_bytes(region, size, POISON), "the write landed in the region after dereg returned");
-  guarded_free(region, size);
+  ck_assert_msg(net_all_bytes(region, size, POISON), "the write landed in the region after dereg returned");
+  ck_assert_msg(net_guarded_free(region, size), "a guard around the region was overwritten");
   free(payload);
   ck_assert_int_eq(t->close(recv), ncclSuccess);
   ck_assert_int_eq(t->close(listen), ncclSuccess);
@@ -246,7 +223,7 @@ START_TEST(test_dereg_of_stalled_write_is_bounded) {
   ck_assert_int_eq(raw_dial(handle, 1, 1, &rc), 0);
   moe_net_comm_t* recv = raw_accept_comm(t, listen);
   const size_t size = 64 << 10, first = 1000;
-  char* region = guarded_alloc(size, 0);
+  char* region = net_guarded_alloc(size, 0);
   void* mr = NULL;
   ck_assert_int_eq(t->reg_mr(recv, region, size, NCCL_PTR_HOST, -1, 0, &mr), ncclSuccess);
   moe_net_rkey_t key;
@@ -270,8 +247,8 @@ START_TEST(test_dereg_of_stalled_write_is_bounded) {
   (void)raw_send_all(rc.ctrl, payload + first, size - first);
   pause_ms(100);
   ck_assert_int_ne(poll_until_error(recv), ncclSuccess);
-  ck_assert_msg(all_bytes(region, size, POISON), "the stalled write landed after dereg returned");
-  guarded_free(region, size);
+  ck_assert_msg(net_all_bytes(region, size, POISON), "the stalled write landed after dereg returned");
+  ck_assert_msg(net_guarded_free(region, size), "a guard around the region was overwritten");
   free(payload);
   ck_assert_int_eq(t->close(recv), ncclSuccess);
   ck_assert_int_eq(t->close(listen), ncclSuccess);

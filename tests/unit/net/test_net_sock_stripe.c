@@ -23,8 +23,6 @@
 #include "net_test_util.h"
 #include "test_common.h"
 
-#define GUARD 4096
-#define GUARD_BYTE 0xE7
 #define POISON 0xA5
 #define NSTREAMS 4
 #define TIMEOUT_MS 1000
@@ -41,26 +39,6 @@ static void setup(void) {
 static void teardown(void) { t->fini(); }
 
 static void pause_ms(int ms) { poll(NULL, 0, ms); }
-
-static char* guarded_alloc(size_t size, int fill) {
-  char* p = malloc(size + 2 * GUARD);
-  memset(p, GUARD_BYTE, GUARD);
-  memset(p + GUARD, fill, size);
-  memset(p + GUARD + size, GUARD_BYTE, GUARD);
-  return p + GUARD;
-}
-
-static int all_bytes(const char* p, size_t n, int v) {
-  for (size_t i = 0; i < n; i++)
-    if ((unsigned char)p[i] != (unsigned char)v) return 0;
-  return 1;
-}
-
-static void guarded_free(char* region, size_t size) {
-  ck_assert_msg(all_bytes(region - GUARD, GUARD, GUARD_BYTE), "guard before the region overwritten");
-  ck_assert_msg(all_bytes(region + size, GUARD, GUARD_BYTE), "guard after the region overwritten");
-  free(region - GUARD);
-}
 
 /* ---------------------------------------------------------------- receiver */
 
@@ -81,14 +59,14 @@ static void rx_open(rx_t* x, size_t size) {
   ck_assert_int_eq(raw_dial(handle, NSTREAMS, 0x5717e, &x->rc), 0);
   x->recv = raw_accept_comm(t, x->listen);
   x->size = size;
-  x->region = guarded_alloc(size, POISON);
+  x->region = net_guarded_alloc(size, POISON);
   ck_assert_int_eq(t->reg_mr(x->recv, x->region, size, NCCL_PTR_HOST, -1, 0, &x->mr), ncclSuccess);
   ck_assert_int_eq(t->mr_key(x->mr, &x->key), ncclSuccess);
 }
 
 static void rx_close(rx_t* x) {
   t->dereg_mr(x->recv, x->mr); /* may report the failed comm: the region is still ours */
-  guarded_free(x->region, x->size);
+  ck_assert_msg(net_guarded_free(x->region, x->size), "a guard around the region was overwritten");
   ck_assert_int_eq(t->close(x->recv), ncclSuccess);
   ck_assert_int_eq(t->close(x->listen), ncclSuccess);
   raw_close(&x->rc);
@@ -283,9 +261,9 @@ START_TEST(test_receiver_orders_striped_writes) {
   ck_assert_int_eq(memcmp(x.region + off0, payload + off0, len0), 0);
   ck_assert_int_eq(memcmp(x.region + off1, payload + off1, len1), 0);
   ck_assert_int_eq(memcmp(x.region, payload, 16), 0);
-  ck_assert_msg(all_bytes(x.region + 16, off0 - 16, POISON), "bytes outside the writes changed");
-  ck_assert_msg(all_bytes(x.region + off0 + len0, off1 - off0 - len0, POISON), "bytes outside the writes changed");
-  ck_assert_msg(all_bytes(x.region + off1 + len1, size - off1 - len1, POISON), "bytes outside the writes changed");
+  ck_assert_msg(net_all_bytes(x.region + 16, off0 - 16, POISON), "bytes outside the writes changed");
+  ck_assert_msg(net_all_bytes(x.region + off0 + len0, off1 - off0 - len0, POISON), "bytes outside the writes changed");
+  ck_assert_msg(net_all_bytes(x.region + off1 + len1, size - off1 - len1, POISON), "bytes outside the writes changed");
   ck_assert_int_eq(raw_wait(t, rreq, NULL), ncclSuccess);
   ck_assert_str_eq(got, msg);
   free(payload);
@@ -367,10 +345,10 @@ START_TEST(test_receiver_rejects_bad_chunks) {
   pause_ms(50);
   /* Chunk 0's range got at most the good bytes it carried; nothing else
    * outside the write changed. */
-  ck_assert_msg(all_bytes(x.region + off + sent_payload, chunk - sent_payload, POISON),
+  ck_assert_msg(net_all_bytes(x.region + off + sent_payload, chunk - sent_payload, POISON),
                 "%s: bytes of a rejected chunk landed", BAD_NAMES[kind]);
-  ck_assert_msg(all_bytes(x.region, off, POISON), "%s: bytes before the write changed", BAD_NAMES[kind]);
-  ck_assert_msg(all_bytes(x.region + off + len, size - off - len, POISON), "%s: bytes after the write changed",
+  ck_assert_msg(net_all_bytes(x.region, off, POISON), "%s: bytes before the write changed", BAD_NAMES[kind]);
+  ck_assert_msg(net_all_bytes(x.region + off + len, size - off - len, POISON), "%s: bytes after the write changed",
                 BAD_NAMES[kind]);
   free(payload);
   rx_close(&x);
@@ -412,8 +390,8 @@ START_TEST(test_dereg_waits_for_striped_chunks) {
   pthread_join(th, NULL);
   ck_assert_uint_eq(next_imm(x.recv), 9);
   expect_quiet(x.recv, 50);
-  ck_assert_msg(all_bytes(x.region, size, POISON), "a chunk landed in the region after dereg returned");
-  guarded_free(x.region, x.size);
+  ck_assert_msg(net_all_bytes(x.region, size, POISON), "a chunk landed in the region after dereg returned");
+  ck_assert_msg(net_guarded_free(x.region, x.size), "a guard around the region was overwritten");
   ck_assert_int_eq(t->close(x.recv), ncclSuccess);
   ck_assert_int_eq(t->close(x.listen), ncclSuccess);
   raw_close(&x.rc);
@@ -431,7 +409,7 @@ START_TEST(test_receiver_rejects_bad_striped_header) {
                         .offset = bad == 0 ? (size_t)768 << 10 : 0, .key = x.key.key ^ (bad == 1 ? 1ull << 30 : 0)};
     ck_assert_int_eq(raw_send_hdr(x.rc.ctrl, &h), 0);
     (void)poll_until_error(x.recv);
-    ck_assert(all_bytes(x.region, x.size, POISON));
+    ck_assert(net_all_bytes(x.region, x.size, POISON));
     rx_close(&x);
   }
 }
