@@ -1260,11 +1260,24 @@ static ncclResult_t moe_sock_send_progress(moe_sock_comm_t* comm) {
   return moe_sock_ctrl_stall(comm, 0);
 }
 
+/* Whether the stream's next read would be its end (nothing is consumed). */
+static int moe_sock_at_eof(int fd) {
+  char c;
+  return recv(fd, &c, 1, MSG_DONTWAIT | MSG_PEEK) == 0;
+}
+
 /* Reads control bytes into [*dst, *dst + *left), advancing both, so a read
  * that stops part-way resumes where it stopped; 1 in *more_p while bytes
  * remain. */
 static ncclResult_t moe_sock_ctrl_read(moe_sock_comm_t* comm, char** dst, size_t* left, int* more_p) {
   while (*left > 0) {
+    if (!moe_sock_wq_empty(&comm->wq) && moe_sock_at_eof(comm->ctrl_fd)) {
+      /* The peer closed after its last striped writes: their chunks may
+       * still be on the data streams (each bounded by the stall timeout).
+       * The end of the control stream is reported once they have landed. */
+      *more_p = 1;
+      return ncclSuccess;
+    }
     size_t n = 0;
     ncclResult_t res = moe_sock_io(comm->ctrl_fd, 0, *dst, *left, &n);
     if (res != ncclSuccess) return moe_sock_fail(comm, res);

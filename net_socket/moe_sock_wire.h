@@ -80,8 +80,8 @@ void moe_sock_split(size_t size, int nstreams, int* nchunks_p, size_t* chunk_p);
 
 /* --- striped one-sided writes --------------------------------------------- */
 /* Which writes the sender stripes is its own choice
- * (NCCL_MOE_SOCKET_STRIPE_KB, default 256: smaller ones travel inline on the
- * control socket, for latency); the receiver takes either form. */
+ * (NCCL_MOE_SOCKET_STRIPE_KB; default 0, never: writes below it travel inline
+ * on the control socket); the receiver takes either form. */
 /* No chunk of a striped write is smaller than this (except its tail). */
 #define MOE_SOCK_STRIPE_MIN_CHUNK ((size_t)64 << 10)
 /* The split of a striped write: the rule of moe_sock_split with

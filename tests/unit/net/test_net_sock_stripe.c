@@ -30,6 +30,7 @@
 static const moe_transport_t* t;
 
 static void setup(void) {
+  setenv("NCCL_MOE_SOCKET_STRIPE_KB", "256", 1); /* striping is off by default */
   setenv("NCCL_MOE_TIMEOUT_MS", "1000", 1);
   setenv("NCCL_SOCKET_NTHREADS", "2", 1);
   setenv("NCCL_NSOCKS_PERTHREAD", "2", 1); /* NSTREAMS data streams */

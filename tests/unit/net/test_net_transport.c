@@ -308,6 +308,7 @@ END_TEST
 int main(void) {
   Suite* s = suite_create("net_transport");
   net_test_env();
+  setenv("NCCL_MOE_SOCKET_STRIPE_KB", "256", 0); /* the order test's large writes striped (off by default) */
   TCase* tc = tcase_create(net_test_ib() ? "ib_emulated" : "socket");
   tcase_add_checked_fixture(tc, setup, teardown);
   tcase_set_timeout(tc, 60);

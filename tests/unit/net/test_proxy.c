@@ -382,6 +382,9 @@ START_TEST(test_abort_does_not_drain) {
   const int c = MOE_CH_DISPATCH;
   hand_over(s, c, 1, 1, 4096);
   ck_assert(wait_ge(&r->flags.arrived[c][0], 1, NET_TEST_DEADLINE_MS));
+  /* The sender learns of its write's completion on its own time (a striped
+   * write completes after its chunks left, maybe after the peer has it). */
+  ck_assert(wait_ge(&s->flags.sent[c][1], 1, NET_TEST_DEADLINE_MS));
   hand_over(s, c, 1, 2, 4096); /* held back: slab 1 is never consumed */
   const uint64_t start = net_now_ms();
   moe_proxy_abort(s->proxy);
