@@ -85,6 +85,13 @@ static struct {
 
 static uint64_t moe_sock_timeout_ns(void) { return (uint64_t)moe_env()->timeout_ms * 1000000ull; }
 
+/* A stall clock (*since_ns, 0: not stalled), at `now`: starts it, and is 1
+ * once the stall has lasted longer than the timeout. */
+static int moe_sock_stalled(uint64_t* since_ns, uint64_t now) {
+  if (*since_ns == 0) *since_ns = now;
+  return now - *since_ns > moe_sock_timeout_ns();
+}
+
 /* ------------------------------------------------------------------------ */
 /* Comms, requests and helper threads. */
 
@@ -335,9 +342,7 @@ static int moe_sock_worker_pass(moe_sock_worker_t* w, int is_send, struct pollfd
       continue;
     }
     if (now == 0) now = moe_net_now_ns();
-    if (s->stall_since_ns == 0) {
-      s->stall_since_ns = now;
-    } else if (now - s->stall_since_ns > moe_sock_timeout_ns()) {
+    if (moe_sock_stalled(&s->stall_since_ns, now)) {
       char msg[MOE_SOCK_ERR_MAX];
       snprintf(msg, sizeof(msg), "socket: data stream %d made no progress for %d ms: peer dead or stuck", si,
                moe_env()->timeout_ms);
@@ -1213,13 +1218,9 @@ static ncclResult_t moe_sock_ctrl_stall(moe_sock_comm_t* comm, int mid_message) 
     comm->ctrl_stall_since_ns = 0;
     return ncclSuccess;
   }
-  uint64_t now = moe_net_now_ns();
-  if (comm->ctrl_stall_since_ns == 0) {
-    comm->ctrl_stall_since_ns = now;
-  } else if (now - comm->ctrl_stall_since_ns > moe_sock_timeout_ns()) {
+  if (moe_sock_stalled(&comm->ctrl_stall_since_ns, moe_net_now_ns()))
     return moe_sock_fail(comm, MOE_ERROR(ncclRemoteError, "socket: control stream stalled mid-message for %d ms",
                                          moe_env()->timeout_ms));
-  }
   return ncclSuccess;
 }
 
@@ -1325,28 +1326,20 @@ static ncclResult_t moe_sock_match(moe_sock_comm_t* comm, moe_sock_req_t* req) {
  * poll_imm() makes room, but a user that never polls gets an error after the
  * timeout, not a silent stop. */
 static ncclResult_t moe_sock_imm_stall(moe_sock_comm_t* comm) {
-  uint64_t now = moe_net_now_ns();
-  if (comm->imm_full_since_ns == 0) {
-    comm->imm_full_since_ns = now;
-  } else if (now - comm->imm_full_since_ns > moe_sock_timeout_ns()) {
+  if (moe_sock_stalled(&comm->imm_full_since_ns, moe_net_now_ns()))
     return moe_sock_fail(comm, MOE_ERROR(ncclRemoteError, "socket: %d immediates of one-sided writes waited for "
                                          "poll_imm() for %d ms; the connection stops", MOE_IMM_RING,
                                          moe_env()->timeout_ms));
-  }
   return ncclSuccess;
 }
 
 /* The FIFO of striped writes is full: back-pressure on the control stream
  * until its head landed, bounded like the immediate ring's. */
 static ncclResult_t moe_sock_wq_stall(moe_sock_comm_t* comm) {
-  uint64_t now = moe_net_now_ns();
-  if (comm->wq_full_since_ns == 0) {
-    comm->wq_full_since_ns = now;
-  } else if (now - comm->wq_full_since_ns > moe_sock_timeout_ns()) {
+  if (moe_sock_stalled(&comm->wq_full_since_ns, moe_net_now_ns()))
     return moe_sock_fail(comm, MOE_ERROR(ncclRemoteError, "socket: %d striped writes waited %d ms for their chunks "
                                          "or for poll_imm(); the connection stops", MOE_SOCK_MAX_RWRITES,
                                          moe_env()->timeout_ms));
-  }
   return ncclSuccess;
 }
 
