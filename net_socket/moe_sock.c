@@ -232,15 +232,21 @@ static ncclResult_t moe_sock_set_opts(int fd, int nodelay) {
   return ncclSuccess;
 }
 
-/* Non-blocking transfer; *n_p bytes moved (0 would block). EOF and errors are
- * ncclRemoteError / ncclSystemError. */
-static ncclResult_t moe_sock_io(int fd, int is_send, void* buf, size_t len, size_t* n_p) {
+/* Non-blocking transfer; *n_p bytes moved (0 would block). Errors are
+ * ncclRemoteError / ncclSystemError; the stream's end is 1 in *eof_p, or an
+ * ncclRemoteError where eof_p is NULL. */
+static ncclResult_t moe_sock_io_eof(int fd, int is_send, void* buf, size_t len, size_t* n_p, int* eof_p) {
   *n_p = 0;
+  if (eof_p != NULL) *eof_p = 0;
   if (len == 0) return ncclSuccess;
   for (;;) {
     ssize_t n = is_send ? send(fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL) : recv(fd, buf, len, MSG_DONTWAIT);
     if (n > 0) {
       *n_p = (size_t)n;
+      return ncclSuccess;
+    }
+    if (n == 0 && eof_p != NULL) {
+      *eof_p = 1;
       return ncclSuccess;
     }
     if (n == 0) return MOE_ERROR(ncclRemoteError, "socket: the peer closed the connection");
@@ -252,6 +258,10 @@ static ncclResult_t moe_sock_io(int fd, int is_send, void* buf, size_t len, size
     return MOE_ERROR(errno == ECONNRESET || errno == EPIPE || errno == ETIMEDOUT ? ncclRemoteError : ncclSystemError,
                      "socket %s failed: %m", is_send ? "send" : "recv");
   }
+}
+
+static ncclResult_t moe_sock_io(int fd, int is_send, void* buf, size_t len, size_t* n_p) {
+  return moe_sock_io_eof(fd, is_send, buf, len, n_p, NULL);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1261,27 +1271,23 @@ static ncclResult_t moe_sock_send_progress(moe_sock_comm_t* comm) {
   return moe_sock_ctrl_stall(comm, 0);
 }
 
-/* Whether the stream's next read would be its end (nothing is consumed). */
-static int moe_sock_at_eof(int fd) {
-  char c;
-  return recv(fd, &c, 1, MSG_DONTWAIT | MSG_PEEK) == 0;
-}
-
 /* Reads control bytes into [*dst, *dst + *left), advancing both, so a read
  * that stops part-way resumes where it stopped; 1 in *more_p while bytes
  * remain. */
 static ncclResult_t moe_sock_ctrl_read(moe_sock_comm_t* comm, char** dst, size_t* left, int* more_p) {
   while (*left > 0) {
-    if (!moe_sock_wq_empty(&comm->wq) && moe_sock_at_eof(comm->ctrl_fd)) {
+    size_t n = 0;
+    int eof = 0;
+    ncclResult_t res = moe_sock_io_eof(comm->ctrl_fd, 0, *dst, *left, &n, &eof);
+    if (res != ncclSuccess) return moe_sock_fail(comm, res);
+    if (eof && !moe_sock_wq_empty(&comm->wq)) {
       /* The peer closed after its last striped writes: their chunks may
        * still be on the data streams (each bounded by the stall timeout).
        * The end of the control stream is reported once they have landed. */
       *more_p = 1;
       return ncclSuccess;
     }
-    size_t n = 0;
-    ncclResult_t res = moe_sock_io(comm->ctrl_fd, 0, *dst, *left, &n);
-    if (res != ncclSuccess) return moe_sock_fail(comm, res);
+    if (eof) return moe_sock_fail(comm, MOE_ERROR(ncclRemoteError, "socket: the peer closed the connection"));
     if (n == 0) {
       *more_p = 1;
       return ncclSuccess;

@@ -483,16 +483,7 @@ int main(void) {
   add_case(s, "credit", test_credit_holds_back_second_slab);
   add_case(s, "dead_peer", test_dead_peer_is_an_error);
   add_case(s, "oversized_slab", test_oversized_slab_is_an_error);
-  /* Known bug, left visible: with striped writes a destroy right after the
-   * last slab lost it about 1 run in 10 on a loaded 2-core machine (the peer
-   * never saw it arrive). Striping is off by default until that is found
-   * (docs/INTERNODE.md); test_proxy_striped runs without this case. */
-  const char* stripe = getenv("NCCL_MOE_SOCKET_STRIPE_KB");
-  if (stripe != NULL && atoi(stripe) > 0)
-    fprintf(stderr, "proxy: destroy_drains not run with NCCL_MOE_SOCKET_STRIPE_KB=%s (known bug, see INTERNODE.md)\n",
-            stripe);
-  else
-    add_case(s, "destroy_drains", test_destroy_sends_the_last_slab);
+  add_case(s, "destroy_drains", test_destroy_sends_the_last_slab);
   add_case(s, "abort", test_abort_does_not_drain);
   add_case(s, "chunks_in_order", test_chunks_land_in_order_as_marked);
   add_case(s, "bad_chunk_geometry", test_bad_chunk_geometry_is_an_error);
