@@ -18,9 +18,11 @@ cudaError_t moe_fp8_quantize_launch(const void* x, int rows, int hidden, int pow
                                     float* scales, cudaStream_t stream);
 
 /* One thread that spins until *flag (device view of host-mapped memory) is
- * non-zero, or timeoutNs passed. Streams that wait on an event recorded after
- * it start together when the host sets the flag. */
-cudaError_t moe_test_gate_launch(const volatile int* flag, long long timeoutNs, cudaStream_t stream);
+ * at least `value`, or timeoutNs passed. Streams that wait on an event
+ * recorded after it start together when the host raises the flag; a flag
+ * that only grows lets gates of successive rounds (and of other processes
+ * mapping the same page) be open and closed without a reset race. */
+cudaError_t moe_test_gate_launch(const volatile int* flag, int value, long long timeoutNs, cudaStream_t stream);
 
 /* An empty kernel of `blocks` blocks of `threads` threads (what launching a
  * kernel costs, without its work). */

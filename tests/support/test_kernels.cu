@@ -3,17 +3,18 @@
 #include "kernels/moe_kernels.h"
 #include "tests/support/moe_test_kernels.h"
 
-__global__ void moe_test_gate_kernel(const volatile int* flag, long long timeoutNs) {
+__global__ void moe_test_gate_kernel(const volatile int* flag, int value, long long timeoutNs) {
   unsigned long long start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
   do {
-    if (*flag != 0) return;
+    if (*flag >= value) return;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
   } while ((long long)(now - start) < timeoutNs);
 }
 
-extern "C" cudaError_t moe_test_gate_launch(const volatile int* flag, long long timeoutNs, cudaStream_t stream) {
-  moe_test_gate_kernel<<<1, 1, 0, stream>>>(flag, timeoutNs);
+extern "C" cudaError_t moe_test_gate_launch(const volatile int* flag, int value, long long timeoutNs,
+                                            cudaStream_t stream) {
+  moe_test_gate_kernel<<<1, 1, 0, stream>>>(flag, value, timeoutNs);
   return cudaGetLastError();
 }
 

@@ -367,7 +367,7 @@ static void ll_time_all(cudaGraphExec_t* exec, const opts_t* o, cudaStream_t str
  * much later than the first rank the last rank started. */
 static float ll_replay(ll_rank_t* rk, int ranks, ll_gate_t* gate, int op, float* skewMs) {
   __atomic_store_n(gate->hostFlag, 0, __ATOMIC_RELEASE);
-  CK(moe_test_gate_launch(gate->devFlag, LL_GATE_TIMEOUT_NS, gate->stream));
+  CK(moe_test_gate_launch(gate->devFlag, 1, LL_GATE_TIMEOUT_NS, gate->stream));
   CK(cudaEventRecord(gate->open, gate->stream));
   for (int r = 0; r < ranks; r++) {
     CK(cudaStreamWaitEvent(rk[r].stream, gate->open, 0));
@@ -935,16 +935,60 @@ static int mp_main(const opts_t* o) {
  * shapes with virtual ranks (in a child, under the same daemon), so that its
  * RESULT line (procs=N) carries procs_ratio, the processes' bandwidth over
  * the virtual ranks'. Each timed iteration starts behind a host barrier of
- * the ranks (an all-gather through the hub); its span is the slowest rank's
- * (start to end on its stream), the median is reported. */
+ * the ranks (an all-gather through the hub). The ranks then start together,
+ * as the virtual ranks do behind one event: every process queues a gate
+ * kernel (spinning on a page of host memory all of them map, a memfd the hub
+ * hands down) before its operation, and rank 0 raises the gate once every
+ * rank has queued its work. An iteration's span is the slowest rank's, from
+ * the gate's opening to its end; the median is reported. Without the gate
+ * (the page cannot be mapped for the GPU) each rank's span starts at its own
+ * start, and the processes' launch skew after the barrier counts in it. */
 #define PROCS_GATHER_TIMEOUT_MS 600000
 #define PROCS_LIMIT_MS 1800000
 #define PROCS_REAP_MS 30000
 #define PROCS_REPORT_RESULTS 1
 #define PROCS_CHILD_CONNECTIONS "CUDA_DEVICE_MAX_CONNECTIONS=4" /* MPS budgets hardware queues over its clients */
 #define PROCS_CHILD_LOADING "CUDA_MODULE_LOADING=EAGER"
+#define PROCS_GATE_ENV "NCCL_MOE_BENCH_GATE_FD" /* the hub's memfd holding the gate word */
+#define PROCS_GATE_BYTES 4096
 
 static moe_oob_t g_procs_oob;
+
+/* The start gate every rank process maps (NULL host: ungated). */
+typedef struct {
+  int* host;
+  int* dev;
+  int round; /* the value that opens the next round's gate */
+  cudaEvent_t open;
+} procs_gate_t;
+
+static procs_gate_t g_gate;
+
+/* Maps the hub's gate page for this process's GPU; ungated (with a note on
+ * stderr from rank 0) when it cannot. */
+static void procs_gate_attach(int rank) {
+  const char* env = getenv(PROCS_GATE_ENV);
+  const int fd = env != NULL ? atoi(env) : -1;
+  void* p = fd >= 0 ? mmap(NULL, PROCS_GATE_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+  if (fd >= 0) close(fd);
+  if (p != MAP_FAILED && cudaHostRegister(p, PROCS_GATE_BYTES, cudaHostRegisterMapped) == cudaSuccess &&
+      cudaHostGetDevicePointer((void**)&g_gate.dev, p, 0) == cudaSuccess) {
+    g_gate.host = p;
+    CK(cudaEventCreate(&g_gate.open));
+    return;
+  }
+  cudaGetLastError();
+  if (p != MAP_FAILED) munmap(p, PROCS_GATE_BYTES);
+  if (rank == 0) fprintf(stderr, "nccl-moe-bench: --procs runs ungated: no start gate shared by the processes\n");
+}
+
+static void procs_gate_detach(void) {
+  if (g_gate.host == NULL) return;
+  cudaHostUnregister(g_gate.host);
+  munmap(g_gate.host, PROCS_GATE_BYTES);
+  cudaEventDestroy(g_gate.open);
+  g_gate.host = NULL;
+}
 
 static void procs_gather(const void* mine, void* all, size_t bytes) {
   if (moe_oob_allgather(mine, all, bytes, &g_procs_oob) != 0) {
@@ -977,13 +1021,23 @@ static double procs_sum(double v) {
 
 static float procs_time_op(rank_t* r, const opts_t* o, op_t op) {
   float* span = malloc(sizeof(float) * o->iters);
+  const int gated = g_gate.host != NULL;
   for (int i = 0; i < o->warmup + o->iters; i++) {
     procs_barrier();
+    const int round = ++g_gate.round;
+    if (gated) {
+      CK(moe_test_gate_launch(g_gate.dev, round, LL_GATE_TIMEOUT_NS, r->stream));
+      CK(cudaEventRecord(g_gate.open, r->stream));
+    }
     CK(cudaEventRecord(r->start, r->stream));
     run_op(r, o, op);
     CK(cudaEventRecord(r->end, r->stream));
+    if (gated) {
+      procs_barrier(); /* every rank's work is queued behind its gate */
+      if (g_procs_oob.rank == 0) __atomic_store_n(g_gate.host, round, __ATOMIC_RELEASE);
+    }
     CK(cudaStreamSynchronize(r->stream));
-    if (i >= o->warmup) CK(cudaEventElapsedTime(&span[i - o->warmup], r->start, r->end));
+    if (i >= o->warmup) CK(cudaEventElapsedTime(&span[i - o->warmup], gated ? g_gate.open : r->start, r->end));
   }
   procs_max(span, o->iters);
   const float m = median(span, o->iters);
@@ -999,6 +1053,7 @@ static int procs_rank_main(const opts_t* o) {
   }
   const int rank = g_procs_oob.rank, n = g_procs_oob.nRanks;
   CK(cudaSetDevice(rank % o->gpus)); /* the comm takes the current device */
+  procs_gate_attach(rank);
   ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
   cfg.maxTokensPerRank = o->tokens, cfg.hidden = o->hidden, cfg.numExperts = o->experts, cfg.maxTopk = o->topk;
   cfg.numSMs = o->sms;
@@ -1034,6 +1089,7 @@ static int procs_rank_main(const opts_t* o) {
   NK(ncclMoeHandleDestroy(r.handle));
   procs_barrier(); /* no rank frees its buffers while a peer may still read them */
   NK(ncclMoeCommDestroy(comm));
+  procs_gate_detach();
   return 0;
 }
 
@@ -1118,7 +1174,14 @@ static int procs_main(const opts_t* o, char** argv) {
     }
   }
   argv[0] = "/proc/self/exe";
-  const char* env[] = {PROCS_CHILD_CONNECTIONS, PROCS_CHILD_LOADING, NULL};
+  /* The start gate's page, inherited by the children (no close-on-exec). */
+  const int gateFd = memfd_create("nccl-moe-bench-gate", 0);
+  char gateEnv[64];
+  const char* env[] = {PROCS_CHILD_CONNECTIONS, PROCS_CHILD_LOADING, NULL, NULL};
+  if (gateFd >= 0 && ftruncate(gateFd, PROCS_GATE_BYTES) == 0) {
+    snprintf(gateEnv, sizeof(gateEnv), "%s=%d", PROCS_GATE_ENV, gateFd);
+    env[2] = gateEnv;
+  }
   moe_hub_args_t a = {.nRanks = o->procs, .argv = argv, .env = env};
   moe_hub_t* hub = NULL;
   procs_got_t got;
@@ -1139,6 +1202,7 @@ static int procs_main(const opts_t* o, char** argv) {
   } else {
     failed = 1;
   }
+  if (gateFd >= 0) close(gateFd);
   const int mpsOn = mps.on; /* what the run had: stopping clears it */
   moe_mps_stop(&mps);
   if (!failed && got.got) procs_report(o, &got.m, virt, mpsOn);
