@@ -16,8 +16,15 @@
 # for scripts/plot_perf.py), netcheck (nccl-moe-netcheck: real NCCL through the
 # plugin), collnet (netcheck again with the test's fake CollNet passed through,
 # NCCL_COLLNET_ENABLE=1, NCCL_DEBUG=INFO: the log shows which CollNet NCCL
-# loaded). Each step's output goes to $OUT/<n>-<step>.log too;
-# a summary comes last.
+# loaded), procs (nccl-moe-bench --procs 8 beside the virtual ranks),
+# stripe (nccl-moe-bench --nodes 2 at 4096 and 1024 tokens and --mode ll at 1
+# token, each with NCCL_MOE_SOCKET_STRIPE_KB=0 and 256: the striping A/B),
+# overflow (test_intranode's overflow case 5 times with MOE_CASE_TRACE=1:
+# per-rank timelines), sanitize (compute-sanitizer memcheck and synccheck on
+# the small gpu cases: fp8, error record, the errors cases). Python hangs:
+# python=... with MOE_TEST_STACKS_AFTER_S=N set prints every thread's stack
+# while a test runs past N s (add -s). Each step's output goes to
+# $OUT/<n>-<step>.log too; a summary comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin="$1"
@@ -68,6 +75,26 @@ for s in "$@"; do
       step collnet 300 env NCCL_MOE_COLLNET_PLUGIN="$PWD/$bin/tests/support/libfake-collnet.so" NCCL_COLLNET_ENABLE=1 \
         NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET,ENV "$bin/nccl-moe-netcheck" --plugin "$PWD/$bin/libnccl-net-moe.so"
       grep -hE 'collnet|CollNet|netcheck:' "$out/$n-collnet.log" ;;
+    procs) step procs 300 "$bin/nccl-moe-bench" --procs 8 ;;
+    stripe)
+      for kb in 0 256; do
+        for args in "--nodes 2 --tokens 4096" "--nodes 2 --tokens 1024" "--mode ll --nodes 2 --tokens 1"; do
+          step "stripe $kb $args" 300 env NCCL_MOE_SOCKET_STRIPE_KB=$kb "$bin/nccl-moe-bench" $args
+        done
+      done ;;
+    overflow)
+      step overflow 600 sh -c 'for i in 1 2 3 4 5; do echo "== run $i"; CK_RUN_CASE=overflow MOE_CASE_TRACE=1 "$1"; done' \
+        sh "$bin/tests/gpu/test_intranode" ;;
+    sanitize)
+      san="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+      for tool in memcheck synccheck; do
+        step "$tool fp8" 600 "$san" --tool $tool --error-exitcode 3 "$bin/tests/gpu/test_fp8_gpu"
+        step "$tool error_record" 600 "$san" --tool $tool --error-exitcode 3 "$bin/tests/gpu/test_error_record_gpu"
+        for t in test_intranode test_lowlatency; do
+          step "$tool $t errors" 600 env CK_RUN_CASE=errors "$san" --tool $tool --error-exitcode 3 \
+            "$bin/tests/gpu/$t"
+        done
+      done ;;
     torch) step torch 300 "$py" python/benchmarks/bench_vs_torch.py --virtual 8 ;;
     example) step example 300 "$py" examples/moe_layer.py --virtual 8 ;;
     *) echo "unknown step $s" >&2; exit 2 ;;

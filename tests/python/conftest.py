@@ -2,8 +2,11 @@
 """pytest set-up for the nccl_moe package tests: the package importable from
 the source tree (or, with NCCL_MOE_TEST_INSTALLED=1, the installed one: what
 pip install . put in the running Python), a seed per run (MOE_TEST_SEED, else
-random; printed), and skip markers for torch and GPUs."""
+random; printed), skip markers for torch and GPUs, and, for hunting a hang,
+MOE_TEST_STACKS_AFTER_S=N: a test still running after N seconds prints every
+thread's Python stack to stderr (again every N seconds; the test goes on)."""
 
+import faulthandler
 import os
 import random
 import sys
@@ -32,6 +35,21 @@ if INSTALLED and os.path.abspath(nccl_moe.__file__).startswith(os.path.join(ROOT
                             "outside the checkout, without PYTHONPATH" % nccl_moe.__file__)
 
 SEED = int(os.environ.get("MOE_TEST_SEED") or random.SystemRandom().randrange(1, 2**31))
+STACKS_AFTER_S = float(os.environ.get("MOE_TEST_STACKS_AFTER_S") or 0)
+
+
+@pytest.fixture(autouse=True)
+def _stacks_when_slow(request):
+    """MOE_TEST_STACKS_AFTER_S: where each thread of a slow test is."""
+    if STACKS_AFTER_S <= 0:
+        yield
+        return
+    sys.stderr.write("\n[%s: thread stacks every %g s while it runs]\n" % (request.node.nodeid, STACKS_AFTER_S))
+    faulthandler.dump_traceback_later(STACKS_AFTER_S, repeat=True, file=sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_report_header(config):
