@@ -964,32 +964,6 @@ typedef struct {
 
 static procs_gate_t g_gate;
 
-/* Maps the hub's gate page for this process's GPU; ungated (with a note on
- * stderr from rank 0) when it cannot. */
-static void procs_gate_attach(int rank) {
-  const char* env = getenv(PROCS_GATE_ENV);
-  const int fd = env != NULL ? atoi(env) : -1;
-  void* p = fd >= 0 ? mmap(NULL, PROCS_GATE_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
-  if (fd >= 0) close(fd);
-  if (p != MAP_FAILED && cudaHostRegister(p, PROCS_GATE_BYTES, cudaHostRegisterMapped) == cudaSuccess &&
-      cudaHostGetDevicePointer((void**)&g_gate.dev, p, 0) == cudaSuccess) {
-    g_gate.host = p;
-    CK(cudaEventCreate(&g_gate.open));
-    return;
-  }
-  cudaGetLastError();
-  if (p != MAP_FAILED) munmap(p, PROCS_GATE_BYTES);
-  if (rank == 0) fprintf(stderr, "nccl-moe-bench: --procs runs ungated: no start gate shared by the processes\n");
-}
-
-static void procs_gate_detach(void) {
-  if (g_gate.host == NULL) return;
-  cudaHostUnregister(g_gate.host);
-  munmap(g_gate.host, PROCS_GATE_BYTES);
-  cudaEventDestroy(g_gate.open);
-  g_gate.host = NULL;
-}
-
 static void procs_gather(const void* mine, void* all, size_t bytes) {
   if (moe_oob_allgather(mine, all, bytes, &g_procs_oob) != 0) {
     fprintf(stderr, "nccl-moe-bench: %s\n", g_procs_oob.error);
@@ -1000,6 +974,40 @@ static void procs_gather(const void* mine, void* all, size_t bytes) {
 static void procs_barrier(void) {
   char b = 0, all[MAXR];
   procs_gather(&b, all, 1);
+}
+
+static void procs_gate_detach(void) {
+  if (g_gate.host == NULL) return;
+  cudaHostUnregister(g_gate.host);
+  munmap(g_gate.host, PROCS_GATE_BYTES);
+  cudaEventDestroy(g_gate.open);
+  g_gate.host = NULL;
+}
+
+/* Maps the hub's gate page for this process's GPU. The ranks agree: where
+ * any one cannot map it, none uses it (a note on stderr from rank 0). */
+static void procs_gate_attach(int rank) {
+  const char* env = getenv(PROCS_GATE_ENV);
+  const int fd = env != NULL ? atoi(env) : -1;
+  void* p = fd >= 0 ? mmap(NULL, PROCS_GATE_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+  if (fd >= 0) close(fd);
+  if (p != MAP_FAILED && cudaHostRegister(p, PROCS_GATE_BYTES, cudaHostRegisterMapped) == cudaSuccess &&
+      cudaHostGetDevicePointer((void**)&g_gate.dev, p, 0) == cudaSuccess) {
+    g_gate.host = p;
+    CK(cudaEventCreate(&g_gate.open));
+  } else if (p != MAP_FAILED) {
+    cudaHostUnregister(p); /* where the registration itself worked */
+    cudaGetLastError();
+    munmap(p, PROCS_GATE_BYTES);
+  }
+  char mine = g_gate.host != NULL, all[MAXR];
+  procs_gather(&mine, all, 1);
+  for (int r = 0; r < g_procs_oob.nRanks; r++) {
+    if (all[r]) continue;
+    procs_gate_detach();
+    if (rank == 0) fprintf(stderr, "nccl-moe-bench: --procs runs ungated: rank %d cannot map the start gate\n", r);
+    return;
+  }
 }
 
 /* v[i] = the largest v[i] of any rank. */
