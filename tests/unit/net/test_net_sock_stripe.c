@@ -416,6 +416,44 @@ START_TEST(test_receiver_rejects_bad_striped_header) {
 }
 END_TEST
 
+/* A peer that closes its control stream right after announcing a striped
+ * write (the proxy's destroy): the receiver stays quiet while the write is
+ * in flight, signals it once its chunks landed, then reports the close
+ * (_i 0). Chunks that never come end in an error within the stall timeout
+ * (_i 1: data streams open and silent; _i 2: closed too), no immediate. */
+START_TEST(test_close_after_striped_write) {
+  rx_t x;
+  const size_t size = (size_t)1 << 20;
+  rx_open(&x, size);
+  char* payload = malloc(size);
+  memset(payload, 0x6D, size);
+  send_striped_hdr(&x, 0, size, 5);
+  ck_assert_int_eq(shutdown(x.rc.ctrl, SHUT_WR), 0);
+  if (_i == 2)
+    for (int c = 0; c < NSTREAMS; c++) ck_assert_int_eq(shutdown(x.rc.data[c], SHUT_WR), 0);
+  if (_i == 0) {
+    expect_quiet(x.recv, 50); /* the control stream's end is seen with the write pending */
+    peer_t p = {.n = 0};
+    int n = 0;
+    size_t chunk = 0;
+    moe_sock_stripe_split(size, NSTREAMS, &n, &chunk);
+    for (int c = 0; c < n; c++) {
+      moe_sock_chunk_t h = expected_chunk(&x, 0, 0, size, c);
+      add_chunk(&p, x.rc.data[c], &h, payload, h.size, AFTER_NONE);
+    }
+    peer_start(&p);
+    ck_assert_uint_eq(next_imm(x.recv), 5);
+    peer_join(&p);
+    ck_assert(net_all_bytes(x.region, size, 0x6D));
+  }
+  const uint64_t took = poll_until_error(x.recv);
+  ck_assert_msg(took < (uint64_t)TIMEOUT_MS * 5, "case %d: the error took %llu ms", _i, (unsigned long long)took);
+  if (_i != 0) ck_assert(net_all_bytes(x.region, size, POISON));
+  free(payload);
+  rx_close(&x);
+}
+END_TEST
+
 /* ------------------------------------------------------------------ sender */
 
 /* The backend's send comm connected to a raw listener. */
@@ -579,6 +617,7 @@ int main(void) {
   tcase_add_loop_test(tc, test_receiver_rejects_bad_chunks, 0, BAD_KINDS);
   tcase_add_test(tc, test_receiver_rejects_bad_striped_header);
   tcase_add_test(tc, test_dereg_waits_for_striped_chunks);
+  tcase_add_loop_test(tc, test_close_after_striped_write, 0, 3);
   tcase_add_test(tc, test_sender_stripes_large_writes);
   tcase_add_test(tc, test_sender_reports_dead_stream);
   tcase_add_test(tc, test_striping_can_be_turned_off);
